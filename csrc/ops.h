@@ -1,0 +1,34 @@
+// Host entry points of the fused ops. Tensors arrive as raw addresses (one
+// per tensor of the Layout, in its order) so this layer needs no torch.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/layout.h"
+
+namespace distlearn {
+
+using Addresses = std::vector<uintptr_t>;
+
+// Every op runs on up to num_threads threads (fewer for small layouts).
+
+// buffer[segment i] = tensors[i] (cast to the buffer type); count slots are
+// zeroed, then count slot `count_slot` is set to 1 unless count_slot < 0.
+void pack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, int64_t count_slot,
+              int num_threads);
+
+// tensors[i] = buffer[segment i] * scale, where scale = 1 / (sum of the count
+// slots) when normalize is true and 1 otherwise.
+void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
+                int num_threads);
+
+// delta = alpha * (x - center) into buffer, x -= delta; count slots as pack.
+void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses& centers,
+                  uintptr_t buffer, double alpha, int64_t count_slot, int num_threads);
+
+// centers[i] += buffer[segment i].
+void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t buffer,
+                       int num_threads);
+
+}  // namespace distlearn

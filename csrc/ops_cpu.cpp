@@ -1,0 +1,158 @@
+// CPU launchers of the fused ops: validate the addresses, then map the
+// element operations of kernels/element_ops.h over every tensor with the
+// CPU multi-tensor engine. No math lives here.
+#include <stdexcept>
+#include <string>
+
+#include "../kernels/element_ops.h"
+#include "../kernels/multi_tensor_cpu.h"
+#include "ops.h"
+
+namespace distlearn {
+namespace {
+
+void check_addresses(const Layout& layout, const Addresses& addresses, const char* name) {
+  if (static_cast<int64_t>(addresses.size()) != layout.num_tensors()) {
+    throw std::invalid_argument(std::string(name) + ": expected " +
+                                std::to_string(layout.num_tensors()) + " tensors, got " +
+                                std::to_string(addresses.size()));
+  }
+  for (int64_t i = 0; i < layout.num_tensors(); ++i) {
+    if (addresses[i] == 0 && layout.numels[i] > 0) {
+      throw std::invalid_argument(std::string(name) + "[" + std::to_string(i) +
+                                  "] is a null address");
+    }
+  }
+}
+
+void check_buffer(uintptr_t buffer) {
+  if (buffer == 0) throw std::invalid_argument("buffer is a null address");
+}
+
+void check_threads(int num_threads) {
+  if (num_threads < 1) {
+    throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
+  }
+}
+
+void check_count_slot(const Layout& layout, int64_t count_slot) {
+  if (count_slot >= layout.count_slots) {
+    throw std::invalid_argument("count_slot " + std::to_string(count_slot) +
+                                " is out of range: the layout has " +
+                                std::to_string(layout.count_slots) + " count slots");
+  }
+}
+
+// Count slots: all zero, then 1 in count_slot (when count_slot >= 0).
+void write_count_slots(const Layout& layout, uintptr_t buffer, int64_t count_slot) {
+  dispatch_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+    using B = typename decltype(buffer_tag)::type;
+    B* slots = reinterpret_cast<B*>(buffer) + layout.count_offset;
+    for (int64_t i = 0; i < layout.count_slots; ++i) {
+      slots[i] = from_acc<B>(i == count_slot ? 1.0f : 0.0f);
+    }
+  });
+}
+
+template <typename T>
+T* tensor_at(const Addresses& addresses, int64_t i) {
+  return reinterpret_cast<T*>(addresses[i]);
+}
+
+template <typename B>
+B* segment_at(const Layout& layout, uintptr_t buffer, int64_t i) {
+  return reinterpret_cast<B*>(buffer) + layout.offsets[i];
+}
+
+}  // namespace
+
+void pack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, int64_t count_slot,
+              int num_threads) {
+  check_addresses(layout, tensors, "tensors");
+  check_buffer(buffer);
+  check_threads(num_threads);
+  check_count_slot(layout, count_slot);
+  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
+                        [&](auto tensor_tag, auto buffer_tag) {
+                          using T = typename decltype(tensor_tag)::type;
+                          using B = typename decltype(buffer_tag)::type;
+                          const T* __restrict__ src = tensor_at<T>(tensors, t);
+                          B* __restrict__ dst = segment_at<B>(layout, buffer, t);
+                          for (int64_t i = begin; i < end; ++i) pack_element(src[i], dst[i]);
+                        });
+  });
+  write_count_slots(layout, buffer, count_slot);
+}
+
+void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
+                int num_threads) {
+  check_addresses(layout, tensors, "tensors");
+  check_buffer(buffer);
+  check_threads(num_threads);
+  double scale = 1.0;
+  if (normalize) {
+    dispatch_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+      using B = typename decltype(buffer_tag)::type;
+      const B* slots = reinterpret_cast<const B*>(buffer) + layout.count_offset;
+      scale = normalization_scale(contributor_count(slots, layout.count_slots));
+    });
+  }
+  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
+                        [&](auto tensor_tag, auto buffer_tag) {
+                          using T = typename decltype(tensor_tag)::type;
+                          using B = typename decltype(buffer_tag)::type;
+                          using Acc = typename AccumulateType<T, B>::type;
+                          const Acc scale_acc = static_cast<Acc>(scale);
+                          const B* __restrict__ src = segment_at<B>(layout, buffer, t);
+                          T* __restrict__ dst = tensor_at<T>(tensors, t);
+                          for (int64_t i = begin; i < end; ++i)
+                            unpack_scale_element(src[i], scale_acc, dst[i]);
+                        });
+  });
+}
+
+void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses& centers,
+                  uintptr_t buffer, double alpha, int64_t count_slot, int num_threads) {
+  check_addresses(layout, params, "params");
+  check_addresses(layout, centers, "centers");
+  check_buffer(buffer);
+  check_threads(num_threads);
+  check_count_slot(layout, count_slot);
+  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
+                        [&](auto tensor_tag, auto buffer_tag) {
+                          using T = typename decltype(tensor_tag)::type;
+                          using B = typename decltype(buffer_tag)::type;
+                          using Acc = typename AccumulateType<T, B>::type;
+                          const Acc alpha_acc = static_cast<Acc>(alpha);
+                          T* __restrict__ x = tensor_at<T>(params, t);
+                          const T* __restrict__ center = tensor_at<T>(centers, t);
+                          B* __restrict__ delta = segment_at<B>(layout, buffer, t);
+                          for (int64_t i = begin; i < end; ++i)
+                            ea_blend_element(x[i], center[i], alpha_acc, delta[i]);
+                        });
+  });
+  write_count_slots(layout, buffer, count_slot);
+}
+
+void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t buffer,
+                       int num_threads) {
+  check_addresses(layout, centers, "centers");
+  check_buffer(buffer);
+  check_threads(num_threads);
+  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
+                        [&](auto tensor_tag, auto buffer_tag) {
+                          using T = typename decltype(tensor_tag)::type;
+                          using B = typename decltype(buffer_tag)::type;
+                          T* __restrict__ center = tensor_at<T>(centers, t);
+                          const B* __restrict__ delta_sum = segment_at<B>(layout, buffer, t);
+                          for (int64_t i = begin; i < end; ++i)
+                            center_update_element(center[i], delta_sum[i]);
+                        });
+  });
+}
+
+}  // namespace distlearn

@@ -1,0 +1,17 @@
+"""distlearn_cuda: AllReduceSGD and elastic averaging (AllReduceEA) for PyTorch.
+
+A port of torch-distlearn's two algorithms, with the averaging done by fused
+multi-tensor kernels in the ``_C`` extension: one pass over all tensors and
+one collective per call.
+
+    import distlearn_cuda as dl
+    sgd = dl.AllReduceSGD()
+    sgd.synchronize_parameters(model)
+    ...; loss.backward(); sgd.sum_and_normalize_gradients(model); opt.step()
+"""
+
+from .ea import AllReduceEA
+from .sgd import AllReduceSGD
+
+__all__ = ["AllReduceEA", "AllReduceSGD"]
+__version__ = "0.1.0"

@@ -1,0 +1,186 @@
+"""AllReduceEA: elastic averaging SGD (Zhang, Choromanska, LeCun, arXiv 1412.6651)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd.graph import increment_version
+
+from . import _group, _tree
+from ._plan import Plan, PlanCache, lossless_dtype
+from ._tree import Flat
+from ._validate import (
+    Signature,
+    check_alpha,
+    check_comm_dtype,
+    check_no_overlap,
+    check_same_signature,
+    check_tau,
+    signature,
+)
+
+__all__ = ["AllReduceEA"]
+
+
+class AllReduceEA:
+    """Elastic averaging over a process group (torch-distlearn's AllReduceEA).
+
+    Each rank trains its own copy x of the parameters; all ranks hold the
+    same center c. On every ``tau``-th call of ``average_parameters``, each
+    rank computes ``delta = alpha * (x - c)``, moves ``x -= delta``, and
+    ``c += allreduce_sum(delta)``: one fused pass and one allreduce.
+
+    Ranks may take different numbers of steps: ``synchronize_center`` and
+    ``synchronize_parameters`` let early ranks keep joining the others'
+    averaging rounds (with their parameters no longer trained) until all
+    have arrived. Every allreduced delta is added to the center, the last
+    round's included, so with no local steps in between,
+    ``sum over ranks of x + c`` does not change.
+
+    Every call is collective: all ranks of the group must make the calls in
+    the same order with tensors of the same dtypes, shapes and strides.
+
+    Args:
+        group: a ``torch.distributed`` process group, or None for the default
+            group (initialized on demand, see ``AllReduceSGD``).
+        tau: communication period: average on every tau-th call (int >= 1).
+        alpha: moving rate of the elastic force, in (0, 1].
+        comm_dtype: dtype in which deltas travel; default: the parameters'
+            own dtype (their promotion when they differ).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        tau: int = 10,
+        alpha: float = 0.2,
+        *,
+        comm_dtype: torch.dtype | None = None,
+    ) -> None:
+        self._tau = check_tau(tau)
+        self._alpha = check_alpha(alpha)
+        self._comm_dtype = check_comm_dtype(comm_dtype)
+        self._group = _group.resolve(group)
+        self._plans = PlanCache(self._group.world_size)
+        self._signature: Signature | None = None
+        self._centers: list[torch.Tensor] = []
+        self._center_addresses: list[int] = []
+        self._rebuild: _tree.Rebuild = list
+        self._checked_addresses: list[int] = []
+        self._step = 0
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._group.group
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._group.world_size
+
+    @property
+    def tau(self) -> int:
+        return self._tau
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @property
+    def center(self) -> Any:
+        """The center tensors, in the structure of the params last passed (a
+        dict by parameter name for an ``nn.Module``); None before the first call."""
+        if not self._centers:
+            return None
+        return self._rebuild(self._centers)
+
+    def average_parameters(self, params: Any) -> None:
+        """Counts a step; on every tau-th step runs an elastic averaging round.
+
+        Call it after each optimizer step. Updates ``params`` in place.
+
+        Args:
+            params: a tensor, a list/tuple/dict nesting of tensors, or an
+                ``nn.Module`` (all its parameters).
+        """
+        flat, addresses = self._bind(params)
+        self._step += 1
+        if self._step % self._tau == 0:
+            self._round(flat, addresses, active=True)
+
+    def synchronize_center(self, params: Any) -> None:
+        """Waits for all ranks (joining their averaging rounds), then gives
+        every rank rank 0's center. Call at the end of an epoch."""
+        flat, addresses = self._bind(params)
+        self._wait_for_all_ranks(flat, addresses)
+        self._broadcast_from_rank0(self._centers, self._center_addresses)
+
+    def synchronize_parameters(self, params: Any) -> None:
+        """Waits for all ranks (joining their averaging rounds), then gives
+        every rank rank 0's parameters and resets the center to them."""
+        flat, addresses = self._bind(params)
+        self._wait_for_all_ranks(flat, addresses)
+        self._broadcast_from_rank0(flat.tensors, addresses)
+        increment_version(flat.tensors)
+        torch._foreach_copy_(self._centers, flat.tensors)
+
+    def _bind(self, params: Any) -> tuple[Flat, list[int]]:
+        """Validates params against the bound structure (binding it, and
+        making the center, on the first call); returns them and their addresses."""
+        flat = _tree.flatten(params, "params")
+        params_signature = signature(flat, "params", with_strides=True)
+        addresses = [t.data_ptr() for t in flat.tensors]
+        if self._signature is None:
+            check_no_overlap(flat, "params")
+            self._signature = params_signature
+            self._centers = [t.detach().clone() for t in flat.tensors]
+            self._center_addresses = [t.data_ptr() for t in self._centers]
+        else:
+            check_same_signature(self._signature, params_signature, "params")
+            if addresses != self._checked_addresses:
+                check_no_overlap(flat, "params")
+        self._checked_addresses = addresses
+        self._rebuild = flat.rebuild
+        return flat, addresses
+
+    def _delta_plan(self) -> Plan:
+        assert self._signature is not None
+        dtype = self._comm_dtype or self._lossless_dtype()
+        return self._plans.get(self._signature, dtype)
+
+    def _lossless_dtype(self) -> torch.dtype:
+        assert self._signature is not None
+        return lossless_dtype([entry[0] for entry in self._signature[1]])
+
+    def _round(self, flat: Flat, addresses: list[int], active: bool) -> Plan:
+        plan = self._delta_plan()
+        slot = self.rank % plan.count_slots if active else -1
+        plan.ea_blend(
+            flat.tensors, addresses, self._centers, self._center_addresses, self._alpha, slot
+        )
+        dist.all_reduce(plan.buffer, group=self.group)
+        plan.center_update(self._centers, self._center_addresses)
+        increment_version(flat.tensors)
+        return plan
+
+    def _wait_for_all_ranks(self, flat: Flat, addresses: list[int]) -> None:
+        # Rounds of ranks still stepping carry count 1; ours carry count 0.
+        # The first round that sums to count 0 has every rank here; its
+        # deltas are real and go into the center like any other round's.
+        while self._round(flat, addresses, active=False).contributor_count() != 0:
+            pass
+        self._step = 0
+
+    def _broadcast_from_rank0(self, tensors: list[torch.Tensor], addresses: list[int]) -> None:
+        assert self._signature is not None
+        plan = self._plans.get(self._signature, self._lossless_dtype())
+        if self.rank == 0:
+            plan.pack(tensors, addresses, count_slot=-1)
+        dist.broadcast(plan.buffer, src=self._group.global_rank(0), group=self.group)
+        if self.rank != 0:
+            plan.unpack(tensors, addresses, normalize=False)

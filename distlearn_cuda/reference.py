@@ -1,0 +1,94 @@
+"""Pure-torch reference of every fused op: the oracle of the tests.
+
+Each function does, one tensor at a time and in float64, what the matching
+op of ``distlearn_cuda._C`` does in one fused pass. It is written for
+clarity, not speed. The library also runs it for tensors on devices that the
+built extension has no kernels for, so it stays correct there too.
+
+Buffer layout (see ``kernels/layout.h``): tensor ``i`` occupies
+``buffer[offsets[i] : offsets[i] + tensors[i].numel()]`` in the tensor's
+memory order, and ``count_slots`` slots start at ``count_offset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["center_update", "ea_blend", "memory_view", "pack", "unpack"]
+
+
+def memory_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in memory order."""
+    return tensor.as_strided((tensor.numel(),), (1,))
+
+
+def _segment(buffer: torch.Tensor, offset: int, tensor: torch.Tensor) -> torch.Tensor:
+    return buffer[offset : offset + tensor.numel()]
+
+
+def _write_count_slots(
+    buffer: torch.Tensor, count_offset: int, count_slots: int, count_slot: int
+) -> None:
+    slots = buffer[count_offset : count_offset + count_slots]
+    slots.zero_()
+    if count_slot >= 0:
+        slots[count_slot] = 1
+
+
+def pack(
+    tensors: Sequence[torch.Tensor],
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    count_offset: int,
+    count_slots: int,
+    count_slot: int,
+) -> None:
+    """buffer segments <- tensors (cast); count slot ``count_slot`` <- 1, the others 0."""
+    for tensor, offset in zip(tensors, offsets, strict=True):
+        _segment(buffer, offset, tensor).copy_(memory_view(tensor).double())
+    _write_count_slots(buffer, count_offset, count_slots, count_slot)
+
+
+def unpack(
+    tensors: Sequence[torch.Tensor],
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    count_offset: int,
+    count_slots: int,
+    normalize: bool,
+) -> None:
+    """tensors <- buffer segments * (1 / contributor count if normalize else 1)."""
+    count = float(buffer[count_offset : count_offset + count_slots].double().sum())
+    scale = 1.0 / count if normalize and count > 0 else 1.0
+    for tensor, offset in zip(tensors, offsets, strict=True):
+        memory_view(tensor).copy_(_segment(buffer, offset, tensor).double() * scale)
+
+
+def ea_blend(
+    params: Sequence[torch.Tensor],
+    centers: Sequence[torch.Tensor],
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    alpha: float,
+    count_offset: int,
+    count_slots: int,
+    count_slot: int,
+) -> None:
+    """delta = alpha * (x - center) into the buffer (rounded to its dtype), x -= delta."""
+    for x, center, offset in zip(params, centers, offsets, strict=True):
+        x64 = memory_view(x).double()
+        delta = (alpha * (x64 - memory_view(center).double())).to(buffer.dtype)
+        _segment(buffer, offset, x).copy_(delta)
+        memory_view(x).copy_(x64 - delta.double())
+    _write_count_slots(buffer, count_offset, count_slots, count_slot)
+
+
+def center_update(
+    centers: Sequence[torch.Tensor], buffer: torch.Tensor, offsets: Sequence[int]
+) -> None:
+    """centers += buffer segments (the allreduced deltas)."""
+    for center, offset in zip(centers, offsets, strict=True):
+        view = memory_view(center)
+        view.copy_(view.double() + _segment(buffer, offset, center).double())

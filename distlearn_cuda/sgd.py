@@ -1,0 +1,161 @@
+"""AllReduceSGD: a mini-batch split across ranks, gradients averaged by allreduce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd.graph import increment_version
+
+from . import _group, _tree
+from ._plan import Plan, PlanCache, lossless_dtype
+from ._validate import Signature, check_comm_dtype, check_same_signature, signature
+
+__all__ = ["AllReduceSGD"]
+
+
+class AllReduceSGD:
+    """Synchronous data-parallel SGD over a process group (torch-distlearn's AllReduceSGD).
+
+    Each rank computes gradients on its part of the mini-batch, then
+    ``sum_and_normalize_gradients`` averages them over the ranks that
+    contributed to this step. Ranks may take different numbers of steps
+    between synchronizations: ``synchronize_parameters`` lets early ranks
+    keep joining the others' allreduces (contributing nothing) until all
+    have arrived, then gives every rank the parameters of the rank that took
+    the most steps.
+
+    Every call is collective: all ranks of the group must make the calls in
+    the same order with tensors of the same dtypes and shapes.
+
+    Args:
+        group: a ``torch.distributed`` process group, or None for the default
+            group (initialized from torchrun's environment, or as a world of
+            one, when not yet initialized).
+        comm_dtype: dtype in which gradients travel (for example
+            ``torch.bfloat16`` to halve the bytes); default: the gradients'
+            own dtype (their promotion when they differ). Parameters always
+            travel losslessly.
+    """
+
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, *, comm_dtype: torch.dtype | None = None
+    ) -> None:
+        self._comm_dtype = check_comm_dtype(comm_dtype)
+        self._group = _group.resolve(group)
+        self._plans = PlanCache(self._group.world_size)
+        self._grad_signature: Signature | None = None
+        self._param_signature: Signature | None = None
+        self._steps = 0
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._group.group
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._group.world_size
+
+    @property
+    def steps(self) -> int:
+        """Gradient steps this rank took since the last ``synchronize_parameters``."""
+        return self._steps
+
+    def sum_gradients(self, grads: Any) -> None:
+        """Replaces every gradient by its sum over the ranks, in place.
+
+        Args:
+            grads: a tensor, a list/tuple/dict nesting of tensors, or an
+                ``nn.Module`` (the ``.grad`` of its trainable parameters).
+        """
+        self._allreduce_gradients(grads, normalize=False)
+
+    def sum_and_normalize_gradients(self, grads: Any) -> None:
+        """Replaces every gradient by its mean over the ranks that contributed
+        to this step (not the world size: ranks that ran out of data and wait
+        in ``synchronize_parameters`` do not count), in place.
+
+        The contributor count travels in the same allreduce as the gradients
+        and is read where the data is: one collective, no extra round trip.
+        """
+        self._allreduce_gradients(grads, normalize=True)
+
+    def synchronize_parameters(self, params: Any) -> None:
+        """Makes every rank hold the same parameters, in place.
+
+        Waits, joining the other ranks' gradient allreduces with uncounted
+        zeros, until every rank has called this; then every rank receives the
+        parameters of the rank that took the most gradient steps since the
+        last synchronization (ties: the lowest rank; with no steps at all,
+        rank 0). Resets the step count.
+
+        Args:
+            params: a tensor, a list/tuple/dict nesting of tensors, or an
+                ``nn.Module`` (all its parameters).
+        """
+        flat = _tree.flatten(params, "params")
+        param_signature = signature(flat, "params", with_strides=False)
+        if self._param_signature is not None:
+            check_same_signature(self._param_signature, param_signature, "params")
+        if self._grad_signature is None:
+            # Gradients have their parameters' shapes: a rank that has not
+            # seen any yet sizes its zero contributions from the params.
+            trainable = _tree.trainable(params, "params")
+            grad_signature = signature(trainable, "params", with_strides=False)
+        else:
+            grad_signature = self._grad_signature
+        self._param_signature = param_signature
+        self._grad_signature = grad_signature
+
+        self._wait_for_all_ranks(self._gradient_plan(grad_signature))
+        winner = self._rank_with_most_steps(param_signature[0])
+        plan = self._plans.get(param_signature, lossless_dtype([e[0] for e in param_signature[1]]))
+        addresses = [t.data_ptr() for t in flat.tensors]
+        if self.rank == winner:
+            plan.pack(flat.tensors, addresses, count_slot=-1)
+        dist.broadcast(plan.buffer, src=self._group.global_rank(winner), group=self.group)
+        if self.rank != winner:
+            plan.unpack(flat.tensors, addresses, normalize=False)
+            increment_version(flat.tensors)
+        self._steps = 0
+
+    def _allreduce_gradients(self, grads: Any, normalize: bool) -> None:
+        flat = _tree.flatten_grads(grads, "grads")
+        grad_signature = signature(flat, "grads", with_strides=False)
+        if self._grad_signature is None:
+            self._grad_signature = grad_signature
+        else:
+            check_same_signature(self._grad_signature, grad_signature, "grads")
+        plan = self._gradient_plan(grad_signature)
+        addresses = [t.data_ptr() for t in flat.tensors]
+        plan.pack(flat.tensors, addresses, count_slot=self.rank % plan.count_slots)
+        dist.all_reduce(plan.buffer, group=self.group)
+        plan.unpack(flat.tensors, addresses, normalize=normalize)
+        increment_version(flat.tensors)
+        self._steps += 1
+
+    def _gradient_plan(self, grad_signature: Signature) -> Plan:
+        dtype = self._comm_dtype or lossless_dtype([e[0] for e in grad_signature[1]])
+        return self._plans.get(grad_signature, dtype)
+
+    def _wait_for_all_ranks(self, plan: Plan) -> None:
+        # A stepping rank's allreduce carries its count 1; ours carries zeros
+        # and count 0. When a round sums to count 0, every rank is here.
+        while True:
+            plan.buffer.zero_()
+            dist.all_reduce(plan.buffer, group=self.group)
+            if plan.contributor_count() == 0:
+                return
+
+    def _rank_with_most_steps(self, device: torch.device) -> int:
+        # One MAX-allreduce of steps * W + (W - 1 - rank): the largest step
+        # count wins, and among equal counts the lowest rank.
+        world = self.world_size
+        key = torch.tensor([self._steps * world + (world - 1 - self.rank)], device=device)
+        dist.all_reduce(key, op=dist.ReduceOp.MAX, group=self.group)
+        return world - 1 - int(key.item()) % world

@@ -1,0 +1,65 @@
+// The element operations of the fused ops, written once. The CPU launchers
+// (csrc/ops_cpu.cpp) and the CUDA kernels call these same functions, so both
+// flavors compute bit-identical results for the same inputs.
+//
+// T is a tensor's storage type, B the flat buffer's, Acc the accumulation
+// type (AccumulateType<T, B>): every value is widened to Acc, combined, and
+// rounded once on the way out.
+#pragma once
+
+#include <cstdint>
+
+#include "scalar_types.h"
+
+namespace distlearn {
+
+// pack: buffer element = tensor element (a cast when B differs from T).
+template <typename T, typename B>
+DL_INLINE void pack_element(const T& src, B& buf) {
+  using Acc = typename AccumulateType<T, B>::type;
+  buf = from_acc<B>(to_acc<Acc>(src));
+}
+
+// unpack-and-scale: tensor element = buffer element * scale. scale is
+// 1 / contributor count for a normalized gradient and exactly 1 otherwise
+// (x * 1 == x for every x, NaN and -0 included, so unscaled unpacking is a
+// plain copy).
+template <typename T, typename B, typename Acc>
+DL_INLINE void unpack_scale_element(const B& buf, Acc scale, T& dst) {
+  dst = from_acc<T>(to_acc<Acc>(buf) * scale);
+}
+
+// EA blend (arXiv 1412.6651): delta = alpha * (x - center), x -= delta.
+// The delta is rounded to the buffer type before x is moved by it, so x
+// moves by exactly the amount the center receives: sum(x) + center is
+// conserved up to the rounding of the two additions.
+template <typename T, typename B, typename Acc>
+DL_INLINE void ea_blend_element(T& x, const T& center, Acc alpha, B& delta) {
+  const Acc x_acc = to_acc<Acc>(x);
+  const B delta_buf = from_acc<B>(alpha * (x_acc - to_acc<Acc>(center)));
+  delta = delta_buf;
+  x = from_acc<T>(x_acc - to_acc<Acc>(delta_buf));
+}
+
+// Center update: center += allreduced sum of the deltas.
+template <typename T, typename B>
+DL_INLINE void center_update_element(T& center, const B& delta_sum) {
+  using Acc = typename AccumulateType<T, B>::type;
+  center = from_acc<T>(to_acc<Acc>(center) + to_acc<Acc>(delta_sum));
+}
+
+// Number of ranks that contributed to an allreduce: the sum of the count
+// slots after the reduction. Each slot holds small integers only (see
+// Layout::count_slots), so the sum is exact in every buffer type.
+template <typename B>
+DL_INLINE double contributor_count(const B* count_slots, int64_t num_slots) {
+  double count = 0.0;
+  for (int64_t i = 0; i < num_slots; ++i) count += to_acc<double>(count_slots[i]);
+  return count;
+}
+
+// Scale that normalizes a summed gradient. A count of zero happens only when
+// no rank contributed, the buffer then holds zeros, and 1 keeps them zero.
+DL_INLINE double normalization_scale(double count) { return count > 0.0 ? 1.0 / count : 1.0; }
+
+}  // namespace distlearn

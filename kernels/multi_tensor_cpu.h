@@ -1,0 +1,100 @@
+// The CPU multi-tensor engine: runs a range function over every tensor of a
+// Layout, in parallel, in one call.
+//
+// The buffer's index space [0, data_numel) is cut into equal contiguous
+// pieces, one per thread; each thread visits the (tensor, begin, end) ranges
+// that overlap its piece, in buffer order. Every element is visited exactly
+// once, by one thread, so ops need no synchronization.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "layout.h"
+
+namespace distlearn {
+
+// Below this many elements per thread, starting a thread (tens of
+// microseconds) costs more than the copy it would take over.
+constexpr int64_t kMinElementsPerThread = int64_t{1} << 18;
+
+// Calls fn(tensor_index, begin, end) for the ranges of layout's tensors that
+// fall in buffer positions [lo, hi).
+template <typename Fn>
+void visit_ranges(const Layout& layout, int64_t lo, int64_t hi, Fn& fn) {
+  const auto first = std::upper_bound(layout.offsets.begin(), layout.offsets.end(), lo);
+  int64_t t = std::max<int64_t>(0, (first - layout.offsets.begin()) - 1);
+  for (; t < layout.num_tensors() && layout.offsets[t] < hi; ++t) {
+    const int64_t begin = std::max<int64_t>(lo - layout.offsets[t], 0);
+    const int64_t end = std::min<int64_t>(hi - layout.offsets[t], layout.numels[t]);
+    if (begin < end) fn(t, begin, end);
+  }
+}
+
+// Runs fn over all of layout's tensors with up to max_threads threads. An
+// exception thrown by fn on any thread is rethrown here after all joined.
+template <typename Fn>
+void parallel_for_ranges(const Layout& layout, int max_threads, Fn fn) {
+  const int64_t total = layout.data_numel();
+  const int64_t by_size = std::max<int64_t>(1, total / kMinElementsPerThread);
+  const int num_threads = static_cast<int>(std::min<int64_t>(std::max(max_threads, 1), by_size));
+  if (num_threads == 1) {
+    visit_ranges(layout, 0, total, fn);
+    return;
+  }
+  const int64_t piece = (total + num_threads - 1) / num_threads;
+  std::vector<std::exception_ptr> errors(num_threads);
+  auto work = [&](int i) {
+    try {
+      visit_ranges(layout, i * piece, std::min(total, (i + 1) * piece), fn);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> helpers;
+  helpers.reserve(num_threads - 1);
+  for (int i = 1; i < num_threads; ++i) helpers.emplace_back(work, i);
+  work(0);
+  for (auto& helper : helpers) helper.join();
+  for (auto& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+}
+
+// Type tag for dtype dispatch.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) for the storage type T of dtype: the one place a
+// runtime dtype becomes a compile-time type.
+template <typename Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return fn(TypeTag<float>{});
+    case DType::kFloat64:
+      return fn(TypeTag<double>{});
+    case DType::kFloat16:
+      return fn(TypeTag<Half>{});
+    case DType::kBFloat16:
+      return fn(TypeTag<BFloat16>{});
+  }
+  throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+// Calls fn(TypeTag<T>{}, TypeTag<B>{}) for a tensor type and a buffer type.
+template <typename Fn>
+void dispatch_dtype_pair(DType tensor_dtype, DType buffer_dtype, Fn&& fn) {
+  dispatch_dtype(tensor_dtype, [&](auto tensor_tag) {
+    dispatch_dtype(buffer_dtype, [&](auto buffer_tag) { fn(tensor_tag, buffer_tag); });
+  });
+}
+
+}  // namespace distlearn
