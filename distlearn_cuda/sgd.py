@@ -102,13 +102,11 @@ class AllReduceSGD:
         param_signature = signature(flat, "params", with_strides=False)
         if self._param_signature is not None:
             check_same_signature(self._param_signature, param_signature, "params")
-        if self._grad_signature is None:
-            # Gradients have their parameters' shapes: a rank that has not
-            # seen any yet sizes its zero contributions from the params.
-            trainable = _tree.trainable(params, "params")
-            grad_signature = signature(trainable, "params", with_strides=False)
-        else:
-            grad_signature = self._grad_signature
+        # Gradients have their parameters' shapes: a rank that has not seen
+        # any yet sizes its zero contributions from the params.
+        grad_signature = signature(_tree.trainable(params, "params"), "params", with_strides=False)
+        if self._grad_signature is not None:
+            check_same_signature(self._grad_signature, grad_signature, "params (as gradients)")
         self._param_signature = param_signature
         self._grad_signature = grad_signature
 

@@ -1,0 +1,115 @@
+"""Runs a test function in N real processes that talk over gloo on 127.0.0.1.
+
+The parent hosts the TCPStore on a port the OS picks (no port races), forks
+one process per rank, and gives the whole run a deadline: a rank that hangs
+or dies makes the test fail with every rank's traceback, never hang CI.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Collectives inside a worker give up after this; the parent's deadline is
+# the hard bound for the whole run.
+COLLECTIVE_TIMEOUT_S = 30
+
+
+def _worker(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    results: mp.Queue,
+    args: tuple[Any, ...],
+) -> None:
+    try:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        torch.set_num_threads(1)
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            world_size,
+            is_master=False,
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        try:
+            # Plain pickle copies tensors into the message; the queue's own
+            # pickler would share memory that dies with this process.
+            results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_world(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0
+) -> list[Any]:
+    """Runs ``fn(rank, world_size, *args)`` on every rank; returns the results by rank.
+
+    ``fn`` runs with the default process group initialized (gloo). Raises
+    AssertionError with the tracebacks if any rank fails, and if the run
+    does not finish within ``timeout`` seconds (all ranks are then killed).
+    """
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size + 1,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    ctx = mp.get_context("fork")
+    results: mp.Queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(fn, rank, world_size, store.port, results, args))
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    outcomes: dict[int, tuple[str, Any]] = {}
+    try:
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                    time.sleep(0.5)  # let a dying rank's report arrive
+                    if results.empty():
+                        break
+                continue
+            outcomes[rank] = (status, value)
+    finally:
+        for proc in procs:
+            proc.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    errors = [f"rank {r}:\n{v}" for r, (s, v) in sorted(outcomes.items()) if s == "error"]
+    missing = sorted(set(range(world_size)) - set(outcomes))
+    if missing:
+        errors.append(f"ranks {missing} did not finish within {timeout} s (killed)")
+    assert not errors, "\n".join(errors)
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

@@ -1,0 +1,40 @@
+"""Inputs and tolerances shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Odd sizes: a single element, sizes that leave every vector width a tail,
+# a tensor past the CPU engine's per-thread threshold (2^18 elements), an
+# empty one, and multi-dimensional shapes.
+ODD_SHAPES = [(1,), (3,), (1023,), (65537,), (0,), (5, 7), (3, 1, 11), (300_007,), (17, 13)]
+
+_TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def tolerance(*dtypes: torch.dtype) -> dict[str, float]:
+    """rtol/atol for values of order 1 that went through all of ``dtypes``."""
+    tol = max(_TOLERANCE[d] for d in dtypes)
+    return {"rtol": tol, "atol": tol}
+
+
+def random_tensors(
+    shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Fresh N(0, 1) tensors, one per (shape, dtype)."""
+    return [
+        torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        for shape, dtype in zip(shapes, dtypes, strict=True)
+    ]
+
+
+def poisoned_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Same shapes and strides, every element NaN: an element a kernel forgets shows."""
+    return [torch.full_like(t, float("nan")) for t in tensors]

@@ -1,0 +1,180 @@
+"""Bad input raises ValueError/TypeError naming the argument, and changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import distlearn_cuda as dl
+
+pytestmark = pytest.mark.usefixtures("world_of_one")
+
+
+def snapshot(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def assert_unchanged(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    for t, b in zip(tensors, before, strict=True):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"tau": 0}, ValueError, "tau must be >= 1"),
+        ({"tau": -3}, ValueError, "tau must be >= 1"),
+        ({"tau": 2.5}, TypeError, "tau must be an int"),
+        ({"tau": "10"}, TypeError, "tau must be an int"),
+        ({"tau": True}, TypeError, "tau must be an int"),
+        ({"alpha": 0.0}, ValueError, "alpha must be in"),
+        ({"alpha": 1.5}, ValueError, "alpha must be in"),
+        ({"alpha": -0.1}, ValueError, "alpha must be in"),
+        ({"alpha": float("nan")}, ValueError, "alpha must be in"),
+        ({"alpha": "0.2"}, TypeError, "alpha must be a real number"),
+        ({"comm_dtype": torch.int32}, TypeError, "comm_dtype"),
+        ({"group": "world"}, TypeError, "group must be"),
+    ],
+)
+def test_bad_hyperparameters(kwargs: dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        dl.AllReduceEA(**kwargs)
+
+
+def test_alpha_one_and_positional_order() -> None:
+    ea = dl.AllReduceEA(None, 3, 1)
+    assert (ea.tau, ea.alpha) == (3, 1.0)
+
+
+def test_sgd_rejects_bad_group_and_comm_dtype() -> None:
+    with pytest.raises(TypeError, match="group must be"):
+        dl.AllReduceSGD(42)
+    with pytest.raises(TypeError, match="comm_dtype"):
+        dl.AllReduceSGD(comm_dtype="bf16")
+
+
+def sgd_sum(tensors: Any) -> None:
+    dl.AllReduceSGD().sum_and_normalize_gradients(tensors)
+
+
+def sgd_sync(tensors: Any) -> None:
+    dl.AllReduceSGD().synchronize_parameters(tensors)
+
+
+def ea_average(tensors: Any) -> None:
+    dl.AllReduceEA(tau=1).average_parameters(tensors)
+
+
+def ea_center(tensors: Any) -> None:
+    dl.AllReduceEA(tau=1).synchronize_center(tensors)
+
+
+CALLS = [sgd_sum, sgd_sync, ea_average, ea_center]
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (torch.arange(4), TypeError, r"\[1\]: dtype torch.int64 is not supported"),
+        (torch.ones(4, dtype=torch.bool), TypeError, r"\[1\]: dtype torch.bool"),
+        (torch.ones(4, device="meta"), ValueError, r"\[1\]: is on meta but .*\[0\] is on cpu"),
+        (torch.ones(4, 6)[:, ::2], ValueError, r"\[1\]: is not dense"),
+        (None, TypeError, r"\[1\] is a NoneType"),
+        (3.0, TypeError, r"\[1\] is a float"),
+        (torch.ones(3, dtype=torch.complex64), TypeError, r"\[1\]: dtype torch.complex64"),
+    ],
+)
+def test_bad_tensor_is_named_and_nothing_changes(
+    call: Callable[[Any], None], bad: Any, error: type, message: str
+) -> None:
+    good = [torch.randn(5), torch.randn(2, 3)]
+    before = snapshot(good)
+    with pytest.raises(error, match=message):
+        call([good[0], bad, good[1]])
+    assert_unchanged(good, before)
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_empty_structure(call: Callable[[Any], None]) -> None:
+    with pytest.raises(ValueError, match="contains no tensors"):
+        call([])
+
+
+def test_ea_structure_change_is_rejected_and_nothing_changes() -> None:
+    ea = dl.AllReduceEA(tau=1, alpha=0.5)
+    params = [torch.randn(4), torch.randn(3)]
+    ea.synchronize_parameters(params)
+    params[0].add_(1.0)
+    before, center_before = snapshot(params), snapshot(ea.center)
+    for changed in (
+        params[:1],
+        [params[0], torch.randn(4)],
+        [params[0], params[1].double()],
+        [params[0], torch.randn(3, 1)],
+        {"a": params[0], "b": params[1]} | {"c": torch.randn(2)},
+    ):
+        with pytest.raises(ValueError, match="params: structure changed"):
+            ea.average_parameters(changed)
+    assert_unchanged(params, before)
+    assert_unchanged(ea.center, center_before)
+
+
+def test_sgd_structure_change_is_rejected_and_nothing_changes() -> None:
+    sgd = dl.AllReduceSGD()
+    grads = [torch.randn(4), torch.randn(3)]
+    sgd.sum_gradients(grads)
+    for changed in ([grads[0]], [grads[0], torch.randn(5)], [grads[0], grads[1].half()]):
+        before = snapshot(changed)
+        with pytest.raises(ValueError, match="grads: structure changed"):
+            sgd.sum_and_normalize_gradients(changed)
+        assert_unchanged(changed, before)
+    with pytest.raises(ValueError, match=r"params \(as gradients\): structure changed"):
+        sgd.synchronize_parameters([torch.randn(4)])
+    params = [torch.randn(4), torch.randn(3)]
+    sgd.synchronize_parameters(params)
+    before = snapshot(params)
+    with pytest.raises(ValueError, match="params: structure changed"):
+        sgd.synchronize_parameters([params[1], params[0]])
+    assert_unchanged(params, before)
+
+
+def test_missing_grad_on_a_module_parameter() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    model(torch.randn(1, 3)).sum().backward()
+    model[1].bias.grad = None
+    before = snapshot([p.grad for p in model.parameters() if p.grad is not None])
+    with pytest.raises(ValueError, match=r"grads: parameter '1.bias' has no .grad"):
+        dl.AllReduceSGD().sum_and_normalize_gradients(model)
+    assert_unchanged([p.grad for p in model.parameters() if p.grad is not None], before)
+
+
+def test_overlapping_params_are_rejected_for_ea() -> None:
+    base = torch.randn(10)
+    before = snapshot([base])
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        dl.AllReduceEA(tau=1).average_parameters([base, base[5:]])
+    assert_unchanged([base], before)
+
+
+def test_dense_non_contiguous_params_are_averaged_correctly() -> None:
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    y = torch.randn(6, 4).t()
+    ea = dl.AllReduceEA(tau=1, alpha=0.25)
+    ea.synchronize_parameters([x, y])
+    x.add_(torch.randn_like(x))
+    y.sub_(torch.randn_like(y))
+    centers = snapshot(ea.center)
+    moved = [x.clone(), y.clone()]
+    ea.average_parameters([x, y])
+    # World of one: the allreduced delta is this rank's own.
+    for got, start, center in zip([x, y], moved, centers, strict=True):
+        delta = 0.25 * (start.double() - center.double())
+        torch.testing.assert_close(got.double(), start.double() - delta)
+        assert got.stride() == start.stride()
+    for got, start, center in zip(ea.center, moved, centers, strict=True):
+        torch.testing.assert_close(got.double(), center.double() + 0.25 * (start - center))
