@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up .venv: torch, then distlearn_cuda (editable, which builds the _C
+# extension) with the test and example extras. Safe to run again.
+#
+# DISTLEARN_TORCH picks the torch requirement. The default is the CPU build
+# of torch 2.13.0: an unpinned "torch" would pull a multi-GB CUDA build. On
+# a GPU machine, install your CUDA build of torch first and set
+# DISTLEARN_TORCH=torch so it is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet "${DISTLEARN_TORCH:-torch==2.13.0}"
+.venv/bin/python -m pip install --quiet -e ".[test,example,bench]"
