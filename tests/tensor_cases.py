@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -38,3 +40,10 @@ def random_tensors(
 def poisoned_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Same shapes and strides, every element NaN: an element a kernel forgets shows."""
     return [torch.full_like(t, float("nan")) for t in tensors]
+
+
+def fresh_seed() -> int:
+    """A new seed each run, printed so a failure can be replayed."""
+    seed = random.randrange(2**31)
+    print(f"seed {seed}")
+    return seed

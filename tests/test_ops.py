@@ -6,7 +6,14 @@ import itertools
 
 import pytest
 import torch
-from tensor_cases import DTYPES, ODD_SHAPES, poisoned_like, random_tensors, tolerance
+from tensor_cases import (
+    DTYPES,
+    ODD_SHAPES,
+    fresh_seed,
+    poisoned_like,
+    random_tensors,
+    tolerance,
+)
 
 from distlearn_cuda import _C, reference
 from distlearn_cuda._validate import DTYPE_CODES
@@ -78,7 +85,7 @@ def test_layout_rejects_bad_arguments(args: tuple, message: str) -> None:
 
 @pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
 def test_pack_matches_reference(tensor_dtype: torch.dtype, buffer_dtype: torch.dtype) -> None:
-    tensors = case(tensor_dtype, seed=1)
+    tensors = case(tensor_dtype, seed=fresh_seed())
     layout = make_layout(tensors, buffer_dtype)
     got = nan_buffer(layout, buffer_dtype)
     expected = nan_buffer(layout, buffer_dtype)
@@ -97,7 +104,7 @@ def test_pack_matches_reference(tensor_dtype: torch.dtype, buffer_dtype: torch.d
 def test_unpack_matches_reference(
     tensor_dtype: torch.dtype, buffer_dtype: torch.dtype, normalize: bool
 ) -> None:
-    shapes_source = case(tensor_dtype, seed=2)
+    shapes_source = case(tensor_dtype, seed=fresh_seed())
     layout = make_layout(shapes_source, buffer_dtype, count_slots=2)
     buffer = torch.randn(layout.buffer_numel, dtype=torch.float64).to(buffer_dtype)
     buffer[layout.count_offset : layout.count_offset + 2] = torch.tensor([2.0, 1.0])
@@ -117,8 +124,8 @@ def test_unpack_matches_reference(
 def test_ea_blend_matches_reference(
     tensor_dtype: torch.dtype, buffer_dtype: torch.dtype, count_slot: int
 ) -> None:
-    params = case(tensor_dtype, seed=3)
-    centers = case(tensor_dtype, seed=4)
+    params = case(tensor_dtype, seed=fresh_seed())
+    centers = case(tensor_dtype, seed=fresh_seed())
     expected_params = [p.clone() for p in params]
     layout = make_layout(params, buffer_dtype)
     got = nan_buffer(layout, buffer_dtype)
@@ -140,7 +147,7 @@ def test_ea_blend_matches_reference(
 def test_center_update_matches_reference(
     tensor_dtype: torch.dtype, buffer_dtype: torch.dtype
 ) -> None:
-    centers = case(tensor_dtype, seed=5)
+    centers = case(tensor_dtype, seed=fresh_seed())
     expected_centers = [c.clone() for c in centers]
     layout = make_layout(centers, buffer_dtype)
     buffer = torch.randn(layout.buffer_numel, dtype=torch.float64).to(buffer_dtype)
@@ -151,7 +158,7 @@ def test_center_update_matches_reference(
 
 
 def test_mixed_dtypes_in_one_list() -> None:
-    generator = torch.Generator().manual_seed(6)
+    generator = torch.Generator().manual_seed(fresh_seed())
     dtypes = [DTYPES[i % len(DTYPES)] for i in range(len(ODD_SHAPES))]
     tensors = random_tensors(ODD_SHAPES, dtypes, generator)
     layout = make_layout(tensors, torch.float64)
@@ -165,8 +172,8 @@ def test_mixed_dtypes_in_one_list() -> None:
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3, 8])
 def test_result_does_not_depend_on_thread_count(num_threads: int) -> None:
-    params = case(torch.float32, seed=7)
-    centers = case(torch.float32, seed=8)
+    params = case(torch.float32, seed=fresh_seed())
+    centers = case(torch.float32, seed=fresh_seed())
     layout = make_layout(params, torch.float32)
     single = [p.clone() for p in params]
     buffer_single = torch.zeros(layout.buffer_numel)
@@ -180,7 +187,7 @@ def test_result_does_not_depend_on_thread_count(num_threads: int) -> None:
 
 
 def test_dense_non_contiguous_tensors_use_memory_order() -> None:
-    generator = torch.Generator().manual_seed(9)
+    generator = torch.Generator().manual_seed(fresh_seed())
     channels_last = torch.randn(2, 3, 5, 7, generator=generator).to(
         memory_format=torch.channels_last
     )
@@ -240,7 +247,9 @@ def _special_floats() -> torch.Tensor:
         1e-40,
         -1e-45,  # near fp32 max, fp32 subnormals
     ]
-    bits = torch.randint(-(2**31), 2**31, (100_000,), generator=torch.Generator().manual_seed(10))
+    bits = torch.randint(
+        -(2**31), 2**31, (100_000,), generator=torch.Generator().manual_seed(fresh_seed())
+    )
     return torch.cat([torch.tensor(specials, dtype=torch.float32), bits.int().view(torch.float32)])
 
 
