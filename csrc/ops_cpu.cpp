@@ -72,16 +72,15 @@ void pack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, 
   check_buffer(buffer);
   check_threads(num_threads);
   check_count_slot(layout, count_slot);
-  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
-    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
-                        [&](auto tensor_tag, auto buffer_tag) {
-                          using T = typename decltype(tensor_tag)::type;
-                          using B = typename decltype(buffer_tag)::type;
-                          const T* __restrict__ src = tensor_at<T>(tensors, t);
-                          B* __restrict__ dst = segment_at<B>(layout, buffer, t);
-                          for (int64_t i = begin; i < end; ++i) pack_element(src[i], dst[i]);
-                        });
-  });
+  parallel_for_typed_ranges(
+      layout, num_threads,
+      [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
+        using T = typename decltype(tensor_tag)::type;
+        using B = typename decltype(buffer_tag)::type;
+        const T* __restrict__ src = tensor_at<T>(tensors, t);
+        B* __restrict__ dst = segment_at<B>(layout, buffer, t);
+        for (int64_t i = begin; i < end; ++i) pack_element(src[i], dst[i]);
+      });
   write_count_slots(layout, buffer, count_slot);
 }
 
@@ -98,19 +97,17 @@ void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer
       scale = normalization_scale(contributor_count(slots, layout.count_slots));
     });
   }
-  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
-    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
-                        [&](auto tensor_tag, auto buffer_tag) {
-                          using T = typename decltype(tensor_tag)::type;
-                          using B = typename decltype(buffer_tag)::type;
-                          using Acc = typename AccumulateType<T, B>::type;
-                          const Acc scale_acc = static_cast<Acc>(scale);
-                          const B* __restrict__ src = segment_at<B>(layout, buffer, t);
-                          T* __restrict__ dst = tensor_at<T>(tensors, t);
-                          for (int64_t i = begin; i < end; ++i)
-                            unpack_scale_element(src[i], scale_acc, dst[i]);
-                        });
-  });
+  parallel_for_typed_ranges(
+      layout, num_threads,
+      [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
+        using T = typename decltype(tensor_tag)::type;
+        using B = typename decltype(buffer_tag)::type;
+        using Acc = typename AccumulateType<T, B>::type;
+        const Acc scale_acc = static_cast<Acc>(scale);
+        const B* __restrict__ src = segment_at<B>(layout, buffer, t);
+        T* __restrict__ dst = tensor_at<T>(tensors, t);
+        for (int64_t i = begin; i < end; ++i) unpack_scale_element(src[i], scale_acc, dst[i]);
+      });
 }
 
 void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses& centers,
@@ -120,20 +117,19 @@ void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses
   check_buffer(buffer);
   check_threads(num_threads);
   check_count_slot(layout, count_slot);
-  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
-    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
-                        [&](auto tensor_tag, auto buffer_tag) {
-                          using T = typename decltype(tensor_tag)::type;
-                          using B = typename decltype(buffer_tag)::type;
-                          using Acc = typename AccumulateType<T, B>::type;
-                          const Acc alpha_acc = static_cast<Acc>(alpha);
-                          T* __restrict__ x = tensor_at<T>(params, t);
-                          const T* __restrict__ center = tensor_at<T>(centers, t);
-                          B* __restrict__ delta = segment_at<B>(layout, buffer, t);
-                          for (int64_t i = begin; i < end; ++i)
-                            ea_blend_element(x[i], center[i], alpha_acc, delta[i]);
-                        });
-  });
+  parallel_for_typed_ranges(
+      layout, num_threads,
+      [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
+        using T = typename decltype(tensor_tag)::type;
+        using B = typename decltype(buffer_tag)::type;
+        using Acc = typename AccumulateType<T, B>::type;
+        const Acc alpha_acc = static_cast<Acc>(alpha);
+        T* __restrict__ x = tensor_at<T>(params, t);
+        const T* __restrict__ center = tensor_at<T>(centers, t);
+        B* __restrict__ delta = segment_at<B>(layout, buffer, t);
+        for (int64_t i = begin; i < end; ++i)
+          ea_blend_element(x[i], center[i], alpha_acc, delta[i]);
+      });
   write_count_slots(layout, buffer, count_slot);
 }
 
@@ -142,17 +138,15 @@ void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t
   check_addresses(layout, centers, "centers");
   check_buffer(buffer);
   check_threads(num_threads);
-  parallel_for_ranges(layout, num_threads, [&](int64_t t, int64_t begin, int64_t end) {
-    dispatch_dtype_pair(layout.dtypes[t], layout.buffer_dtype,
-                        [&](auto tensor_tag, auto buffer_tag) {
-                          using T = typename decltype(tensor_tag)::type;
-                          using B = typename decltype(buffer_tag)::type;
-                          T* __restrict__ center = tensor_at<T>(centers, t);
-                          const B* __restrict__ delta_sum = segment_at<B>(layout, buffer, t);
-                          for (int64_t i = begin; i < end; ++i)
-                            center_update_element(center[i], delta_sum[i]);
-                        });
-  });
+  parallel_for_typed_ranges(
+      layout, num_threads,
+      [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
+        using T = typename decltype(tensor_tag)::type;
+        using B = typename decltype(buffer_tag)::type;
+        T* __restrict__ center = tensor_at<T>(centers, t);
+        const B* __restrict__ delta_sum = segment_at<B>(layout, buffer, t);
+        for (int64_t i = begin; i < end; ++i) center_update_element(center[i], delta_sum[i]);
+      });
 }
 
 }  // namespace distlearn

@@ -59,3 +59,25 @@ def resolve(group: dist.ProcessGroup | None) -> Group:
             f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
         )
     return Group(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+class GroupMember:
+    """Base of the algorithm classes: the group they talk over, and this rank in it."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self._group = resolve(group)
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The process group every collective of this object runs on."""
+        return self._group.group
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in ``group``."""
+        return self._group.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks in ``group``."""
+        return self._group.world_size

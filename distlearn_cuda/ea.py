@@ -24,7 +24,7 @@ from ._validate import (
 __all__ = ["AllReduceEA"]
 
 
-class AllReduceEA:
+class AllReduceEA(_group.GroupMember):
     """Elastic averaging over a process group (torch-distlearn's AllReduceEA).
 
     Each rank trains its own copy x of the parameters; all ranks hold the
@@ -62,7 +62,7 @@ class AllReduceEA:
         self._tau = check_tau(tau)
         self._alpha = check_alpha(alpha)
         self._comm_dtype = check_comm_dtype(comm_dtype)
-        self._group = _group.resolve(group)
+        super().__init__(group)
         self._plans = PlanCache(self._group.world_size)
         self._signature: Signature | None = None
         self._centers: list[torch.Tensor] = []
@@ -70,18 +70,6 @@ class AllReduceEA:
         self._rebuild: _tree.Rebuild = list
         self._checked_addresses: list[int] = []
         self._step = 0
-
-    @property
-    def group(self) -> dist.ProcessGroup:
-        return self._group.group
-
-    @property
-    def rank(self) -> int:
-        return self._group.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._group.world_size
 
     @property
     def tau(self) -> int:

@@ -15,7 +15,7 @@ from ._validate import Signature, check_comm_dtype, check_same_signature, signat
 __all__ = ["AllReduceSGD"]
 
 
-class AllReduceSGD:
+class AllReduceSGD(_group.GroupMember):
     """Synchronous data-parallel SGD over a process group (torch-distlearn's AllReduceSGD).
 
     Each rank computes gradients on its part of the mini-batch, then
@@ -43,23 +43,11 @@ class AllReduceSGD:
         self, group: dist.ProcessGroup | None = None, *, comm_dtype: torch.dtype | None = None
     ) -> None:
         self._comm_dtype = check_comm_dtype(comm_dtype)
-        self._group = _group.resolve(group)
+        super().__init__(group)
         self._plans = PlanCache(self._group.world_size)
         self._grad_signature: Signature | None = None
         self._param_signature: Signature | None = None
         self._steps = 0
-
-    @property
-    def group(self) -> dist.ProcessGroup:
-        return self._group.group
-
-    @property
-    def rank(self) -> int:
-        return self._group.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._group.world_size
 
     @property
     def steps(self) -> int:

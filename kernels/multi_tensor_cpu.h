@@ -89,11 +89,15 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
   throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
-// Calls fn(TypeTag<T>{}, TypeTag<B>{}) for a tensor type and a buffer type.
+// Runs fn(TypeTag<T>{}, TypeTag<B>{}, tensor_index, begin, end) over all of
+// layout's tensors, T being the tensor's storage type and B the buffer's.
 template <typename Fn>
-void dispatch_dtype_pair(DType tensor_dtype, DType buffer_dtype, Fn&& fn) {
-  dispatch_dtype(tensor_dtype, [&](auto tensor_tag) {
-    dispatch_dtype(buffer_dtype, [&](auto buffer_tag) { fn(tensor_tag, buffer_tag); });
+void parallel_for_typed_ranges(const Layout& layout, int max_threads, Fn fn) {
+  parallel_for_ranges(layout, max_threads, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch_dtype(layout.dtypes[t], [&](auto tensor_tag) {
+      dispatch_dtype(layout.buffer_dtype,
+                     [&](auto buffer_tag) { fn(tensor_tag, buffer_tag, t, begin, end); });
+    });
   });
 }
 
