@@ -1,12 +1,20 @@
 """Runs a test function in N real processes that talk over gloo on 127.0.0.1.
 
-The parent hosts the TCPStore on a port the OS picks (no port races), forks
+The parent hosts the TCPStore on a port the OS picks (no port races), starts
 one process per rank, and gives the whole run a deadline: a rank that hangs
 or dies makes the test fail with every rank's traceback, never hang CI.
+
+Ranks are forked from a forkserver, never from the test process itself: the
+test process runs threads (the TCPStore server, torch's thread pools), and a
+child forked while one of them holds a lock can deadlock on it, which was
+seen here as a rank stuck creating its TCPStore client or importing a module.
+The forkserver is a fresh single-threaded process with torch preloaded, so
+starting a rank stays cheap.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -24,6 +32,12 @@ import torch.distributed as dist
 # the hard bound for the whole run.
 COLLECTIVE_TIMEOUT_S = 30
 
+_CONTEXT = mp.get_context("forkserver")
+# torch._dynamo: torch.optim imports it on the first step, seconds of CPU per rank.
+_CONTEXT.set_forkserver_preload(
+    ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "distlearn_cuda"]
+)
+
 
 def _worker(
     fn: Callable[..., Any],
@@ -32,7 +46,11 @@ def _worker(
     port: int,
     results: mp.Queue,
     args: tuple[Any, ...],
+    stack_dump_after_s: float,
 ) -> None:
+    # A rank still running shortly before the parent's deadline prints every
+    # thread's stack to stderr, so a hang fails with where it hung.
+    faulthandler.dump_traceback_later(stack_dump_after_s, exit=False)
     try:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         torch.set_num_threads(1)
@@ -77,10 +95,12 @@ def run_world(
         wait_for_workers=False,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
-    ctx = mp.get_context("fork")
-    results: mp.Queue = ctx.Queue()
+    results: mp.Queue = _CONTEXT.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(fn, rank, world_size, store.port, results, args))
+        _CONTEXT.Process(
+            target=_worker,
+            args=(fn, rank, world_size, store.port, results, args, max(1.0, timeout - 2.0)),
+        )
         for rank in range(world_size)
     ]
     for proc in procs:
