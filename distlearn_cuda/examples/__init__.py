@@ -1,0 +1,1 @@
+"""Example training scripts for distlearn_cuda."""
