@@ -1,0 +1,1 @@
+"""Benchmarks of distlearn_cuda against eager PyTorch doing the same work."""
