@@ -1,19 +1,33 @@
 // pybind11 bindings of distlearn_cuda._C. Invalid arguments raise
-// ValueError (std::invalid_argument); the GIL is released while an op runs.
+// ValueError (std::invalid_argument), CUDA failures RuntimeError; the GIL is
+// released while an op runs. The CUDA ops exist when setup.py built the
+// CUDA flavor (DISTLEARN_WITH_CUDA).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
+
 #include "../kernels/layout.h"
 #include "ops.h"
+
+#ifndef DISTLEARN_CUDA_ARCHS
+#define DISTLEARN_CUDA_ARCHS ""
+#endif
 
 namespace py = pybind11;
 using distlearn::Addresses;
 using distlearn::Layout;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "Fused multi-tensor ops of distlearn_cuda (CPU flavor).";
+  m.doc() = "Fused multi-tensor ops of distlearn_cuda.";
   m.attr("kSegmentAlign") = distlearn::kSegmentAlign;
+#ifdef DISTLEARN_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
   m.attr("has_cuda") = false;
+#endif
+  // The GPU architectures compiled in, as nvcc's -gencode targets ("" without CUDA).
+  m.attr("cuda_archs") = DISTLEARN_CUDA_ARCHS;
 
   py::class_<Layout>(m, "Layout",
                      "Placement of a list of tensors in one flat buffer, plus count slots.")
@@ -39,4 +53,30 @@ PYBIND11_MODULE(_C, m) {
         "buffer <- delta = alpha * (params - centers); params -= delta; count slots as pack.");
   m.def("center_update", &distlearn::center_update_cpu, py::arg("layout"), py::arg("centers"),
         py::arg("buffer"), py::arg("num_threads"), release, "centers += buffer.");
+
+#ifdef DISTLEARN_WITH_CUDA
+  using distlearn::DeviceTable;
+  m.def("cuda_build_version", &distlearn::cuda_build_version,
+        "CUDART_VERSION of the toolkit the extension was built with.");
+  py::class_<DeviceTable, std::shared_ptr<DeviceTable>>(
+      m, "DeviceTable",
+      "Device-memory tables of a layout's tensors (addresses, offsets, chunks) for one "
+      "launch per op; built on the current device, once per list of tensors.")
+      .def(py::init<const Layout&, const Addresses&, const Addresses&>(), py::arg("layout"),
+           py::arg("tensors"), py::arg("others") = Addresses{})
+      .def_property_readonly("num_chunks", &DeviceTable::num_chunks)
+      .def_property_readonly("device", &DeviceTable::device);
+  m.def("pack_cuda", &distlearn::pack_cuda, py::arg("layout"), py::arg("table"), py::arg("buffer"),
+        py::arg("count_slot"), py::arg("stream"), release,
+        "pack on CUDA tensors, enqueued on stream (a cudaStream_t address).");
+  m.def("unpack_cuda", &distlearn::unpack_cuda, py::arg("layout"), py::arg("table"),
+        py::arg("buffer"), py::arg("normalize"), py::arg("stream"), release,
+        "unpack on CUDA tensors; the count is read on the device.");
+  m.def("ea_blend_cuda", &distlearn::ea_blend_cuda, py::arg("layout"), py::arg("table"),
+        py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"), py::arg("stream"), release,
+        "ea_blend on CUDA tensors; table built with params and, as others, centers.");
+  m.def("center_update_cuda", &distlearn::center_update_cuda, py::arg("layout"), py::arg("table"),
+        py::arg("buffer"), py::arg("stream"), release,
+        "center_update on CUDA tensors; table built with the centers.");
+#endif
 }

@@ -32,3 +32,28 @@ void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t
                        int num_threads);
 
 }  // namespace distlearn
+
+#ifdef DISTLEARN_WITH_CUDA
+#include "../kernels/device_table.h"
+
+namespace distlearn {
+
+// CUDART_VERSION of the toolkit the extension was built with.
+int cuda_build_version();
+
+// The same four ops on CUDA tensors, enqueued on `stream` (a cudaStream_t)
+// without synchronizing the host. `table` was built for `layout` with the
+// tensors' addresses; the buffer is a device address on the table's device.
+void pack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, int64_t count_slot,
+               uintptr_t stream);
+void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, bool normalize,
+                 uintptr_t stream);
+// table: primary = params, secondary = centers.
+void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, double alpha,
+                   int64_t count_slot, uintptr_t stream);
+// table: primary = centers.
+void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
+                        uintptr_t stream);
+
+}  // namespace distlearn
+#endif  // DISTLEARN_WITH_CUDA

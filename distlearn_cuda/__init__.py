@@ -10,8 +10,9 @@ one collective per call.
     ...; loss.backward(); sgd.sum_and_normalize_gradients(model); opt.step()
 """
 
+from ._build_info import build_info
 from .ea import AllReduceEA
 from .sgd import AllReduceSGD
 
-__all__ = ["AllReduceEA", "AllReduceSGD"]
+__all__ = ["AllReduceEA", "AllReduceSGD", "build_info"]
 __version__ = "0.1.0"

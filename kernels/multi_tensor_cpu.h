@@ -66,27 +66,12 @@ void parallel_for_ranges(const Layout& layout, int max_threads, Fn fn) {
   }
 }
 
-// Type tag for dtype dispatch.
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) for the storage type T of dtype: the one place a
-// runtime dtype becomes a compile-time type.
+// Calls fn(TypeTag<T>{}) for the storage type T of dtype.
 template <typename Fn>
 void dispatch_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn(TypeTag<float>{});
-    case DType::kFloat64:
-      return fn(TypeTag<double>{});
-    case DType::kFloat16:
-      return fn(TypeTag<Half>{});
-    case DType::kBFloat16:
-      return fn(TypeTag<BFloat16>{});
+  if (!visit_dtype(dtype, fn)) {
+    throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
   }
-  throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
 // Runs fn(TypeTag<T>{}, TypeTag<B>{}, tensor_index, begin, end) over all of

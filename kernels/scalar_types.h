@@ -117,6 +117,40 @@ DL_INLINE BFloat16 float_to_bfloat16(float f) {
   return BFloat16{static_cast<uint16_t>(rounded >> 16)};
 }
 
+// Type tag for dtype dispatch.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) for the storage type T of dtype and returns true,
+// or returns false for an unknown code: the one place a runtime dtype
+// becomes a compile-time type, for host and device code alike.
+// fn may be host-only (CPU launchers) or device-only (kernels); nvcc's check
+// of host/device calls is disabled here because each instantiation is only
+// ever called from the side fn belongs to.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename Fn>
+DL_INLINE bool visit_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      fn(TypeTag<float>{});
+      return true;
+    case DType::kFloat64:
+      fn(TypeTag<double>{});
+      return true;
+    case DType::kFloat16:
+      fn(TypeTag<Half>{});
+      return true;
+    case DType::kBFloat16:
+      fn(TypeTag<BFloat16>{});
+      return true;
+  }
+  return false;
+}
+
 // Accumulation type of a pair of storage types: double when either side is
 // double, float otherwise (16-bit types are never accumulated in 16 bits).
 template <typename A, typename B>

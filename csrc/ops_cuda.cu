@@ -1,0 +1,201 @@
+// CUDA launchers of the fused ops: validate, then map the element
+// operations of kernels/element_ops.h over every tensor with the CUDA
+// multi-tensor engine, in one launch per op. No math lives here.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "../kernels/element_ops.h"
+#include "../kernels/multi_tensor_cuda.cuh"
+#include "ops.h"
+
+namespace distlearn {
+namespace {
+
+void check_table(const Layout& layout, const DeviceTable& table) {
+  if (static_cast<int64_t>(table.primary().size()) != layout.num_tensors()) {
+    throw std::invalid_argument("table: built for " + std::to_string(table.primary().size()) +
+                                " tensors, the layout has " + std::to_string(layout.num_tensors()));
+  }
+  int device = 0;
+  DL_CUDA_CHECK(cudaGetDevice(&device));
+  if (device != table.device()) {
+    throw std::invalid_argument("table: built on device " + std::to_string(table.device()) +
+                                ", the current device is " + std::to_string(device));
+  }
+}
+
+void check_buffer(uintptr_t buffer) {
+  if (buffer == 0) throw std::invalid_argument("buffer is a null address");
+}
+
+void check_count_slot(const Layout& layout, int64_t count_slot) {
+  if (count_slot >= layout.count_slots) {
+    throw std::invalid_argument("count_slot " + std::to_string(count_slot) +
+                                " is out of range: the layout has " +
+                                std::to_string(layout.count_slots) + " count slots");
+  }
+}
+
+// Count slots: all zero, then 1 in count_slot (when count_slot >= 0).
+template <typename B>
+__global__ void write_count_slots_kernel(B* slots, int64_t num_slots, int64_t count_slot) {
+  for (int64_t i = threadIdx.x; i < num_slots; i += blockDim.x) {
+    slots[i] = from_acc<B>(i == count_slot ? 1.0f : 0.0f);
+  }
+}
+
+void write_count_slots(const Layout& layout, uintptr_t buffer, int64_t count_slot,
+                       cudaStream_t stream) {
+  if (layout.count_slots == 0) return;
+  visit_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+    using B = typename decltype(buffer_tag)::type;
+    B* slots = reinterpret_cast<B*>(buffer) + layout.count_offset;
+    write_count_slots_kernel<<<1, kThreadsPerBlock, 0, stream>>>(slots, layout.count_slots,
+                                                                 count_slot);
+  });
+  DL_CUDA_CHECK(cudaGetLastError());
+}
+
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+struct PackOp {
+  template <typename T, typename B>
+  __device__ void operator()(T* tensor, T*, B* segment, int64_t i) const {
+    pack_element(tensor[i], segment[i]);
+  }
+};
+
+// Reads the contributor count from the buffer's count slots on the device:
+// the host never waits for the allreduce to learn it.
+struct UnpackOp {
+  const void* count_slots;
+  int64_t num_slots;
+  int32_t buffer_dtype;
+  bool normalize;
+
+  template <typename T, typename B>
+  __device__ void operator()(T* tensor, T*, B* segment, int64_t i) const {
+    using Acc = typename AccumulateType<T, B>::type;
+    double scale = 1.0;
+    if (normalize) {
+      scale = normalization_scale(contributor_count(static_cast<const B*>(count_slots), num_slots));
+    }
+    unpack_scale_element(segment[i], static_cast<Acc>(scale), tensor[i]);
+  }
+};
+
+struct EaBlendOp {
+  double alpha;
+  template <typename T, typename B>
+  __device__ void operator()(T* x, T* center, B* segment, int64_t i) const {
+    using Acc = typename AccumulateType<T, B>::type;
+    ea_blend_element(x[i], center[i], static_cast<Acc>(alpha), segment[i]);
+  }
+};
+
+struct CenterUpdateOp {
+  template <typename T, typename B>
+  __device__ void operator()(T* center, T*, B* segment, int64_t i) const {
+    center_update_element(center[i], segment[i]);
+  }
+};
+
+}  // namespace
+
+int cuda_build_version() { return CUDART_VERSION; }
+
+DeviceTable::DeviceTable(const Layout& layout, const std::vector<uintptr_t>& primary,
+                         const std::vector<uintptr_t>& secondary)
+    : primary_(primary), secondary_(secondary) {
+  const int64_t n = layout.num_tensors();
+  if (static_cast<int64_t>(primary.size()) != n) {
+    throw std::invalid_argument("tensors: expected " + std::to_string(n) + " addresses, got " +
+                                std::to_string(primary.size()));
+  }
+  if (!secondary.empty() && static_cast<int64_t>(secondary.size()) != n) {
+    throw std::invalid_argument("others: expected 0 or " + std::to_string(n) + " addresses, got " +
+                                std::to_string(secondary.size()));
+  }
+  std::vector<DeviceTensor> tensors(n);
+  std::vector<DeviceChunk> chunks;
+  for (int64_t t = 0; t < n; ++t) {
+    if (primary[t] == 0 && layout.numels[t] > 0) {
+      throw std::invalid_argument("tensors[" + std::to_string(t) + "] is a null address");
+    }
+    tensors[t] = DeviceTensor{primary[t], secondary.empty() ? 0 : secondary[t], layout.offsets[t],
+                              layout.numels[t], static_cast<int32_t>(layout.dtypes[t])};
+    for (int64_t begin = 0; begin < layout.numels[t]; begin += kChunkElements) {
+      chunks.push_back(DeviceChunk{t, begin});
+    }
+  }
+  num_chunks_ = static_cast<int64_t>(chunks.size());
+  DL_CUDA_CHECK(cudaGetDevice(&device_));
+  if (n == 0) return;
+  DL_CUDA_CHECK(cudaMalloc(&tensors_, sizeof(DeviceTensor) * n));
+  try {
+    DL_CUDA_CHECK(
+        cudaMemcpy(tensors_, tensors.data(), sizeof(DeviceTensor) * n, cudaMemcpyHostToDevice));
+    if (num_chunks_ > 0) {
+      DL_CUDA_CHECK(cudaMalloc(&chunks_, sizeof(DeviceChunk) * num_chunks_));
+      DL_CUDA_CHECK(cudaMemcpy(chunks_, chunks.data(), sizeof(DeviceChunk) * num_chunks_,
+                               cudaMemcpyHostToDevice));
+    }
+  } catch (...) {
+    cudaFree(tensors_);
+    cudaFree(chunks_);
+    throw;
+  }
+}
+
+DeviceTable::~DeviceTable() {
+  // Errors here cannot be reported (a destructor must not throw); a failed
+  // free leaks the small table and nothing else.
+  cudaFree(tensors_);
+  cudaFree(chunks_);
+}
+
+void pack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, int64_t count_slot,
+               uintptr_t stream) {
+  check_table(layout, table);
+  check_buffer(buffer);
+  check_count_slot(layout, count_slot);
+  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream), PackOp{});
+  write_count_slots(layout, buffer, count_slot, as_stream(stream));
+}
+
+void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, bool normalize,
+                 uintptr_t stream) {
+  check_table(layout, table);
+  check_buffer(buffer);
+  visit_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+    using B = typename decltype(buffer_tag)::type;
+    const UnpackOp op{reinterpret_cast<const B*>(buffer) + layout.count_offset, layout.count_slots,
+                      static_cast<int32_t>(layout.buffer_dtype), normalize};
+    launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream), op);
+  });
+}
+
+void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, double alpha,
+                   int64_t count_slot, uintptr_t stream) {
+  check_table(layout, table);
+  check_buffer(buffer);
+  check_count_slot(layout, count_slot);
+  if (table.secondary().empty()) {
+    throw std::invalid_argument("table: the EA blend needs a table built with the centers");
+  }
+  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream),
+                      EaBlendOp{alpha});
+  write_count_slots(layout, buffer, count_slot, as_stream(stream));
+}
+
+void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
+                        uintptr_t stream) {
+  check_table(layout, table);
+  check_buffer(buffer);
+  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream),
+                      CenterUpdateOp{});
+}
+
+}  // namespace distlearn

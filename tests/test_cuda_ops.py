@@ -1,0 +1,143 @@
+"""The CUDA flavor of every fused op against the reference and the CPU flavor.
+
+Runs where the extension was built with CUDA and a GPU is present; skipped
+(and reported as skipped) elsewhere. The GPU script scripts/gpu_check.sh runs
+it, under compute-sanitizer too.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from tensor_cases import DTYPES, ODD_SHAPES, fresh_seed, poisoned_like, random_tensors, tolerance
+
+from distlearn_cuda import _C, reference
+from distlearn_cuda._validate import DTYPE_CODES
+
+pytestmark = pytest.mark.skipif(
+    not (_C.has_cuda and torch.cuda.is_available()),
+    reason="needs the CUDA flavor of _C and a GPU",
+)
+
+PAIRS = list(itertools.product(DTYPES, DTYPES))
+# Many small tensors (a table of 1000 entries), and views whose data pointer
+# is not 16-byte aligned (storage offset 1).
+MANY_SMALL = [(n % 37 + 1,) for n in range(1000)]
+
+
+def cuda_case(shapes: list[tuple[int, ...]], dtype: torch.dtype, misaligned: bool) -> list:
+    generator = torch.Generator().manual_seed(fresh_seed())
+    tensors = [t.cuda() for t in random_tensors(shapes, [dtype] * len(shapes), generator)]
+    if misaligned:
+        shifted = []
+        for t in tensors:
+            storage = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
+            view = storage[1:].view(t.shape)
+            view.copy_(t)
+            shifted.append(view)
+        tensors = shifted
+    return tensors
+
+
+def layout_of(tensors: list[torch.Tensor], buffer_dtype: torch.dtype) -> _C.Layout:
+    codes = [DTYPE_CODES[t.dtype] for t in tensors]
+    return _C.Layout([t.numel() for t in tensors], codes, DTYPE_CODES[buffer_dtype], 2)
+
+
+def addresses(tensors: list[torch.Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def written(layout: _C.Layout, buffer: torch.Tensor) -> torch.Tensor:
+    parts = [buffer[o : o + n] for o, n in zip(layout.offsets, layout.numels, strict=True)]
+    parts.append(buffer[layout.count_offset : layout.count_offset + layout.count_slots])
+    return torch.cat(parts)
+
+
+CASES = [("odd", ODD_SHAPES, False), ("misaligned", ODD_SHAPES, True), ("many", MANY_SMALL, False)]
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+@pytest.mark.parametrize(("name", "shapes", "misaligned"), CASES)
+def test_pack_then_unpack_match_reference(
+    tensor_dtype: torch.dtype, buffer_dtype: torch.dtype, name: str, shapes: list, misaligned: bool
+) -> None:
+    tensors = cuda_case(shapes, tensor_dtype, misaligned)
+    layout = layout_of(tensors, buffer_dtype)
+    got = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
+    expected = got.clone()
+    _C.pack_cuda(layout, _C.DeviceTable(layout, addresses(tensors)), got.data_ptr(), 1, stream())
+    reference.pack(tensors, expected, layout.offsets, layout.count_offset, 2, 1)
+    torch.testing.assert_close(written(layout, got), written(layout, expected), rtol=0, atol=0)
+
+    got[layout.count_offset] = 2  # contributor count 3 = 2 + 1
+    expected.copy_(got)
+    out, out_expected = poisoned_like(tensors), poisoned_like(tensors)
+    table = _C.DeviceTable(layout, addresses(out))
+    _C.unpack_cuda(layout, table, got.data_ptr(), True, stream())
+    reference.unpack(out_expected, expected, layout.offsets, layout.count_offset, 2, True)
+    for o, e in zip(out, out_expected, strict=True):
+        assert not o.isnan().any()
+        torch.testing.assert_close(o, e, **tolerance(tensor_dtype, buffer_dtype))
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+@pytest.mark.parametrize(("name", "shapes", "misaligned"), CASES)
+def test_ea_blend_and_center_update_match_reference(
+    tensor_dtype: torch.dtype, buffer_dtype: torch.dtype, name: str, shapes: list, misaligned: bool
+) -> None:
+    params = cuda_case(shapes, tensor_dtype, misaligned)
+    centers = cuda_case(shapes, tensor_dtype, misaligned)
+    params_expected, centers_expected = [p.clone() for p in params], [c.clone() for c in centers]
+    layout = layout_of(params, buffer_dtype)
+    got = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
+    expected = got.clone()
+    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
+    _C.ea_blend_cuda(layout, table, got.data_ptr(), 0.3, 0, stream())
+    reference.ea_blend(
+        params_expected, centers_expected, expected, layout.offsets, 0.3, layout.count_offset, 2, 0
+    )
+    tol = tolerance(tensor_dtype, buffer_dtype)
+    torch.testing.assert_close(written(layout, got), written(layout, expected), **tol)
+    for p, e in zip(params, params_expected, strict=True):
+        torch.testing.assert_close(p, e, **tol)
+
+    _C.center_update_cuda(
+        layout, _C.DeviceTable(layout, addresses(centers)), got.data_ptr(), stream()
+    )
+    reference.center_update(centers_expected, got, layout.offsets)
+    for c, e in zip(centers, centers_expected, strict=True):
+        torch.testing.assert_close(c, e, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_and_cpu_flavors_are_bit_identical(dtype: torch.dtype) -> None:
+    params = cuda_case(ODD_SHAPES, dtype, misaligned=False)
+    centers = cuda_case(ODD_SHAPES, dtype, misaligned=False)
+    params_cpu, centers_cpu = [p.cpu() for p in params], [c.cpu() for c in centers]
+    layout = layout_of(params, torch.float32)
+    buffer = torch.zeros(layout.buffer_numel, device="cuda")
+    buffer_cpu = torch.zeros(layout.buffer_numel)
+    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
+    _C.ea_blend_cuda(layout, table, buffer.data_ptr(), 0.25, 0, stream())
+    _C.ea_blend(
+        layout, addresses(params_cpu), addresses(centers_cpu), buffer_cpu.data_ptr(), 0.25, 0, 2
+    )
+    assert torch.equal(buffer.cpu(), buffer_cpu)
+    assert all(torch.equal(p.cpu(), q) for p, q in zip(params, params_cpu, strict=True))
+
+
+def test_table_on_another_layout_is_rejected() -> None:
+    tensors = cuda_case([(5,), (7,)], torch.float32, misaligned=False)
+    layout = layout_of(tensors, torch.float32)
+    other = layout_of(tensors[:1], torch.float32)
+    table = _C.DeviceTable(layout, addresses(tensors))
+    buffer = torch.zeros(layout.buffer_numel, device="cuda")
+    with pytest.raises(ValueError, match="table"):
+        _C.pack_cuda(other, table, buffer.data_ptr(), 0, stream())
