@@ -12,6 +12,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -56,10 +57,19 @@ void parallel_for_ranges(const Layout& layout, int max_threads, Fn fn) {
       errors[i] = std::current_exception();
     }
   };
+  // Pieces whose thread could not be started (std::system_error, e.g. when
+  // the process hits its thread limit) run on the calling thread instead:
+  // an exception escaping here would destroy joinable threads, which
+  // std::terminate()s the process.
   std::vector<std::thread> helpers;
   helpers.reserve(num_threads - 1);
-  for (int i = 1; i < num_threads; ++i) helpers.emplace_back(work, i);
+  int started = 1;
+  try {
+    for (; started < num_threads; ++started) helpers.emplace_back(work, started);
+  } catch (const std::system_error&) {
+  }
   work(0);
+  for (int i = started; i < num_threads; ++i) work(i);
   for (auto& helper : helpers) helper.join();
   for (auto& error : errors) {
     if (error) std::rethrow_exception(error);

@@ -164,5 +164,7 @@ def _positive_int(text: str) -> int:
 
 if __name__ == "__main__":
     main()
-    # The library started torch.distributed; end it before the interpreter does.
+    # The library started torch.distributed; end it before the interpreter
+    # does, once every rank is done with its last collective.
+    dist.barrier()
     dist.destroy_process_group()
