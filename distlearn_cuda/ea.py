@@ -65,6 +65,7 @@ class AllReduceEA(_group.GroupMember):
         super().__init__(group)
         self._plans = PlanCache(self._group.world_size)
         self._signature: Signature | None = None
+        self._delta_plan_cache: Plan | None = None  # for the bound signature
         self._centers: list[torch.Tensor] = []
         self._center_addresses: list[int] = []
         self._rebuild: _tree.Rebuild = list
@@ -91,11 +92,17 @@ class AllReduceEA(_group.GroupMember):
         """Counts a step; on every tau-th step runs an elastic averaging round.
 
         Call it after each optimizer step. Updates ``params`` in place.
+        Between rounds a call only counts, so it costs next to nothing;
+        ``params`` is checked against the bound structure on the calls that
+        use it (the first, and every round), before anything is modified.
 
         Args:
             params: a tensor, a list/tuple/dict nesting of tensors, or an
                 ``nn.Module`` (all its parameters).
         """
+        if self._signature is not None and (self._step + 1) % self._tau != 0:
+            self._step += 1
+            return
         flat, addresses = self._bind(params)
         self._step += 1
         if self._step % self._tau == 0:
@@ -137,13 +144,17 @@ class AllReduceEA(_group.GroupMember):
         return flat, addresses
 
     def _delta_plan(self) -> Plan:
-        assert self._signature is not None
-        dtype = self._comm_dtype or self._lossless_dtype()
-        return self._plans.get(self._signature, dtype)
+        if self._delta_plan_cache is None:
+            dtype = self._comm_dtype or self._lossless_dtype()
+            self._delta_plan_cache = self._plans.get(self._bound_signature(), dtype)
+        return self._delta_plan_cache
 
     def _lossless_dtype(self) -> torch.dtype:
-        assert self._signature is not None
-        return lossless_dtype([entry[0] for entry in self._signature[1]])
+        return lossless_dtype([entry[0] for entry in self._bound_signature()[1]])
+
+    def _bound_signature(self) -> Signature:
+        assert self._signature is not None, "bound by the first call"
+        return self._signature
 
     def _round(self, flat: Flat, addresses: list[int], active: bool) -> Plan:
         plan = self._delta_plan()

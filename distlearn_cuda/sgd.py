@@ -46,6 +46,7 @@ class AllReduceSGD(_group.GroupMember):
         super().__init__(group)
         self._plans = PlanCache(self._group.world_size)
         self._grad_signature: Signature | None = None
+        self._grad_plan: Plan | None = None  # for the bound gradient signature
         self._param_signature: Signature | None = None
         self._steps = 0
 
@@ -126,8 +127,11 @@ class AllReduceSGD(_group.GroupMember):
         self._steps += 1
 
     def _gradient_plan(self, grad_signature: Signature) -> Plan:
-        dtype = self._comm_dtype or lossless_dtype([e[0] for e in grad_signature[1]])
-        return self._plans.get(grad_signature, dtype)
+        """The plan of the bound gradient signature (callers checked they match)."""
+        if self._grad_plan is None:
+            dtype = self._comm_dtype or lossless_dtype([e[0] for e in grad_signature[1]])
+            self._grad_plan = self._plans.get(grad_signature, dtype)
+        return self._grad_plan
 
     def _wait_for_all_ranks(self, plan: Plan) -> None:
         # A stepping rank's allreduce carries its count 1; ours carries zeros

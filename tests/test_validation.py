@@ -124,6 +124,23 @@ def test_ea_structure_change_is_rejected_and_nothing_changes() -> None:
     assert_unchanged(ea.center, center_before)
 
 
+def test_ea_checks_a_changed_structure_on_the_round_that_would_use_it() -> None:
+    ea = dl.AllReduceEA(tau=3, alpha=0.5)
+    params = [torch.randn(4), torch.randn(3)]
+    ea.synchronize_parameters(params)
+    params[0].add_(1.0)
+    before, center_before = snapshot(params), snapshot(ea.center)
+    changed = [params[0], torch.randn(5)]
+    # Steps 1 and 2 only count: nothing is read or written.
+    ea.average_parameters(changed)
+    ea.average_parameters(changed)
+    assert_unchanged(params, before)
+    with pytest.raises(ValueError, match="params: structure changed"):
+        ea.average_parameters(changed)  # step 3 runs a round: checked first
+    assert_unchanged(params, before)
+    assert_unchanged(ea.center, center_before)
+
+
 def test_sgd_structure_change_is_rejected_and_nothing_changes() -> None:
     sgd = dl.AllReduceSGD()
     grads = [torch.randn(4), torch.randn(3)]
