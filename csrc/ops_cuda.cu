@@ -8,6 +8,7 @@
 
 #include "../kernels/element_ops.h"
 #include "../kernels/multi_tensor_cuda.cuh"
+#include "cuda_check.h"
 #include "ops.h"
 
 namespace distlearn {
@@ -38,67 +39,71 @@ void check_count_slot(const Layout& layout, int64_t count_slot) {
   }
 }
 
-// Count slots: all zero, then 1 in count_slot (when count_slot >= 0).
-template <typename B>
-__global__ void write_count_slots_kernel(B* slots, int64_t num_slots, int64_t count_slot) {
-  for (int64_t i = threadIdx.x; i < num_slots; i += blockDim.x) {
-    slots[i] = from_acc<B>(i == count_slot ? 1.0f : 0.0f);
-  }
-}
-
-void write_count_slots(const Layout& layout, uintptr_t buffer, int64_t count_slot,
-                       cudaStream_t stream) {
-  if (layout.count_slots == 0) return;
-  visit_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
-    using B = typename decltype(buffer_tag)::type;
-    B* slots = reinterpret_cast<B*>(buffer) + layout.count_offset;
-    write_count_slots_kernel<<<1, kThreadsPerBlock, 0, stream>>>(slots, layout.count_slots,
-                                                                 count_slot);
-  });
-  DL_CUDA_CHECK(cudaGetLastError());
-}
-
 cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
-struct PackOp {
+// The count slots pack and the EA blend write in their launch.
+CountSlotWrite count_slot_write(const Layout& layout, uintptr_t buffer, int64_t count_slot) {
+  if (layout.count_slots == 0) return CountSlotWrite{nullptr, 0, -1};
+  const int64_t offset_bytes = layout.count_offset * dtype_size(layout.buffer_dtype);
+  return CountSlotWrite{reinterpret_cast<char*>(buffer) + offset_bytes, layout.count_slots,
+                        count_slot};
+}
+
+constexpr CountSlotWrite kNoCountSlots{nullptr, 0, -1};
+
+// Ops without per-thread state.
+struct Stateless {
+  template <typename B>
+  __device__ void prepare(const B*) {}
+};
+
+struct PackOp : Stateless {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = false, kReadsSecondary = false,
+                        kReadsBuffer = false, kWritesBuffer = true;
   template <typename T, typename B>
-  __device__ void operator()(T* tensor, T*, B* segment, int64_t i) const {
-    pack_element(tensor[i], segment[i]);
+  __device__ void operator()(T& tensor, const T&, B& buffer) const {
+    pack_element(tensor, buffer);
   }
 };
 
-// Reads the contributor count from the buffer's count slots on the device:
-// the host never waits for the allreduce to learn it.
+// Reads the contributor count from the buffer's count slots on the device,
+// once per thread: the host never waits for the allreduce to learn it.
 struct UnpackOp {
-  const void* count_slots;
+  static constexpr bool kReadsPrimary = false, kWritesPrimary = true, kReadsSecondary = false,
+                        kReadsBuffer = true, kWritesBuffer = false;
+  int64_t count_offset;
   int64_t num_slots;
-  int32_t buffer_dtype;
   bool normalize;
+  double scale = 1.0;  // set by prepare
 
+  template <typename B>
+  __device__ void prepare(const B* buffer) {
+    if (normalize) scale = normalization_scale(contributor_count(buffer + count_offset, num_slots));
+  }
   template <typename T, typename B>
-  __device__ void operator()(T* tensor, T*, B* segment, int64_t i) const {
+  __device__ void operator()(T& tensor, const T&, B& buffer) const {
     using Acc = typename AccumulateType<T, B>::type;
-    double scale = 1.0;
-    if (normalize) {
-      scale = normalization_scale(contributor_count(static_cast<const B*>(count_slots), num_slots));
-    }
-    unpack_scale_element(segment[i], static_cast<Acc>(scale), tensor[i]);
+    unpack_scale_element(buffer, static_cast<Acc>(scale), tensor);
   }
 };
 
-struct EaBlendOp {
+struct EaBlendOp : Stateless {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = true,
+                        kReadsBuffer = false, kWritesBuffer = true;
   double alpha;
   template <typename T, typename B>
-  __device__ void operator()(T* x, T* center, B* segment, int64_t i) const {
+  __device__ void operator()(T& x, const T& center, B& delta) const {
     using Acc = typename AccumulateType<T, B>::type;
-    ea_blend_element(x[i], center[i], static_cast<Acc>(alpha), segment[i]);
+    ea_blend_element(x, center, static_cast<Acc>(alpha), delta);
   }
 };
 
-struct CenterUpdateOp {
+struct CenterUpdateOp : Stateless {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = false,
+                        kReadsBuffer = true, kWritesBuffer = false;
   template <typename T, typename B>
-  __device__ void operator()(T* center, T*, B* segment, int64_t i) const {
-    center_update_element(center[i], segment[i]);
+  __device__ void operator()(T& center, const T&, B& delta_sum) const {
+    center_update_element(center, delta_sum);
   }
 };
 
@@ -131,6 +136,15 @@ DeviceTable::DeviceTable(const Layout& layout, const std::vector<uintptr_t>& pri
     }
   }
   num_chunks_ = static_cast<int64_t>(chunks.size());
+  for (int64_t t = 0; t < n; ++t) {
+    const auto code = static_cast<int32_t>(layout.dtypes[t]);
+    if (t == 0) {
+      uniform_dtype_ = code;
+    } else if (code != uniform_dtype_) {
+      uniform_dtype_ = -1;
+      break;
+    }
+  }
   DL_CUDA_CHECK(cudaGetDevice(&device_));
   if (n == 0) return;
   DL_CUDA_CHECK(cudaMalloc(&tensors_, sizeof(DeviceTensor) * n));
@@ -161,20 +175,17 @@ void pack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
   check_table(layout, table);
   check_buffer(buffer);
   check_count_slot(layout, count_slot);
-  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream), PackOp{});
-  write_count_slots(layout, buffer, count_slot, as_stream(stream));
+  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer),
+                      count_slot_write(layout, buffer, count_slot), as_stream(stream), PackOp{});
 }
 
 void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, bool normalize,
                  uintptr_t stream) {
   check_table(layout, table);
   check_buffer(buffer);
-  visit_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
-    using B = typename decltype(buffer_tag)::type;
-    const UnpackOp op{reinterpret_cast<const B*>(buffer) + layout.count_offset, layout.count_slots,
-                      static_cast<int32_t>(layout.buffer_dtype), normalize};
-    launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream), op);
-  });
+  const UnpackOp op{layout.count_offset, layout.count_slots, normalize};
+  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), kNoCountSlots,
+                      as_stream(stream), op);
 }
 
 void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, double alpha,
@@ -185,17 +196,18 @@ void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buf
   if (table.secondary().empty()) {
     throw std::invalid_argument("table: the EA blend needs a table built with the centers");
   }
-  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream),
-                      EaBlendOp{alpha});
-  write_count_slots(layout, buffer, count_slot, as_stream(stream));
+  EaBlendOp op;
+  op.alpha = alpha;
+  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer),
+                      count_slot_write(layout, buffer, count_slot), as_stream(stream), op);
 }
 
 void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
                         uintptr_t stream) {
   check_table(layout, table);
   check_buffer(buffer);
-  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), as_stream(stream),
-                      CenterUpdateOp{});
+  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), kNoCountSlots,
+                      as_stream(stream), CenterUpdateOp{});
 }
 
 }  // namespace distlearn

@@ -38,6 +38,8 @@ class DeviceTable {
   const DeviceChunk* chunks() const { return chunks_; }
   int64_t num_chunks() const { return num_chunks_; }
   int device() const { return device_; }
+  // The DType code every tensor shares, or -1 when they differ (or there are none).
+  int32_t uniform_dtype() const { return uniform_dtype_; }
   const std::vector<uintptr_t>& primary() const { return primary_; }
   const std::vector<uintptr_t>& secondary() const { return secondary_; }
 
@@ -46,6 +48,7 @@ class DeviceTable {
   DeviceChunk* chunks_ = nullptr;
   int64_t num_chunks_ = 0;
   int device_ = 0;
+  int32_t uniform_dtype_ = -1;
   std::vector<uintptr_t> primary_;
   std::vector<uintptr_t> secondary_;
 };

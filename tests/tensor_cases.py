@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
+
+from distlearn_cuda import _C
+
+# For tests of the CUDA path: they run where the extension has its CUDA
+# flavor and a GPU is present, and are reported as skipped elsewhere.
+needs_gpu = pytest.mark.skipif(
+    not (_C.has_cuda and torch.cuda.is_available()),
+    reason="needs the CUDA flavor of _C and a GPU",
+)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

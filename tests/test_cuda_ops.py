@@ -11,15 +11,20 @@ import itertools
 
 import pytest
 import torch
-from tensor_cases import DTYPES, ODD_SHAPES, fresh_seed, poisoned_like, random_tensors, tolerance
+from tensor_cases import (
+    DTYPES,
+    ODD_SHAPES,
+    fresh_seed,
+    needs_gpu,
+    poisoned_like,
+    random_tensors,
+    tolerance,
+)
 
 from distlearn_cuda import _C, reference
 from distlearn_cuda._validate import DTYPE_CODES
 
-pytestmark = pytest.mark.skipif(
-    not (_C.has_cuda and torch.cuda.is_available()),
-    reason="needs the CUDA flavor of _C and a GPU",
-)
+pytestmark = needs_gpu
 
 PAIRS = list(itertools.product(DTYPES, DTYPES))
 # Many small tensors (a table of 1000 entries), and views whose data pointer
@@ -141,3 +146,52 @@ def test_table_on_another_layout_is_rejected() -> None:
     buffer = torch.zeros(layout.buffer_numel, device="cuda")
     with pytest.raises(ValueError, match="table"):
         _C.pack_cuda(other, table, buffer.data_ptr(), 0, stream())
+
+
+def mixed_case(misaligned: bool) -> list[torch.Tensor]:
+    """ODD_SHAPES with the dtypes taking turns: the per-chunk dtype kernel."""
+    dtypes = [DTYPES[i % len(DTYPES)] for i in range(len(ODD_SHAPES))]
+    return [cuda_case([s], d, misaligned)[0] for s, d in zip(ODD_SHAPES, dtypes, strict=True)]
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_mixed_dtype_lists_match_reference_and_cpu_flavor(
+    buffer_dtype: torch.dtype, misaligned: bool
+) -> None:
+    params, centers = mixed_case(misaligned), mixed_case(not misaligned)
+    params_ref, centers_ref = [p.clone() for p in params], [c.clone() for c in centers]
+    params_cpu, centers_cpu = [p.cpu() for p in params], [c.cpu() for c in centers]
+    layout = layout_of(params, buffer_dtype)
+    got = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
+    expected = got.clone()
+    got_cpu = got.cpu()
+    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
+    _C.ea_blend_cuda(layout, table, got.data_ptr(), 0.7, 1, stream())
+    _C.ea_blend(
+        layout, addresses(params_cpu), addresses(centers_cpu), got_cpu.data_ptr(), 0.7, 1, 2
+    )
+    reference.ea_blend(
+        params_ref, centers_ref, expected, layout.offsets, 0.7, layout.count_offset, 2, 1
+    )
+    # Same element code as the CPU flavor: bit-identical; the reference: close.
+    assert torch.equal(written(layout, got).cpu(), written(layout, got_cpu))
+    for p, q, r in zip(params, params_cpu, params_ref, strict=True):
+        assert torch.equal(p.cpu(), q)
+        torch.testing.assert_close(p, r, **tolerance(p.dtype, buffer_dtype))
+
+    out, out_cpu = poisoned_like(params), poisoned_like(params_cpu)
+    _C.unpack_cuda(layout, _C.DeviceTable(layout, addresses(out)), got.data_ptr(), True, stream())
+    _C.unpack(layout, addresses(out_cpu), got_cpu.data_ptr(), True, 2)
+    for o, c in zip(out, out_cpu, strict=True):
+        assert not o.isnan().any()
+        assert torch.equal(o.cpu(), c)
+
+
+def test_a_list_of_empty_tensors_still_writes_its_count_slot() -> None:
+    tensors = [torch.empty(0, device="cuda"), torch.empty(0, 3, device="cuda")]
+    layout = layout_of(tensors, torch.float32)
+    buffer = torch.full((layout.buffer_numel,), float("nan"), device="cuda")
+    _C.pack_cuda(layout, _C.DeviceTable(layout, addresses(tensors)), buffer.data_ptr(), 1, stream())
+    slots = buffer[layout.count_offset : layout.count_offset + layout.count_slots]
+    assert slots.tolist() == [0.0, 1.0]
