@@ -11,6 +11,12 @@ Environment:
     DISTLEARN_CUDA_ARCHS  compute capabilities, ";"-separated (default
                           "80;90"); PTX of the last one is added so newer
                           GPUs can JIT-compile it.
+    DISTLEARN_NCCL_INCLUDE  directory holding nccl.h; default: the
+                          nvidia-nccl-cu13 wheel importable by the building
+                          Python. The CUDA flavor calls NCCL itself (loaded
+                          with dlopen at run time) only when nccl.h was found;
+                          without it CUDA tensors use torch.distributed's
+                          collectives.
     CUDA_HOME             the toolkit (default: nvcc's parent directory).
 """
 
@@ -26,6 +32,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 CUDA_SOURCES = ["csrc/ops_cuda.cu"]
+NCCL_SOURCES = ["csrc/nccl_api.cpp", "csrc/nccl_comm.cpp"]
 DEFAULT_ARCHS = "80;90"  # A100 and H100/H200; PTX of 90 for anything newer
 
 
@@ -51,6 +58,24 @@ def find_cuda_home(nvcc: Path) -> Path:
         if (home / "include" / "cuda_runtime.h").exists():
             return home
     raise RuntimeError(f"no CUDA toolkit with include/cuda_runtime.h for {nvcc}; set CUDA_HOME")
+
+
+def find_nccl_include() -> Path | None:
+    """The directory of nccl.h: DISTLEARN_NCCL_INCLUDE, else the nvidia-nccl wheel's."""
+    explicit = os.environ.get("DISTLEARN_NCCL_INCLUDE", "").strip()
+    if explicit:
+        if not (Path(explicit) / "nccl.h").exists():
+            raise RuntimeError(f"DISTLEARN_NCCL_INCLUDE={explicit!r} holds no nccl.h")
+        return Path(explicit)
+    try:
+        import nvidia.nccl  # the nvidia-nccl-cu13 wheel, a namespace package
+    except ImportError:
+        return None
+    for package_dir in nvidia.nccl.__path__:
+        include = Path(package_dir) / "include"
+        if (include / "nccl.h").exists():
+            return include
+    return None
 
 
 def want_cuda(nvcc: Path | None) -> bool:
@@ -134,6 +159,12 @@ def make_extension() -> tuple[Pybind11Extension, type[build_ext]]:
         ("DISTLEARN_CUDA_ARCHS", f'"{archs}"'),
     ]
     ext.include_dirs.append(str(cuda_home / "include"))
+    nccl_include = find_nccl_include()
+    if nccl_include is not None:
+        ext.sources += NCCL_SOURCES
+        ext.include_dirs.append(str(nccl_include))
+        ext.define_macros.append(("DISTLEARN_WITH_NCCL", None))
+    print(f"distlearn_cuda: CUDA flavor, archs {archs}, nccl.h from {nccl_include}")
     ext.library_dirs.append(str(cuda_home / "lib64"))
     # The static runtime: the wheel needs no libcudart next to it, only a driver.
     ext.libraries += ["cudart_static", "dl", "rt", "pthread"]

@@ -6,9 +6,16 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "../kernels/layout.h"
 #include "ops.h"
+
+#ifdef DISTLEARN_WITH_NCCL
+#include "nccl_comm.h"
+#endif
 
 #ifndef DISTLEARN_CUDA_ARCHS
 #define DISTLEARN_CUDA_ARCHS ""
@@ -25,6 +32,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_cuda") = true;
 #else
   m.attr("has_cuda") = false;
+#endif
+#ifdef DISTLEARN_WITH_NCCL
+  m.attr("has_nccl") = true;
+  m.attr("nccl_header_version") = NCCL_VERSION_CODE;
+#else
+  m.attr("has_nccl") = false;
+  m.attr("nccl_header_version") = py::none();
 #endif
   // The GPU architectures compiled in, as nvcc's -gencode targets ("" without CUDA).
   m.attr("cuda_archs") = DISTLEARN_CUDA_ARCHS;
@@ -78,5 +92,64 @@ PYBIND11_MODULE(_C, m) {
   m.def("center_update_cuda", &distlearn::center_update_cuda, py::arg("layout"), py::arg("table"),
         py::arg("buffer"), py::arg("stream"), release,
         "center_update on CUDA tensors; table built with the centers.");
+#endif
+
+#ifdef DISTLEARN_WITH_NCCL
+  using distlearn::NcclCommunicator;
+  m.def(
+      "nccl_load",
+      [](const std::vector<std::string>& candidates) {
+        const distlearn::NcclApi& api = distlearn::load_nccl(candidates);
+        return py::make_tuple(api.version, api.path);
+      },
+      py::arg("candidates"),
+      "Loads NCCL from the first candidate that works (\"\" = the copy already in the "
+      "process), once per process; returns (version, path).");
+  m.def(
+      "nccl_loaded",
+      []() -> py::object {
+        const distlearn::NcclApi* api = distlearn::loaded_nccl();
+        if (api == nullptr) return py::none();
+        return py::make_tuple(api->version, api->path);
+      },
+      "(version, path) of the loaded NCCL, or None.");
+  m.def(
+      "nccl_error_string",
+      [](int code) {
+        const distlearn::NcclApi* api = distlearn::loaded_nccl();
+        if (api == nullptr) throw std::runtime_error("NCCL is not loaded");
+        return std::string(api->get_error_string(static_cast<ncclResult_t>(code)));
+      },
+      py::arg("code"), "NCCL's own message for an ncclResult_t.");
+  py::class_<NcclCommunicator, std::shared_ptr<NcclCommunicator>>(
+      m, "NcclCommunicator", "One NCCL communicator; collectives enqueue on a given stream.")
+      .def(py::init<const std::string&, int, int, int>(), py::arg("unique_id"), py::arg("nranks"),
+           py::arg("rank"), py::arg("device"), release)
+      .def_static("unique_id", []() { return py::bytes(NcclCommunicator::unique_id()); })
+      .def(
+          "all_reduce_sum",
+          [](NcclCommunicator& comm, uintptr_t buffer, int64_t count, int32_t dtype,
+             uintptr_t stream) {
+            if (!distlearn::is_valid_dtype(dtype)) {
+              throw std::invalid_argument("dtype: unknown code " + std::to_string(dtype));
+            }
+            comm.all_reduce_sum(buffer, count, static_cast<distlearn::DType>(dtype), stream);
+          },
+          py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("stream"), release)
+      .def(
+          "broadcast",
+          [](NcclCommunicator& comm, uintptr_t buffer, int64_t count, int32_t dtype, int root,
+             uintptr_t stream) {
+            if (!distlearn::is_valid_dtype(dtype)) {
+              throw std::invalid_argument("dtype: unknown code " + std::to_string(dtype));
+            }
+            comm.broadcast(buffer, count, static_cast<distlearn::DType>(dtype), root, stream);
+          },
+          py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("stream"),
+          release)
+      .def("abort", &NcclCommunicator::abort, release)
+      .def_property_readonly("rank", &NcclCommunicator::rank)
+      .def_property_readonly("nranks", &NcclCommunicator::nranks)
+      .def_property_readonly("device", &NcclCommunicator::device);
 #endif
 }

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from . import _C
+from . import _C, _nccl
 
 __all__ = ["build_info"]
 
@@ -19,10 +19,13 @@ def build_info() -> dict[str, Any]:
         cuda_archs: compute capabilities compiled in, e.g. ``["80", "90"]``
             (PTX of the last one is included); empty for the CPU flavor.
         cuda_build_version: CUDART_VERSION the extension was built with, or None.
-        nccl_header_version: NCCL version the extension was built against, or
-            None: this build does not call NCCL itself yet (collectives go
-            through torch.distributed).
-        nccl_runtime_version: the NCCL loaded by the extension, or None.
+        nccl_header_version: version of the nccl.h the extension was built
+            against (e.g. "2.32.3"), or None: this build calls no NCCL itself
+            and CUDA tensors use torch.distributed's collectives.
+        nccl_runtime_version: version of the NCCL the extension loaded, or
+            None until a CUDA tensor on an NCCL group made it load one.
+        nccl_library: what was loaded (a path, or "(already loaded)
+            libnccl.so.2" for the copy torch had loaded), or None.
         device: the GPU torch would use (name and compute capability), or "cpu".
     """
     cuda = bool(_C.has_cuda)
@@ -31,11 +34,20 @@ def build_info() -> dict[str, Any]:
         device = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
     else:
         device = "cpu"
+    loaded = _C.nccl_loaded() if _C.has_nccl else None
     return {
         "cuda": cuda,
         "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
         "cuda_build_version": _C.cuda_build_version() if cuda else None,
-        "nccl_header_version": None,
-        "nccl_runtime_version": None,
+        "nccl_header_version": _version_string(_C.nccl_header_version),
+        "nccl_runtime_version": _version_string(_nccl.runtime_version()),
+        "nccl_library": loaded[1] if loaded is not None else None,
         "device": device,
     }
+
+
+def _version_string(code: int | None) -> str | None:
+    """NCCL_VERSION_CODE (major * 10000 + minor * 100 + patch since 2.9) as "2.32.3"."""
+    if code is None:
+        return None
+    return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"

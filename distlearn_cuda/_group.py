@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ._collectives import Collectives
+
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -62,10 +64,12 @@ def resolve(group: dist.ProcessGroup | None) -> Group:
 
 
 class GroupMember:
-    """Base of the algorithm classes: the group they talk over, and this rank in it."""
+    """Base of the algorithm classes: the group they talk over, this rank in
+    it, and the collectives they issue on it."""
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self._group = resolve(group)
+        self._collectives = Collectives(self._group)
 
     @property
     def group(self) -> dist.ProcessGroup:

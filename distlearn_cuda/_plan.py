@@ -1,19 +1,32 @@
 """Plans: the flat buffer and layout for one list of tensors, made once and reused.
 
 A Plan owns a ``_C.Layout`` (where each tensor lives in the buffer), the
-buffer itself, and dispatches each fused op to the extension's kernels, or
-to ``reference`` for devices the extension was built without.
+buffer itself, and dispatches each fused op to the extension's kernels (CPU,
+or CUDA when the extension was built with it), or to ``reference`` for
+devices the extension was built without.
+
+CUDA ops are enqueued on the current stream of the plan's device and never
+wait for the device. Their tensor tables live in device memory and are built
+(a synchronizing copy) the first time a list of tensor addresses is seen;
+the last few are kept, so a training loop whose gradients come back at the
+same addresses (the caching allocator's usual behaviour) builds them once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 
 from . import _C, reference
 from ._validate import DTYPE_CODES, EXACT_INTEGER_LIMIT, Signature
+
+# Device tables kept per plan (the oldest built is dropped first): a few
+# address lists, e.g. gradients alternating between two allocations.
+MAX_DEVICE_TABLES = 4
 
 
 def count_slots_for(world_size: int, buffer_dtype: torch.dtype) -> int:
@@ -51,7 +64,9 @@ class Plan:
         self._counts = self.buffer[
             self.layout.count_offset : self.layout.count_offset + self.layout.count_slots
         ]
-        self._native = device.type == "cpu"
+        self._kind = _kind_of(device)
+        self._tables: dict[tuple[int, ...], Any] = {}  # addresses -> _C.DeviceTable
+        self._last_stream: torch.cuda.Stream | None = None
 
     @property
     def count_slots(self) -> int:
@@ -62,16 +77,24 @@ class Plan:
         return round(float(self._counts.double().sum()))
 
     def pack(self, tensors: Sequence[torch.Tensor], addresses: list[int], count_slot: int) -> None:
-        if self._native:
+        if self._kind == "cpu":
             _C.pack(self.layout, addresses, self._address, count_slot, torch.get_num_threads())
+        elif self._kind == "cuda":
+            with self._on_device():
+                table = self._table(addresses)
+                _C.pack_cuda(self.layout, table, self._address, count_slot, self._stream())
         else:
             reference.pack(tensors, self.buffer, self._offsets, *self._count_args(), count_slot)
 
     def unpack(
         self, tensors: Sequence[torch.Tensor], addresses: list[int], normalize: bool
     ) -> None:
-        if self._native:
+        if self._kind == "cpu":
             _C.unpack(self.layout, addresses, self._address, normalize, torch.get_num_threads())
+        elif self._kind == "cuda":
+            with self._on_device():
+                table = self._table(addresses)
+                _C.unpack_cuda(self.layout, table, self._address, normalize, self._stream())
         else:
             reference.unpack(tensors, self.buffer, self._offsets, *self._count_args(), normalize)
 
@@ -84,7 +107,13 @@ class Plan:
         alpha: float,
         count_slot: int,
     ) -> None:
-        if self._native:
+        if self._kind == "cuda":
+            with self._on_device():
+                table = self._table(param_addresses, center_addresses)
+                _C.ea_blend_cuda(
+                    self.layout, table, self._address, alpha, count_slot, self._stream()
+                )
+        elif self._kind == "cpu":
             _C.ea_blend(
                 self.layout,
                 param_addresses,
@@ -100,13 +129,61 @@ class Plan:
             )
 
     def center_update(self, centers: Sequence[torch.Tensor], center_addresses: list[int]) -> None:
-        if self._native:
+        if self._kind == "cpu":
             _C.center_update(self.layout, center_addresses, self._address, torch.get_num_threads())
+        elif self._kind == "cuda":
+            with self._on_device():
+                table = self._table(center_addresses)
+                _C.center_update_cuda(self.layout, table, self._address, self._stream())
         else:
             reference.center_update(centers, self.buffer, self._offsets)
 
     def _count_args(self) -> tuple[int, int]:
         return self.layout.count_offset, self.layout.count_slots
+
+    def _table(self, addresses: list[int], others: list[int] | None = None) -> Any:
+        """The device table of these tensor addresses (and the EA centers'), cached."""
+        key = (*addresses, *others) if others else tuple(addresses)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= MAX_DEVICE_TABLES:
+                del self._tables[next(iter(self._tables))]
+            table = self._tables[key] = _C.DeviceTable(self.layout, addresses, others or [])
+        return table
+
+    def _on_device(self) -> Any:
+        """Makes the plan's device current when it is not (tables and launches are per device)."""
+        index = self.buffer.device.index
+        if torch.cuda.current_device() == index:
+            return nullcontext()
+        return torch.cuda.device(index)
+
+    def _stream(self) -> int:
+        """The current stream, made to wait for the previous call's stream when they differ,
+        so the buffer is never written while another stream may still read it.
+
+        Not while capturing a CUDA graph: a capturing stream cannot wait on
+        work outside the capture, and torch's capture recipe (warm up on a
+        side stream, then synchronize) has ordered it already.
+        """
+        stream = torch.cuda.current_stream(self.buffer.device)
+        if (
+            self._last_stream is not None
+            and stream != self._last_stream
+            and not torch.cuda.is_current_stream_capturing()
+        ):
+            stream.wait_stream(self._last_stream)
+        self._last_stream = stream
+        return stream.cuda_stream
+
+
+def _kind_of(device: torch.device) -> str:
+    """Which kernels serve a device: the extension's CPU or CUDA ones, or the reference."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and _C.has_cuda:
+        return "cuda"
+    return "reference"
 
 
 class PlanCache:

@@ -162,7 +162,7 @@ class AllReduceEA(_group.GroupMember):
         plan.ea_blend(
             flat.tensors, addresses, self._centers, self._center_addresses, self._alpha, slot
         )
-        dist.all_reduce(plan.buffer, group=self.group)
+        self._collectives.all_reduce_sum(plan.buffer)
         plan.center_update(self._centers, self._center_addresses)
         increment_version(flat.tensors)
         return plan
@@ -180,6 +180,6 @@ class AllReduceEA(_group.GroupMember):
         plan = self._plans.get(self._signature, self._lossless_dtype())
         if self.rank == 0:
             plan.pack(tensors, addresses, count_slot=-1)
-        dist.broadcast(plan.buffer, src=self._group.global_rank(0), group=self.group)
+        self._collectives.broadcast(plan.buffer, src=0)
         if self.rank != 0:
             plan.unpack(tensors, addresses, normalize=False)

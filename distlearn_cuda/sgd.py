@@ -105,7 +105,7 @@ class AllReduceSGD(_group.GroupMember):
         addresses = [t.data_ptr() for t in flat.tensors]
         if self.rank == winner:
             plan.pack(flat.tensors, addresses, count_slot=-1)
-        dist.broadcast(plan.buffer, src=self._group.global_rank(winner), group=self.group)
+        self._collectives.broadcast(plan.buffer, src=winner)
         if self.rank != winner:
             plan.unpack(flat.tensors, addresses, normalize=False)
             increment_version(flat.tensors)
@@ -121,7 +121,7 @@ class AllReduceSGD(_group.GroupMember):
         plan = self._gradient_plan(grad_signature)
         addresses = [t.data_ptr() for t in flat.tensors]
         plan.pack(flat.tensors, addresses, count_slot=self.rank % plan.count_slots)
-        dist.all_reduce(plan.buffer, group=self.group)
+        self._collectives.all_reduce_sum(plan.buffer)
         plan.unpack(flat.tensors, addresses, normalize=normalize)
         increment_version(flat.tensors)
         self._steps += 1
@@ -138,7 +138,7 @@ class AllReduceSGD(_group.GroupMember):
         # and count 0. When a round sums to count 0, every rank is here.
         while True:
             plan.buffer.zero_()
-            dist.all_reduce(plan.buffer, group=self.group)
+            self._collectives.all_reduce_sum(plan.buffer)
             if plan.contributor_count() == 0:
                 return
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv: torch, then distlearn_cuda (editable, which builds the _C
-# extension) with the test and example extras. Safe to run again.
+# Sets up .venv: torch and NCCL's wheel, then distlearn_cuda (editable, which
+# builds the _C extension: the CUDA flavor where nvcc is found, against the
+# wheel's nccl.h) with the test and example extras. Safe to run again.
 #
 # DISTLEARN_TORCH picks the torch requirement. The default is the CPU build
 # of torch 2.13.0: an unpinned "torch" would pull a multi-GB CUDA build. On
@@ -14,4 +15,9 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet "${DISTLEARN_TORCH:-torch==2.13.0}"
-.venv/bin/python -m pip install --quiet -e ".[test,example,bench]"
+# NCCL's wheel (~300 MB) gives nccl.h to the build and a libnccl.so.2 to load:
+# without a GPU, the tests still load it and check its version and messages.
+.venv/bin/python -m pip install --quiet nvidia-nccl-cu13
+nccl_include="$(.venv/bin/python -c 'import nvidia.nccl as n; print(list(n.__path__)[0])')/include"
+DISTLEARN_NCCL_INCLUDE="$nccl_include" \
+  .venv/bin/python -m pip install --quiet -e ".[test,example,bench,nccl]"

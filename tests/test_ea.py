@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from multiproc import run_world
+from tensor_cases import needs_gpu
 from torch import nn
 
 import distlearn_cuda as dl
@@ -28,22 +29,28 @@ def local_step(seed: int, rank: int, epoch: int, step: int) -> list[torch.Tensor
 
 
 def _ea_protocol(
-    rank: int, world_size: int, schedule: list[list[int]], seed: int, tau: int, alpha: float
+    rank: int,
+    world_size: int,
+    schedule: list[list[int]],
+    seed: int,
+    tau: int,
+    alpha: float,
+    device: str,
 ) -> dict[str, list]:
     ea = dl.AllReduceEA(None, tau, alpha)
-    params = start_params(seed, rank)
+    params = [p.to(device) for p in start_params(seed, rank)]
     ea.synchronize_parameters(params)
     centers, params_at_sync = [], []
     for epoch, epoch_steps in enumerate(schedule):
         for step in range(epoch_steps[rank]):
             for p, d in zip(params, local_step(seed, rank, epoch, step), strict=True):
-                p.add_(d)
+                p.add_(d.to(device))
             ea.average_parameters(params)
         ea.synchronize_center(params)
-        centers.append([c.clone() for c in ea.center])
-        params_at_sync.append([p.clone() for p in params])
+        centers.append([c.clone().cpu() for c in ea.center])
+        params_at_sync.append([p.clone().cpu() for p in params])
     ea.synchronize_parameters(params)
-    return {"centers": centers, "params": params_at_sync, "final": params}
+    return {"centers": centers, "params": params_at_sync, "final": [p.cpu() for p in params]}
 
 
 def simulate_ea(
@@ -82,9 +89,15 @@ def simulate_ea(
 
 
 @pytest.mark.parametrize(
-    ("world_size", "min_steps"), [(random.choice([2, 3, 4]), 45), (8, 45), (3, 0)]
+    ("world_size", "min_steps", "device"),
+    [
+        (random.choice([2, 3, 4]), 45, "cpu"),
+        (8, 45, "cpu"),
+        (3, 0, "cpu"),
+        pytest.param(3, 0, "cuda", marks=needs_gpu),
+    ],
 )
-def test_seed_protocol_uneven_steps(world_size: int, min_steps: int) -> None:
+def test_seed_protocol_uneven_steps(world_size: int, min_steps: int, device: str) -> None:
     rng = random.Random()
     seed = rng.randrange(2**31)
     tau, alpha = rng.choice([3, 7, 10]), rng.choice([0.2, 0.5, 0.9])
@@ -92,7 +105,7 @@ def test_seed_protocol_uneven_steps(world_size: int, min_steps: int) -> None:
     if min_steps == 0:
         schedule[0][1] = 0  # a rank that takes no step in an epoch
         schedule[2] = [0] * world_size
-    results = run_world(_ea_protocol, world_size, schedule, seed, tau, alpha, timeout=120)
+    results = run_world(_ea_protocol, world_size, schedule, seed, tau, alpha, device, timeout=120)
     centers, params = simulate_ea(world_size, schedule, seed, tau, alpha)
     for epoch in range(len(schedule)):
         for rank in range(world_size):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiproc import run_world
-from tensor_cases import tolerance
+from tensor_cases import needs_gpu, tolerance
 from torch import nn
 
 import distlearn_cuda as dl
@@ -86,26 +86,29 @@ def test_sum_gradients_is_the_plain_sum() -> None:
 
 
 def _seed_protocol(
-    rank: int, world_size: int, schedule: list[list[int]], seed: int
+    rank: int, world_size: int, schedule: list[list[int]], seed: int, device: str
 ) -> list[list[torch.Tensor]]:
     """torch-distlearn's test: uneven steps, grad = 1/steps, sync every epoch."""
     sgd = dl.AllReduceSGD()
     generator = torch.Generator().manual_seed(seed + rank)  # ranks start apart
     params = {
-        "w": torch.randn(7, 3, generator=generator),
-        "b": [torch.randn(11, generator=generator)],
+        "w": torch.randn(7, 3, generator=generator).to(device),
+        "b": [torch.randn(11, generator=generator).to(device)],
     }
     sgd.synchronize_parameters(params)
     per_epoch = []
     for epoch_steps in schedule:
         steps = epoch_steps[rank]
         for _ in range(steps):
-            grads = {"w": torch.full((7, 3), 1.0 / steps), "b": [torch.full((11,), 1.0 / steps)]}
+            grads = {
+                "w": torch.full((7, 3), 1.0 / steps, device=device),
+                "b": [torch.full((11,), 1.0 / steps, device=device)],
+            }
             sgd.sum_and_normalize_gradients(grads)
             params["w"].sub_(grads["w"])
             params["b"][0].sub_(grads["b"][0])
         sgd.synchronize_parameters(params)
-        per_epoch.append([params["w"].clone(), params["b"][0].clone()])
+        per_epoch.append([params["w"].clone().cpu(), params["b"][0].clone().cpu()])
     return per_epoch
 
 
@@ -121,10 +124,16 @@ def expected_epoch_update(steps: list[int]) -> float:
 
 
 @pytest.mark.parametrize(
-    ("world_size", "min_steps"),
-    [(random.choice([2, 3, 5]), 4), (8, 4), (4, 0), (3, 0)],
+    ("world_size", "min_steps", "device"),
+    [
+        (random.choice([2, 3, 5]), 4, "cpu"),
+        (8, 4, "cpu"),
+        (4, 0, "cpu"),
+        (3, 0, "cpu"),
+        pytest.param(3, 0, "cuda", marks=needs_gpu),
+    ],
 )
-def test_seed_protocol_uneven_steps(world_size: int, min_steps: int) -> None:
+def test_seed_protocol_uneven_steps(world_size: int, min_steps: int, device: str) -> None:
     rng = random.Random()
     seed = rng.randrange(2**31)
     schedule = [[rng.randint(min_steps, 13) for _ in range(world_size)] for _ in range(5)]
@@ -132,7 +141,7 @@ def test_seed_protocol_uneven_steps(world_size: int, min_steps: int) -> None:
         schedule[1][0] = 0  # rank 0 sits an epoch out
         schedule[2][-1] = 0
         schedule[3] = [0] * world_size  # nobody steps: rank 0's params stand
-    results = run_world(_seed_protocol, world_size, schedule, seed, timeout=90)
+    results = run_world(_seed_protocol, world_size, schedule, seed, device, timeout=90)
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(7, 3, generator=generator).double()
     b = torch.randn(11, generator=generator).double()

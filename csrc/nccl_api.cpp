@@ -1,0 +1,104 @@
+// dlopen loader of NCCL; see nccl_api.h.
+#include "nccl_api.h"
+
+#include <dlfcn.h>
+
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+
+namespace distlearn {
+namespace {
+
+std::mutex load_mutex;
+std::unique_ptr<NcclApi> loaded;  // set once, never reset: the handle stays open
+
+template <typename Fn>
+bool find_symbol(void* handle, const char* name, Fn& out) {
+  out = reinterpret_cast<Fn>(dlsym(handle, name));
+  return out != nullptr;
+}
+
+// Fills api from an open handle; returns "" on success, else why not.
+std::string bind_symbols(void* handle, NcclApi& api) {
+  struct Required {
+    const char* name;
+    bool found;
+  };
+  const Required required[] = {
+      {"ncclGetVersion", find_symbol(handle, "ncclGetVersion", api.get_version)},
+      {"ncclGetErrorString", find_symbol(handle, "ncclGetErrorString", api.get_error_string)},
+      {"ncclGetUniqueId", find_symbol(handle, "ncclGetUniqueId", api.get_unique_id)},
+      {"ncclCommInitRank", find_symbol(handle, "ncclCommInitRank", api.comm_init_rank)},
+      {"ncclCommDestroy", find_symbol(handle, "ncclCommDestroy", api.comm_destroy)},
+      {"ncclCommAbort", find_symbol(handle, "ncclCommAbort", api.comm_abort)},
+      {"ncclCommGetAsyncError",
+       find_symbol(handle, "ncclCommGetAsyncError", api.comm_get_async_error)},
+      {"ncclAllReduce", find_symbol(handle, "ncclAllReduce", api.all_reduce)},
+      {"ncclBroadcast", find_symbol(handle, "ncclBroadcast", api.broadcast)},
+      {"ncclGroupStart", find_symbol(handle, "ncclGroupStart", api.group_start)},
+      {"ncclGroupEnd", find_symbol(handle, "ncclGroupEnd", api.group_end)},
+  };
+  for (const Required& symbol : required) {
+    if (!symbol.found) return std::string("it has no ") + symbol.name;
+  }
+  find_symbol(handle, "ncclGetLastError", api.get_last_error);
+  if (api.get_version(&api.version) != ncclSuccess) return "ncclGetVersion failed";
+  if (api.version < kMinNcclVersion) {
+    return "its version " + std::to_string(api.version) + " is older than the oldest supported " +
+           std::to_string(kMinNcclVersion);
+  }
+  return "";
+}
+
+std::string dl_error() {
+  const char* message = dlerror();
+  return message != nullptr ? message : "unknown dlopen error";
+}
+
+}  // namespace
+
+const NcclApi& load_nccl(const std::vector<std::string>& candidates) {
+  std::lock_guard<std::mutex> lock(load_mutex);
+  if (loaded) return *loaded;
+  std::string failures;
+  for (const std::string& candidate : candidates) {
+    const bool already_loaded = candidate.empty();
+    const std::string name = already_loaded ? "libnccl.so.2" : candidate;
+    const std::string label = already_loaded ? "(already loaded) libnccl.so.2" : candidate;
+    void* handle = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL | (already_loaded ? RTLD_NOLOAD : 0));
+    if (handle == nullptr) {
+      failures += "\n  " + label + ": " + (already_loaded ? "not loaded" : dl_error());
+      continue;
+    }
+    auto api = std::make_unique<NcclApi>();
+    const std::string problem = bind_symbols(handle, *api);
+    if (!problem.empty()) {
+      failures += "\n  " + label + ": " + problem;
+      dlclose(handle);
+      continue;
+    }
+    api->path = label;
+    loaded = std::move(api);
+    return *loaded;
+  }
+  throw std::runtime_error("could not load NCCL; tried:" +
+                           (failures.empty() ? std::string(" nothing") : failures));
+}
+
+const NcclApi* loaded_nccl() {
+  std::lock_guard<std::mutex> lock(load_mutex);
+  return loaded.get();
+}
+
+void throw_nccl_error(const NcclApi& api, ncclResult_t result, ncclComm_t comm, const char* call) {
+  std::string message = std::string(call) + " failed: " + api.get_error_string(result) +
+                        " (ncclResult_t " + std::to_string(static_cast<int>(result)) + ")";
+  if (api.get_last_error != nullptr) {
+    const char* detail = api.get_last_error(comm);
+    if (detail != nullptr && detail[0] != '\0') message += ": " + std::string(detail);
+  }
+  throw std::runtime_error(message);
+}
+
+}  // namespace distlearn
