@@ -16,13 +16,21 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["Comparison", "machine_info", "summarize", "time_interleaved", "write_report"]
+__all__ = [
+    "Comparison",
+    "machine_info",
+    "markdown_table",
+    "summarize",
+    "time_interleaved",
+    "write_files",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -143,16 +151,51 @@ def write_report(
     chart: bool = True,
 ) -> dict[str, Path]:
     """Writes ``name``.json, .md and (with ``chart``) .png under ``out_dir``; returns the paths."""
+    records = [asdict(row) | {"speedup": row.speedup} for row in rows]
+    draw = (lambda path: _bar_chart(rows, meta, path)) if chart else None
+    return write_files(name, meta, records, format_table(rows), out_dir, draw)
+
+
+def write_files(
+    name: str,
+    meta: dict[str, object],
+    records: list[dict[str, object]],
+    table: str,
+    out_dir: Path,
+    chart: Callable[[Path], object] | None = None,
+    header: str | None = None,
+) -> dict[str, Path]:
+    """Writes a report under ``out_dir``; returns the paths by kind.
+
+    ``name``.json holds ``{"meta": meta, "rows": records}``; ``name``.md a
+    first line (``header``, or every metadata item), then ``table``;
+    ``name``.png, when ``chart`` is given, is whatever ``chart`` draws to the
+    path it is passed.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
-    records = [asdict(row) | {"speedup": row.speedup} for row in rows]
     paths["json"].write_text(json.dumps({"meta": meta, "rows": records}, indent=2) + "\n")
-    header = ", ".join(f"{k}: {v}" for k, v in meta.items())
-    paths["md"].write_text(f"{header}\n\n{format_table(rows)}\n")
-    if chart:
+    if header is None:
+        header = ", ".join(f"{k}: {v}" for k, v in meta.items())
+    paths["md"].write_text(f"{header}\n\n{table}\n")
+    if chart is not None:
         paths["png"] = out_dir / f"{name}.png"
-        _bar_chart(rows, meta, paths["png"])
+        chart(paths["png"])
     return paths
+
+
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool]
+) -> str:
+    """A Markdown table of already formatted cells; ``numeric`` columns align right."""
+    if len(numeric) != len(header) or any(len(row) != len(header) for row in rows):
+        raise ValueError(f"every row and numeric must have {len(header)} cells, as the header")
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if right else "---" for right in numeric) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _bar_chart(rows: list[Comparison], meta: dict[str, object], path: Path) -> None:

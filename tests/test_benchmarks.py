@@ -6,13 +6,32 @@ machine and date they were measured on (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from benchmarks.shapes import RESNET50_NUM_PARAMS, RESNET50_NUM_TENSORS, resnet50_shapes
+import pytest
+import torch
+
+from benchmarks import bench_cuda_ops as bench
+from benchmarks.harness import markdown_table
+from benchmarks.shapes import (
+    GPT2_SMALL_NUM_PARAMS,
+    GPT2_SMALL_NUM_TENSORS,
+    RESNET50_NUM_PARAMS,
+    RESNET50_NUM_TENSORS,
+    SMALL_NUM_PARAMS,
+    SMALL_NUM_TENSORS,
+    gpt2_small_shapes,
+    resnet50_shapes,
+    small_tensor_shapes,
+)
+from distlearn_cuda import _C
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +64,288 @@ def test_bench_cpu_ops_quick_writes_its_reports(tmp_path: Path) -> None:
         assert math.isclose(row["speedup"], row["eager_ms"] / row["fused_ms"])
     assert (tmp_path / "cpu_ops_quick.png").stat().st_size > 0
     assert "| case |" in (tmp_path / "cpu_ops_quick.md").read_text()
+
+
+# ---------------------------------------------------------------------------
+# bench_cuda_ops: everything but the timing runs here, on CPU; the GPU run is
+# the last test, skipped without a GPU.
+
+
+def test_gpt2_small_shapes_match_hugging_face_counts() -> None:
+    shapes = gpt2_small_shapes()
+    assert len(shapes) == GPT2_SMALL_NUM_TENSORS == 148
+    assert sum(math.prod(s) for s in shapes) == GPT2_SMALL_NUM_PARAMS == 124_439_808
+    assert shapes[:2] == [(50257, 768), (1024, 768)]  # wte, wpe
+    assert shapes[4] == (768, 2304)  # block 0 attn.c_attn.weight: Conv1D, (in, out)
+    assert shapes[-2:] == [(768,), (768,)]  # ln_f
+
+
+def test_small_tensor_list_is_1000_distinct_small_sizes() -> None:
+    shapes = small_tensor_shapes()
+    assert len(shapes) == SMALL_NUM_TENSORS == 1000
+    assert len(set(shapes)) == 1000
+    assert all(len(s) == 1 and 1 <= s[0] <= 4093 for s in shapes)
+    assert sum(s[0] for s in shapes) == SMALL_NUM_PARAMS
+    assert shapes == small_tensor_shapes()  # deterministic
+
+
+def test_tensor_lists_quick_keeps_the_tensor_counts() -> None:
+    full, quick = bench.tensor_lists(quick=False), bench.tensor_lists(quick=True)
+    assert [(t.name, t.dtype) for t in full] == [(t.name, t.dtype) for t in quick]
+    assert [len(t.shapes) for t in full] == [161, 148, 148, 1000]
+    assert [len(t.shapes) for t in quick] == [161, 148, 148, 1000]
+    assert full[0].numel == RESNET50_NUM_PARAMS
+    assert all(q.numel * 32 < f.numel for q, f in zip(quick[:3], full[:3], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("op", "param_bytes", "buffer_bytes", "expected"),
+    [
+        ("pack", 4, 4, 8),  # read 4, write 4
+        ("unpack", 4, 4, 8),
+        ("ea_blend", 4, 4, 16),  # read x, c; write x, delta
+        ("center_update", 4, 4, 12),  # read c, delta; write c
+        ("sgd step", 4, 4, 16),  # as bench_cpu_ops' SGD_BYTES_PER_ELEMENT
+        ("ea round", 4, 4, 28),  # as bench_cpu_ops' EA_BYTES_PER_ELEMENT
+        ("sgd step", 2, 2, 8),  # bf16 params, bf16 buffer
+        ("ea round", 2, 2, 14),  # (3 * 2 + 2) + (2 * 2 + 2)
+        ("ea_blend", 2, 4, 10),  # bf16 params, fp32 buffer: 3 * 2 + 4
+        ("pack", 2, 4, 6),
+    ],
+)
+def test_min_bytes_per_element(op: str, param_bytes: int, buffer_bytes: int, expected: int) -> None:
+    assert bench.min_bytes_per_element(op, param_bytes, buffer_bytes) == expected
+
+
+def test_min_bytes_per_element_rejects_an_unknown_op() -> None:
+    with pytest.raises(ValueError, match="unknown op 'allreduce'"):
+        bench.min_bytes_per_element("allreduce", 4, 4)
+
+
+def test_copies_for_l2_rotate_past_twice_the_l2() -> None:
+    l2 = 50 * 2**20
+    assert bench.copies_for_l2(400 * 2**20, l2) == 2  # one other copy already evicts it
+    assert bench.copies_for_l2(25 * 2**20, l2) == 6  # 5 others: 125 MiB > 100 MiB
+    assert bench.copies_for_l2(20 * 2**20, l2) == 7  # 6 others: 120 MiB > 100 MiB (5: not >)
+    for size in (1, 3 * 2**20, 99 * 2**20, 10**9):
+        k = bench.copies_for_l2(size, l2)
+        assert (k - 1) * size > 2 * l2 >= (k - 2) * size
+    assert bench.copies_within(7, 10, budget_bytes=45) == 4
+    assert bench.copies_within(7, 10, budget_bytes=1000) == 7
+    assert bench.copies_within(7, 10, budget_bytes=5) == 1  # one copy always runs
+
+
+def test_lead_outlasts_twice_the_host_time_within_bounds() -> None:
+    assert bench.lead_us_for([3.0, 40.0, 7.0]) == 80.0
+    assert bench.lead_us_for([1.0]) == bench.MIN_LEAD_US
+    assert bench.lead_us_for([]) == bench.MIN_LEAD_US
+    assert bench.lead_us_for([1e9]) == bench.MAX_LEAD_US
+
+
+def test_interleave_alternates_paths_and_rotates_copies() -> None:
+    calls: list[str] = []
+
+    def timed(fn: Callable[[], object]) -> tuple[float, float]:
+        fn()
+        return float(len(calls)), 0.5
+
+    paths = [
+        [lambda k=k: calls.append(f"fused{k}") for k in range(3)],
+        [lambda k=k: calls.append(f"eager{k}") for k in range(3)],
+    ]
+    fused, eager = bench.interleave(paths, repeats=4, timed=timed, first=2)
+    assert calls == [f"{path}{k}" for k in (2, 0, 1, 2) for path in ("fused", "eager")]
+    assert [d for d, _ in fused] == [1.0, 3.0, 5.0, 7.0]
+    assert [d for d, _ in eager] == [2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(ValueError, match="same number"):
+        bench.interleave([paths[0], paths[1][:2]], repeats=1, timed=timed)
+
+
+# An SGD step on ResNet-50 at 200 us fused, 500 us eager, against a 2500 GB/s copy.
+FAKE_ROW = bench.Row(
+    tensor_list="resnet50",
+    num_tensors=161,
+    elements=25_557_032,
+    dtype="float32",
+    op="sgd step",
+    fused_us=200.0,
+    eager_us=500.0,
+    fused_host_us=25.0,
+    eager_host_us=150.0,
+    min_bytes=16 * 25_557_032,
+    copy_gbps=2500.0,
+    copies=2,
+    copies_needed=2,
+    lead_us=300.0,
+    host_over_lead=0,
+    repeats=30,
+)
+
+
+def fake_row(**changes: Any) -> bench.Row:
+    return dataclasses.replace(FAKE_ROW, **changes)
+
+
+def test_row_figures_and_table_cells() -> None:
+    row = fake_row()
+    assert math.isclose(row.gbps, 16 * 25_557_032 / 200e-6 / 1e9)  # 2044.6 GB/s
+    assert math.isclose(row.pct_copy_bw, 100 * row.gbps / 2500)
+    assert math.isclose(row.speedup, 2.5)
+    cells = ["resnet50", "161", "25,557,032", "float32", "sgd step", "200.0", "500.0"]
+    cells += ["2045", "81.8", "2.50x", "25.0", "150.0", "2", ""]
+    assert bench.format_row(row) == cells
+    table = bench.format_table([row, fake_row(op="pack", min_bytes=8 * 25_557_032)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| tensor list | #tensors | elements | dtype | op | time us |")
+    assert lines[1].count("---:") == 10 and len(lines) == 4
+    assert "| pack |" in lines[3]
+
+
+def test_row_notes_flag_short_rotation_and_host_bound_calls() -> None:
+    assert bench.row_notes(fake_row()) == ""
+    notes = bench.row_notes(fake_row(copies=3, copies_needed=5, host_over_lead=4))
+    assert "K=3 of 5" in notes and "4/60 calls" in notes
+
+
+def test_markdown_table_checks_its_cells() -> None:
+    assert markdown_table(["a", "b"], [["x", "1"]], [False, True]) == (
+        "| a | b |\n|---|---:|\n| x | 1 |"
+    )
+    with pytest.raises(ValueError, match="2 cells"):
+        markdown_table(["a", "b"], [["x"]], [False, True])
+
+
+def test_cuda_report_is_written_from_rows(tmp_path: Path) -> None:
+    rows = [fake_row(), fake_row(tensor_list="1000 small", op="pack", host_over_lead=1)]
+    meta = {"device": "NVIDIA H100 80GB HBM3", "l2_bytes": 50 * 2**20, "copy_gbps": 2500.0}
+    paths = bench.write_cuda_report("cuda_ops_test", rows, meta, tmp_path)
+    report = json.loads(paths["json"].read_text())
+    assert report["meta"] == meta
+    assert [r["op"] for r in report["rows"]] == ["sgd step", "pack"]
+    assert {"gbps", "pct_copy_bw", "speedup", "fused_host_us", "copies"} <= report["rows"][0].keys()
+    md = paths["md"].read_text()
+    assert md.startswith("NVIDIA H100 80GB HBM3") and "L2 50 MiB" in md
+    assert "| tensor list |" in md and "host outran the spin in 1/60 calls" in md
+    assert paths["png"].stat().st_size > 0
+
+
+def test_missing_requirements_name_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench._C, "has_cuda", False)
+    missing = bench.missing_requirements("nccl")
+    assert len(missing) == 2
+    assert "torch" in missing[0] and ("CUDA" in missing[0] or "GPU" in missing[0])
+    assert "distlearn_cuda._C" in missing[1] and "DISTLEARN_CUDA=1" in missing[1]
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and _C.has_cuda, reason="a GPU is here: the benchmark would run"
+)
+def test_bench_cuda_ops_without_a_gpu_exits_2_with_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_cuda_ops", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_cuda_ops needs a GPU; missing: ")
+    assert "CUDA" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+class CpuKernels:
+    """The ``_C.*_cuda`` calls bench_cuda_ops makes, served by the CPU ops, so
+    that its cases (state, eager baselines, checks) run here."""
+
+    Layout = _C.Layout
+
+    class DeviceTable:
+        def __init__(
+            self, layout: object, tensors: list[int], others: list[int] | None = None
+        ) -> None:
+            self.tensors, self.others = tensors, others or []
+
+    @staticmethod
+    def pack_cuda(layout: object, table: DeviceTable, buffer: int, slot: int, stream: int) -> None:
+        _C.pack(layout, table.tensors, buffer, slot, 1)
+
+    @staticmethod
+    def unpack_cuda(
+        layout: object, table: DeviceTable, buffer: int, normalize: bool, stream: int
+    ) -> None:
+        _C.unpack(layout, table.tensors, buffer, normalize, 1)
+
+    @staticmethod
+    def ea_blend_cuda(
+        layout: object, table: DeviceTable, buffer: int, alpha: float, slot: int, stream: int
+    ) -> None:
+        _C.ea_blend(layout, table.tensors, table.others, buffer, alpha, slot, 1)
+
+    @staticmethod
+    def center_update_cuda(layout: object, table: DeviceTable, buffer: int, stream: int) -> None:
+        _C.center_update(layout, table.tensors, buffer, 1)
+
+
+@pytest.mark.usefixtures("world_of_one")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", bench.OPS)
+def test_cases_compute_the_same_fused_and_eager(
+    op: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench, "_C", CpuKernels)
+    shapes = ((1,), (3,), (5, 7), (1023,), (2, 3, 4), *small_tensor_shapes()[:20])
+    tensor_list = bench.TensorList("odd", shapes, dtype)
+    ctx = bench.Context(torch.device("cpu"), torch.Generator().manual_seed(1), 0, 1)
+    case = bench.CASES[op](ctx, tensor_list)
+    case.check()
+    for _ in range(3):  # what the timed loop runs, copies kept apart
+        case.fused()
+        case.eager()
+    case.check()
+
+
+def test_case_check_catches_different_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "_C", CpuKernels)
+    tensor_list = bench.TensorList("odd", ((5,), (7,)), torch.float32)
+    ctx = bench.Context(torch.device("cpu"), torch.Generator().manual_seed(1), 0, 1)
+    case = bench.Unpack(ctx, tensor_list)
+    monkeypatch.setattr(case, "fused", lambda: None)  # a kernel that writes nothing
+    with pytest.raises(AssertionError, match="unpack: fused and eager differ"):
+        case.check()
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _C.has_cuda),
+    reason="needs a GPU and the CUDA flavor of _C",
+)
+def test_bench_cuda_ops_quick_writes_its_reports(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_cuda_ops", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "cuda_ops_quick.json").read_text())
+    meta_keys = {"device", "compute_capability", "date", "torch", "cuda", "build_info", "commit"}
+    assert meta_keys | {"copy_gbps", "l2_bytes", "copies"} <= report["meta"].keys()
+    assert report["meta"]["copy_gbps"] > 0 and report["meta"]["quick"] is True
+    rows = report["rows"]
+    assert len(rows) == 4 * len(bench.OPS)
+    assert {r["tensor_list"] for r in rows} == {"resnet50", "gpt2-small", "1000 small"}
+    assert {(r["dtype"], r["tensor_list"]) for r in rows if r["dtype"] == "bfloat16"} == {
+        ("bfloat16", "gpt2-small")
+    }
+    for row in rows:
+        assert row["fused_us"] > 0 and row["eager_us"] > 0 and row["fused_host_us"] > 0
+        assert row["gbps"] > 0 and row["copies"] >= 1
+        assert math.isclose(row["speedup"], row["eager_us"] / row["fused_us"])
+    assert (tmp_path / "cuda_ops_quick.png").stat().st_size > 0
+    assert "| tensor list |" in (tmp_path / "cuda_ops_quick.md").read_text()
