@@ -11,8 +11,17 @@ one collective per call.
 """
 
 from ._build_info import build_info
+from .checkpoint import load_checkpoint, save_checkpoint
 from .ea import AllReduceEA
+from .errors import CommunicationError
 from .sgd import AllReduceSGD
 
-__all__ = ["AllReduceEA", "AllReduceSGD", "build_info"]
+__all__ = [
+    "AllReduceEA",
+    "AllReduceSGD",
+    "CommunicationError",
+    "build_info",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 __version__ = "0.1.0"

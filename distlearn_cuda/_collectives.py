@@ -1,30 +1,43 @@
-"""The collectives the algorithms issue on their flat buffers, routed by device.
+"""The collectives the algorithms issue, each with a deadline, routed by device.
 
-CUDA buffers on a group whose CUDA backend is NCCL go through the
-extension's own NCCL communicator, enqueued on the current stream (no host
-synchronization); everything else (CPU buffers, CUDA buffers on gloo, builds
-without NCCL support) through ``torch.distributed``.
+Every object makes a private gloo group over the ranks of its group, with
+the deadline as gloo's timeout: gloo then bounds each operation itself (a
+stalled peer raises after the deadline, a dead one as soon as its
+connections drop) and leaves nothing blocked behind, so the process can
+still save a checkpoint and exit. CPU buffers, CUDA buffers on gloo groups
+and the small bookkeeping collectives go through it. CUDA buffers on a
+group whose CUDA backend is NCCL go through the extension's own NCCL
+communicator, enqueued on the current stream (no host synchronization); in
+a build without NCCL support, through that group itself.
+
+Any failure becomes a ``CommunicationError`` naming the operation, the
+ranks and this rank; the object is unusable afterwards.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import datetime
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from . import _C, _nccl
 from ._validate import DTYPE_CODES
+from .errors import CommunicationError
 
 if TYPE_CHECKING:
     from ._group import Group
 
-__all__ = ["Collectives", "uses_own_nccl"]
+__all__ = ["Collectives", "uses_cuda_nccl"]
 
 
-def uses_own_nccl(group: dist.ProcessGroup) -> bool:
-    """Whether CUDA buffers on ``group`` go through the extension's NCCL."""
-    if not (_C.has_nccl and dist.is_nccl_available()):
+def uses_cuda_nccl(group: dist.ProcessGroup) -> bool:
+    """Whether ``group`` runs its CUDA collectives on NCCL."""
+    if not dist.is_nccl_available():
         return False
     try:
         backend = group._get_backend(torch.device("cuda"))
@@ -34,45 +47,153 @@ def uses_own_nccl(group: dist.ProcessGroup) -> bool:
 
 
 class Collectives:
-    """Sum-allreduce and broadcast of one buffer over a group."""
+    """Collectives of one algorithm object over a group."""
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, timeout: datetime.timedelta) -> None:
         self._group = group
-        self._own_nccl = uses_own_nccl(group.group)
+        self._timeout = timeout
+        self._ranks = dist.get_process_group_ranks(group.group)
+        # Collective over the group's ranks only (not the whole world), so
+        # objects on subgroups can be made by their members alone.
+        self._gloo = dist.new_group(
+            self._ranks, backend="gloo", timeout=timeout, use_local_synchronization=True
+        )
+        self._cuda_nccl = uses_cuda_nccl(group.group)
         self._communicators: dict[int | None, _C.NcclCommunicator] = {}
+        self._failure: CommunicationError | None = None
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        return self._timeout
 
     def all_reduce_sum(self, buffer: torch.Tensor) -> None:
         """buffer <- its sum over the ranks, in place."""
-        comm = self._communicator(buffer.device)
-        if comm is None:
-            dist.all_reduce(buffer, group=self._group.group)
-            return
-        comm.all_reduce_sum(
-            buffer.data_ptr(), buffer.numel(), DTYPE_CODES[buffer.dtype], _stream(buffer.device)
-        )
+        self.check_usable("all_reduce_sum")
+        started = time.monotonic()
+        try:
+            comm = self._communicator(buffer.device)
+            if comm is not None:
+                comm.all_reduce_sum(
+                    buffer.data_ptr(), buffer.numel(), DTYPE_CODES[buffer.dtype], _stream(buffer)
+                )
+            else:
+                dist.all_reduce(buffer, group=self._group_for(buffer))
+        except RuntimeError as error:
+            self._fail("all_reduce_sum", started, error)
 
     def broadcast(self, buffer: torch.Tensor, src: int) -> None:
         """buffer <- group rank ``src``'s buffer, in place."""
-        comm = self._communicator(buffer.device)
-        if comm is None:
-            dist.broadcast(buffer, src=self._group.global_rank(src), group=self._group.group)
-            return
-        comm.broadcast(
-            buffer.data_ptr(),
-            buffer.numel(),
-            DTYPE_CODES[buffer.dtype],
-            src,
-            _stream(buffer.device),
-        )
+        self.check_usable("broadcast")
+        started = time.monotonic()
+        try:
+            comm = self._communicator(buffer.device)
+            if comm is not None:
+                code = DTYPE_CODES[buffer.dtype]
+                comm.broadcast(buffer.data_ptr(), buffer.numel(), code, src, _stream(buffer))
+            else:
+                group = self._group_for(buffer)
+                dist.broadcast(buffer, src=self._ranks[src], group=group)
+        except RuntimeError as error:
+            self._fail("broadcast", started, error)
+
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over the ranks (a small host-side collective)."""
+        self.check_usable("max_int")
+        started = time.monotonic()
+        key = torch.tensor([value], dtype=torch.int64)
+        try:
+            dist.all_reduce(key, op=dist.ReduceOp.MAX, group=self._gloo)
+        except RuntimeError as error:
+            self._fail("max_int", started, error)
+        return int(key.item())
+
+    def check_same_structure(self, entries: Sequence[str], names: Sequence[str], arg: str) -> None:
+        """ValueError on every rank unless all ranks pass the same ``entries``.
+
+        One allreduce of a 62-bit digest (its max and its min); only on a
+        mismatch do the ranks exchange their entries, to name the first rank
+        that differs from rank 0 and the first tensor where it does.
+        """
+        self.check_usable("check_same_structure")
+        started = time.monotonic()
+        digest = hashlib.blake2b("\n".join(entries).encode(), digest_size=8).digest()
+        value = int.from_bytes(digest, "little") >> 2  # 62 bits: it and -it fit int64
+        extremes = torch.tensor([value, -value], dtype=torch.int64)
+        try:
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self._gloo)
+            if extremes[0].item() == -extremes[1].item():
+                return
+            gathered: list[tuple[list[str], list[str]] | None] = [None] * len(self._ranks)
+            dist.all_gather_object(gathered, (list(entries), list(names)), group=self._gloo)
+        except RuntimeError as error:
+            self._fail("check_same_structure", started, error)
+        raise ValueError(f"{arg}: " + _first_difference(gathered))
+
+    def _group_for(self, buffer: torch.Tensor) -> dist.ProcessGroup:
+        if buffer.is_cuda and self._cuda_nccl:
+            return self._group.group  # a build without NCCL support: the group's own NCCL
+        return self._gloo
 
     def _communicator(self, device: torch.device) -> _C.NcclCommunicator | None:
-        if device.type != "cuda" or not self._own_nccl:
+        if device.type != "cuda" or not (self._cuda_nccl and _C.has_nccl):
             return None
         comm = self._communicators.get(device.index)
         if comm is None:
-            comm = self._communicators[device.index] = _nccl.communicator(self._group, device)
+            comm = _nccl.communicator(self._group, device, bootstrap=self._gloo)
+            self._communicators[device.index] = comm
         return comm
 
+    def check_usable(self, operation: str) -> None:
+        """CommunicationError if an earlier collective of this object failed."""
+        if self._failure is not None:
+            raise CommunicationError(
+                f"{operation}: not attempted, an earlier collective of this object failed: "
+                f"{self._failure}",
+                operation=operation,
+                ranks=self._ranks,
+                rank=self._group.rank,
+            )
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    def _fail(self, operation: str, started: float, error: RuntimeError) -> NoReturn:
+        elapsed = time.monotonic() - started
+        self._failure = CommunicationError(
+            f"{operation} over ranks {_describe(self._ranks)} failed on rank {self._group.rank} "
+            f"after {elapsed:.1f} s (deadline {self._timeout.total_seconds():g} s): {error}",
+            operation=operation,
+            ranks=self._ranks,
+            rank=self._group.rank,
+        )
+        raise self._failure from error
+
+
+def _stream(buffer: torch.Tensor) -> int:
+    return torch.cuda.current_stream(buffer.device).cuda_stream
+
+
+def _describe(ranks: list[int]) -> str:
+    if len(ranks) <= 8:
+        return str(ranks)
+    return f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}] ({len(ranks)} ranks)"
+
+
+def _first_difference(gathered: Sequence[tuple[list[str], list[str]] | None]) -> str:
+    """Names the first rank whose entries differ from rank 0's, and where."""
+    assert gathered[0] is not None
+    reference, reference_names = gathered[0]
+    for rank, item in enumerate(gathered[1:], start=1):
+        assert item is not None
+        entries, names = item
+        if entries == reference:
+            continue
+        for index, (mine, theirs) in enumerate(zip(entries, reference, strict=False)):
+            if mine != theirs:
+                return (
+                    f"the ranks disagree on the structure: rank {rank} differs from rank 0 at "
+                    f"tensor {index} ({names[index]}): {mine} on rank {rank}, {theirs} "
+                    f"({reference_names[index]}) on rank 0"
+                )
+        return (
+            f"the ranks disagree on the structure: rank {rank} has {len(entries)} tensors, "
+            f"rank 0 has {len(reference)}"
+        )
+    return "the ranks disagree on the structure"  # a digest collision, 2^-62

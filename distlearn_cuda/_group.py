@@ -7,6 +7,7 @@ expects.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -67,9 +68,9 @@ class GroupMember:
     """Base of the algorithm classes: the group they talk over, this rank in
     it, and the collectives they issue on it."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, timeout: datetime.timedelta) -> None:
         self._group = resolve(group)
-        self._collectives = Collectives(self._group)
+        self._collectives = Collectives(self._group, timeout)
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -80,6 +81,11 @@ class GroupMember:
     def rank(self) -> int:
         """This process's rank in ``group``."""
         return self._group.rank
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        """The deadline of every collective this object issues."""
+        return self._collectives.timeout
 
     @property
     def world_size(self) -> int:

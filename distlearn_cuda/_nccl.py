@@ -71,11 +71,13 @@ def runtime_version() -> int | None:
     return None if loaded is None else loaded[0]
 
 
-def communicator(group: Group, device: torch.device) -> _C.NcclCommunicator:
+def communicator(
+    group: Group, device: torch.device, bootstrap: dist.ProcessGroup
+) -> _C.NcclCommunicator:
     """The communicator of ``group`` on ``device``, made on first use (collective).
 
-    Rank 0 makes the unique id and the group carries it to the others (one
-    small broadcast through torch.distributed); every rank then joins.
+    Rank 0 makes the unique id and ``bootstrap`` (a CPU group over the same
+    ranks) carries it to the others; every rank then joins.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (group.group, index)
@@ -84,9 +86,7 @@ def communicator(group: Group, device: torch.device) -> _C.NcclCommunicator:
         return found
     load()
     payload = [_C.NcclCommunicator.unique_id() if group.rank == 0 else None]
-    dist.broadcast_object_list(
-        payload, src=group.global_rank(0), group=group.group, device=torch.device("cuda", index)
-    )
+    dist.broadcast_object_list(payload, src=group.global_rank(0), group=bootstrap)
     made = _C.NcclCommunicator(payload[0], group.world_size, group.rank, index)
     _communicators[key] = made
     return made

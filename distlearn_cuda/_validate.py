@@ -3,8 +3,10 @@ call raises and leaves all tensors as they were."""
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
+from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
@@ -81,6 +83,13 @@ def signature(flat: Flat, arg: str, with_strides: bool) -> Signature:
     return device, tuple(entries)
 
 
+def structure_entries(sig: Signature) -> list[str]:
+    """One line per tensor of a signature, as the ranks compare them (device
+    type, not index: ranks may use different GPUs)."""
+    device, entries = sig
+    return [f"{device.type} " + " ".join(str(part) for part in entry) for entry in entries]
+
+
 def check_same_signature(expected: Signature, got: Signature, arg: str) -> None:
     """ValueError when a structure differs from the one the object was bound to."""
     if expected == got:
@@ -140,3 +149,41 @@ def check_comm_dtype(comm_dtype: Any) -> torch.dtype | None:
             f"got {comm_dtype!r}"
         )
     return comm_dtype
+
+
+# Deadline of every collective unless the caller sets one: long enough for a
+# peer's forward and backward of a large model or tau local steps of EA (the
+# waits a collective of ranks that ran out of data sits through), short
+# enough that a dead peer does not stall a job for torch's default 30 min.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def check_timeout(timeout: Any) -> datetime.timedelta:
+    """The deadline as a timedelta: seconds (int or float) or a timedelta, > 0."""
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, Real) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(
+            f"timeout must be seconds (int or float) or a datetime.timedelta, "
+            f"got {type(timeout).__name__}"
+        )
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a finite duration > 0, got {timeout!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def state_value(state: Any, key: str, kind: type) -> Any:
+    """state[key], checked to be a ``kind`` (ints: >= 0) for ``load_state_dict``."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
+    if key not in state:
+        raise ValueError(f"state has no {key!r}; expected the keys of state_dict()")
+    value = state[key]
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+    elif not isinstance(value, kind):
+        raise TypeError(f"state[{key!r}] must be a {kind.__name__}, got {type(value).__name__}")
+    return value

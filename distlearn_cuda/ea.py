@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,13 +14,17 @@ from . import _group, _tree
 from ._plan import Plan, PlanCache, lossless_dtype
 from ._tree import Flat
 from ._validate import (
+    DEFAULT_TIMEOUT,
     Signature,
     check_alpha,
     check_comm_dtype,
     check_no_overlap,
     check_same_signature,
     check_tau,
+    check_timeout,
     signature,
+    state_value,
+    structure_entries,
 )
 
 __all__ = ["AllReduceEA"]
@@ -49,6 +55,13 @@ class AllReduceEA(_group.GroupMember):
         alpha: moving rate of the elastic force, in (0, 1].
         comm_dtype: dtype in which deltas travel; default: the parameters'
             own dtype (their promotion when they differ).
+        timeout: deadline of every collective (seconds or a
+            ``datetime.timedelta``, default 5 minutes); see ``AllReduceSGD``.
+            A rank that finished its epoch waits for the others' next
+            round, tau local steps away: keep timeout above that.
+
+    Constructing one is collective too: it sets up a private gloo group
+    (with ``timeout``) over the ranks of ``group``.
     """
 
     def __init__(
@@ -58,15 +71,17 @@ class AllReduceEA(_group.GroupMember):
         alpha: float = 0.2,
         *,
         comm_dtype: torch.dtype | None = None,
+        timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         self._tau = check_tau(tau)
         self._alpha = check_alpha(alpha)
         self._comm_dtype = check_comm_dtype(comm_dtype)
-        super().__init__(group)
+        super().__init__(group, check_timeout(timeout))
         self._plans = PlanCache(self._group.world_size)
         self._signature: Signature | None = None
         self._delta_plan_cache: Plan | None = None  # for the bound signature
         self._centers: list[torch.Tensor] = []
+        self._loaded_center: list[torch.Tensor] | None = None  # from load_state_dict, unbound
         self._center_addresses: list[int] = []
         self._rebuild: _tree.Rebuild = list
         self._checked_addresses: list[int] = []
@@ -88,6 +103,31 @@ class AllReduceEA(_group.GroupMember):
             return None
         return self._rebuild(self._centers)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the step counter (where the next round
+        falls) and copies of the center tensors, in the order of the params'
+        tensors (None before the first call)."""
+        center = [c.detach().clone() for c in self._centers] if self._centers else None
+        return {"step": self._step, "center": center}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``'s output. Before the first call the center
+        is kept and taken up by it; after, it must match the bound params.
+        Everything is checked before anything changes."""
+        step = state_value(state, "step", int)
+        center = state_value(state, "center", object)
+        if center is not None:
+            if not isinstance(center, (list, tuple)) or not all(
+                isinstance(t, torch.Tensor) for t in center
+            ):
+                raise TypeError("state['center'] must be None or a list of tensors")
+            if self._centers:
+                check_center_matches(center, self._centers)
+                torch._foreach_copy_(self._centers, list(center))
+            else:
+                self._loaded_center = [t.detach().clone() for t in center]
+        self._step = step
+
     def average_parameters(self, params: Any) -> None:
         """Counts a step; on every tau-th step runs an elastic averaging round.
 
@@ -100,6 +140,7 @@ class AllReduceEA(_group.GroupMember):
             params: a tensor, a list/tuple/dict nesting of tensors, or an
                 ``nn.Module`` (all its parameters).
         """
+        self._collectives.check_usable("average_parameters")
         if self._signature is not None and (self._step + 1) % self._tau != 0:
             self._step += 1
             return
@@ -111,15 +152,19 @@ class AllReduceEA(_group.GroupMember):
     def synchronize_center(self, params: Any) -> None:
         """Waits for all ranks (joining their averaging rounds), then gives
         every rank rank 0's center. Call at the end of an epoch."""
+        self._collectives.check_usable("synchronize_center")
         flat, addresses = self._bind(params)
         self._wait_for_all_ranks(flat, addresses)
+        self._check_ranks_agree(flat)
         self._broadcast_from_rank0(self._centers, self._center_addresses)
 
     def synchronize_parameters(self, params: Any) -> None:
         """Waits for all ranks (joining their averaging rounds), then gives
         every rank rank 0's parameters and resets the center to them."""
+        self._collectives.check_usable("synchronize_parameters")
         flat, addresses = self._bind(params)
         self._wait_for_all_ranks(flat, addresses)
+        self._check_ranks_agree(flat)
         self._broadcast_from_rank0(flat.tensors, addresses)
         increment_version(flat.tensors)
         torch._foreach_copy_(self._centers, flat.tensors)
@@ -132,8 +177,18 @@ class AllReduceEA(_group.GroupMember):
         addresses = [t.data_ptr() for t in flat.tensors]
         if self._signature is None:
             check_no_overlap(flat, "params")
+            if self._loaded_center is not None:
+                check_center_matches(self._loaded_center, flat.tensors)
+            # Each rank binds once, in its first call of any kind, so the
+            # ranks' checks pair up even when some take no step.
+            self._collectives.check_same_structure(
+                structure_entries(params_signature), flat.names, "params"
+            )
             self._signature = params_signature
             self._centers = [t.detach().clone() for t in flat.tensors]
+            if self._loaded_center is not None:
+                torch._foreach_copy_(self._centers, self._loaded_center)
+                self._loaded_center = None
             self._center_addresses = [t.data_ptr() for t in self._centers]
         else:
             check_same_signature(self._signature, params_signature, "params")
@@ -142,6 +197,12 @@ class AllReduceEA(_group.GroupMember):
         self._checked_addresses = addresses
         self._rebuild = flat.rebuild
         return flat, addresses
+
+    def _check_ranks_agree(self, flat: Flat) -> None:
+        """Every rank is past its last round: compare structures before
+        anything is overwritten by a broadcast."""
+        entries = structure_entries(self._bound_signature())
+        self._collectives.check_same_structure(entries, flat.names, "params")
 
     def _delta_plan(self) -> Plan:
         if self._delta_plan_cache is None:
@@ -183,3 +244,15 @@ class AllReduceEA(_group.GroupMember):
         self._collectives.broadcast(plan.buffer, src=0)
         if self.rank != 0:
             plan.unpack(tensors, addresses, normalize=False)
+
+
+def check_center_matches(center: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> None:
+    """ValueError unless a loaded center has the bound tensors' count, dtypes and shapes."""
+    if len(center) != len(like):
+        raise ValueError(f"state['center'] has {len(center)} tensors, the params have {len(like)}")
+    for index, (loaded, bound) in enumerate(zip(center, like, strict=True)):
+        if loaded.dtype != bound.dtype or loaded.shape != bound.shape:
+            raise ValueError(
+                f"state['center'][{index}] is {loaded.dtype} {tuple(loaded.shape)}, "
+                f"the params' tensor {index} is {bound.dtype} {tuple(bound.shape)}"
+            )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,7 +12,16 @@ from torch.autograd.graph import increment_version
 
 from . import _group, _tree
 from ._plan import Plan, PlanCache, lossless_dtype
-from ._validate import Signature, check_comm_dtype, check_same_signature, signature
+from ._validate import (
+    DEFAULT_TIMEOUT,
+    Signature,
+    check_comm_dtype,
+    check_same_signature,
+    check_timeout,
+    signature,
+    state_value,
+    structure_entries,
+)
 
 __all__ = ["AllReduceSGD"]
 
@@ -37,13 +48,26 @@ class AllReduceSGD(_group.GroupMember):
             ``torch.bfloat16`` to halve the bytes); default: the gradients'
             own dtype (their promotion when they differ). Parameters always
             travel losslessly.
+        timeout: deadline of every collective, in seconds or as a
+            ``datetime.timedelta`` (default 5 minutes). A collective that a
+            dead or stalled peer keeps from completing raises
+            ``distlearn_cuda.CommunicationError`` on the other ranks within
+            it. It bounds each wait, including a finished rank's wait for a
+            peer's next step in ``synchronize_parameters``.
+
+    Constructing one is collective too: it sets up a private gloo group
+    (with ``timeout``) over the ranks of ``group``.
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None = None, *, comm_dtype: torch.dtype | None = None
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        comm_dtype: torch.dtype | None = None,
+        timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         self._comm_dtype = check_comm_dtype(comm_dtype)
-        super().__init__(group)
+        super().__init__(group, check_timeout(timeout))
         self._plans = PlanCache(self._group.world_size)
         self._grad_signature: Signature | None = None
         self._grad_plan: Plan | None = None  # for the bound gradient signature
@@ -54,6 +78,15 @@ class AllReduceSGD(_group.GroupMember):
     def steps(self) -> int:
         """Gradient steps this rank took since the last ``synchronize_parameters``."""
         return self._steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the gradient steps taken since the last
+        ``synchronize_parameters`` (they decide whose parameters win it)."""
+        return {"steps": self._steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``'s output (checked before anything changes)."""
+        self._steps = state_value(state, "steps", int)
 
     def sum_gradients(self, grads: Any) -> None:
         """Replaces every gradient by its sum over the ranks, in place.
@@ -87,20 +120,28 @@ class AllReduceSGD(_group.GroupMember):
             params: a tensor, a list/tuple/dict nesting of tensors, or an
                 ``nn.Module`` (all its parameters).
         """
+        self._collectives.check_usable("synchronize_parameters")
         flat = _tree.flatten(params, "params")
         param_signature = signature(flat, "params", with_strides=False)
         if self._param_signature is not None:
             check_same_signature(self._param_signature, param_signature, "params")
         # Gradients have their parameters' shapes: a rank that has not seen
         # any yet sizes its zero contributions from the params.
-        grad_signature = signature(_tree.trainable(params, "params"), "params", with_strides=False)
+        trainable = _tree.trainable(params, "params")
+        grad_signature = signature(trainable, "params", with_strides=False)
         if self._grad_signature is not None:
             check_same_signature(self._grad_signature, grad_signature, "params (as gradients)")
-        self._param_signature = param_signature
-        self._grad_signature = grad_signature
+        else:
+            self._bind_gradients(grad_signature, trainable.names, "params (as gradients)")
 
         self._wait_for_all_ranks(self._gradient_plan(grad_signature))
-        winner = self._rank_with_most_steps(param_signature[0])
+        # Every rank is here: compare the parameters across ranks before any
+        # of them is overwritten.
+        self._collectives.check_same_structure(
+            structure_entries(param_signature), flat.names, "params"
+        )
+        self._param_signature = param_signature
+        winner = self._rank_with_most_steps()
         plan = self._plans.get(param_signature, lossless_dtype([e[0] for e in param_signature[1]]))
         addresses = [t.data_ptr() for t in flat.tensors]
         if self.rank == winner:
@@ -112,10 +153,11 @@ class AllReduceSGD(_group.GroupMember):
         self._steps = 0
 
     def _allreduce_gradients(self, grads: Any, normalize: bool) -> None:
+        self._collectives.check_usable("sum_gradients")
         flat = _tree.flatten_grads(grads, "grads")
         grad_signature = signature(flat, "grads", with_strides=False)
         if self._grad_signature is None:
-            self._grad_signature = grad_signature
+            self._bind_gradients(grad_signature, flat.names, "grads")
         else:
             check_same_signature(self._grad_signature, grad_signature, "grads")
         plan = self._gradient_plan(grad_signature)
@@ -125,6 +167,15 @@ class AllReduceSGD(_group.GroupMember):
         plan.unpack(flat.tensors, addresses, normalize=normalize)
         increment_version(flat.tensors)
         self._steps += 1
+
+    def _bind_gradients(self, grad_signature: Signature, names: list[str], arg: str) -> None:
+        """Binds the gradient structure once all ranks agree on it.
+
+        Each rank binds exactly once, in its first call of any kind, so the
+        ranks' structure checks pair up even when some take no step.
+        """
+        self._collectives.check_same_structure(structure_entries(grad_signature), names, arg)
+        self._grad_signature = grad_signature
 
     def _gradient_plan(self, grad_signature: Signature) -> Plan:
         """The plan of the bound gradient signature (callers checked they match)."""
@@ -142,10 +193,9 @@ class AllReduceSGD(_group.GroupMember):
             if plan.contributor_count() == 0:
                 return
 
-    def _rank_with_most_steps(self, device: torch.device) -> int:
+    def _rank_with_most_steps(self) -> int:
         # One MAX-allreduce of steps * W + (W - 1 - rank): the largest step
         # count wins, and among equal counts the lowest rank.
         world = self.world_size
-        key = torch.tensor([self._steps * world + (world - 1 - self.rank)], device=device)
-        dist.all_reduce(key, op=dist.ReduceOp.MAX, group=self.group)
-        return world - 1 - int(key.item()) % world
+        key = self._collectives.max_int(self._steps * world + (world - 1 - self.rank))
+        return world - 1 - key % world

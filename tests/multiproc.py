@@ -21,7 +21,8 @@ import pickle
 import queue
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -78,15 +79,30 @@ def _worker(
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_world(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0
-) -> list[Any]:
-    """Runs ``fn(rank, world_size, *args)`` on every rank; returns the results by rank.
+@dataclass(frozen=True)
+class Outcome:
+    """How one rank ended: "ok" (value: what fn returned), "error" (value:
+    the traceback), "died" (value: the exit code, e.g. -9 for SIGKILL) or
+    "killed" (still running when the run ended; the harness killed it)."""
 
-    ``fn`` runs with the default process group initialized (gloo). Raises
-    AssertionError with the tracebacks if any rank fails, and if the run
-    does not finish within ``timeout`` seconds (all ranks are then killed).
+    status: str
+    value: Any
+
+
+def run_world_outcomes(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 60.0,
+    expected: Collection[int] | None = None,
+) -> list[Outcome]:
+    """Runs ``fn(rank, world_size, *args)`` on every rank; returns how each ended.
+
+    Returns once every rank in ``expected`` (default: all) has reported or
+    died, or at the deadline; ranks still running then are killed. For
+    fault-injection tests, where some ranks are meant to die or stall.
     """
+    expected = set(range(world_size) if expected is None else expected)
     store = dist.TCPStore(
         "127.0.0.1",
         0,
@@ -106,30 +122,65 @@ def run_world(
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout
-    outcomes: dict[int, tuple[str, Any]] = {}
+    outcomes: dict[int, Outcome] = {}
+
+    def waiting() -> set[int]:
+        dead = {r for r, p in enumerate(procs) if p.exitcode not in (None, 0)}
+        return expected - set(outcomes) - dead
+
     try:
-        while len(outcomes) < world_size:
+        while waiting():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                rank, status, value = results.get(timeout=min(remaining, 1.0))
+                rank, status, value = results.get(timeout=min(remaining, 0.2))
             except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
-                    time.sleep(0.5)  # let a dying rank's report arrive
-                    if results.empty():
-                        break
                 continue
-            outcomes[rank] = (status, value)
+            outcomes[rank] = Outcome(status, value)
+        time.sleep(0.2)  # reports of ranks that finished alongside the last expected one
+        while True:
+            try:
+                rank, status, value = results.get_nowait()
+            except queue.Empty:
+                break
+            outcomes[rank] = Outcome(status, value)
     finally:
-        for proc in procs:
-            proc.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+        killed = set()
+        for rank, proc in enumerate(procs):
+            # Expected ranks get a moment to exit; the others (stalled on
+            # purpose) are killed at once.
+            grace = min(5.0, deadline - time.monotonic()) if rank in expected else 0.0
+            proc.join(timeout=max(0.0, grace))
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    errors = [f"rank {r}:\n{v}" for r, (s, v) in sorted(outcomes.items()) if s == "error"]
-    missing = sorted(set(range(world_size)) - set(outcomes))
+                killed.add(rank)
+    ended = []
+    for rank, proc in enumerate(procs):
+        if rank in outcomes:
+            outcome = outcomes[rank]
+            if outcome.status == "ok":
+                outcome = Outcome("ok", pickle.loads(outcome.value))
+            ended.append(outcome)
+        else:
+            ended.append(Outcome("killed" if rank in killed else "died", proc.exitcode))
+    return ended
+
+
+def run_world(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0
+) -> list[Any]:
+    """Runs ``fn(rank, world_size, *args)`` on every rank; returns the results by rank.
+
+    ``fn`` runs with the default process group initialized (gloo). Raises
+    AssertionError with the tracebacks if any rank fails, and if the run
+    does not finish within ``timeout`` seconds (all ranks are then killed).
+    """
+    outcomes = run_world_outcomes(fn, world_size, *args, timeout=timeout)
+    errors = [f"rank {r}:\n{o.value}" for r, o in enumerate(outcomes) if o.status == "error"]
+    missing = [r for r, o in enumerate(outcomes) if o.status in ("died", "killed")]
     if missing:
-        errors.append(f"ranks {missing} did not finish within {timeout} s (killed)")
+        errors.append(f"ranks {missing} did not finish within {timeout} s (killed or died)")
     assert not errors, "\n".join(errors)
-    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
+    return [o.value for o in outcomes]

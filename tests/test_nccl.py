@@ -169,4 +169,4 @@ def test_unique_ids_need_no_gpu_and_a_communicator_without_one_raises() -> None:
 
 
 def test_a_gloo_group_does_not_use_the_extensions_nccl(world_of_one: None) -> None:
-    assert not _collectives.uses_own_nccl(dist.group.WORLD)
+    assert not _collectives.uses_cuda_nccl(dist.group.WORLD)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,32 @@ def assert_unchanged(tensors: list[torch.Tensor], before: list[torch.Tensor]) ->
 def test_bad_hyperparameters(kwargs: dict[str, Any], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         dl.AllReduceEA(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [dl.AllReduceSGD, dl.AllReduceEA])
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        (0, ValueError),
+        (-1.5, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (datetime.timedelta(0), ValueError),
+        ("30", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_bad_timeout_is_named(cls: type, timeout: Any, error: type) -> None:
+    with pytest.raises(error, match="timeout must be"):
+        cls(timeout=timeout)
+
+
+@pytest.mark.parametrize("cls", [dl.AllReduceSGD, dl.AllReduceEA])
+def test_timeout_in_seconds_or_timedelta(cls: type) -> None:
+    assert cls(timeout=2.5).timeout == datetime.timedelta(seconds=2.5)
+    assert cls(timeout=datetime.timedelta(minutes=1)).timeout == datetime.timedelta(seconds=60)
+    assert cls().timeout == datetime.timedelta(minutes=5)
 
 
 def test_alpha_one_and_positional_order() -> None:

@@ -1,0 +1,165 @@
+"""Fault injection in real gloo worlds: dead and stalled peers, ranks with
+different models. Every test is bounded by the harness's deadline; the
+survivors must raise within the library's own deadline plus a margin.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import Outcome, run_world_outcomes
+
+import distlearn_cuda as dl
+
+SHAPES = [(7, 3), (11,), (1,), (300,)]
+DEADLINE_S = 2.0
+# What the transport may add to the deadline: gloo notices a dead peer when
+# its connection drops, a stalled one when the deadline passes.
+MARGIN_S = 3.0
+
+
+def params_of(rank: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + rank)
+    return [torch.randn(s, generator=generator) for s in SHAPES]
+
+
+def _train_until_a_peer_fails(
+    rank: int, world_size: int, algo: str, fault: str, fault_step: int, scratch: str
+) -> dict:
+    """Trains; the faulty rank (1) dies or stalls at fault_step; the others
+    report how their failure surfaced and that a checkpoint still works."""
+    params = params_of(rank)
+    if algo == "sgd":
+        sync = dl.AllReduceSGD(timeout=DEADLINE_S)
+        sync.synchronize_parameters(params)
+    else:
+        sync = dl.AllReduceEA(tau=2, alpha=0.5, timeout=datetime.timedelta(seconds=DEADLINE_S))
+        sync.synchronize_parameters(params)
+    for step in range(100):
+        if rank == 1 and step == fault_step:
+            Path(scratch, "fault_time").write_text(repr(time.time()))
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)  # stalled: alive, never calls again
+        started = time.time()
+        try:
+            if algo == "sgd":
+                grads = [torch.full(s, 0.01) for s in SHAPES]
+                sync.sum_and_normalize_gradients(grads)
+                for p, g in zip(params, grads, strict=True):
+                    p.sub_(g)
+            else:
+                for p in params:
+                    p.mul_(0.99)
+                sync.average_parameters(params)
+        except dl.CommunicationError as error:
+            raised = time.time()
+            checkpoint = Path(scratch, f"checkpoint{rank}.pt")
+            torch.save({"params": params, "step": step}, checkpoint)
+            restored = torch.load(checkpoint)
+            try:
+                sync.synchronize_parameters(params)
+                again = "no error"
+            except dl.CommunicationError as second:
+                again = str(second)
+            return {
+                "step": step,
+                "call_seconds": raised - started,
+                "raised_at": raised,
+                "message": str(error),
+                "operation": error.operation,
+                "rank": error.rank,
+                "checkpoint_ok": all(
+                    torch.equal(a, b) for a, b in zip(restored["params"], params, strict=True)
+                ),
+                "again": again,
+            }
+    return {"step": None}
+
+
+@pytest.mark.parametrize(
+    ("algo", "fault"), [("sgd", "kill"), ("ea", "kill"), ("sgd", "stall"), ("ea", "stall")]
+)
+def test_survivors_raise_within_the_deadline(algo: str, fault: str, tmp_path: Path) -> None:
+    world_size, fault_step = 3, 5
+    outcomes = run_world_outcomes(
+        _train_until_a_peer_fails,
+        world_size,
+        algo,
+        fault,
+        fault_step,
+        str(tmp_path),
+        timeout=40,
+        expected=[0, 2],
+    )
+    assert outcomes[1].status == ("died" if fault == "kill" else "killed"), outcomes[1]
+    if fault == "kill":
+        assert outcomes[1].value == -signal.SIGKILL
+    fault_time = float((tmp_path / "fault_time").read_text())
+    for rank in (0, 2):
+        outcome: Outcome = outcomes[rank]
+        assert outcome.status == "ok", outcome.value
+        report = outcome.value
+        assert report["step"] is not None, f"rank {rank} never noticed the failure"
+        detect = report["raised_at"] - fault_time
+        print(f"{algo} {fault}: rank {rank} raised {detect:.2f} s after the fault")
+        assert report["call_seconds"] <= DEADLINE_S + MARGIN_S
+        assert detect <= DEADLINE_S + MARGIN_S
+        assert report["rank"] == rank
+        assert f"failed on rank {rank}" in report["message"]
+        assert report["operation"] in report["message"]
+        assert report["checkpoint_ok"]
+        assert "not attempted, an earlier collective of this object failed" in report["again"]
+
+
+def _structure(rank: int, world_size: int, algo: str, odd_rank: int) -> dict:
+    shapes = list(SHAPES)
+    if rank == odd_rank:
+        shapes[2] = (2,)  # one tensor of a different shape
+    params = [torch.randn(s) for s in shapes]
+    before = [p.clone() for p in params]
+    sync = dl.AllReduceSGD() if algo == "sgd" else dl.AllReduceEA(tau=1)
+    try:
+        if algo == "sgd":
+            sync.synchronize_parameters(params)
+        else:
+            sync.average_parameters(params)
+    except ValueError as error:
+        unchanged = all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
+        return {"message": str(error), "unchanged": unchanged}
+    return {"message": None}
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_ranks_with_different_models_all_raise_naming_the_rank_and_tensor(algo: str) -> None:
+    outcomes = run_world_outcomes(_structure, 3, algo, 2, timeout=40)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome.status == "ok", outcome.value
+        message = outcome.value["message"]
+        assert message is not None, f"rank {rank} did not notice"
+        assert "rank 2 differs from rank 0 at tensor 2" in message
+        assert "(2,)" in message and "(1,)" in message
+        assert outcome.value["unchanged"]
+
+
+def _gradients_of_another_structure(rank: int, world_size: int) -> dict:
+    sgd = dl.AllReduceSGD()
+    grads = [torch.ones(3), torch.ones(4 if rank == 0 else 5)]
+    try:
+        sgd.sum_and_normalize_gradients(grads)
+    except ValueError as error:
+        return {"message": str(error), "untouched": all(bool((g == 1).all()) for g in grads)}
+    return {"message": None}
+
+
+def test_first_gradients_of_different_shapes_raise_before_summing() -> None:
+    for outcome in run_world_outcomes(_gradients_of_another_structure, 2, timeout=40):
+        assert outcome.status == "ok", outcome.value
+        assert "rank 1 differs from rank 0 at tensor 1" in outcome.value["message"]
+        assert outcome.value["untouched"]
