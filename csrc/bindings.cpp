@@ -52,21 +52,26 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("numels", [](const Layout& l) { return l.numels; })
       .def_readonly("count_offset", &Layout::count_offset)
       .def_readonly("count_slots", &Layout::count_slots)
+      .def_readonly("flag_offset", &Layout::flag_offset)
       .def_readonly("buffer_numel", &Layout::buffer_numel);
 
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("pack", &distlearn::pack_cpu, py::arg("layout"), py::arg("tensors"), py::arg("buffer"),
         py::arg("count_slot"), py::arg("num_threads"), release,
-        "buffer <- tensors (cast to the buffer type); count slot `count_slot` <- 1, others 0.");
+        "buffer <- tensors (cast to the buffer type); count slot `count_slot` <- 1, others 0; "
+        "flag <- 1 if a packed value is a NaN or an infinity, else 0.");
   m.def("unpack", &distlearn::unpack_cpu, py::arg("layout"), py::arg("tensors"), py::arg("buffer"),
-        py::arg("normalize"), py::arg("num_threads"), release,
-        "tensors <- buffer * (1 / sum of count slots if normalize else 1).");
+        py::arg("normalize"), py::arg("num_threads"), py::arg("skip_nonfinite") = false, release,
+        "tensors <- buffer * (1 / sum of count slots if normalize else 1); zeros instead when "
+        "skip_nonfinite and the flag is set.");
   m.def("ea_blend", &distlearn::ea_blend_cpu, py::arg("layout"), py::arg("params"),
         py::arg("centers"), py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"),
         py::arg("num_threads"), release,
-        "buffer <- delta = alpha * (params - centers); params -= delta; count slots as pack.");
+        "buffer <- delta = alpha * (params - centers); params -= delta; count slots and flag "
+        "as pack.");
   m.def("center_update", &distlearn::center_update_cpu, py::arg("layout"), py::arg("centers"),
-        py::arg("buffer"), py::arg("num_threads"), release, "centers += buffer.");
+        py::arg("buffer"), py::arg("num_threads"), py::arg("skip_nonfinite") = false, release,
+        "centers += buffer; nothing when skip_nonfinite and the flag is set.");
 
 #ifdef DISTLEARN_WITH_CUDA
   using distlearn::DeviceTable;
@@ -84,13 +89,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("count_slot"), py::arg("stream"), release,
         "pack on CUDA tensors, enqueued on stream (a cudaStream_t address).");
   m.def("unpack_cuda", &distlearn::unpack_cuda, py::arg("layout"), py::arg("table"),
-        py::arg("buffer"), py::arg("normalize"), py::arg("stream"), release,
-        "unpack on CUDA tensors; the count is read on the device.");
+        py::arg("buffer"), py::arg("normalize"), py::arg("stream"),
+        py::arg("skip_nonfinite") = false, release,
+        "unpack on CUDA tensors; the count and the flag are read on the device.");
   m.def("ea_blend_cuda", &distlearn::ea_blend_cuda, py::arg("layout"), py::arg("table"),
         py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"), py::arg("stream"), release,
         "ea_blend on CUDA tensors; table built with params and, as others, centers.");
   m.def("center_update_cuda", &distlearn::center_update_cuda, py::arg("layout"), py::arg("table"),
-        py::arg("buffer"), py::arg("stream"), release,
+        py::arg("buffer"), py::arg("stream"), py::arg("skip_nonfinite") = false, release,
         "center_update on CUDA tensors; table built with the centers.");
 #endif
 

@@ -14,22 +14,26 @@ using Addresses = std::vector<uintptr_t>;
 // Every op runs on up to num_threads threads (fewer for small layouts).
 
 // buffer[segment i] = tensors[i] (cast to the buffer type); count slots are
-// zeroed, then count slot `count_slot` is set to 1 unless count_slot < 0.
+// zeroed, then count slot `count_slot` is set to 1 unless count_slot < 0;
+// the flag is set to 1 if a packed value is a NaN or an infinity, else 0.
 void pack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, int64_t count_slot,
               int num_threads);
 
 // tensors[i] = buffer[segment i] * scale, where scale = 1 / (sum of the count
-// slots) when normalize is true and 1 otherwise.
+// slots) when normalize is true and 1 otherwise; with skip_nonfinite, zeros
+// instead when the (allreduced) flag is not 0.
 void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
-                int num_threads);
+                int num_threads, bool skip_nonfinite);
 
-// delta = alpha * (x - center) into buffer, x -= delta; count slots as pack.
+// delta = alpha * (x - center) into buffer, x -= delta; count slots and flag
+// (of the deltas) as pack.
 void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses& centers,
                   uintptr_t buffer, double alpha, int64_t count_slot, int num_threads);
 
-// centers[i] += buffer[segment i].
+// centers[i] += buffer[segment i]; with skip_nonfinite, nothing when the
+// flag is not 0.
 void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t buffer,
-                       int num_threads);
+                       int num_threads, bool skip_nonfinite);
 
 }  // namespace distlearn
 
@@ -47,13 +51,13 @@ int cuda_build_version();
 void pack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, int64_t count_slot,
                uintptr_t stream);
 void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, bool normalize,
-                 uintptr_t stream);
+                 uintptr_t stream, bool skip_nonfinite);
 // table: primary = params, secondary = centers.
 void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, double alpha,
                    int64_t count_slot, uintptr_t stream);
 // table: primary = centers.
 void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
-                        uintptr_t stream);
+                        uintptr_t stream, bool skip_nonfinite);
 
 }  // namespace distlearn
 #endif  // DISTLEARN_WITH_CUDA

@@ -1,6 +1,7 @@
 // CPU launchers of the fused ops: validate the addresses, then map the
 // element operations of kernels/element_ops.h over every tensor with the
 // CPU multi-tensor engine. No math lives here.
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -54,6 +55,23 @@ void write_count_slots(const Layout& layout, uintptr_t buffer, int64_t count_slo
   });
 }
 
+void write_flag(const Layout& layout, uintptr_t buffer, bool raised) {
+  dispatch_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+    using B = typename decltype(buffer_tag)::type;
+    reinterpret_cast<B*>(buffer)[layout.flag_offset] = from_acc<B>(raised ? 1.0f : 0.0f);
+  });
+}
+
+// Whether the (allreduced) flag says some rank packed a non-finite value.
+bool flag_raised(const Layout& layout, uintptr_t buffer) {
+  bool raised = false;
+  dispatch_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+    using B = typename decltype(buffer_tag)::type;
+    raised = to_acc<double>(reinterpret_cast<const B*>(buffer)[layout.flag_offset]) != 0.0;
+  });
+  return raised;
+}
+
 template <typename T>
 T* tensor_at(const Addresses& addresses, int64_t i) {
   return reinterpret_cast<T*>(addresses[i]);
@@ -72,23 +90,40 @@ void pack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, 
   check_buffer(buffer);
   check_threads(num_threads);
   check_count_slot(layout, count_slot);
+  std::atomic<bool> nonfinite{false};
   parallel_for_typed_ranges(
       layout, num_threads,
       [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
         using T = typename decltype(tensor_tag)::type;
         using B = typename decltype(buffer_tag)::type;
+        using Acc = typename AccumulateType<T, B>::type;
         const T* __restrict__ src = tensor_at<T>(tensors, t);
         B* __restrict__ dst = segment_at<B>(layout, buffer, t);
-        for (int64_t i = begin; i < end; ++i) pack_element(src[i], dst[i]);
+        Acc probe = 0;
+        for (int64_t i = begin; i < end; ++i) {
+          pack_element(src[i], dst[i]);
+          probe += nonfinite_probe(to_acc<Acc>(dst[i]));
+        }
+        if (probe != 0) nonfinite.store(true, std::memory_order_relaxed);  // NaN != 0
       });
   write_count_slots(layout, buffer, count_slot);
+  write_flag(layout, buffer, nonfinite.load());
 }
 
 void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
-                int num_threads) {
+                int num_threads, bool skip_nonfinite) {
   check_addresses(layout, tensors, "tensors");
   check_buffer(buffer);
   check_threads(num_threads);
+  if (skip_nonfinite && flag_raised(layout, buffer)) {
+    parallel_for_typed_ranges(layout, num_threads,
+                              [&](auto tensor_tag, auto, int64_t t, int64_t begin, int64_t end) {
+                                using T = typename decltype(tensor_tag)::type;
+                                T* __restrict__ dst = tensor_at<T>(tensors, t);
+                                for (int64_t i = begin; i < end; ++i) dst[i] = from_acc<T>(0.0f);
+                              });
+    return;
+  }
   double scale = 1.0;
   if (normalize) {
     dispatch_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
@@ -117,6 +152,7 @@ void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses
   check_buffer(buffer);
   check_threads(num_threads);
   check_count_slot(layout, count_slot);
+  std::atomic<bool> nonfinite{false};
   parallel_for_typed_ranges(
       layout, num_threads,
       [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
@@ -127,17 +163,23 @@ void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses
         T* __restrict__ x = tensor_at<T>(params, t);
         const T* __restrict__ center = tensor_at<T>(centers, t);
         B* __restrict__ delta = segment_at<B>(layout, buffer, t);
-        for (int64_t i = begin; i < end; ++i)
+        Acc probe = 0;
+        for (int64_t i = begin; i < end; ++i) {
           ea_blend_element(x[i], center[i], alpha_acc, delta[i]);
+          probe += nonfinite_probe(to_acc<Acc>(delta[i]));
+        }
+        if (probe != 0) nonfinite.store(true, std::memory_order_relaxed);  // NaN != 0
       });
   write_count_slots(layout, buffer, count_slot);
+  write_flag(layout, buffer, nonfinite.load());
 }
 
 void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t buffer,
-                       int num_threads) {
+                       int num_threads, bool skip_nonfinite) {
   check_addresses(layout, centers, "centers");
   check_buffer(buffer);
   check_threads(num_threads);
+  if (skip_nonfinite && flag_raised(layout, buffer)) return;
   parallel_for_typed_ranges(
       layout, num_threads,
       [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {

@@ -41,15 +41,16 @@ void check_count_slot(const Layout& layout, int64_t count_slot) {
 
 cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
-// The count slots pack and the EA blend write in their launch.
+// The count slots and the non-finite flag that pack and the EA blend write
+// in their launch.
 CountSlotWrite count_slot_write(const Layout& layout, uintptr_t buffer, int64_t count_slot) {
-  if (layout.count_slots == 0) return CountSlotWrite{nullptr, 0, -1};
-  const int64_t offset_bytes = layout.count_offset * dtype_size(layout.buffer_dtype);
-  return CountSlotWrite{reinterpret_cast<char*>(buffer) + offset_bytes, layout.count_slots,
-                        count_slot};
+  const int64_t element = dtype_size(layout.buffer_dtype);
+  char* base = reinterpret_cast<char*>(buffer);
+  void* slots = layout.count_slots > 0 ? base + layout.count_offset * element : nullptr;
+  return CountSlotWrite{slots, layout.count_slots, count_slot, base + layout.flag_offset * element};
 }
 
-constexpr CountSlotWrite kNoCountSlots{nullptr, 0, -1};
+constexpr CountSlotWrite kNoCountSlots{nullptr, 0, -1, nullptr};
 
 // Ops without per-thread state.
 struct Stateless {
@@ -66,24 +67,39 @@ struct PackOp : Stateless {
   }
 };
 
-// Reads the contributor count from the buffer's count slots on the device,
-// once per thread: the host never waits for the allreduce to learn it.
+// Whether the allreduced non-finite flag is set (read on the device).
+template <typename B>
+__device__ bool flag_raised(const B* buffer, int64_t flag_offset) {
+  return to_acc<double>(buffer[flag_offset]) != 0.0;
+}
+
+// Reads the contributor count (and, when skipping, the non-finite flag)
+// from the buffer on the device, once per thread: the host never waits for
+// the allreduce to learn them.
 struct UnpackOp {
   static constexpr bool kReadsPrimary = false, kWritesPrimary = true, kReadsSecondary = false,
                         kReadsBuffer = true, kWritesBuffer = false;
   int64_t count_offset;
   int64_t num_slots;
+  int64_t flag_offset;
   bool normalize;
+  bool skip_nonfinite;
   double scale = 1.0;  // set by prepare
+  bool zeros = false;  // set by prepare: a rank packed a non-finite value
 
   template <typename B>
   __device__ void prepare(const B* buffer) {
     if (normalize) scale = normalization_scale(contributor_count(buffer + count_offset, num_slots));
+    zeros = skip_nonfinite && flag_raised(buffer, flag_offset);
   }
   template <typename T, typename B>
   __device__ void operator()(T& tensor, const T&, B& buffer) const {
     using Acc = typename AccumulateType<T, B>::type;
-    unpack_scale_element(buffer, static_cast<Acc>(scale), tensor);
+    if (zeros) {
+      tensor = from_acc<T>(Acc(0));
+    } else {
+      unpack_scale_element(buffer, static_cast<Acc>(scale), tensor);
+    }
   }
 };
 
@@ -98,12 +114,20 @@ struct EaBlendOp : Stateless {
   }
 };
 
-struct CenterUpdateOp : Stateless {
+struct CenterUpdateOp {
   static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = false,
                         kReadsBuffer = true, kWritesBuffer = false;
+  int64_t flag_offset;
+  bool skip_nonfinite;
+  bool skip = false;  // set by prepare: leave every center as it is
+
+  template <typename B>
+  __device__ void prepare(const B* buffer) {
+    skip = skip_nonfinite && flag_raised(buffer, flag_offset);
+  }
   template <typename T, typename B>
   __device__ void operator()(T& center, const T&, B& delta_sum) const {
-    center_update_element(center, delta_sum);
+    if (!skip) center_update_element(center, delta_sum);
   }
 };
 
@@ -180,10 +204,11 @@ void pack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
 }
 
 void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, bool normalize,
-                 uintptr_t stream) {
+                 uintptr_t stream, bool skip_nonfinite) {
   check_table(layout, table);
   check_buffer(buffer);
-  const UnpackOp op{layout.count_offset, layout.count_slots, normalize};
+  const UnpackOp op{layout.count_offset, layout.count_slots, layout.flag_offset, normalize,
+                    skip_nonfinite};
   launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), kNoCountSlots,
                       as_stream(stream), op);
 }
@@ -203,11 +228,12 @@ void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buf
 }
 
 void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
-                        uintptr_t stream) {
+                        uintptr_t stream, bool skip_nonfinite) {
   check_table(layout, table);
   check_buffer(buffer);
+  const CenterUpdateOp op{layout.flag_offset, skip_nonfinite};
   launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer), kNoCountSlots,
-                      as_stream(stream), CenterUpdateOp{});
+                      as_stream(stream), op);
 }
 
 }  // namespace distlearn

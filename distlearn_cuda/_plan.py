@@ -64,6 +64,7 @@ class Plan:
         self._counts = self.buffer[
             self.layout.count_offset : self.layout.count_offset + self.layout.count_slots
         ]
+        self._flag = self.buffer[self.layout.flag_offset]
         self._kind = _kind_of(device)
         self._tables: dict[tuple[int, ...], Any] = {}  # addresses -> _C.DeviceTable
         self._last_stream: torch.cuda.Stream | None = None
@@ -76,6 +77,11 @@ class Plan:
         """Sum of the count slots (reads the device: not for the hot path)."""
         return round(float(self._counts.double().sum()))
 
+    def nonfinite_ranks(self) -> int:
+        """After an allreduce, how many ranks packed a NaN or an infinity
+        (reads the device: not for the hot path)."""
+        return round(float(self._flag))
+
     def pack(self, tensors: Sequence[torch.Tensor], addresses: list[int], count_slot: int) -> None:
         if self._kind == "cpu":
             _C.pack(self.layout, addresses, self._address, count_slot, torch.get_num_threads())
@@ -84,19 +90,35 @@ class Plan:
                 table = self._table(addresses)
                 _C.pack_cuda(self.layout, table, self._address, count_slot, self._stream())
         else:
-            reference.pack(tensors, self.buffer, self._offsets, *self._count_args(), count_slot)
+            reference.pack(
+                tensors, self.buffer, self._offsets, *self._count_args(), count_slot, self._flag_at
+            )
 
     def unpack(
-        self, tensors: Sequence[torch.Tensor], addresses: list[int], normalize: bool
+        self,
+        tensors: Sequence[torch.Tensor],
+        addresses: list[int],
+        normalize: bool,
+        skip_nonfinite: bool = False,
     ) -> None:
         if self._kind == "cpu":
-            _C.unpack(self.layout, addresses, self._address, normalize, torch.get_num_threads())
+            threads = torch.get_num_threads()
+            _C.unpack(self.layout, addresses, self._address, normalize, threads, skip_nonfinite)
         elif self._kind == "cuda":
             with self._on_device():
                 table = self._table(addresses)
-                _C.unpack_cuda(self.layout, table, self._address, normalize, self._stream())
+                stream = self._stream()
+                _C.unpack_cuda(self.layout, table, self._address, normalize, stream, skip_nonfinite)
         else:
-            reference.unpack(tensors, self.buffer, self._offsets, *self._count_args(), normalize)
+            reference.unpack(
+                tensors,
+                self.buffer,
+                self._offsets,
+                *self._count_args(),
+                normalize,
+                self._flag_at,
+                skip_nonfinite,
+            )
 
     def ea_blend(
         self,
@@ -125,21 +147,41 @@ class Plan:
             )
         else:
             reference.ea_blend(
-                params, centers, self.buffer, self._offsets, alpha, *self._count_args(), count_slot
+                params,
+                centers,
+                self.buffer,
+                self._offsets,
+                alpha,
+                *self._count_args(),
+                count_slot,
+                self._flag_at,
             )
 
-    def center_update(self, centers: Sequence[torch.Tensor], center_addresses: list[int]) -> None:
+    def center_update(
+        self,
+        centers: Sequence[torch.Tensor],
+        center_addresses: list[int],
+        skip_nonfinite: bool = False,
+    ) -> None:
         if self._kind == "cpu":
-            _C.center_update(self.layout, center_addresses, self._address, torch.get_num_threads())
+            threads = torch.get_num_threads()
+            _C.center_update(self.layout, center_addresses, self._address, threads, skip_nonfinite)
         elif self._kind == "cuda":
             with self._on_device():
                 table = self._table(center_addresses)
-                _C.center_update_cuda(self.layout, table, self._address, self._stream())
+                stream = self._stream()
+                _C.center_update_cuda(self.layout, table, self._address, stream, skip_nonfinite)
         else:
-            reference.center_update(centers, self.buffer, self._offsets)
+            reference.center_update(
+                centers, self.buffer, self._offsets, self._flag_at, skip_nonfinite
+            )
 
     def _count_args(self) -> tuple[int, int]:
         return self.layout.count_offset, self.layout.count_slots
+
+    @property
+    def _flag_at(self) -> int:
+        return self.layout.flag_offset
 
     def _table(self, addresses: list[int], others: list[int] | None = None) -> Any:
         """The device table of these tensor addresses (and the EA centers'), cached."""

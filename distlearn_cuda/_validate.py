@@ -187,3 +187,13 @@ def state_value(state: Any, key: str, kind: type) -> Any:
     elif not isinstance(value, kind):
         raise TypeError(f"state[{key!r}] must be a {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+# What the non-finite guard does when a rank packs a NaN or an infinity.
+NONFINITE_MODES = ("propagate", "skip", "raise")
+
+
+def check_nonfinite(mode: Any) -> str:
+    if not isinstance(mode, str) or mode not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}; got {mode!r}")
+    return mode

@@ -19,6 +19,7 @@ from ._validate import (
     check_alpha,
     check_comm_dtype,
     check_no_overlap,
+    check_nonfinite,
     check_same_signature,
     check_tau,
     check_timeout,
@@ -55,6 +56,14 @@ class AllReduceEA(_group.GroupMember):
         alpha: moving rate of the elastic force, in (0, 1].
         comm_dtype: dtype in which deltas travel; default: the parameters'
             own dtype (their promotion when they differ).
+        nonfinite: what a round does when some rank's delta holds a NaN or
+            an infinity (checked in the blend; the flag travels in the same
+            allreduce, so every rank decides alike): ``"propagate"``
+            (default: the center takes the sum), ``"skip"`` (the center
+            keeps its value on every rank; each rank's params keep their own
+            elastic step; see ``last_round_skipped``) or ``"raise"`` (every
+            rank raises ``FloatingPointError`` before the center changes;
+            reads the device once per round).
         timeout: deadline of every collective (seconds or a
             ``datetime.timedelta``, default 5 minutes); see ``AllReduceSGD``.
             A rank that finished its epoch waits for the others' next
@@ -71,8 +80,10 @@ class AllReduceEA(_group.GroupMember):
         alpha: float = 0.2,
         *,
         comm_dtype: torch.dtype | None = None,
+        nonfinite: str = "propagate",
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
+        self._nonfinite = check_nonfinite(nonfinite)
         self._tau = check_tau(tau)
         self._alpha = check_alpha(alpha)
         self._comm_dtype = check_comm_dtype(comm_dtype)
@@ -86,6 +97,15 @@ class AllReduceEA(_group.GroupMember):
         self._rebuild: _tree.Rebuild = list
         self._checked_addresses: list[int] = []
         self._step = 0
+        self._skip_plan: Plan | None = None  # the last round's, when it ran with "skip"
+
+    @property
+    def last_round_skipped(self) -> bool:
+        """Whether the last averaging round left the center unchanged because
+        some rank's delta was not finite (``nonfinite="skip"``; the same
+        answer on every rank). Reads the device; valid until the next round."""
+        plan = self._skip_plan
+        return plan is not None and plan.nonfinite_ranks() > 0
 
     @property
     def tau(self) -> int:
@@ -223,9 +243,16 @@ class AllReduceEA(_group.GroupMember):
         plan.ea_blend(
             flat.tensors, addresses, self._centers, self._center_addresses, self._alpha, slot
         )
-        self._collectives.all_reduce_sum(plan.buffer)
-        plan.center_update(self._centers, self._center_addresses)
         increment_version(flat.tensors)
+        self._collectives.all_reduce_sum(plan.buffer)
+        if self._nonfinite == "raise" and (ranks := plan.nonfinite_ranks()) > 0:
+            raise FloatingPointError(
+                f"params: NaN or infinite deltas on {ranks} of {self.world_size} ranks in this "
+                f"averaging round; every rank raises before the center changes"
+            )
+        skip = self._nonfinite == "skip"
+        plan.center_update(self._centers, self._center_addresses, skip_nonfinite=skip)
+        self._skip_plan = plan if skip else None
         return plan
 
     def _wait_for_all_ranks(self, flat: Flat, addresses: list[int]) -> None:

@@ -7,7 +7,9 @@ built extension has no kernels for, so it stays correct there too.
 
 Buffer layout (see ``kernels/layout.h``): tensor ``i`` occupies
 ``buffer[offsets[i] : offsets[i] + tensors[i].numel()]`` in the tensor's
-memory order, and ``count_slots`` slots start at ``count_offset``.
+memory order, ``count_slots`` slots start at ``count_offset``, and the
+non-finite flag is at ``flag_offset`` (the ops below leave it alone when
+given None).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def _write_count_slots(
         slots[count_slot] = 1
 
 
+def _write_flag(
+    buffer: torch.Tensor, offsets: Sequence[int], like: Sequence[torch.Tensor], flag_offset: int
+) -> None:
+    """flag <- 1 if a value written to the buffer segments is a NaN or an infinity."""
+    segments = [_segment(buffer, o, t) for t, o in zip(like, offsets, strict=True)]
+    buffer[flag_offset] = 0 if all(bool(s.isfinite().all()) for s in segments) else 1
+
+
+def _flag_raised(buffer: torch.Tensor, flag_offset: int | None) -> bool:
+    return flag_offset is not None and float(buffer[flag_offset]) != 0
+
+
 def pack(
     tensors: Sequence[torch.Tensor],
     buffer: torch.Tensor,
@@ -44,11 +58,15 @@ def pack(
     count_offset: int,
     count_slots: int,
     count_slot: int,
+    flag_offset: int | None = None,
 ) -> None:
-    """buffer segments <- tensors (cast); count slot ``count_slot`` <- 1, the others 0."""
+    """buffer segments <- tensors (cast); count slot ``count_slot`` <- 1, the
+    others 0; flag <- whether a packed value is not finite."""
     for tensor, offset in zip(tensors, offsets, strict=True):
         _segment(buffer, offset, tensor).copy_(memory_view(tensor).double())
     _write_count_slots(buffer, count_offset, count_slots, count_slot)
+    if flag_offset is not None:
+        _write_flag(buffer, offsets, tensors, flag_offset)
 
 
 def unpack(
@@ -58,8 +76,15 @@ def unpack(
     count_offset: int,
     count_slots: int,
     normalize: bool,
+    flag_offset: int | None = None,
+    skip_nonfinite: bool = False,
 ) -> None:
-    """tensors <- buffer segments * (1 / contributor count if normalize else 1)."""
+    """tensors <- buffer segments * (1 / contributor count if normalize else 1);
+    zeros when ``skip_nonfinite`` and the flag is set."""
+    if skip_nonfinite and _flag_raised(buffer, flag_offset):
+        for tensor in tensors:
+            tensor.zero_()
+        return
     count = float(buffer[count_offset : count_offset + count_slots].double().sum())
     scale = 1.0 / count if normalize and count > 0 else 1.0
     for tensor, offset in zip(tensors, offsets, strict=True):
@@ -75,20 +100,31 @@ def ea_blend(
     count_offset: int,
     count_slots: int,
     count_slot: int,
+    flag_offset: int | None = None,
 ) -> None:
-    """delta = alpha * (x - center) into the buffer (rounded to its dtype), x -= delta."""
+    """delta = alpha * (x - center) into the buffer (rounded to its dtype), x -= delta;
+    count slots and flag (of the deltas) as ``pack``."""
     for x, center, offset in zip(params, centers, offsets, strict=True):
         x64 = memory_view(x).double()
         delta = (alpha * (x64 - memory_view(center).double())).to(buffer.dtype)
         _segment(buffer, offset, x).copy_(delta)
         memory_view(x).copy_(x64 - delta.double())
     _write_count_slots(buffer, count_offset, count_slots, count_slot)
+    if flag_offset is not None:
+        _write_flag(buffer, offsets, params, flag_offset)
 
 
 def center_update(
-    centers: Sequence[torch.Tensor], buffer: torch.Tensor, offsets: Sequence[int]
+    centers: Sequence[torch.Tensor],
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    flag_offset: int | None = None,
+    skip_nonfinite: bool = False,
 ) -> None:
-    """centers += buffer segments (the allreduced deltas)."""
+    """centers += buffer segments (the allreduced deltas); nothing when
+    ``skip_nonfinite`` and the flag is set."""
+    if skip_nonfinite and _flag_raised(buffer, flag_offset):
+        return
     for center, offset in zip(centers, offsets, strict=True):
         view = memory_view(center)
         view.copy_(view.double() + _segment(buffer, offset, center).double())

@@ -16,6 +16,7 @@ from ._validate import (
     DEFAULT_TIMEOUT,
     Signature,
     check_comm_dtype,
+    check_nonfinite,
     check_same_signature,
     check_timeout,
     signature,
@@ -73,6 +74,7 @@ class AllReduceSGD(_group.GroupMember):
         self._grad_plan: Plan | None = None  # for the bound gradient signature
         self._param_signature: Signature | None = None
         self._steps = 0
+        self._skip_plan: Plan | None = None  # the last call's, when it ran with "skip"
 
     @property
     def steps(self) -> int:
@@ -88,24 +90,42 @@ class AllReduceSGD(_group.GroupMember):
         """Restores ``state_dict()``'s output (checked before anything changes)."""
         self._steps = state_value(state, "steps", int)
 
-    def sum_gradients(self, grads: Any) -> None:
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``sum_*`` call, made with ``nonfinite="skip"``,
+        zeroed the gradients (the same answer on every rank). Reads the
+        device; valid until the next call of this object."""
+        plan = self._skip_plan
+        return plan is not None and plan.nonfinite_ranks() > 0
+
+    def sum_gradients(self, grads: Any, nonfinite: str = "propagate") -> None:
         """Replaces every gradient by its sum over the ranks, in place.
 
         Args:
             grads: a tensor, a list/tuple/dict nesting of tensors, or an
                 ``nn.Module`` (the ``.grad`` of its trainable parameters).
+            nonfinite: what happens when some rank's gradients hold a NaN or
+                an infinity (checked in the pack, after the cast to
+                ``comm_dtype``; the flag travels in the same allreduce, so
+                every rank decides alike): ``"propagate"`` (default: sum
+                them, as DDP does; AMP's GradScaler then skips the step),
+                ``"skip"`` (every rank's gradients become zeros; see
+                ``last_step_skipped``) or ``"raise"`` (every rank raises
+                ``FloatingPointError`` with its gradients unchanged; reads
+                the device once per call).
         """
-        self._allreduce_gradients(grads, normalize=False)
+        self._allreduce_gradients(grads, normalize=False, nonfinite=nonfinite)
 
-    def sum_and_normalize_gradients(self, grads: Any) -> None:
+    def sum_and_normalize_gradients(self, grads: Any, nonfinite: str = "propagate") -> None:
         """Replaces every gradient by its mean over the ranks that contributed
         to this step (not the world size: ranks that ran out of data and wait
         in ``synchronize_parameters`` do not count), in place.
 
         The contributor count travels in the same allreduce as the gradients
         and is read where the data is: one collective, no extra round trip.
+        ``nonfinite``: as for ``sum_gradients``.
         """
-        self._allreduce_gradients(grads, normalize=True)
+        self._allreduce_gradients(grads, normalize=True, nonfinite=nonfinite)
 
     def synchronize_parameters(self, params: Any) -> None:
         """Makes every rank hold the same parameters, in place.
@@ -152,8 +172,10 @@ class AllReduceSGD(_group.GroupMember):
             increment_version(flat.tensors)
         self._steps = 0
 
-    def _allreduce_gradients(self, grads: Any, normalize: bool) -> None:
+    def _allreduce_gradients(self, grads: Any, normalize: bool, nonfinite: str) -> None:
         self._collectives.check_usable("sum_gradients")
+        mode = check_nonfinite(nonfinite)
+        self._skip_plan = None
         flat = _tree.flatten_grads(grads, "grads")
         grad_signature = signature(flat, "grads", with_strides=False)
         if self._grad_signature is None:
@@ -164,7 +186,14 @@ class AllReduceSGD(_group.GroupMember):
         addresses = [t.data_ptr() for t in flat.tensors]
         plan.pack(flat.tensors, addresses, count_slot=self.rank % plan.count_slots)
         self._collectives.all_reduce_sum(plan.buffer)
-        plan.unpack(flat.tensors, addresses, normalize=normalize)
+        if mode == "raise" and (ranks := plan.nonfinite_ranks()) > 0:
+            raise FloatingPointError(
+                f"grads: NaN or infinite values on {ranks} of {self.world_size} ranks in this "
+                f"step; every rank raises, with its gradients unchanged"
+            )
+        plan.unpack(flat.tensors, addresses, normalize=normalize, skip_nonfinite=mode == "skip")
+        if mode == "skip":
+            self._skip_plan = plan
         increment_version(flat.tensors)
         self._steps += 1
 

@@ -48,6 +48,14 @@ DL_INLINE void center_update_element(T& center, const B& delta_sum) {
   center = from_acc<T>(to_acc<Acc>(center) + to_acc<Acc>(delta_sum));
 }
 
+// Non-finite probe: v - v is exactly 0 for every finite v and NaN for an
+// infinity or a NaN, so a sum of probes is 0 exactly when every value was
+// finite (a compare-free test that vectorizes).
+template <typename Acc>
+DL_INLINE Acc nonfinite_probe(Acc v) {
+  return v - v;
+}
+
 // Number of ranks that contributed to an allreduce: the sum of the count
 // slots after the reduction. Each slot holds small integers only (see
 // Layout::count_slots), so the sum is exact in every buffer type.

@@ -1,6 +1,10 @@
 // Layout of a list of tensors in one flat buffer, planned once per list.
 //
-//   buffer = [seg 0][pad][seg 1][pad] ... [seg n-1][pad][count slots][pad]
+//   buffer = [seg 0][pad][seg 1][pad] ... [seg n-1][pad][count slots][flag][pad]
+//
+// The flag is the non-finite guard's: each rank packs 1 there when a value it
+// packed is a NaN or an infinity, 0 otherwise, so after the allreduce it holds
+// the number of such ranks, the same on every rank.
 //
 // Every segment and the count slots start at a multiple of kSegmentAlign
 // elements, so vectorized kernels see aligned buffer addresses. Padding is
@@ -27,6 +31,7 @@ struct Layout {
   DType buffer_dtype;
   int64_t count_offset;  // first count slot
   int64_t count_slots;   // number of count slots (0: none)
+  int64_t flag_offset;   // the non-finite flag, right after the count slots
   int64_t buffer_numel;  // total buffer length, padding included
 
   int64_t num_tensors() const { return static_cast<int64_t>(numels.size()); }
@@ -69,7 +74,8 @@ inline Layout make_layout(const std::vector<int64_t>& numels, const std::vector<
     offset = align_up(offset + numels[i], kSegmentAlign);
   }
   layout.count_offset = offset;
-  layout.buffer_numel = align_up(offset + count_slots, kSegmentAlign);
+  layout.flag_offset = offset + count_slots;
+  layout.buffer_numel = align_up(layout.flag_offset + 1, kSegmentAlign);
   return layout;
 }
 

@@ -29,6 +29,7 @@
 
 #include "../csrc/cuda_check.h"
 #include "device_table.h"
+#include "element_ops.h"
 #include "layout.h"
 #include "scalar_types.h"
 #include "vector_io.cuh"
@@ -47,11 +48,14 @@ constexpr int64_t kMaxBlocks = int64_t{1} << 16;
 constexpr int kBytesInFlight = 64;
 
 // Count slots the kernel writes: all zero, then 1 in `slot` when slot >= 0.
-// slots == nullptr: the op writes none.
+// slots == nullptr: the op writes none. flag: where the kernel sets 1 when
+// a value it wrote to the buffer is a NaN or an infinity (zeroed by the
+// launcher before the kernel); nullptr: no check.
 struct CountSlotWrite {
   void* slots;
   int64_t num_slots;
   int64_t slot;
+  void* flag;
 };
 
 template <typename B>
@@ -76,10 +80,13 @@ __device__ void apply_scalar(const Op& op, T* primary, const T* secondary, B* se
   if (Op::kWritesBuffer) segment[i] = b;
 }
 
-// Elements [begin, end) of one tensor, by this block's threads.
+// Elements [begin, end) of one tensor, by this block's threads. With
+// check_buffer, sets nonfinite when a value written to the buffer is not finite.
 template <typename T, typename B, typename Op>
 __device__ void run_chunk(const Op& op, T* primary, const T* secondary, B* segment, int64_t begin,
-                          int64_t end) {
+                          int64_t end, bool check_buffer, bool& nonfinite) {
+  using Acc = typename AccumulateType<T, B>::type;
+  const bool probe = Op::kWritesBuffer && check_buffer;
   // kN elements fill one vector of the narrower type (and one or more of the wider).
   constexpr int kN = kVectorBytes / (sizeof(T) < sizeof(B) ? sizeof(T) : sizeof(B));
   constexpr int kWideBytes = kN * (sizeof(T) > sizeof(B) ? sizeof(T) : sizeof(B));
@@ -108,7 +115,10 @@ __device__ void run_chunk(const Op& op, T* primary, const T* secondary, B* segme
         const int64_t i = begin + (first + k * stride) * kN;
         if (first + k * stride < vectors) {
 #pragma unroll
-          for (int e = 0; e < kN; ++e) op(p[k].element[e], s[k].element[e], b[k].element[e]);
+          for (int e = 0; e < kN; ++e) {
+            op(p[k].element[e], s[k].element[e], b[k].element[e]);
+            if (probe) nonfinite |= nonfinite_probe(to_acc<Acc>(b[k].element[e])) != Acc(0);
+          }
           if (Op::kWritesPrimary) p[k].store(primary + i);
           if (Op::kWritesBuffer) b[k].store(segment + i);
         }
@@ -118,16 +128,24 @@ __device__ void run_chunk(const Op& op, T* primary, const T* secondary, B* segme
   }
   for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
     apply_scalar(op, primary, secondary, segment, i);
+    if (probe) nonfinite |= nonfinite_probe(to_acc<Acc>(segment[i])) != Acc(0);
   }
 }
 
 template <typename T, typename B, typename Op>
 __device__ void run_table_chunk(const Op& op, const DeviceTensor& tensor, const DeviceChunk& chunk,
-                                B* buffer) {
+                                B* buffer, bool check_buffer, bool& nonfinite) {
   const int64_t end =
       chunk.begin + kChunkElements < tensor.numel ? chunk.begin + kChunkElements : tensor.numel;
   run_chunk(op, reinterpret_cast<T*>(tensor.primary), reinterpret_cast<const T*>(tensor.secondary),
-            buffer + tensor.offset, chunk.begin, end);
+            buffer + tensor.offset, chunk.begin, end, check_buffer, nonfinite);
+}
+
+// Every thread that saw a non-finite value stores 1 (the same value, so the
+// racing stores agree); the launcher zeroed the flag before the kernel.
+template <typename B>
+__device__ void raise_flag(const CountSlotWrite& count, bool nonfinite) {
+  if (nonfinite && count.flag != nullptr) *static_cast<B*>(count.flag) = from_acc<B>(1.0f);
 }
 
 // Every tensor has storage type T (the common case: one instantiation, the
@@ -138,10 +156,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                 int64_t num_chunks, B* buffer, CountSlotWrite count, Op op) {
   write_count_slots<B>(count);
   op.prepare(buffer);
+  const bool check_buffer = count.flag != nullptr;
+  bool nonfinite = false;
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const DeviceChunk chunk = chunks[c];
-    run_table_chunk<T>(op, tensors[chunk.tensor], chunk, buffer);
+    run_table_chunk<T>(op, tensors[chunk.tensor], chunk, buffer, check_buffer, nonfinite);
   }
+  raise_flag<B>(count, nonfinite);
 }
 
 // Tensors of different storage types: the type is read per chunk.
@@ -151,14 +172,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                               int64_t num_chunks, B* buffer, CountSlotWrite count, Op op) {
   write_count_slots<B>(count);
   op.prepare(buffer);
+  const bool check_buffer = count.flag != nullptr;
+  bool nonfinite = false;
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const DeviceChunk chunk = chunks[c];
     const DeviceTensor tensor = tensors[chunk.tensor];
     visit_dtype(static_cast<DType>(tensor.dtype), [&](auto tensor_tag) {
       using T = typename decltype(tensor_tag)::type;
-      run_table_chunk<T>(op, tensor, chunk, buffer);
+      run_table_chunk<T>(op, tensor, chunk, buffer, check_buffer, nonfinite);
     });
   }
+  raise_flag<B>(count, nonfinite);
 }
 
 // Launches op over the table's tensors (and the count-slot write) on stream,
@@ -166,9 +190,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 template <typename Op>
 void launch_multi_tensor(const DeviceTable& table, const Layout& layout, void* buffer,
                          const CountSlotWrite& count, cudaStream_t stream, const Op& op) {
-  if (table.num_chunks() == 0 && count.slots == nullptr) return;
+  if (table.num_chunks() == 0 && count.slots == nullptr && count.flag == nullptr) return;
+  if (count.flag != nullptr) {
+    // All-zero bits are 0 in every buffer type.
+    DL_CUDA_CHECK(cudaMemsetAsync(count.flag, 0,
+                                  static_cast<size_t>(dtype_size(layout.buffer_dtype)), stream));
+  }
   int64_t blocks = table.num_chunks() < kMaxBlocks ? table.num_chunks() : kMaxBlocks;
-  if (blocks == 0) blocks = 1;  // only the count slots to write
+  if (blocks == 0) blocks = 1;  // only the count slots (and flag) to write
   const dim3 grid(static_cast<unsigned>(blocks));
   visit_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
     using B = typename decltype(buffer_tag)::type;

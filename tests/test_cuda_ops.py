@@ -195,3 +195,43 @@ def test_a_list_of_empty_tensors_still_writes_its_count_slot() -> None:
     _C.pack_cuda(layout, _C.DeviceTable(layout, addresses(tensors)), buffer.data_ptr(), 1, stream())
     slots = buffer[layout.count_offset : layout.count_offset + layout.count_slots]
     assert slots.tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_pack_and_blend_flag_nonfinite_values_like_the_cpu_flavor(
+    tensor_dtype: torch.dtype, buffer_dtype: torch.dtype, bad: float | None
+) -> None:
+    tensors = cuda_case(ODD_SHAPES, tensor_dtype, misaligned=False)
+    centers = cuda_case(ODD_SHAPES, tensor_dtype, misaligned=True)
+    if bad is not None:
+        tensors[-2].view(-1)[tensors[-2].numel() // 2] = bad
+    layout = layout_of(tensors, buffer_dtype)
+    want = 0.0 if bad is None else 1.0
+    buffer = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
+    _C.pack_cuda(layout, _C.DeviceTable(layout, addresses(tensors)), buffer.data_ptr(), 0, stream())
+    assert float(buffer[layout.flag_offset]) == want
+    buffer.fill_(float("nan"))
+    table = _C.DeviceTable(layout, addresses(tensors), addresses(centers))
+    _C.ea_blend_cuda(layout, table, buffer.data_ptr(), 0.5, 0, stream())
+    assert float(buffer[layout.flag_offset]) == want
+
+
+@pytest.mark.parametrize("flag", [0.0, 2.0])
+def test_unpack_and_center_update_skip_when_flagged(flag: float) -> None:
+    tensors = cuda_case(ODD_SHAPES, torch.float32, misaligned=False)
+    layout = layout_of(tensors, torch.float32)
+    buffer = torch.ones(layout.buffer_numel, device="cuda")
+    buffer[layout.count_offset : layout.count_offset + layout.count_slots] = 0.5  # count 1
+    buffer[layout.flag_offset] = flag
+    before = [t.clone() for t in tensors]
+    table = _C.DeviceTable(layout, addresses(tensors))
+    _C.center_update_cuda(layout, table, buffer.data_ptr(), stream(), True)
+    for t, b in zip(tensors, before, strict=True):
+        assert torch.equal(t, b if flag else b + 1)
+    out = poisoned_like(tensors)
+    _C.unpack_cuda(
+        layout, _C.DeviceTable(layout, addresses(out)), buffer.data_ptr(), True, stream(), True
+    )
+    for o in out:
+        assert bool((o == (0.0 if flag else 1.0)).all())

@@ -163,3 +163,88 @@ def test_first_gradients_of_different_shapes_raise_before_summing() -> None:
         assert outcome.status == "ok", outcome.value
         assert "rank 1 differs from rank 0 at tensor 1" in outcome.value["message"]
         assert outcome.value["untouched"]
+
+
+def _nan_on_one_rank(rank: int, world_size: int, algo: str, mode: str) -> dict:
+    """Step 0 is clean; at step 1 rank 1's values hold a NaN; step 2 is clean again."""
+    reports = []
+    if algo == "sgd":
+        sgd = dl.AllReduceSGD()
+        for step in range(3):
+            grads = [torch.full(s, float(rank + step)) for s in SHAPES]
+            if step == 1 and rank == 1:
+                grads[1][4] = float("nan")
+            before = [g.clone() for g in grads]
+            try:
+                sgd.sum_and_normalize_gradients(grads, nonfinite=mode)
+                raised = None
+            except FloatingPointError as error:
+                raised = str(error)
+            reports.append(
+                {
+                    "raised": raised,
+                    "grads": grads,
+                    "unchanged": all(
+                        torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+                        for a, b in zip(grads, before, strict=True)
+                    ),
+                    "skipped": sgd.last_step_skipped,
+                }
+            )
+    else:
+        ea = dl.AllReduceEA(tau=1, alpha=0.5, nonfinite=mode)
+        params = [torch.full(s, float(rank)) for s in SHAPES]
+        for step in range(3):
+            if step == 1 and rank == 1:
+                params[1][4] = float("nan")
+            center_before = [c.clone() for c in ea.center] if ea.center else None
+            try:
+                ea.average_parameters(params)
+                raised = None
+            except FloatingPointError as error:
+                raised = str(error)
+            reports.append(
+                {
+                    "raised": raised,
+                    "center": [c.clone() for c in ea.center],
+                    "center_unchanged": center_before is not None
+                    and all(
+                        torch.equal(a, b) for a, b in zip(ea.center, center_before, strict=True)
+                    ),
+                    "skipped": ea.last_round_skipped,
+                }
+            )
+            if step == 1 and rank == 1:
+                params[1][4] = 0.0  # the rank recovers, e.g. from a checkpoint
+    return {"reports": reports}
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+@pytest.mark.parametrize("mode", ["propagate", "skip", "raise"])
+def test_a_nan_on_one_rank_gets_the_same_decision_on_every_rank(algo: str, mode: str) -> None:
+    outcomes = run_world_outcomes(_nan_on_one_rank, 3, algo, mode, timeout=40)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome.status == "ok", outcome.value
+        clean0, bad, clean2 = outcome.value["reports"]
+        for clean in (clean0, clean2):
+            assert clean["raised"] is None and not clean["skipped"]
+        assert (bad["raised"] is not None) == (mode == "raise"), f"rank {rank}"
+        assert bad["skipped"] == (mode == "skip"), f"rank {rank}"
+        if mode == "raise":
+            assert "on 1 of 3 ranks" in bad["raised"]
+        if algo == "sgd":
+            tensor = bad["grads"][1]
+            if mode == "propagate":
+                assert tensor[4].isnan() and not tensor[3].isnan()
+            elif mode == "skip":
+                assert all(bool((g == 0).all()) for g in bad["grads"])
+            else:
+                assert bad["unchanged"]
+            # The next step is the plain mean again: (0+2) + (1+2) + (2+2) over 3.
+            assert all(bool((g == 3.0).all()) for g in clean2["grads"])
+        else:
+            center = bad["center"][1]
+            if mode == "propagate":
+                assert center[4].isnan()
+            else:
+                assert bad["center_unchanged"] and not center.isnan().any()
