@@ -129,8 +129,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("code"), "NCCL's own message for an ncclResult_t.");
   py::class_<NcclCommunicator, std::shared_ptr<NcclCommunicator>>(
       m, "NcclCommunicator", "One NCCL communicator; collectives enqueue on a given stream.")
-      .def(py::init<const std::string&, int, int, int>(), py::arg("unique_id"), py::arg("nranks"),
-           py::arg("rank"), py::arg("device"), release)
+      .def(py::init<const std::string&, int, int, int, double>(), py::arg("unique_id"),
+           py::arg("nranks"), py::arg("rank"), py::arg("device"), py::arg("timeout"), release)
       .def_static("unique_id", []() { return py::bytes(NcclCommunicator::unique_id()); })
       .def(
           "all_reduce_sum",
@@ -153,7 +153,9 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("stream"),
           release)
+      .def("check", &NcclCommunicator::check, "Raises the failure the watchdog recorded, if any.")
       .def("abort", &NcclCommunicator::abort, release)
+      .def_property_readonly("nonblocking", &NcclCommunicator::nonblocking)
       .def_property_readonly("rank", &NcclCommunicator::rank)
       .def_property_readonly("nranks", &NcclCommunicator::nranks)
       .def_property_readonly("device", &NcclCommunicator::device);

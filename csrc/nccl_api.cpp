@@ -43,6 +43,7 @@ std::string bind_symbols(void* handle, NcclApi& api) {
     if (!symbol.found) return std::string("it has no ") + symbol.name;
   }
   find_symbol(handle, "ncclGetLastError", api.get_last_error);
+  find_symbol(handle, "ncclCommInitRankConfig", api.comm_init_rank_config);
   if (api.get_version(&api.version) != ncclSuccess) return "ncclGetVersion failed";
   if (api.version < kMinNcclVersion) {
     return "its version " + std::to_string(api.version) + " is older than the oldest supported " +

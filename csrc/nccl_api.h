@@ -26,7 +26,8 @@ struct NcclApi {
   decltype(&ncclBroadcast) broadcast;
   decltype(&ncclGroupStart) group_start;
   decltype(&ncclGroupEnd) group_end;
-  decltype(&ncclGetLastError) get_last_error;  // optional: NCCL >= 2.13
+  decltype(&ncclGetLastError) get_last_error;               // optional: NCCL >= 2.13
+  decltype(&ncclCommInitRankConfig) comm_init_rank_config;  // optional: NCCL >= 2.14
 
   int version = 0;   // NCCL_VERSION_CODE of the loaded library, e.g. 22703
   std::string path;  // what was opened ("(already loaded) libnccl.so.2" for torch's copy)

@@ -7,8 +7,9 @@ connections drop) and leaves nothing blocked behind, so the process can
 still save a checkpoint and exit. CPU buffers, CUDA buffers on gloo groups
 and the small bookkeeping collectives go through it. CUDA buffers on a
 group whose CUDA backend is NCCL go through the extension's own NCCL
-communicator, enqueued on the current stream (no host synchronization); in
-a build without NCCL support, through that group itself.
+communicator, enqueued on the current stream (no host synchronization),
+whose watchdog aborts NCCL when a collective misses the deadline so that the
+next call raises; in a build without NCCL support, through that group itself.
 
 Any failure becomes a ``CommunicationError`` naming the operation, the
 ranks and this rank; the object is unusable afterwards.
@@ -139,7 +140,8 @@ class Collectives:
             return None
         comm = self._communicators.get(device.index)
         if comm is None:
-            comm = _nccl.communicator(self._group, device, bootstrap=self._gloo)
+            seconds = self._timeout.total_seconds()
+            comm = _nccl.communicator(self._group, device, self._gloo, seconds)
             self._communicators[device.index] = comm
         return comm
 

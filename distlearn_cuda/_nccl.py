@@ -26,9 +26,9 @@ __all__ = ["LIBRARY_ENV", "communicator", "library_candidates", "load", "runtime
 LIBRARY_ENV = "DISTLEARN_NCCL_LIBRARY"
 _ALREADY_LOADED = ""  # the loader's name for "a libnccl.so.2 this process has loaded"
 
-# (group, CUDA device index) -> communicator; destroyed at exit, before the
-# CUDA context goes away.
-_communicators: dict[tuple[dist.ProcessGroup, int], _C.NcclCommunicator] = {}
+# (group, CUDA device index, deadline in seconds) -> communicator; destroyed
+# at exit, before the CUDA context goes away.
+_communicators: dict[tuple[dist.ProcessGroup, int, float], _C.NcclCommunicator] = {}
 atexit.register(_communicators.clear)
 
 
@@ -72,21 +72,22 @@ def runtime_version() -> int | None:
 
 
 def communicator(
-    group: Group, device: torch.device, bootstrap: dist.ProcessGroup
+    group: Group, device: torch.device, bootstrap: dist.ProcessGroup, timeout_s: float
 ) -> _C.NcclCommunicator:
-    """The communicator of ``group`` on ``device``, made on first use (collective).
+    """The communicator of ``group`` on ``device`` with deadline ``timeout_s``,
+    made on first use (collective).
 
     Rank 0 makes the unique id and ``bootstrap`` (a CPU group over the same
-    ranks) carries it to the others; every rank then joins.
+    ranks) carries it to the others; every rank then joins, within the deadline.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (group.group, index)
+    key = (group.group, index, timeout_s)
     found = _communicators.get(key)
     if found is not None:
         return found
     load()
     payload = [_C.NcclCommunicator.unique_id() if group.rank == 0 else None]
     dist.broadcast_object_list(payload, src=group.global_rank(0), group=bootstrap)
-    made = _C.NcclCommunicator(payload[0], group.world_size, group.rank, index)
+    made = _C.NcclCommunicator(payload[0], group.world_size, group.rank, index, timeout_s)
     _communicators[key] = made
     return made

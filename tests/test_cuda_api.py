@@ -7,12 +7,15 @@ in test_sgd.py and test_ea.py. Skipped (and reported so) without a GPU.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_world_outcomes
 from tensor_cases import fresh_seed, needs_gpu
 
 import distlearn_cuda as dl
@@ -160,3 +163,48 @@ def test_a_call_on_another_stream_waits_for_the_previous_call(nccl_world_of_one:
     torch.cuda.synchronize()
     for got, want in zip(first + second, expected[0] + expected[1], strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_collective_past_its_deadline_aborts_nccl_and_the_next_call_raises(
+    nccl_world_of_one: None,
+) -> None:
+    # One GPU cannot host a second NCCL rank to kill, so the collective is
+    # held back by queued work instead: the watchdog counts from enqueue.
+    sgd = dl.AllReduceSGD(timeout=0.5)
+    grads = random_list()
+    sgd.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU time ahead of the allreduce
+    sgd.sum_and_normalize_gradients(grads)
+    started = time.monotonic()
+    torch.cuda.synchronize()
+    time.sleep(0.1)  # the watchdog's poll
+    with pytest.raises(dl.CommunicationError, match="did not complete within"):
+        sgd.sum_and_normalize_gradients(grads)
+    assert time.monotonic() - started < 10
+
+
+def _nccl_rank_dies(rank: int, world_size: int, deadline_s: float) -> dict:
+    torch.cuda.set_device(rank)
+    group = dist.new_group(backend="nccl", device_id=torch.device("cuda", rank))
+    sgd = dl.AllReduceSGD(group, timeout=deadline_s)
+    grads = random_list()
+    for step in range(50):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            sgd.sum_and_normalize_gradients(grads)
+            torch.cuda.synchronize()  # returns once the watchdog aborted a stuck kernel
+        except dl.CommunicationError as error:
+            return {"step": step, "message": str(error), "at": time.time()}
+    return {"step": None}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: 2 GPUs")
+def test_a_rank_killed_over_nccl_makes_the_survivor_raise() -> None:
+    outcomes = run_world_outcomes(_nccl_rank_dies, 2, 2.0, timeout=60, expected=[0])
+    assert outcomes[1].status == "died"
+    report = outcomes[0].value
+    assert outcomes[0].status == "ok", report
+    assert report["step"] == 4 or report["step"] == 3, report
+    assert "NCCL" in report["message"] or "did not complete" in report["message"]

@@ -147,16 +147,20 @@ def test_unique_ids_need_no_gpu_and_a_communicator_without_one_raises() -> None:
         first, second = _C.NcclCommunicator.unique_id(), _C.NcclCommunicator.unique_id()
         assert len(first) == len(second) == 128 and first != second
         try:
-            _C.NcclCommunicator(first[:5], 1, 0, 0)
+            _C.NcclCommunicator(first[:5], 1, 0, 0, 5.0)
         except ValueError as error:
             print("short id:", error)
         try:
-            _C.NcclCommunicator(first, 2, 2, 0)
+            _C.NcclCommunicator(first, 2, 2, 0, 5.0)
         except ValueError as error:
             print("bad rank:", error)
+        try:
+            _C.NcclCommunicator(first, 1, 0, 0, 0.0)
+        except ValueError as error:
+            print("bad timeout:", error)
         if not torch.cuda.is_available():
             try:
-                _C.NcclCommunicator(first, 1, 0, 0)
+                _C.NcclCommunicator(first, 1, 0, 0, 5.0)
             except RuntimeError as error:
                 print("no gpu:", error)
         """
@@ -164,6 +168,7 @@ def test_unique_ids_need_no_gpu_and_a_communicator_without_one_raises() -> None:
     assert done.returncode == 0, done.stderr
     assert "short id: unique_id must be 128 bytes, got 5" in done.stdout
     assert "bad rank: rank 2 is not in a world of 2" in done.stdout
+    assert "bad timeout: timeout must be a finite number of seconds > 0" in done.stdout
     if not torch.cuda.is_available():
         assert "no gpu: cudaGetDevice" in done.stdout
 
