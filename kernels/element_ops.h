@@ -49,8 +49,8 @@ DL_INLINE void center_update_element(T& center, const B& delta_sum) {
 }
 
 // Non-finite probe: v - v is exactly 0 for every finite v and NaN for an
-// infinity or a NaN, so a sum of probes is 0 exactly when every value was
-// finite (a compare-free test that vectorizes).
+// infinity or a NaN, so `probe != 0` flags exactly the non-finite values
+// (NaN compares unequal to everything) with one subtract and one compare.
 template <typename Acc>
 DL_INLINE Acc nonfinite_probe(Acc v) {
   return v - v;
