@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
@@ -33,7 +33,7 @@ from .errors import CommunicationError
 if TYPE_CHECKING:
     from ._group import Group
 
-__all__ = ["Collectives", "uses_cuda_nccl"]
+__all__ = ["Collectives", "PendingSum", "uses_cuda_nccl"]
 
 
 def uses_cuda_nccl(group: dist.ProcessGroup) -> bool:
@@ -45,6 +45,21 @@ def uses_cuda_nccl(group: dist.ProcessGroup) -> bool:
     except RuntimeError:  # the group has no CUDA backend
         return False
     return type(backend).__name__ == "ProcessGroupNCCL"
+
+
+class PendingSum:
+    """A sum-allreduce in flight. ``wait()`` makes its result usable by work
+    the caller issues next (on a GPU: makes the current stream wait for it,
+    without blocking the host)."""
+
+    def __init__(self, finish: Callable[[], None]) -> None:
+        self._finish: Callable[[], None] | None = finish
+
+    def wait(self) -> None:
+        """Idempotent; raises CommunicationError if the allreduce failed."""
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish()
 
 
 class Collectives:
@@ -61,6 +76,7 @@ class Collectives:
         )
         self._cuda_nccl = uses_cuda_nccl(group.group)
         self._communicators: dict[int | None, _C.NcclCommunicator] = {}
+        self._side_streams: dict[int | None, torch.cuda.Stream] = {}
         self._failure: CommunicationError | None = None
 
     @property
@@ -81,6 +97,40 @@ class Collectives:
                 dist.all_reduce(buffer, group=self._group_for(buffer))
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
+
+    def all_reduce_sum_async(self, buffer: torch.Tensor) -> PendingSum:
+        """Starts buffer <- its sum over the ranks; the caller must not touch
+        the buffer until the returned ``PendingSum`` was waited for.
+
+        On the extension's NCCL the allreduce runs on a side stream (after
+        the work already queued on the current stream), so it overlaps what
+        the current stream does next; elsewhere it is an asynchronous
+        torch.distributed work, bounded by the private group's deadline.
+        """
+        self.check_usable("all_reduce_sum")
+        started = time.monotonic()
+        try:
+            comm = self._communicator(buffer.device)
+            if comm is not None:
+                current = torch.cuda.current_stream(buffer.device)
+                side = self._side_stream(buffer.device)
+                side.wait_stream(current)
+                code = DTYPE_CODES[buffer.dtype]
+                comm.all_reduce_sum(buffer.data_ptr(), buffer.numel(), code, side.cuda_stream)
+                done = torch.cuda.Event()
+                done.record(side)
+                return PendingSum(lambda: torch.cuda.current_stream(buffer.device).wait_event(done))
+            work = dist.all_reduce(buffer, group=self._group_for(buffer), async_op=True)
+        except RuntimeError as error:
+            self._fail("all_reduce_sum", started, error)
+
+        def finish() -> None:
+            try:
+                work.wait()
+            except RuntimeError as error:
+                self._fail("all_reduce_sum", started, error)
+
+        return PendingSum(finish)
 
     def broadcast(self, buffer: torch.Tensor, src: int) -> None:
         """buffer <- group rank ``src``'s buffer, in place."""
@@ -144,6 +194,12 @@ class Collectives:
             comm = _nccl.communicator(self._group, device, self._gloo, seconds)
             self._communicators[device.index] = comm
         return comm
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._side_streams.get(device.index)
+        if stream is None:
+            stream = self._side_streams[device.index] = torch.cuda.Stream(device)
+        return stream
 
     def check_usable(self, operation: str) -> None:
         """CommunicationError if an earlier collective of this object failed."""

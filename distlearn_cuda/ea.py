@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.autograd.graph import increment_version
 
 from . import _group, _tree
+from ._collectives import PendingSum
 from ._plan import Plan, PlanCache, lossless_dtype
 from ._tree import Flat
 from ._validate import (
@@ -64,6 +65,15 @@ class AllReduceEA(_group.GroupMember):
             elastic step; see ``last_round_skipped``) or ``"raise"`` (every
             rank raises ``FloatingPointError`` before the center changes;
             reads the device once per round).
+        asynchronous: start each round's allreduce and return without
+            waiting for it (default True); the sum is added to the center
+            when it is next needed: at the start of the next round (the
+            center is read only there), or by ``center``, ``state_dict``,
+            ``synchronize_*``. The communication then overlaps the tau local
+            steps in between, and every result is bitwise the same as with
+            False. A failed allreduce surfaces at that later point. With
+            ``nonfinite="raise"`` rounds are synchronous: the host must see
+            the flag before the round completes.
         timeout: deadline of every collective (seconds or a
             ``datetime.timedelta``, default 5 minutes); see ``AllReduceSGD``.
             A rank that finished its epoch waits for the others' next
@@ -81,9 +91,13 @@ class AllReduceEA(_group.GroupMember):
         *,
         comm_dtype: torch.dtype | None = None,
         nonfinite: str = "propagate",
+        asynchronous: bool = True,
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
+        if not isinstance(asynchronous, bool):
+            raise TypeError(f"asynchronous must be a bool, got {type(asynchronous).__name__}")
         self._nonfinite = check_nonfinite(nonfinite)
+        self._asynchronous = asynchronous and self._nonfinite != "raise"
         self._tau = check_tau(tau)
         self._alpha = check_alpha(alpha)
         self._comm_dtype = check_comm_dtype(comm_dtype)
@@ -98,12 +112,16 @@ class AllReduceEA(_group.GroupMember):
         self._checked_addresses: list[int] = []
         self._step = 0
         self._skip_plan: Plan | None = None  # the last round's, when it ran with "skip"
+        # A round whose allreduce is in flight: its plan's buffer is not
+        # touched, and the center not read, until _finish_pending_round.
+        self._pending: tuple[PendingSum, Plan] | None = None
 
     @property
     def last_round_skipped(self) -> bool:
         """Whether the last averaging round left the center unchanged because
         some rank's delta was not finite (``nonfinite="skip"``; the same
         answer on every rank). Reads the device; valid until the next round."""
+        self._finish_pending_round()
         plan = self._skip_plan
         return plan is not None and plan.nonfinite_ranks() > 0
 
@@ -118,15 +136,19 @@ class AllReduceEA(_group.GroupMember):
     @property
     def center(self) -> Any:
         """The center tensors, in the structure of the params last passed (a
-        dict by parameter name for an ``nn.Module``); None before the first call."""
+        dict by parameter name for an ``nn.Module``); None before the first call.
+        Completes a round still in flight first."""
         if not self._centers:
             return None
+        self._finish_pending_round()
         return self._rebuild(self._centers)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the step counter (where the next round
         falls) and copies of the center tensors, in the order of the params'
-        tensors (None before the first call)."""
+        tensors (None before the first call). Completes a round still in
+        flight first, so no sum is pending in a checkpoint."""
+        self._finish_pending_round()
         center = [c.detach().clone() for c in self._centers] if self._centers else None
         return {"step": self._step, "center": center}
 
@@ -134,6 +156,7 @@ class AllReduceEA(_group.GroupMember):
         """Restores ``state_dict()``'s output. Before the first call the center
         is kept and taken up by it; after, it must match the bound params.
         Everything is checked before anything changes."""
+        self._finish_pending_round()
         step = state_value(state, "step", int)
         center = state_value(state, "center", object)
         if center is not None:
@@ -167,7 +190,7 @@ class AllReduceEA(_group.GroupMember):
         flat, addresses = self._bind(params)
         self._step += 1
         if self._step % self._tau == 0:
-            self._round(flat, addresses, active=True)
+            self._round(flat, addresses, active=True, asynchronous=self._asynchronous)
 
     def synchronize_center(self, params: Any) -> None:
         """Waits for all ranks (joining their averaging rounds), then gives
@@ -237,14 +260,32 @@ class AllReduceEA(_group.GroupMember):
         assert self._signature is not None, "bound by the first call"
         return self._signature
 
-    def _round(self, flat: Flat, addresses: list[int], active: bool) -> Plan:
+    def _round(
+        self, flat: Flat, addresses: list[int], active: bool, asynchronous: bool = False
+    ) -> Plan:
+        self._finish_pending_round()  # the blend reads the center
         plan = self._delta_plan()
         slot = self.rank % plan.count_slots if active else -1
         plan.ea_blend(
             flat.tensors, addresses, self._centers, self._center_addresses, self._alpha, slot
         )
         increment_version(flat.tensors)
-        self._collectives.all_reduce_sum(plan.buffer)
+        if asynchronous:
+            self._pending = (self._collectives.all_reduce_sum_async(plan.buffer), plan)
+        else:
+            self._collectives.all_reduce_sum(plan.buffer)
+            self._finish_round(plan)
+        return plan
+
+    def _finish_pending_round(self) -> None:
+        if self._pending is not None:
+            pending, plan = self._pending
+            self._pending = None
+            pending.wait()
+            self._finish_round(plan)
+
+    def _finish_round(self, plan: Plan) -> None:
+        """center += the allreduced deltas, under the non-finite guard."""
         if self._nonfinite == "raise" and (ranks := plan.nonfinite_ranks()) > 0:
             raise FloatingPointError(
                 f"params: NaN or infinite deltas on {ranks} of {self.world_size} ranks in this "
@@ -253,7 +294,6 @@ class AllReduceEA(_group.GroupMember):
         skip = self._nonfinite == "skip"
         plan.center_update(self._centers, self._center_addresses, skip_nonfinite=skip)
         self._skip_plan = plan if skip else None
-        return plan
 
     def _wait_for_all_ranks(self, flat: Flat, addresses: list[int]) -> None:
         # Rounds of ranks still stepping carry count 1; ours carry count 0.

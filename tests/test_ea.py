@@ -36,15 +36,17 @@ def _ea_protocol(
     tau: int,
     alpha: float,
     device: str,
+    asynchronous: bool = True,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, list]:
-    ea = dl.AllReduceEA(None, tau, alpha)
-    params = [p.to(device) for p in start_params(seed, rank)]
+    ea = dl.AllReduceEA(None, tau, alpha, asynchronous=asynchronous)
+    params = [p.to(device, dtype) for p in start_params(seed, rank)]
     ea.synchronize_parameters(params)
     centers, params_at_sync = [], []
     for epoch, epoch_steps in enumerate(schedule):
         for step in range(epoch_steps[rank]):
             for p, d in zip(params, local_step(seed, rank, epoch, step), strict=True):
-                p.add_(d.to(device))
+                p.add_(d.to(device, dtype))
             ea.average_parameters(params)
         ea.synchronize_center(params)
         centers.append([c.clone().cpu() for c in ea.center])
@@ -202,3 +204,33 @@ def test_comm_dtype_bfloat16_deltas() -> None:
     for got, expected in zip(results[0][1:], start[1:], strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.float64),
+        ("cpu", torch.float32),
+        pytest.param("cuda", torch.float32, marks=needs_gpu),
+    ],
+)
+def test_asynchronous_rounds_are_bitwise_the_synchronous_ones(
+    device: str, dtype: torch.dtype
+) -> None:
+    rng = random.Random()
+    seed, world_size, tau = rng.randrange(2**31), 3, rng.choice([1, 2, 5])
+    schedule = [[rng.randint(0, 23) for _ in range(world_size)] for _ in range(3)]
+    runs = {
+        mode: run_world(_ea_protocol, world_size, schedule, seed, tau, 0.3, device, mode, dtype)
+        for mode in (True, False)
+    }
+    for rank in range(world_size):
+        for key in ("centers", "params"):
+            for epoch, (a, b) in enumerate(
+                zip(runs[True][rank][key], runs[False][rank][key], strict=True)
+            ):
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (key, epoch)
+        assert all(
+            torch.equal(x, y)
+            for x, y in zip(runs[True][rank]["final"], runs[False][rank]["final"], strict=True)
+        )
