@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.autograd.graph import increment_version
 
 from . import _group, _tree
-from ._plan import Plan, PlanCache, lossless_dtype
+from ._overlap import Bucket, OverlappedGradients, split_into_buckets
+from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
 from ._validate import (
     DEFAULT_TIMEOUT,
     Signature,
@@ -74,7 +76,10 @@ class AllReduceSGD(_group.GroupMember):
         self._grad_plan: Plan | None = None  # for the bound gradient signature
         self._param_signature: Signature | None = None
         self._steps = 0
-        self._skip_plan: Plan | None = None  # the last call's, when it ran with "skip"
+        # Whether the last call, made with "skip", zeroed the gradients (reads
+        # the device when asked); None when it ran with another mode.
+        self._skipped: Callable[[], bool] | None = None
+        self._overlap: OverlappedGradients | None = None
 
     @property
     def steps(self) -> int:
@@ -95,8 +100,7 @@ class AllReduceSGD(_group.GroupMember):
         """Whether the last ``sum_*`` call, made with ``nonfinite="skip"``,
         zeroed the gradients (the same answer on every rank). Reads the
         device; valid until the next call of this object."""
-        plan = self._skip_plan
-        return plan is not None and plan.nonfinite_ranks() > 0
+        return self._skipped is not None and self._skipped()
 
     def sum_gradients(self, grads: Any, nonfinite: str = "propagate") -> None:
         """Replaces every gradient by its sum over the ranks, in place.
@@ -154,7 +158,10 @@ class AllReduceSGD(_group.GroupMember):
         else:
             self._bind_gradients(grad_signature, trainable.names, "params (as gradients)")
 
-        self._wait_for_all_ranks(self._gradient_plan(grad_signature))
+        if self._overlap is not None:
+            self._wait_for_all_ranks(self._overlap.plans)
+        else:
+            self._wait_for_all_ranks([self._gradient_plan(grad_signature)])
         # Every rank is here: compare the parameters across ranks before any
         # of them is overwritten.
         self._collectives.check_same_structure(
@@ -172,10 +179,78 @@ class AllReduceSGD(_group.GroupMember):
             increment_version(flat.tensors)
         self._steps = 0
 
+    def attach(
+        self, module: nn.Module, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0
+    ) -> None:
+        """Overlaps the gradient allreduce with backward for ``module``.
+
+        Registers hooks that start the allreduce of each bucket of gradients
+        as soon as backward has produced all of them (a ``first_bucket_mb``
+        bucket first, so communication starts early, then ``bucket_mb``
+        ones, in reverse parameter order); ``sum_and_normalize_gradients
+        (module)`` (or ``sum_gradients``) then starts what is left, waits and
+        normalizes. Same results as without ``attach``, up to the order of
+        the floating-point sums; the uneven-steps semantics hold unchanged.
+        One backward per step: for gradient accumulation, ``detach()``.
+        Collective: every rank attaches the same module structure.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        for name, value in (("bucket_mb", bucket_mb), ("first_bucket_mb", first_bucket_mb)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number of megabytes > 0, got {value!r}")
+        if self._overlap is not None:
+            raise RuntimeError("attach: already attached to a module; detach() first")
+        self._collectives.check_usable("attach")
+        trainable = _tree.trainable(module, "module")
+        grad_signature = signature(trainable, "module", with_strides=False)
+        if self._grad_signature is None:
+            self._bind_gradients(grad_signature, trainable.names, "module")
+        else:
+            check_same_signature(self._grad_signature, grad_signature, "module")
+        # Reverse registration order: roughly the order backward produces gradients.
+        order = list(reversed(range(len(trainable.tensors))))
+        params = [trainable.tensors[i] for i in order]
+        groups = split_into_buckets(params, float(first_bucket_mb), float(bucket_mb))
+        self._collectives.check_same_structure(
+            [f"bucket {b}: " + " ".join(str(order[i]) for i in g) for b, g in enumerate(groups)],
+            [f"bucket {b}" for b in range(len(groups))],
+            "attach (buckets)",
+        )
+        dtype = self._comm_dtype or lossless_dtype([e[0] for e in grad_signature[1]])
+        buckets = []
+        for group in groups:
+            members = [params[i] for i in group]
+            bucket_signature = (
+                grad_signature[0],
+                tuple(grad_signature[1][order[i]] for i in group),
+            )
+            buckets.append(
+                Bucket(
+                    members,
+                    [trainable.names[order[i]] for i in group],
+                    # Its own plan, never the cache's: buckets of equal shapes
+                    # are in flight at once and must not share a buffer.
+                    Plan(bucket_signature, dtype, count_slots_for(self.world_size, dtype)),
+                )
+            )
+        self._overlap = OverlappedGradients(
+            module, buckets, self._collectives, lambda plan: self.rank % plan.count_slots
+        )
+
+    def detach(self) -> None:
+        """Undoes ``attach``: gradients are allreduced by the ``sum_*`` calls again."""
+        if self._overlap is not None:
+            self._overlap.detach()
+            self._overlap = None
+
     def _allreduce_gradients(self, grads: Any, normalize: bool, nonfinite: str) -> None:
         self._collectives.check_usable("sum_gradients")
         mode = check_nonfinite(nonfinite)
-        self._skip_plan = None
+        self._skipped = None
+        if self._overlap is not None and grads is self._overlap.module:
+            self._finish_overlapped(normalize, mode)
+            return
         flat = _tree.flatten_grads(grads, "grads")
         grad_signature = signature(flat, "grads", with_strides=False)
         if self._grad_signature is None:
@@ -193,8 +268,27 @@ class AllReduceSGD(_group.GroupMember):
             )
         plan.unpack(flat.tensors, addresses, normalize=normalize, skip_nonfinite=mode == "skip")
         if mode == "skip":
-            self._skip_plan = plan
+            self._skipped = lambda: plan.nonfinite_ranks() > 0
         increment_version(flat.tensors)
+        self._steps += 1
+
+    def _finish_overlapped(self, normalize: bool, mode: str) -> None:
+        """The end of an attached step. The non-finite flags are per bucket,
+        so "skip" and "raise" read them on the host to decide for all buckets."""
+        assert self._overlap is not None
+        overlap = self._overlap
+        overlap.finish(normalize=normalize, check=mode != "propagate")
+        if mode != "propagate":
+            ranks = max(plan.nonfinite_ranks() for plan in overlap.plans)
+            if ranks > 0 and mode == "raise":
+                raise FloatingPointError(
+                    f"grads: NaN or infinite values on {ranks} of {self.world_size} ranks in "
+                    f"this step; every rank raises, with its gradients unchanged"
+                )
+            if ranks > 0:
+                grads = [p.grad for b in overlap.buckets for p in b.params]
+                torch._foreach_zero_(grads)
+            self._skipped = lambda: ranks > 0
         self._steps += 1
 
     def _bind_gradients(self, grad_signature: Signature, names: list[str], arg: str) -> None:
@@ -213,13 +307,15 @@ class AllReduceSGD(_group.GroupMember):
             self._grad_plan = self._plans.get(grad_signature, dtype)
         return self._grad_plan
 
-    def _wait_for_all_ranks(self, plan: Plan) -> None:
-        # A stepping rank's allreduce carries its count 1; ours carries zeros
-        # and count 0. When a round sums to count 0, every rank is here.
+    def _wait_for_all_ranks(self, plans: list[Plan]) -> None:
+        # A stepping rank's allreduces (one per bucket when attached, in
+        # bucket order) carry its count 1; ours carry zeros and count 0.
+        # When a round sums to count 0, every rank is here.
         while True:
-            plan.buffer.zero_()
-            self._collectives.all_reduce_sum(plan.buffer)
-            if plan.contributor_count() == 0:
+            for plan in plans:
+                plan.buffer.zero_()
+                self._collectives.all_reduce_sum(plan.buffer)
+            if plans[0].contributor_count() == 0:
                 return
 
     def _rank_with_most_steps(self) -> int:

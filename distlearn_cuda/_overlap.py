@@ -1,0 +1,165 @@
+"""Backward-overlapped gradient allreduce for ``AllReduceSGD.attach``.
+
+The module's trainable parameters, in reverse registration order (the order
+backward usually produces their gradients), are cut into buckets: a small
+first one, so communication starts early, then ``bucket_mb`` each. A hook
+after each parameter's gradient accumulation counts the bucket's ready
+gradients; a full bucket is packed (its own flat buffer and count slot) and
+its allreduce started asynchronously. Buckets start strictly in index order
+(a full bucket waits for the ones before it), so every rank issues the same
+collectives in the same order whatever order its gradients arrive in.
+``finish`` then starts what is left, waits, and unpacks with normalization.
+
+Invariant: between two ``finish`` calls each bucket starts at most once; a
+second backward before ``finish`` raises instead of summing half a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.autograd.graph import increment_version
+
+from ._collectives import Collectives, PendingSum
+from ._plan import Plan
+
+__all__ = ["Bucket", "OverlappedGradients", "split_into_buckets"]
+
+_MB = 2**20
+
+
+def split_into_buckets(
+    params: list[nn.Parameter], first_bucket_mb: float, bucket_mb: float
+) -> list[list[int]]:
+    """Indices of ``params`` per bucket, in order: the first bucket up to
+    ``first_bucket_mb``, the others up to ``bucket_mb`` (a parameter larger
+    than a bucket gets a bucket of its own); a bucket holds one device only."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for index, param in enumerate(params):
+        nbytes = param.numel() * param.element_size()
+        cap = (first_bucket_mb if not buckets else bucket_mb) * _MB
+        if current and (size + nbytes > cap or param.device != params[current[0]].device):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(index)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@dataclass
+class Bucket:
+    """Parameters whose gradients travel together, and their flat buffer."""
+
+    params: list[nn.Parameter]
+    names: list[str]
+    plan: Plan
+    ready: int = 0
+    started: bool = False
+    pending: PendingSum | None = None
+    grads: list[torch.Tensor] = field(default_factory=list)
+    addresses: list[int] = field(default_factory=list)
+
+
+class OverlappedGradients:
+    """The buckets of one attached module and the hooks that start them."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        buckets: list[Bucket],
+        collectives: Collectives,
+        count_slot: Callable[[Plan], int],
+    ) -> None:
+        self.module = module
+        self.buckets = buckets
+        self._collectives = collectives
+        self._count_slot = count_slot
+        self._next = 0  # the first bucket not started yet
+        self._handles = [
+            param.register_post_accumulate_grad_hook(self._hook(index))
+            for index, bucket in enumerate(buckets)
+            for param in bucket.params
+        ]
+
+    @property
+    def plans(self) -> list[Plan]:
+        return [bucket.plan for bucket in self.buckets]
+
+    def detach(self) -> None:
+        """Removes the hooks; refuses while a step is half done."""
+        if any(bucket.started or bucket.ready for bucket in self.buckets):
+            raise RuntimeError(
+                "detach: a backward ran since the last sum_and_normalize_gradients; "
+                "finish the step first"
+            )
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def finish(self, normalize: bool, check: bool) -> None:
+        """Starts the buckets backward did not fill, waits for all, unpacks.
+        With ``check``, gradients stay as they were when some rank packed a
+        non-finite value (the caller reads the flags and decides)."""
+        while self._next < len(self.buckets):
+            self._start(self._next)
+        for bucket in self.buckets:
+            assert bucket.pending is not None
+            bucket.pending.wait()
+        flagged = check and any(b.plan.nonfinite_ranks() > 0 for b in self.buckets)
+        for bucket in self.buckets:
+            if not flagged:
+                bucket.plan.unpack(bucket.grads, bucket.addresses, normalize=normalize)
+            increment_version(bucket.grads)
+            bucket.ready, bucket.started, bucket.pending = 0, False, None
+            bucket.grads, bucket.addresses = [], []
+        self._next = 0
+
+    def _hook(self, index: int) -> Callable[[nn.Parameter], None]:
+        def on_gradient(_: nn.Parameter) -> None:
+            bucket = self.buckets[index]
+            if bucket.started:
+                raise RuntimeError(
+                    "AllReduceSGD.attach: a second backward before sum_and_normalize_gradients; "
+                    "overlapped mode takes one backward per step (detach() for gradient "
+                    "accumulation)"
+                )
+            bucket.ready += 1
+            while self._next < len(self.buckets) and self._full(self.buckets[self._next]):
+                self._start(self._next)
+
+        return on_gradient
+
+    @staticmethod
+    def _full(bucket: Bucket) -> bool:
+        return bucket.ready == len(bucket.params)
+
+    def _start(self, index: int) -> None:
+        bucket = self.buckets[index]
+        grads = []
+        for param, name in zip(bucket.params, bucket.names, strict=True):
+            grad = param.grad
+            if grad is None:
+                raise ValueError(
+                    f"grads: parameter '{name}' has no .grad; overlapped mode needs a gradient "
+                    f"for every trainable parameter in every step"
+                )
+            if grad.shape != param.shape or grad.dtype != param.dtype or not grad.is_contiguous():
+                raise ValueError(
+                    f"grads: the .grad of '{name}' is not a contiguous {param.dtype} tensor of "
+                    f"the parameter's shape"
+                )
+            grads.append(grad)
+        addresses = [g.data_ptr() for g in grads]
+        plan = bucket.plan
+        plan.pack(grads, addresses, count_slot=self._count_slot(plan))
+        bucket.grads, bucket.addresses = grads, addresses
+        bucket.pending = self._collectives.all_reduce_sum_async(plan.buffer)
+        bucket.started = True
+        self._next = index + 1

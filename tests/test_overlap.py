@@ -1,0 +1,158 @@
+"""AllReduceSGD.attach: allreduces started from backward hooks, in buckets,
+against the plain mode in real gloo worlds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from multiproc import run_world
+from torch import nn
+
+import distlearn_cuda as dl
+
+# Bucket sizes that cut the test model into several buckets (its parameters
+# are a few KB each).
+TINY_BUCKETS = {"bucket_mb": 0.004, "first_bucket_mb": 0.001}
+
+
+class Net(nn.Module):
+    """A small MLP; ``reverse`` runs its layers in the opposite order of their
+    registration, so backward produces gradients in an unusual order."""
+
+    def __init__(self, reverse: bool) -> None:
+        super().__init__()
+        self.reverse = reverse
+        self.layers = nn.ModuleList([nn.Linear(24, 24) for _ in range(5)])
+        self.frozen = nn.Linear(24, 24)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self.layers)[::-1] if self.reverse else list(self.layers)
+        for layer in layers:
+            x = torch.tanh(layer(x))
+        return self.frozen(x).sum()
+
+
+def _train(
+    rank: int, world_size: int, overlapped: bool, reverse: bool, steps: list[int], seed: int
+) -> dict:
+    torch.manual_seed(seed)  # same init everywhere
+    model = Net(reverse)
+    sgd = dl.AllReduceSGD()
+    if overlapped:
+        sgd.attach(model, **TINY_BUCKETS)
+    sgd.synchronize_parameters(model)
+    started_during_backward = []
+    generator = torch.Generator().manual_seed(seed * 100 + rank)
+    for epoch_steps in steps:
+        for _ in range(epoch_steps if rank < world_size - 1 else epoch_steps // 2):
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(8, 24, generator=generator)).backward()
+            if overlapped:
+                started_during_backward.append(sum(b.started for b in sgd._overlap.buckets))
+            sgd.sum_and_normalize_gradients(model)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.sub_(0.1 * p.grad)
+        sgd.synchronize_parameters(model)
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buckets": len(sgd._overlap.buckets) if overlapped else 0,
+        "started": started_during_backward,
+    }
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_overlapped_matches_plain_with_uneven_steps(reverse: bool) -> None:
+    seed = random.randrange(2**31)
+    steps = [5, 3]  # the last rank takes half: uneven epochs
+    plain = run_world(_train, 3, False, reverse, steps, seed, timeout=60)
+    overlapped = run_world(_train, 3, True, reverse, steps, seed, timeout=60)
+    for rank in range(3):
+        assert overlapped[rank]["buckets"] > 2
+        # Every bucket started during backward, before the sum call.
+        assert all(n == overlapped[rank]["buckets"] for n in overlapped[rank]["started"])
+        for a, b in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for a, b in zip(overlapped[rank]["params"], overlapped[0]["params"], strict=True):
+            assert torch.equal(a, b)
+
+
+def _nan_overlapped(rank: int, world_size: int, mode: str) -> dict:
+    torch.manual_seed(0)
+    model = Net(reverse=False)
+    sgd = dl.AllReduceSGD()
+    sgd.attach(model, **TINY_BUCKETS)
+    x = torch.ones(2, 24)
+    if rank == 1:
+        x[0, 0] = float("nan")  # NaN gradients, packed by the hooks during backward
+    model(x).backward()
+    before = [p.grad.clone() for p in model.layers.parameters()]
+    try:
+        sgd.sum_and_normalize_gradients(model, nonfinite=mode)
+        raised = False
+    except FloatingPointError:
+        raised = True
+    after = [p.grad for p in model.layers.parameters()]
+    return {
+        "raised": raised,
+        "skipped": sgd.last_step_skipped,
+        "zeros": all(bool((g == 0).all()) for g in after),
+        "unchanged": all(
+            torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+            for a, b in zip(after, before, strict=True)
+        ),
+    }
+
+
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_overlapped_nonfinite_guard_decides_alike_on_every_rank(mode: str) -> None:
+    for report in run_world(_nan_overlapped, 2, mode, timeout=60):
+        if mode == "skip":
+            assert report["skipped"] and report["zeros"] and not report["raised"]
+        else:
+            assert report["raised"] and report["unchanged"]
+
+
+@pytest.mark.usefixtures("world_of_one")
+def test_a_second_backward_in_one_step_is_refused() -> None:
+    model = Net(reverse=False)
+    sgd = dl.AllReduceSGD()
+    sgd.attach(model, **TINY_BUCKETS)
+    model(torch.ones(2, 24)).backward()
+    with pytest.raises(RuntimeError, match="one backward per step"):
+        model(torch.ones(2, 24)).backward()
+
+
+@pytest.mark.usefixtures("world_of_one")
+def test_detach_returns_to_the_plain_mode_and_attach_checks_its_arguments() -> None:
+    model = Net(reverse=False)
+    sgd = dl.AllReduceSGD()
+    with pytest.raises(TypeError, match="module must be"):
+        sgd.attach([torch.ones(3)])
+    with pytest.raises(ValueError, match="bucket_mb"):
+        sgd.attach(model, bucket_mb=0)
+    sgd.attach(model)
+    with pytest.raises(RuntimeError, match="already attached"):
+        sgd.attach(model)
+    model(torch.ones(2, 24)).backward()
+    with pytest.raises(RuntimeError, match="finish the step first"):
+        sgd.detach()
+    sgd.sum_and_normalize_gradients(model)
+    sgd.detach()
+    for _ in range(2):  # gradient accumulation works again
+        model(torch.ones(2, 24)).backward()
+    sgd.sum_and_normalize_gradients(model)
+    assert sgd.steps == 2
+
+
+@pytest.mark.usefixtures("world_of_one")
+def test_a_parameter_without_gradient_is_named() -> None:
+    model = Net(reverse=False)
+    sgd = dl.AllReduceSGD()
+    sgd.attach(model, **TINY_BUCKETS)
+    with pytest.raises(ValueError, match=r"has no \.grad"):
+        sgd.sum_and_normalize_gradients(model)
