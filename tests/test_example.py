@@ -166,6 +166,19 @@ def test_example_defaults_reach_95_percent_with_2_processes(algo: str) -> None:
     assert torchrun_digits(2, "--algo", algo) >= 0.95
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--algo", "sgd", "--comm-dtype", "bfloat16", "--overlap"),
+        ("--algo", "ea", "--comm-dtype", "bfloat16"),
+    ],
+)
+def test_example_converges_with_bfloat16_communication(options: tuple[str, ...]) -> None:
+    # bf16 keeps 8 bits of mantissa: each averaged gradient or delta is off by
+    # up to 2^-9 relative, which SGD's noise swamps.
+    assert torchrun_digits(2, *options) >= 0.95
+
+
 @pytest.mark.parametrize("algo", ["sgd", "ea"])
 def test_example_reaches_95_percent_with_4_processes_on_uneven_parts(algo: str) -> None:
     assert torchrun_digits(4, "--algo", algo, "--uneven") >= 0.95

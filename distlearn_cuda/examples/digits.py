@@ -43,6 +43,9 @@ def build_model() -> nn.Module:
     )
 
 
+COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -56,6 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="MNIST IDX files (default: scikit-learn's digits)")
     parser.add_argument("--uneven", action="store_true", help="give rank r a part ∝ r + 1")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--comm-dtype",
+        choices=sorted(COMM_DTYPES),
+        help="dtype gradients or deltas travel in (default: the parameters')",
+    )
+    parser.add_argument(
+        "--overlap", action="store_true", help="SGD: allreduce gradients during backward"
+    )
     return parser.parse_args(argv)
 
 
@@ -63,8 +74,11 @@ def main(argv: list[str] | None = None) -> float:
     """Trains and evaluates; returns the final test accuracy (a fraction)."""
     args = parse_args(argv)
     # Constructing the algorithm joins torchrun's world (or makes a world of one).
+    comm_dtype = COMM_DTYPES[args.comm_dtype] if args.comm_dtype else None
     algo = (
-        dl.AllReduceEA(tau=args.tau, alpha=args.alpha) if args.algo == "ea" else dl.AllReduceSGD()
+        dl.AllReduceEA(tau=args.tau, alpha=args.alpha, comm_dtype=comm_dtype)
+        if args.algo == "ea"
+        else dl.AllReduceSGD(comm_dtype=comm_dtype)
     )
     sgd = isinstance(algo, dl.AllReduceSGD)
     device = _device(args.device)
@@ -83,6 +97,8 @@ def main(argv: list[str] | None = None) -> float:
     steps_per_epoch = -(-len(train) // args.batch_size)
     progress = tqdm(total=args.epochs * steps_per_epoch, unit="step", disable=rank != 0)
 
+    if args.overlap and sgd:
+        algo.attach(model)
     algo.synchronize_parameters(model)
     for epoch in range(1, args.epochs + 1):
         model.train()
