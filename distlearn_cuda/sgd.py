@@ -12,6 +12,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from . import _group, _tree
+from ._flat_storage import FlatStorage
 from ._overlap import Bucket, OverlappedGradients, split_into_buckets
 from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
 from ._validate import (
@@ -80,6 +81,7 @@ class AllReduceSGD(_group.GroupMember):
         # the device when asked); None when it ran with another mode.
         self._skipped: Callable[[], bool] | None = None
         self._overlap: OverlappedGradients | None = None
+        self._flat: FlatStorage | None = None
 
     @property
     def steps(self) -> int:
@@ -238,6 +240,42 @@ class AllReduceSGD(_group.GroupMember):
             module, buckets, self._collectives, lambda plan: self.rank % plan.count_slots
         )
 
+    def use_flat_storage(self, module: nn.Module) -> None:
+        """Makes ``module``'s trainable parameters and gradients views into two
+        contiguous buffers, the gradients' being the one the allreduce runs
+        on: ``sum_*(module)`` then copies nothing (it writes the count slot,
+        allreduces in place and scales in place).
+
+        Needs one dtype and device for all trainable parameters, and
+        ``comm_dtype`` None or that dtype. Keep the gradients in place with
+        ``optimizer.zero_grad(set_to_none=False)``; a gradient made anew is
+        copied back into its view (correct, not zero-copy for that step).
+        Optimizers keep working, made before or after (the parameters stay
+        the same objects). ``synchronize_parameters`` reuses the buffer, so
+        it leaves the gradients zeroed or overwritten. Not with ``attach``.
+        Collective.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if self._overlap is not None or self._flat is not None:
+            raise RuntimeError("use_flat_storage: already attached or flattened")
+        self._collectives.check_usable("use_flat_storage")
+        trainable = _tree.trainable(module, "module")
+        grad_signature = signature(trainable, "module", with_strides=False)
+        dtypes = {entry[0] for entry in grad_signature[1]}
+        if len(dtypes) != 1 or (self._comm_dtype not in (None, *dtypes)):
+            raise ValueError(
+                "module: use_flat_storage needs one dtype for all trainable parameters and "
+                f"comm_dtype None or that dtype; got {sorted(map(str, dtypes))} and "
+                f"comm_dtype {self._comm_dtype}"
+            )
+        if self._grad_signature is None:
+            self._bind_gradients(grad_signature, trainable.names, "module")
+        else:
+            check_same_signature(self._grad_signature, grad_signature, "module")
+        params = list(trainable.tensors)
+        self._flat = FlatStorage(module, params, self._gradient_plan(grad_signature))
+
     def detach(self) -> None:
         """Undoes ``attach``: gradients are allreduced by the ``sum_*`` calls again."""
         if self._overlap is not None:
@@ -250,6 +288,9 @@ class AllReduceSGD(_group.GroupMember):
         self._skipped = None
         if self._overlap is not None and grads is self._overlap.module:
             self._finish_overlapped(normalize, mode)
+            return
+        if self._flat is not None and grads is self._flat.module:
+            self._allreduce_flat(normalize, mode)
             return
         flat = _tree.flatten_grads(grads, "grads")
         grad_signature = signature(flat, "grads", with_strides=False)
@@ -270,6 +311,25 @@ class AllReduceSGD(_group.GroupMember):
         if mode == "skip":
             self._skipped = lambda: plan.nonfinite_ranks() > 0
         increment_version(flat.tensors)
+        self._steps += 1
+
+    def _allreduce_flat(self, normalize: bool, mode: str) -> None:
+        """A step on flat storage: no pack, no unpack."""
+        assert self._flat is not None
+        flat = self._flat
+        flat.gather_gradients()
+        flat.write_slots(self.rank % flat.plan.count_slots, check_nonfinite=mode != "propagate")
+        self._collectives.all_reduce_sum(flat.plan.buffer)
+        if mode == "raise" and (ranks := flat.plan.nonfinite_ranks()) > 0:
+            raise FloatingPointError(
+                f"grads: NaN or infinite values on {ranks} of {self.world_size} ranks in this "
+                f"step; every rank raises (flat storage: gradients hold the sum)"
+            )
+        flat.scale(normalize=normalize, skip_nonfinite=mode == "skip")
+        if mode == "skip":
+            plan = flat.plan
+            self._skipped = lambda: plan.nonfinite_ranks() > 0
+        increment_version(flat.grad_views)
         self._steps += 1
 
     def _finish_overlapped(self, normalize: bool, mode: str) -> None:
