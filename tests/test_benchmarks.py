@@ -11,14 +11,17 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from benchmarks import bench_cuda_ops as bench
+from benchmarks import bench_e2e_ea, bench_e2e_sgd, e2e
 from benchmarks.harness import markdown_table
 from benchmarks.shapes import (
     GPT2_SMALL_NUM_PARAMS,
@@ -349,3 +352,244 @@ def test_bench_cuda_ops_quick_writes_its_reports(tmp_path: Path) -> None:
         assert math.isclose(row["speedup"], row["eager_us"] / row["fused_us"])
     assert (tmp_path / "cuda_ops_quick.png").stat().st_size > 0
     assert "| tensor list |" in (tmp_path / "cuda_ops_quick.md").read_text()
+
+
+# ---------------------------------------------------------------------------
+# bench_e2e_sgd, bench_e2e_ea: 2 processes over gloo, whole training steps.
+
+
+def run_quick(module: str, out: Path) -> dict[str, Any]:
+    """Runs ``python -m benchmarks.<module> --quick``; returns its JSON report."""
+    command = [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out)]
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "| model | params |" in done.stdout and "wrote " in done.stdout
+    return json.loads((out / f"{module.removeprefix('bench_')}_quick.json").read_text())
+
+
+def check_e2e_report(report: dict[str, Any], name: str, out: Path) -> None:
+    """What both end-to-end reports hold: the run, both models, ratios to the baseline."""
+    meta = report["meta"]
+    assert {"date", "cpu", "torch", "commit", "metric", "targets"} <= meta.keys()
+    assert meta["processes"] == 2 and meta["backend"] == "gloo" and meta["torch_threads"] == 1
+    assert meta["quick"] is True and meta["batch_size_per_rank"] == 32
+    assert list(meta["models"]) == ["digits", "mlp25m"]
+    assert meta["models"]["mlp25m"]["params"] == e2e.mlp_num_params(e2e.MLP_QUICK_SIZES)
+    for row in report["rows"]:
+        if row["ms"] is None:  # a configuration this version lacks
+            assert row["note"] == "not available in this version" and row["ratio"] is None
+            continue
+        assert row["ms"] > 0 and row["min_ms"] > 0 and row["steps"] > 0
+        assert len(row["ms_by_rank"]) == 2 and row["ms_by_rank"][0] == row["ms"]
+        baseline = next(
+            r["ms"] for r in report["rows"] if r["model"] == row["model"] and r["key"] == "local"
+        )
+        assert math.isclose(row["ratio"], row["ms"] / baseline)
+    assert (out / f"{name}.png").stat().st_size > 0
+    md = (out / f"{name}.md").read_text()
+    assert "Quick run" in md and "| model | params |" in md and "Targets" in md
+
+
+def test_bench_e2e_sgd_quick_writes_its_reports(tmp_path: Path) -> None:
+    report = run_quick("bench_e2e_sgd", tmp_path)
+    check_e2e_report(report, "e2e_sgd_quick", tmp_path)
+    rows = report["rows"]
+    assert [(r["model"], r["key"]) for r in rows] == [
+        (model, key) for model in ("digits", "mlp25m") for key in bench_e2e_sgd.CONFIGS
+    ]
+    assert all(r["tau"] is None for r in rows)
+    overlapped = [r for r in rows if r["key"] == "ours_overlapped"]
+    assert all((r["ms"] is None) != bench_e2e_sgd.has_overlap() for r in overlapped)
+    assert [t["model"] for t in report["meta"]["targets"]] == ["digits", "mlp25m"]
+
+
+def test_bench_e2e_ea_quick_writes_its_reports(tmp_path: Path) -> None:
+    report = run_quick("bench_e2e_ea", tmp_path)
+    check_e2e_report(report, "e2e_ea_quick", tmp_path)
+    rows = report["rows"]
+    expected = [
+        (model, key, tau)
+        for model in ("digits", "mlp25m")
+        for key, tau in [("local", None)]
+        + [(key, tau) for tau in (1, 10, 50) for key in bench_e2e_ea.CONFIGS]
+    ]
+    assert [(r["model"], r["key"], r["tau"]) for r in rows] == expected
+    for row in rows:
+        if row["ms"] is not None and row["tau"] is not None:
+            assert row["steps"] % row["tau"] == 0  # blocks of whole periods
+    assert report["meta"]["taus"] == [1, 10, 50] and report["meta"]["alpha"] == 0.2
+    assert len(report["meta"]["targets"]) == 4
+
+
+def test_mlp_has_25m_params_by_its_sizes() -> None:
+    assert e2e.mlp_num_params(e2e.MLP_SIZES) == 25_175_040
+    assert 24_000_000 <= e2e.mlp_num_params(e2e.MLP_SIZES) <= 26_000_000
+    with torch.device("meta"):  # the count of the real module, nothing allocated
+        model = e2e.build_mlp(e2e.MLP_SIZES)
+    assert sum(p.numel() for p in model.parameters()) == 25_175_040
+    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    spec = e2e.model_spec("mlp25m", quick=False)
+    assert spec.num_params == 25_175_040 and spec.input_shape == (1024,)
+    assert spec.num_classes == 1024 and "1024-4096-4096-1024" in spec.description
+
+
+def test_model_specs_build_what_they_describe() -> None:
+    for name in e2e.MODELS:
+        spec = e2e.model_spec(name, quick=True)
+        model = spec.build()
+        assert sum(p.numel() for p in model.parameters()) == spec.num_params
+        inputs, labels = e2e.synthetic_batches(spec, rank=0)[0]
+        assert model(inputs).shape == (e2e.BATCH_SIZE, spec.num_classes)
+        assert int(labels.max()) < spec.num_classes
+    digits = e2e.model_spec("digits", quick=False)
+    assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10
+    assert not torch.equal(
+        e2e.synthetic_batches(digits, rank=0)[0][0], e2e.synthetic_batches(digits, rank=1)[0][0]
+    )
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        e2e.model_spec("resnet", quick=False)
+
+
+def test_block_steps_hold_whole_periods() -> None:
+    assert e2e.block_steps(60, rounds=12, period=1) == 5
+    assert e2e.block_steps(7, rounds=1, period=1) == 7
+    assert e2e.block_steps(200, rounds=4, period=10) == 50
+    assert e2e.block_steps(200, rounds=4, period=50) == 50
+    assert e2e.block_steps(60, rounds=1, period=50) == 100  # rounded up
+    assert bench_e2e_sgd.rounds_for(60) == 12 and bench_e2e_sgd.rounds_for(3) == 1
+    assert bench_e2e_ea.rounds_for(200) == 4 and bench_e2e_ea.rounds_for(10) == 1
+    with pytest.raises(ValueError, match=">= 1"):
+        e2e.block_steps(10, rounds=0, period=1)
+
+
+@pytest.mark.parametrize("tau", [1, 2, 10, 50])
+@pytest.mark.parametrize("warmup", [1, 5, 60])
+def test_ea_warmup_leaves_the_next_step_a_round(tau: int, warmup: int) -> None:
+    steps = bench_e2e_ea.warmup_steps(warmup, tau)
+    assert steps >= warmup and steps >= tau  # at least one round, untimed
+    assert (steps + 1) % tau == 0  # so every block of whole periods starts with a round
+    assert steps - tau < max(warmup, tau)  # the fewest such steps
+
+
+def test_time_blocks_alternate_configurations_in_whole_periods() -> None:
+    calls: list[str] = []
+
+    def config(key: str, period: int) -> e2e.Config:
+        return e2e.Config(
+            key,
+            key.upper(),
+            lambda: calls.append(key),
+            finish=lambda: calls.append(f"{key} finish"),
+            period=period,
+        )
+
+    timings = e2e.time_blocks(
+        [config("a", 1), config("b", 2)], steps=5, rounds=2, align=lambda: calls.append("|")
+    )
+    a, b = ["a"] * 3 + ["a finish"], ["b"] * 4 + ["b finish"]  # 3 steps a round, b: 2 periods
+    assert calls == ["|", *a, "|", *b, "|", *b, "|", *a]  # reversed every other round
+    assert len(timings["a"].step_ms) == 6 and len(timings["a"].block_ms_per_step) == 2
+    assert len(timings["b"].step_ms) == 8 and len(timings["b"].block_ms_per_step) == 2
+    summary = timings["b"].summary()
+    assert summary["steps"] == 8 and summary["blocks"] == 2
+    assert summary["min_step_ms"] <= summary["median_step_ms"]
+
+
+def fake_results(ms: dict[str, float], unavailable: dict[str, str]) -> dict[str, Any]:
+    timings = {
+        key: {"median_step_ms": v, "min_step_ms": v / 2, "steps": 10} for key, v in ms.items()
+    }
+    return {"models": {"digits": {"timings": timings, "unavailable": unavailable}}}
+
+
+def test_rows_are_ratios_to_the_local_step_and_say_what_is_missing() -> None:
+    spec = e2e.model_spec("digits", quick=False)
+    per_rank = [
+        fake_results({"local": 2.0, "ours": 3.0}, {"ours_overlapped": "not available"}),
+        fake_results({"local": 2.2, "ours": 3.3}, {"ours_overlapped": "not available"}),
+    ]
+    entries = [
+        ("local", "local", "no communication", None),
+        ("ours", "ours", "ours: sum", None),
+        ("ours_overlapped", "ours_overlapped", "ours overlapped", None),
+    ]
+    rows = e2e.build_rows(spec, per_rank, entries, "median_step_ms", "min_step_ms")
+    assert [r.ratio for r in rows] == [1.0, 1.5, None]
+    assert rows[1].ms == 3.0 and rows[1].min_ms == 1.5 and rows[1].ms_by_rank == [3.0, 3.3]
+    assert rows[2].note == "not available" and rows[2].ms is None
+    table = e2e.format_rows(rows, with_tau=False).splitlines()
+    assert table[0] == ("| model | params | configuration | step ms | min ms | x no-comm | added |")
+    assert table[1] == "|---|---:|---|---:|---:|---:|---:|"
+    assert table[3] == "| digits | 29,066 | ours: sum | 3.00 | 1.50 | 1.500x | +50.0% |"
+    assert table[4] == (
+        "| digits | 29,066 | ours overlapped (not available) | n/a | n/a | n/a | n/a |"
+    )
+    with_tau = e2e.format_rows([dataclasses.replace(rows[1], tau=10)], with_tau=True)
+    assert "| digits | 29,066 | 10 | ours: sum |" in with_tau
+
+
+def e2e_row(key: str, ms: float | None, tau: int | None = None) -> e2e.Row:
+    ratio = None if ms is None else ms / 100.0  # a 100 ms no-communication step
+    return e2e.Row("mlp25m", 25_175_040, key, key, tau, ms, ms, ratio, 10, None)
+
+
+def test_targets_read_the_issue_goals() -> None:
+    sgd_rows = [e2e_row("local", 100.0), e2e_row("ours_overlapped", 150.0)]
+    sgd = bench_e2e_sgd.targets([*sgd_rows, e2e_row("ddp_bucket_view", 154.0)])
+    assert [t["met"] for t in sgd] == [True]
+    missing = bench_e2e_sgd.targets(
+        [e2e_row("ours_overlapped", None), e2e_row("ddp_bucket_view", 1)]
+    )
+    assert missing[0]["met"] is None and missing[0]["value"] == "not available in this version"
+    ea_rows = [e2e_row("local", 100.0), e2e_row("ours_async", 102.0, tau=10)]
+    ea = bench_e2e_ea.targets([*ea_rows, e2e_row("periodic_model_averager", 107.0, tau=10)])
+    assert [t["met"] for t in ea] == [True, True]
+    assert ea[1]["value"] == "+2.0% vs +7.0%"
+    slow = bench_e2e_ea.targets(
+        [e2e_row("ours_async", 104.0, tau=10), e2e_row("periodic_model_averager", 107.0, tau=10)]
+    )
+    assert [t["met"] for t in slow] == [False, False]
+    text = e2e.format_targets(slow, quick=False)
+    assert text.splitlines()[1].endswith("+4.0%: NOT met")
+    assert "NOT met" not in e2e.format_targets(slow, quick=True)
+
+
+def test_options_default_by_mode_and_check_the_models() -> None:
+    quick = bench_e2e_sgd.parse_args(["--quick"])
+    assert (quick.steps, quick.warmup, quick.timeout) == (10, 1, 110.0)
+    full = bench_e2e_ea.parse_args(["--models", "mlp25m", "--steps", "300", "--no-chart"])
+    assert (full.steps, full.warmup, full.models, full.no_chart) == (300, 5, ["mlp25m"], True)
+    with pytest.raises(SystemExit):
+        bench_e2e_sgd.parse_args(["--models", "digits,resnet"])
+    with pytest.raises(SystemExit):
+        bench_e2e_sgd.parse_args(["--steps", "0"])
+
+
+def raise_on_rank_1(rank: int, world_size: int) -> int:
+    """A launch target: rank 1 fails, rank 0 waits for it in a collective."""
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    dist.barrier()
+    return rank
+
+
+def sleep_for(rank: int, world_size: int, seconds: float) -> None:
+    """A launch target that outlasts the launcher's timeout."""
+    time.sleep(seconds)
+
+
+def test_launch_reports_a_failing_rank_without_waiting_for_its_peer() -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 fails on purpose") as failure:
+        e2e.launch(f"{__name__}:raise_on_rank_1", (), timeout=60)
+    assert "rank 1:" in str(failure.value) and "ValueError" in str(failure.value)
+    assert time.monotonic() - start < 30  # not the collective's timeout nor the launcher's
+
+
+def test_launch_kills_ranks_that_outlast_its_timeout() -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"no result within the 3 s timeout from ranks \[0, 1\]"):
+        e2e.launch(f"{__name__}:sleep_for", (60.0,), timeout=3)
+    assert time.monotonic() - start < 20
