@@ -66,9 +66,9 @@ PYBIND11_MODULE(_C, m) {
         "skip_nonfinite and the flag is set.");
   m.def("ea_blend", &distlearn::ea_blend_cpu, py::arg("layout"), py::arg("params"),
         py::arg("centers"), py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"),
-        py::arg("num_threads"), release,
+        py::arg("num_threads"), py::arg("catch_up") = false, release,
         "buffer <- delta = alpha * (params - centers); params -= delta; count slots and flag "
-        "as pack.");
+        "as pack. catch_up: first centers += buffer (the previous round's sum), same pass.");
   m.def("center_update", &distlearn::center_update_cpu, py::arg("layout"), py::arg("centers"),
         py::arg("buffer"), py::arg("num_threads"), py::arg("skip_nonfinite") = false, release,
         "centers += buffer; nothing when skip_nonfinite and the flag is set.");
@@ -93,7 +93,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("skip_nonfinite") = false, release,
         "unpack on CUDA tensors; the count and the flag are read on the device.");
   m.def("ea_blend_cuda", &distlearn::ea_blend_cuda, py::arg("layout"), py::arg("table"),
-        py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"), py::arg("stream"), release,
+        py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"), py::arg("stream"),
+        py::arg("catch_up") = false, release,
         "ea_blend on CUDA tensors; table built with params and, as others, centers.");
   m.def("center_update_cuda", &distlearn::center_update_cuda, py::arg("layout"), py::arg("table"),
         py::arg("buffer"), py::arg("stream"), py::arg("skip_nonfinite") = false, release,

@@ -26,9 +26,11 @@ void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer
                 int num_threads, bool skip_nonfinite);
 
 // delta = alpha * (x - center) into buffer, x -= delta; count slots and flag
-// (of the deltas) as pack.
+// (of the deltas) as pack. With catch_up, first center += buffer (the
+// previous round's allreduced sum, still in the buffer), in the same pass.
 void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses& centers,
-                  uintptr_t buffer, double alpha, int64_t count_slot, int num_threads);
+                  uintptr_t buffer, double alpha, int64_t count_slot, int num_threads,
+                  bool catch_up);
 
 // centers[i] += buffer[segment i]; with skip_nonfinite, nothing when the
 // flag is not 0.
@@ -54,7 +56,7 @@ void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffe
                  uintptr_t stream, bool skip_nonfinite);
 // table: primary = params, secondary = centers.
 void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, double alpha,
-                   int64_t count_slot, uintptr_t stream);
+                   int64_t count_slot, uintptr_t stream, bool catch_up);
 // table: primary = centers.
 void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
                         uintptr_t stream, bool skip_nonfinite);

@@ -151,7 +151,8 @@ void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer
 }
 
 void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses& centers,
-                  uintptr_t buffer, double alpha, int64_t count_slot, int num_threads) {
+                  uintptr_t buffer, double alpha, int64_t count_slot, int num_threads,
+                  bool catch_up) {
   check_addresses(layout, params, "params");
   check_addresses(layout, centers, "centers");
   check_buffer(buffer);
@@ -166,14 +167,23 @@ void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses
         using Acc = typename AccumulateType<T, B>::type;
         const Acc alpha_acc = static_cast<Acc>(alpha);
         T* __restrict__ x = tensor_at<T>(params, t);
-        const T* __restrict__ center = tensor_at<T>(centers, t);
+        T* __restrict__ center = tensor_at<T>(centers, t);
         B* __restrict__ delta = segment_at<B>(layout, buffer, t);
         int found = 0;  // the probe as in pack_cpu
-        for (int64_t i = begin; i < end; ++i) {
-          B d;
-          ea_blend_element(x[i], center[i], alpha_acc, d);
-          delta[i] = d;
-          found |= nonfinite_probe(to_acc<Acc>(d)) != Acc(0);  // NaN != 0
+        if (catch_up) {
+          for (int64_t i = begin; i < end; ++i) {
+            B d = delta[i];
+            ea_catch_up_blend_element(x[i], center[i], alpha_acc, d);
+            delta[i] = d;
+            found |= nonfinite_probe(to_acc<Acc>(d)) != Acc(0);  // NaN != 0
+          }
+        } else {
+          for (int64_t i = begin; i < end; ++i) {
+            B d;
+            ea_blend_element(x[i], center[i], alpha_acc, d);
+            delta[i] = d;
+            found |= nonfinite_probe(to_acc<Acc>(d)) != Acc(0);  // NaN != 0
+          }
         }
         if (found != 0) nonfinite.store(true, std::memory_order_relaxed);
       });

@@ -60,9 +60,9 @@ struct Stateless {
 
 struct PackOp : Stateless {
   static constexpr bool kReadsPrimary = true, kWritesPrimary = false, kReadsSecondary = false,
-                        kReadsBuffer = false, kWritesBuffer = true;
+                        kWritesSecondary = false, kReadsBuffer = false, kWritesBuffer = true;
   template <typename T, typename B>
-  __device__ void operator()(T& tensor, const T&, B& buffer) const {
+  __device__ void operator()(T& tensor, T&, B& buffer) const {
     pack_element(tensor, buffer);
   }
 };
@@ -78,7 +78,7 @@ __device__ bool flag_raised(const B* buffer, int64_t flag_offset) {
 // the allreduce to learn them.
 struct UnpackOp {
   static constexpr bool kReadsPrimary = false, kWritesPrimary = true, kReadsSecondary = false,
-                        kReadsBuffer = true, kWritesBuffer = false;
+                        kWritesSecondary = false, kReadsBuffer = true, kWritesBuffer = false;
   int64_t count_offset;
   int64_t num_slots;
   int64_t flag_offset;
@@ -93,7 +93,7 @@ struct UnpackOp {
     zeros = skip_nonfinite && flag_raised(buffer, flag_offset);
   }
   template <typename T, typename B>
-  __device__ void operator()(T& tensor, const T&, B& buffer) const {
+  __device__ void operator()(T& tensor, T&, B& buffer) const {
     using Acc = typename AccumulateType<T, B>::type;
     if (zeros) {
       tensor = from_acc<T>(Acc(0));
@@ -105,18 +105,31 @@ struct UnpackOp {
 
 struct EaBlendOp : Stateless {
   static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = true,
-                        kReadsBuffer = false, kWritesBuffer = true;
+                        kWritesSecondary = false, kReadsBuffer = false, kWritesBuffer = true;
   double alpha;
   template <typename T, typename B>
-  __device__ void operator()(T& x, const T& center, B& delta) const {
+  __device__ void operator()(T& x, T& center, B& delta) const {
     using Acc = typename AccumulateType<T, B>::type;
     ea_blend_element(x, center, static_cast<Acc>(alpha), delta);
   }
 };
 
+// The blend with the previous round's center update folded in (asynchronous
+// rounds): reads x, the center and the previous sum, writes all three.
+struct EaCatchUpBlendOp : Stateless {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = true,
+                        kWritesSecondary = true, kReadsBuffer = true, kWritesBuffer = true;
+  double alpha;
+  template <typename T, typename B>
+  __device__ void operator()(T& x, T& center, B& sum_then_delta) const {
+    using Acc = typename AccumulateType<T, B>::type;
+    ea_catch_up_blend_element(x, center, static_cast<Acc>(alpha), sum_then_delta);
+  }
+};
+
 struct CenterUpdateOp {
   static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = false,
-                        kReadsBuffer = true, kWritesBuffer = false;
+                        kWritesSecondary = false, kReadsBuffer = true, kWritesBuffer = false;
   int64_t flag_offset;
   bool skip_nonfinite;
   bool skip = false;  // set by prepare: leave every center as it is
@@ -126,7 +139,7 @@ struct CenterUpdateOp {
     skip = skip_nonfinite && flag_raised(buffer, flag_offset);
   }
   template <typename T, typename B>
-  __device__ void operator()(T& center, const T&, B& delta_sum) const {
+  __device__ void operator()(T& center, T&, B& delta_sum) const {
     if (!skip) center_update_element(center, delta_sum);
   }
 };
@@ -214,17 +227,24 @@ void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffe
 }
 
 void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, double alpha,
-                   int64_t count_slot, uintptr_t stream) {
+                   int64_t count_slot, uintptr_t stream, bool catch_up) {
   check_table(layout, table);
   check_buffer(buffer);
   check_count_slot(layout, count_slot);
   if (table.secondary().empty()) {
     throw std::invalid_argument("table: the EA blend needs a table built with the centers");
   }
-  EaBlendOp op;
-  op.alpha = alpha;
-  launch_multi_tensor(table, layout, reinterpret_cast<void*>(buffer),
-                      count_slot_write(layout, buffer, count_slot), as_stream(stream), op);
+  const CountSlotWrite count = count_slot_write(layout, buffer, count_slot);
+  void* data = reinterpret_cast<void*>(buffer);
+  if (catch_up) {
+    EaCatchUpBlendOp op;
+    op.alpha = alpha;
+    launch_multi_tensor(table, layout, data, count, as_stream(stream), op);
+  } else {
+    EaBlendOp op;
+    op.alpha = alpha;
+    launch_multi_tensor(table, layout, data, count, as_stream(stream), op);
+  }
 }
 
 void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,

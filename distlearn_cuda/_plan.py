@@ -128,12 +128,15 @@ class Plan:
         center_addresses: list[int],
         alpha: float,
         count_slot: int,
+        catch_up: bool = False,
     ) -> None:
+        """The EA blend; with ``catch_up``, first centers += the buffer (the
+        previous round's allreduced sum), in the same pass."""
         if self._kind == "cuda":
             with self._on_device():
                 table = self._table(param_addresses, center_addresses)
                 _C.ea_blend_cuda(
-                    self.layout, table, self._address, alpha, count_slot, self._stream()
+                    self.layout, table, self._address, alpha, count_slot, self._stream(), catch_up
                 )
         elif self._kind == "cpu":
             _C.ea_blend(
@@ -144,6 +147,7 @@ class Plan:
                 alpha,
                 count_slot,
                 torch.get_num_threads(),
+                catch_up,
             )
         else:
             reference.ea_blend(
@@ -155,6 +159,7 @@ class Plan:
                 *self._count_args(),
                 count_slot,
                 self._flag_at,
+                catch_up,
             )
 
     def center_update(

@@ -263,11 +263,27 @@ class AllReduceEA(_group.GroupMember):
     def _round(
         self, flat: Flat, addresses: list[int], active: bool, asynchronous: bool = False
     ) -> Plan:
-        self._finish_pending_round()  # the blend reads the center
         plan = self._delta_plan()
+        # The blend reads the center: a round still in flight completes first,
+        # its center update folded into this blend's pass when nothing else
+        # (the non-finite guard) must look at its sum first.
+        catch_up = self._pending is not None and self._nonfinite == "propagate"
+        if catch_up:
+            pending, pending_plan = self._pending
+            assert pending_plan is plan, "one delta plan per bound signature"
+            self._pending = None
+            pending.wait()
+        else:
+            self._finish_pending_round()
         slot = self.rank % plan.count_slots if active else -1
         plan.ea_blend(
-            flat.tensors, addresses, self._centers, self._center_addresses, self._alpha, slot
+            flat.tensors,
+            addresses,
+            self._centers,
+            self._center_addresses,
+            self._alpha,
+            slot,
+            catch_up=catch_up,
         )
         increment_version(flat.tensors)
         if asynchronous:

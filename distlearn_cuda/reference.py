@@ -101,9 +101,13 @@ def ea_blend(
     count_slots: int,
     count_slot: int,
     flag_offset: int | None = None,
+    catch_up: bool = False,
 ) -> None:
     """delta = alpha * (x - center) into the buffer (rounded to its dtype), x -= delta;
-    count slots and flag (of the deltas) as ``pack``."""
+    count slots and flag (of the deltas) as ``pack``. With ``catch_up``, first
+    ``center_update`` from the buffer (the previous round's sum)."""
+    if catch_up:
+        center_update(centers, buffer, offsets)
     for x, center, offset in zip(params, centers, offsets, strict=True):
         x64 = memory_view(x).double()
         delta = (alpha * (x64 - memory_view(center).double())).to(buffer.dtype)

@@ -48,6 +48,17 @@ DL_INLINE void center_update_element(T& center, const B& delta_sum) {
   center = from_acc<T>(to_acc<Acc>(center) + to_acc<Acc>(delta_sum));
 }
 
+// The previous round's center update folded into this round's blend: the
+// cell holds the previous allreduced sum on entry and this round's delta on
+// exit. The same two element operations in the same order as the separate
+// passes (the center is rounded to T in between), so the result is bitwise
+// theirs, with one pass over x, center and the buffer instead of two.
+template <typename T, typename B, typename Acc>
+DL_INLINE void ea_catch_up_blend_element(T& x, T& center, Acc alpha, B& sum_then_delta) {
+  center_update_element(center, sum_then_delta);
+  ea_blend_element(x, center, alpha, sum_then_delta);
+}
+
 // Non-finite probe: v - v is exactly 0 for every finite v and NaN for an
 // infinity or a NaN, so `probe != 0` flags exactly the non-finite values
 // (NaN compares unequal to everything) with one subtract and one compare.

@@ -17,10 +17,10 @@
 // An Op declares which streams it touches and combines one element of each
 // in registers (element math comes from element_ops.h):
 //   static constexpr bool kReadsPrimary, kWritesPrimary, kReadsSecondary,
-//                         kReadsBuffer, kWritesBuffer;
+//                         kWritesSecondary, kReadsBuffer, kWritesBuffer;
 //   template <typename B> __device__ void prepare(const B* buffer);  // once per thread
 //   template <typename T, typename B>
-//   __device__ void operator()(T& primary, const T& secondary, B& buffer) const;
+//   __device__ void operator()(T& primary, T& secondary, B& buffer) const;
 #pragma once
 
 #include <cuda_runtime.h>
@@ -68,7 +68,7 @@ __device__ void write_count_slots(const CountSlotWrite& count) {
 }
 
 template <typename T, typename B, typename Op>
-__device__ void apply_scalar(const Op& op, T* primary, const T* secondary, B* segment, int64_t i) {
+__device__ void apply_scalar(const Op& op, T* primary, T* secondary, B* segment, int64_t i) {
   T p{};
   T s{};
   B b{};
@@ -77,13 +77,14 @@ __device__ void apply_scalar(const Op& op, T* primary, const T* secondary, B* se
   if (Op::kReadsBuffer) b = segment[i];
   op(p, s, b);
   if (Op::kWritesPrimary) primary[i] = p;
+  if (Op::kWritesSecondary) secondary[i] = s;
   if (Op::kWritesBuffer) segment[i] = b;
 }
 
 // Elements [begin, end) of one tensor, by this block's threads. With
 // check_buffer, sets nonfinite when a value written to the buffer is not finite.
 template <typename T, typename B, typename Op>
-__device__ void run_chunk(const Op& op, T* primary, const T* secondary, B* segment, int64_t begin,
+__device__ void run_chunk(const Op& op, T* primary, T* secondary, B* segment, int64_t begin,
                           int64_t end, bool check_buffer, bool& nonfinite) {
   using Acc = typename AccumulateType<T, B>::type;
   const bool probe = Op::kWritesBuffer && check_buffer;
@@ -92,7 +93,9 @@ __device__ void run_chunk(const Op& op, T* primary, const T* secondary, B* segme
   constexpr int kWideBytes = kN * (sizeof(T) > sizeof(B) ? sizeof(T) : sizeof(B));
   constexpr int kIlp = kBytesInFlight / kWideBytes > 0 ? kBytesInFlight / kWideBytes : 1;
   bool vectorized = is_vector_aligned(primary + begin) && is_vector_aligned(segment + begin);
-  if (Op::kReadsSecondary) vectorized = vectorized && is_vector_aligned(secondary + begin);
+  if (Op::kReadsSecondary || Op::kWritesSecondary) {
+    vectorized = vectorized && is_vector_aligned(secondary + begin);
+  }
   int64_t scalar_begin = begin;
   if (vectorized) {
     const int64_t vectors = (end - begin) / kN;
@@ -120,6 +123,7 @@ __device__ void run_chunk(const Op& op, T* primary, const T* secondary, B* segme
             if (probe) nonfinite |= nonfinite_probe(to_acc<Acc>(b[k].element[e])) != Acc(0);
           }
           if (Op::kWritesPrimary) p[k].store(primary + i);
+          if (Op::kWritesSecondary) s[k].store(secondary + i);
           if (Op::kWritesBuffer) b[k].store(segment + i);
         }
       }
@@ -137,7 +141,7 @@ __device__ void run_table_chunk(const Op& op, const DeviceTensor& tensor, const 
                                 B* buffer, bool check_buffer, bool& nonfinite) {
   const int64_t end =
       chunk.begin + kChunkElements < tensor.numel ? chunk.begin + kChunkElements : tensor.numel;
-  run_chunk(op, reinterpret_cast<T*>(tensor.primary), reinterpret_cast<const T*>(tensor.secondary),
+  run_chunk(op, reinterpret_cast<T*>(tensor.primary), reinterpret_cast<T*>(tensor.secondary),
             buffer + tensor.offset, chunk.begin, end, check_buffer, nonfinite);
 }
 

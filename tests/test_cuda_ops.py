@@ -235,3 +235,43 @@ def test_unpack_and_center_update_skip_when_flagged(flag: float) -> None:
     )
     for o in out:
         assert bool((o == (0.0 if flag else 1.0)).all())
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+def test_catch_up_blend_is_bitwise_the_two_passes_and_the_cpu_flavor(
+    tensor_dtype: torch.dtype, buffer_dtype: torch.dtype
+) -> None:
+    params = cuda_case(ODD_SHAPES, tensor_dtype, misaligned=False)
+    centers = cuda_case(ODD_SHAPES, tensor_dtype, misaligned=True)
+    previous_sum = cuda_case(ODD_SHAPES, tensor_dtype, misaligned=False)
+    layout = layout_of(params, buffer_dtype)
+    buffer = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
+    reference.pack(previous_sum, buffer, layout.offsets, layout.count_offset, 2, 0)
+    fused_params, fused_centers = [p.clone() for p in params], [c.clone() for c in centers]
+    fused_buffer = buffer.clone()
+    cpu_params, cpu_centers = [p.cpu() for p in params], [c.cpu() for c in centers]
+    cpu_buffer = buffer.cpu()
+
+    _C.center_update_cuda(
+        layout, _C.DeviceTable(layout, addresses(centers)), buffer.data_ptr(), stream()
+    )
+    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
+    _C.ea_blend_cuda(layout, table, buffer.data_ptr(), 0.3, 1, stream())
+    fused_table = _C.DeviceTable(layout, addresses(fused_params), addresses(fused_centers))
+    _C.ea_blend_cuda(layout, fused_table, fused_buffer.data_ptr(), 0.3, 1, stream(), True)
+    _C.ea_blend(
+        layout,
+        addresses(cpu_params),
+        addresses(cpu_centers),
+        cpu_buffer.data_ptr(),
+        0.3,
+        1,
+        2,
+        True,
+    )
+    assert torch.equal(written(layout, fused_buffer), written(layout, buffer))
+    assert torch.equal(written(layout, fused_buffer).cpu(), written(layout, cpu_buffer))
+    for got, two_pass, cpu in zip(
+        fused_params + fused_centers, params + centers, cpu_params + cpu_centers, strict=True
+    ):
+        assert torch.equal(got, two_pass) and torch.equal(got.cpu(), cpu)

@@ -293,3 +293,55 @@ def test_ops_reject_bad_addresses() -> None:
         _C.ea_blend(layout, addresses(tensors), addresses(tensors), buffer.data_ptr(), 0.1, 2, 1)
     with pytest.raises(ValueError, match="num_threads"):
         _C.pack(layout, addresses(tensors), buffer.data_ptr(), 0, 0)
+
+
+def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+def test_catch_up_blend_is_bitwise_the_two_passes(
+    tensor_dtype: torch.dtype, buffer_dtype: torch.dtype
+) -> None:
+    seed = fresh_seed()
+    params, centers = case(tensor_dtype, seed), case(tensor_dtype, seed + 1)
+    layout = make_layout(params, buffer_dtype)
+    buffer = nan_buffer(layout, buffer_dtype)
+    previous_sum = case(tensor_dtype, seed + 2)
+    reference.pack(previous_sum, buffer, layout.offsets, *count_args(layout), 0)
+    fused = (clones(params), clones(centers), buffer.clone())
+    in_reference = (clones(params), clones(centers), buffer.clone())
+
+    # Two passes: the previous round's center update, then this round's blend.
+    _C.center_update(layout, addresses(centers), buffer.data_ptr(), 2)
+    _C.ea_blend(layout, addresses(params), addresses(centers), buffer.data_ptr(), 0.3, 1, 2)
+    # One pass.
+    fused_params, fused_centers, fused_buffer = fused
+    _C.ea_blend(
+        layout,
+        addresses(fused_params),
+        addresses(fused_centers),
+        fused_buffer.data_ptr(),
+        0.3,
+        1,
+        2,
+        True,
+    )
+    assert torch.equal(written_part(layout, fused_buffer), written_part(layout, buffer))
+    for got, want in zip(fused_params + fused_centers, params + centers, strict=True):
+        assert torch.equal(got, want)
+
+    ref_params, ref_centers, ref_buffer = in_reference
+    reference.ea_blend(
+        ref_params,
+        ref_centers,
+        ref_buffer,
+        layout.offsets,
+        0.3,
+        *count_args(layout),
+        1,
+        catch_up=True,
+    )
+    tol = tolerance(tensor_dtype, buffer_dtype)
+    for got, want in zip(fused_params + fused_centers, ref_params + ref_centers, strict=True):
+        torch.testing.assert_close(got, want, **tol)
