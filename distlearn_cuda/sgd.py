@@ -303,10 +303,7 @@ class AllReduceSGD(_group.GroupMember):
         plan.pack(flat.tensors, addresses, count_slot=self.rank % plan.count_slots)
         self._collectives.all_reduce_sum(plan.buffer)
         if mode == "raise" and (ranks := plan.nonfinite_ranks()) > 0:
-            raise FloatingPointError(
-                f"grads: NaN or infinite values on {ranks} of {self.world_size} ranks in this "
-                f"step; every rank raises, with its gradients unchanged"
-            )
+            raise self._nonfinite_error(ranks, "with its gradients unchanged")
         plan.unpack(flat.tensors, addresses, normalize=normalize, skip_nonfinite=mode == "skip")
         if mode == "skip":
             self._skipped = lambda: plan.nonfinite_ranks() > 0
@@ -321,9 +318,8 @@ class AllReduceSGD(_group.GroupMember):
         flat.write_slots(self.rank % flat.plan.count_slots, check_nonfinite=mode != "propagate")
         self._collectives.all_reduce_sum(flat.plan.buffer)
         if mode == "raise" and (ranks := flat.plan.nonfinite_ranks()) > 0:
-            raise FloatingPointError(
-                f"grads: NaN or infinite values on {ranks} of {self.world_size} ranks in this "
-                f"step; every rank raises (flat storage: gradients hold the sum)"
+            raise self._nonfinite_error(
+                ranks, "its gradients already holding the sum (flat storage)"
             )
         flat.scale(normalize=normalize, skip_nonfinite=mode == "skip")
         if mode == "skip":
@@ -331,6 +327,12 @@ class AllReduceSGD(_group.GroupMember):
             self._skipped = lambda: plan.nonfinite_ranks() > 0
         increment_version(flat.grad_views)
         self._steps += 1
+
+    def _nonfinite_error(self, ranks: int, state: str) -> FloatingPointError:
+        return FloatingPointError(
+            f"grads: NaN or infinite values on {ranks} of {self.world_size} ranks in this "
+            f"step; every rank raises, {state}"
+        )
 
     def _finish_overlapped(self, normalize: bool, mode: str) -> None:
         """The end of an attached step. The non-finite flags are per bucket,
@@ -341,10 +343,7 @@ class AllReduceSGD(_group.GroupMember):
         if mode != "propagate":
             ranks = max(plan.nonfinite_ranks() for plan in overlap.plans)
             if ranks > 0 and mode == "raise":
-                raise FloatingPointError(
-                    f"grads: NaN or infinite values on {ranks} of {self.world_size} ranks in "
-                    f"this step; every rank raises, with its gradients unchanged"
-                )
+                raise self._nonfinite_error(ranks, "with its gradients unchanged")
             if ranks > 0:
                 grads = [p.grad for b in overlap.buckets for p in b.params]
                 torch._foreach_zero_(grads)
