@@ -9,6 +9,7 @@ structure around other tensors (the EA center).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +40,19 @@ def flatten(structure: Any, arg: str) -> Flat:
         names = [f"{arg}.{name}" for name, _ in named]
         keys = [name for name, _ in named]
         return Flat([p for _, p in named], names, lambda ts: dict(zip(keys, ts, strict=True)))
+    if type(structure) is list and all(isinstance(t, torch.Tensor) for t in structure):
+        # The common case, on the hot path: a flat list of tensors.
+        return Flat(list(structure), _list_names(arg, len(structure)), list)
     tensors: list[torch.Tensor] = []
     names: list[str] = []
     spec = _walk(structure, arg, tensors, names)
     return Flat(tensors, names, lambda ts: _build(spec, iter(ts)))
+
+
+@functools.lru_cache(maxsize=64)
+def _list_names(arg: str, length: int) -> list[str]:
+    """The names _walk gives a flat list's tensors (shared: never mutated)."""
+    return [f"{arg}[{i}]" for i in range(length)]
 
 
 def flatten_grads(structure: Any, arg: str) -> Flat:

@@ -25,6 +25,8 @@ from ._validate import (
     signature,
     state_value,
     structure_entries,
+    tensor_metadata,
+    unchanged_since,
 )
 
 __all__ = ["AllReduceSGD"]
@@ -75,6 +77,8 @@ class AllReduceSGD(_group.GroupMember):
         self._plans = PlanCache(self._group.world_size)
         self._grad_signature: Signature | None = None
         self._grad_plan: Plan | None = None  # for the bound gradient signature
+        # Metadata of the last gradients that passed the full check (hot path).
+        self._grad_metadata: tuple | None = None
         self._param_signature: Signature | None = None
         self._steps = 0
         # Whether the last call, made with "skip", zeroed the gradients (reads
@@ -293,12 +297,15 @@ class AllReduceSGD(_group.GroupMember):
             self._allreduce_flat(normalize, mode)
             return
         flat = _tree.flatten_grads(grads, "grads")
-        grad_signature = signature(flat, "grads", with_strides=False)
-        if self._grad_signature is None:
-            self._bind_gradients(grad_signature, flat.names, "grads")
-        else:
-            check_same_signature(self._grad_signature, grad_signature, "grads")
-        plan = self._gradient_plan(grad_signature)
+        if unchanged_since(flat, self._grad_metadata) is None:
+            grad_signature = signature(flat, "grads", with_strides=False)
+            if self._grad_signature is None:
+                self._bind_gradients(grad_signature, flat.names, "grads")
+            else:
+                check_same_signature(self._grad_signature, grad_signature, "grads")
+            self._grad_metadata = tuple(map(tensor_metadata, flat.tensors))
+        assert self._grad_signature is not None
+        plan = self._gradient_plan(self._grad_signature)
         addresses = [t.data_ptr() for t in flat.tensors]
         plan.pack(flat.tensors, addresses, count_slot=self.rank % plan.count_slots)
         self._collectives.all_reduce_sum(plan.buffer)

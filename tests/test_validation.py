@@ -222,3 +222,20 @@ def test_dense_non_contiguous_params_are_averaged_correctly() -> None:
         assert got.stride() == start.stride()
     for got, start, center in zip(ea.center, moved, centers, strict=True):
         torch.testing.assert_close(got.double(), center.double() + 0.25 * (start - center))
+
+
+def test_sgd_checks_a_tensor_resized_in_place_between_calls() -> None:
+    # The hot path skips the full check only when every tensor's metadata is
+    # unchanged: a tensor resized in place (same object) must still be caught.
+    sgd = dl.AllReduceSGD()
+    grads = [torch.ones(3), torch.ones(4, 2)]
+    sgd.sum_and_normalize_gradients(grads)
+    sgd.sum_and_normalize_gradients(grads)
+    grads[1].resize_(3, 2)
+    before = snapshot(grads)
+    with pytest.raises(ValueError, match="structure changed"):
+        sgd.sum_and_normalize_gradients(grads)
+    assert_unchanged(grads, before)
+    grads[1] = torch.full((2, 4), 2.0).t()  # the bound shape, dense but not contiguous
+    sgd.sum_and_normalize_gradients(grads)  # takes the full check, and passes it
+    assert torch.equal(grads[1], torch.full((4, 2), 2.0))
