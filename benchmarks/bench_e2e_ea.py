@@ -49,7 +49,7 @@ import distlearn_cuda as dl
 
 from . import e2e
 from .bench_cpu_ops import ALPHA, eager_ea_round
-from .harness import machine_info, write_files
+from .harness import machine_info
 
 WORKER = "benchmarks.bench_e2e_ea:run_rank"
 TAUS = (1, 10, 50)
@@ -279,15 +279,8 @@ def main(argv: list[str] | None = None) -> list[e2e.Row]:
         "alpha": ALPHA,
         "targets": found,
     }
-    name = "e2e_ea_quick" if args.quick else "e2e_ea"
     title = "Elastic averaging training step, 2 gloo processes on CPU"
-    table = e2e.format_rows(rows, with_tau=True) + "\n\n" + e2e.format_targets(found, args.quick)
-    chart = None if args.no_chart else (lambda path: e2e.ratio_chart(rows, title, path))
-    paths = write_files(
-        name, meta, [row.record() for row in rows], table, args.out, chart, e2e.header(meta)
-    )
-    print(paths["md"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    e2e.write_and_print("e2e_ea", title, rows, found, meta, args, with_tau=True)
     return rows
 
 

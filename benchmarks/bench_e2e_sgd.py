@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 import distlearn_cuda as dl
 
 from . import e2e
-from .harness import machine_info, write_files
+from .harness import machine_info
 
 WORKER = "benchmarks.bench_e2e_sgd:run_rank"
 BLOCK = 5  # steps per configuration per round
@@ -191,15 +191,8 @@ def main(argv: list[str] | None = None) -> list[e2e.Row]:
     found = targets(rows)
     meta = machine_info() | e2e.run_meta(specs, per_rank, args, rounds_for(args.steps))
     meta |= {"metric": "Rank 0's median step time over the timed steps", "targets": found}
-    name = "e2e_sgd_quick" if args.quick else "e2e_sgd"
     title = "SGD training step, 2 gloo processes on CPU"
-    table = e2e.format_rows(rows, with_tau=False) + "\n\n" + e2e.format_targets(found, args.quick)
-    chart = None if args.no_chart else (lambda path: e2e.ratio_chart(rows, title, path))
-    paths = write_files(
-        name, meta, [row.record() for row in rows], table, args.out, chart, e2e.header(meta)
-    )
-    print(paths["md"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    e2e.write_and_print("e2e_sgd", title, rows, found, meta, args, with_tau=False)
     return rows
 
 

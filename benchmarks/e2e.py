@@ -38,7 +38,7 @@ from torch import nn
 
 from distlearn_cuda.examples.digits import build_model as build_digits_cnn
 
-from .harness import markdown_table
+from .harness import markdown_table, write_files
 
 __all__ = [
     "BATCH_SIZE",
@@ -627,6 +627,28 @@ def header(meta: dict[str, Any]) -> str:
         f"warm-up steps per configuration: {meta['warmup']}; then "
         f"{meta['rounds']} interleaved rounds. Models: {models}. {meta['metric']}.{quick}"
     )
+
+
+def write_and_print(
+    name: str,
+    title: str,
+    rows: Sequence[Row],
+    found: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+    args: argparse.Namespace,
+    *,
+    with_tau: bool,
+) -> None:
+    """Writes a run's JSON, Markdown and chart (``name``, ``name_quick`` in
+    quick mode) under ``args.out``, and prints the table and where it went."""
+    name = f"{name}_quick" if args.quick else name
+    table = format_rows(rows, with_tau=with_tau) + "\n\n" + format_targets(found, args.quick)
+    chart = None if args.no_chart else (lambda path: ratio_chart(rows, title, path))
+    paths = write_files(
+        name, meta, [row.record() for row in rows], table, args.out, chart, header(meta)
+    )
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def _positive_int(text: str) -> int:
