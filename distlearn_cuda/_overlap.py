@@ -103,23 +103,26 @@ class OverlappedGradients:
             handle.remove()
         self._handles = []
 
-    def finish(self, normalize: bool, check: bool) -> None:
+    def finish(self, normalize: bool, check: bool) -> int:
         """Starts the buckets backward did not fill, waits for all, unpacks.
-        With ``check``, gradients stay as they were when some rank packed a
-        non-finite value (the caller reads the flags and decides)."""
+
+        With ``check``, returns how many ranks packed a non-finite value (the
+        most over the buckets, read on the host), and leaves the gradients as
+        they were when that is not 0, for the caller to decide; else 0."""
         while self._next < len(self.buckets):
             self._start(self._next)
         for bucket in self.buckets:
             assert bucket.pending is not None
             bucket.pending.wait()
-        flagged = check and any(b.plan.nonfinite_ranks() > 0 for b in self.buckets)
+        ranks = max(b.plan.nonfinite_ranks() for b in self.buckets) if check else 0
         for bucket in self.buckets:
-            if not flagged:
+            if ranks == 0:
                 bucket.plan.unpack(bucket.grads, bucket.addresses, normalize=normalize)
             increment_version(bucket.grads)
             bucket.ready, bucket.started, bucket.pending = 0, False, None
             bucket.grads, bucket.addresses = [], []
         self._next = 0
+        return ranks
 
     def _hook(self, index: int) -> Callable[[nn.Parameter], None]:
         def on_gradient(_: nn.Parameter) -> None:

@@ -97,13 +97,12 @@ def structure_entries(sig: Signature) -> list[str]:
 tensor_metadata = operator.attrgetter("dtype", "shape", "device", "layout")
 
 
-def unchanged_since(flat: Flat, metadata: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
-    """The tensors' metadata when it equals ``metadata`` (from a validated
-    call) and every tensor is contiguous; None when a full check is needed."""
-    current = tuple(map(tensor_metadata, flat.tensors))
-    if current == metadata and all(map(torch.Tensor.is_contiguous, flat.tensors)):
-        return current
-    return None
+def unchanged_since(flat: Flat, metadata: tuple[Any, ...] | None) -> bool:
+    """Whether the tensors' metadata equals ``metadata`` (from a validated
+    call) and every tensor is contiguous; False: a full check is needed."""
+    return tuple(map(tensor_metadata, flat.tensors)) == metadata and all(
+        map(torch.Tensor.is_contiguous, flat.tensors)
+    )
 
 
 def check_same_signature(expected: Signature, got: Signature, arg: str) -> None:

@@ -112,9 +112,9 @@ class AllReduceEA(_group.GroupMember):
         self._checked_addresses: list[int] = []
         self._step = 0
         self._skip_plan: Plan | None = None  # the last round's, when it ran with "skip"
-        # A round whose allreduce is in flight: its plan's buffer is not
-        # touched, and the center not read, until _finish_pending_round.
-        self._pending: tuple[PendingSum, Plan] | None = None
+        # The allreduce of a round in flight, on the delta plan's buffer: the
+        # buffer is not touched, and the center not read, until it is waited for.
+        self._pending: PendingSum | None = None
 
     @property
     def last_round_skipped(self) -> bool:
@@ -267,13 +267,8 @@ class AllReduceEA(_group.GroupMember):
         # The blend reads the center: a round still in flight completes first,
         # its center update folded into this blend's pass when nothing else
         # (the non-finite guard) must look at its sum first.
-        catch_up = self._pending is not None and self._nonfinite == "propagate"
-        if catch_up:
-            pending, pending_plan = self._pending
-            assert pending_plan is plan, "one delta plan per bound signature"
-            self._pending = None
-            pending.wait()
-        else:
+        catch_up = self._nonfinite == "propagate" and self._wait_for_pending_round()
+        if not catch_up:
             self._finish_pending_round()
         slot = self.rank % plan.count_slots if active else -1
         plan.ea_blend(
@@ -287,18 +282,24 @@ class AllReduceEA(_group.GroupMember):
         )
         increment_version(flat.tensors)
         if asynchronous:
-            self._pending = (self._collectives.all_reduce_sum_async(plan.buffer), plan)
+            self._pending = self._collectives.all_reduce_sum_async(plan.buffer)
         else:
             self._collectives.all_reduce_sum(plan.buffer)
             self._finish_round(plan)
         return plan
 
+    def _wait_for_pending_round(self) -> bool:
+        """Waits for a round in flight; True if there was one (its sum is then
+        in the delta plan's buffer, not yet in the center)."""
+        if self._pending is None:
+            return False
+        pending, self._pending = self._pending, None
+        pending.wait()
+        return True
+
     def _finish_pending_round(self) -> None:
-        if self._pending is not None:
-            pending, plan = self._pending
-            self._pending = None
-            pending.wait()
-            self._finish_round(plan)
+        if self._wait_for_pending_round():
+            self._finish_round(self._delta_plan())
 
     def _finish_round(self, plan: Plan) -> None:
         """center += the allreduced deltas, under the non-finite guard."""

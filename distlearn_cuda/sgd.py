@@ -297,7 +297,7 @@ class AllReduceSGD(_group.GroupMember):
             self._allreduce_flat(normalize, mode)
             return
         flat = _tree.flatten_grads(grads, "grads")
-        if unchanged_since(flat, self._grad_metadata) is None:
+        if not unchanged_since(flat, self._grad_metadata):
             grad_signature = signature(flat, "grads", with_strides=False)
             if self._grad_signature is None:
                 self._bind_gradients(grad_signature, flat.names, "grads")
@@ -346,9 +346,8 @@ class AllReduceSGD(_group.GroupMember):
         so "skip" and "raise" read them on the host to decide for all buckets."""
         assert self._overlap is not None
         overlap = self._overlap
-        overlap.finish(normalize=normalize, check=mode != "propagate")
+        ranks = overlap.finish(normalize=normalize, check=mode != "propagate")
         if mode != "propagate":
-            ranks = max(plan.nonfinite_ranks() for plan in overlap.plans)
             if ranks > 0 and mode == "raise":
                 raise self._nonfinite_error(ranks, "with its gradients unchanged")
             if ranks > 0:
