@@ -13,6 +13,10 @@ next call raises; in a build without NCCL support, through that group itself.
 
 Any failure becomes a ``CommunicationError`` naming the operation, the
 ranks and this rank; the object is unusable afterwards.
+
+The private group is held by weak reference (torch's registry holds it), so
+``dist.destroy_process_group()`` destroys it even while this object lives;
+``close()`` destroys it earlier.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -33,7 +38,21 @@ from .errors import CommunicationError
 if TYPE_CHECKING:
     from ._group import Group
 
-__all__ = ["Collectives", "PendingSum", "uses_cuda_nccl"]
+__all__ = ["Collectives", "GroupGoneError", "PendingSum", "live", "uses_cuda_nccl"]
+
+
+class GroupGoneError(RuntimeError):
+    """The process group was destroyed while an object still used it."""
+
+
+def live(ref: weakref.ref[dist.ProcessGroup], what: str) -> dist.ProcessGroup:
+    """The group behind ``ref``; GroupGoneError once it was destroyed."""
+    group = ref()
+    if group is None:
+        raise GroupGoneError(
+            f"{what} was destroyed (dist.destroy_process_group); make a new object on a live group"
+        )
+    return group
 
 
 def uses_cuda_nccl(group: dist.ProcessGroup) -> bool:
@@ -71,17 +90,35 @@ class Collectives:
         self._ranks = dist.get_process_group_ranks(group.group)
         # Collective over the group's ranks only (not the whole world), so
         # objects on subgroups can be made by their members alone.
-        self._gloo = dist.new_group(
+        gloo = dist.new_group(
             self._ranks, backend="gloo", timeout=timeout, use_local_synchronization=True
         )
+        self._gloo_ref = weakref.ref(gloo)
         self._cuda_nccl = uses_cuda_nccl(group.group)
         self._communicators: dict[int | None, _C.NcclCommunicator] = {}
         self._side_streams: dict[int | None, torch.cuda.Stream] = {}
         self._failure: CommunicationError | None = None
+        self._closed = False
 
     @property
     def timeout(self) -> datetime.timedelta:
         return self._timeout
+
+    @property
+    def _gloo(self) -> dist.ProcessGroup:
+        return live(self._gloo_ref, "the private gloo group of this object")
+
+    def close(self) -> None:
+        """Destroys the private group and the communicators; idempotent, local."""
+        self._closed = True
+        self._communicators.clear()
+        self._side_streams.clear()
+        gloo = self._gloo_ref()
+        if gloo is not None:
+            try:
+                dist.destroy_process_group(gloo)
+            except (ValueError, RuntimeError):
+                pass  # already destroyed with the default group
 
     def all_reduce_sum(self, buffer: torch.Tensor) -> None:
         """buffer <- its sum over the ranks, in place."""
@@ -202,7 +239,15 @@ class Collectives:
         return stream
 
     def check_usable(self, operation: str) -> None:
-        """CommunicationError if an earlier collective of this object failed."""
+        """CommunicationError if an earlier collective of this object failed;
+        RuntimeError once closed, or once its groups were destroyed."""
+        if self._closed:
+            raise RuntimeError(f"{operation}: this object was closed (close())")
+        if self._gloo_ref() is None or self._group.ref() is None:
+            raise GroupGoneError(
+                f"{operation}: the process group was destroyed "
+                f"(dist.destroy_process_group); make a new object on a live group"
+            )
         if self._failure is not None:
             raise CommunicationError(
                 f"{operation}: not attempted, an earlier collective of this object failed: "

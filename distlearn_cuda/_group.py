@@ -1,20 +1,34 @@
-"""The process group the algorithms talk over.
+"""The process group the algorithms talk over, and the objects' lifetime.
 
 torch.distributed starts and meets the ranks; this module only makes sure it
 is initialized, the way a user launching with torchrun (or plain python)
 expects.
+
+Lifetime invariant: an algorithm object never keeps a process group alive.
+It holds the user's group and its own private gloo group by weak reference
+(torch's registry holds the strong ones), so ``dist.destroy_process_group()``
+really destroys them, joining gloo's worker threads then and there, instead
+of leaving them running into the interpreter's teardown, where a worker that
+releases a tensor must take the GIL of a finalizing interpreter and the
+process aborts. What an object owns besides (its private group's
+registration, NCCL communicators) is released by ``close()``, when the object
+is collected, or at interpreter exit, whichever comes first.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import weakref
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
 
 import torch
 import torch.distributed as dist
 
-from ._collectives import Collectives
+from ._collectives import Collectives, live
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -41,11 +55,15 @@ def init_default_group() -> None:
 
 @dataclass(frozen=True)
 class Group:
-    """A process group with this process's rank and the world size in it."""
+    """A process group (weakly held) with this process's rank and the world size in it."""
 
-    group: dist.ProcessGroup
+    ref: weakref.ref[dist.ProcessGroup]
     rank: int
     world_size: int
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return live(self.ref, "the process group")
 
     def global_rank(self, group_rank: int) -> int:
         """The default-group rank of a rank of this group (what src= takes)."""
@@ -61,16 +79,33 @@ def resolve(group: dist.ProcessGroup | None) -> Group:
         raise TypeError(
             f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
         )
-    return Group(group, dist.get_rank(group), dist.get_world_size(group))
+    return Group(weakref.ref(group), dist.get_rank(group), dist.get_world_size(group))
+
+
+# Objects not closed yet: closed at interpreter exit (registered after torch
+# was imported, so this runs before torch's own exit handlers).
+_open_members: weakref.WeakSet[GroupMember] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for member in list(_open_members):
+        member._collectives.close()
 
 
 class GroupMember:
     """Base of the algorithm classes: the group they talk over, this rank in
-    it, and the collectives they issue on it."""
+    it, the collectives they issue on it, and their lifetime (``close()``,
+    or a ``with`` block)."""
 
     def __init__(self, group: dist.ProcessGroup | None, timeout: datetime.timedelta) -> None:
         self._group = resolve(group)
         self._collectives = Collectives(self._group, timeout)
+        self._closed = False
+        # Collected without close(): the private group goes with the object.
+        self._finalizer = weakref.finalize(self, self._collectives.close)
+        self._finalizer.atexit = False  # _close_at_exit does it, in a known order
+        _open_members.add(self)
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -91,3 +126,41 @@ class GroupMember:
     def world_size(self) -> int:
         """Number of ranks in ``group``."""
         return self._group.world_size
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Releases what this object holds: completes a collective still in
+        flight (bounded by the deadline; its failure is not raised again),
+        removes hooks, and destroys the private gloo group and any NCCL
+        communicator. Idempotent, local (not collective), safe after a
+        ``CommunicationError``. Later calls that communicate raise
+        RuntimeError; the state already computed (``state_dict()``, the EA
+        center) stays readable. ``with dl.AllReduceSGD() as sgd:`` closes
+        on leaving the block."""
+        if self._closed:
+            return
+        self._closed = True
+        _open_members.discard(self)
+        try:
+            self._release()
+        finally:
+            self._finalizer()
+
+    def _release(self) -> None:
+        """What a subclass must finish before its collectives go (never raises
+        CommunicationError)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

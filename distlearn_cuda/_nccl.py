@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,9 +27,12 @@ __all__ = ["LIBRARY_ENV", "communicator", "library_candidates", "load", "runtime
 LIBRARY_ENV = "DISTLEARN_NCCL_LIBRARY"
 _ALREADY_LOADED = ""  # the loader's name for "a libnccl.so.2 this process has loaded"
 
-# (group, CUDA device index, deadline in seconds) -> communicator; destroyed
-# at exit, before the CUDA context goes away.
-_communicators: dict[tuple[dist.ProcessGroup, int, float], _C.NcclCommunicator] = {}
+# group -> (CUDA device index, deadline in seconds) -> communicator. Weak in
+# the group, so a destroyed group takes its communicators along; the rest are
+# destroyed at exit, before the CUDA context goes away.
+_communicators: weakref.WeakKeyDictionary[
+    dist.ProcessGroup, dict[tuple[int, float], _C.NcclCommunicator]
+] = weakref.WeakKeyDictionary()
 atexit.register(_communicators.clear)
 
 
@@ -81,13 +85,14 @@ def communicator(
     ranks) carries it to the others; every rank then joins, within the deadline.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (group.group, index, timeout_s)
-    found = _communicators.get(key)
+    key = (index, timeout_s)
+    of_group = _communicators.setdefault(group.group, {})
+    found = of_group.get(key)
     if found is not None:
         return found
     load()
     payload = [_C.NcclCommunicator.unique_id() if group.rank == 0 else None]
     dist.broadcast_object_list(payload, src=group.global_rank(0), group=bootstrap)
     made = _C.NcclCommunicator(payload[0], group.world_size, group.rank, index, timeout_s)
-    _communicators[key] = made
+    of_group[key] = made
     return made

@@ -16,6 +16,7 @@ second backward before ``finish`` raises instead of summing half a step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from torch.autograd.graph import increment_version
 
 from ._collectives import Collectives, PendingSum
 from ._plan import Plan
+from .errors import CommunicationError
 
 __all__ = ["Bucket", "OverlappedGradients", "split_into_buckets"]
 
@@ -99,6 +101,18 @@ class OverlappedGradients:
                 "detach: a backward ran since the last sum_and_normalize_gradients; "
                 "finish the step first"
             )
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def close(self) -> None:
+        """Waits for the allreduces in flight (their failures were recorded
+        already and are not raised again), then removes the hooks."""
+        for bucket in self.buckets:
+            if bucket.pending is not None:
+                with contextlib.suppress(CommunicationError):
+                    bucket.pending.wait()
+                bucket.pending = None
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from ._validate import (
     state_value,
     structure_entries,
 )
+from .errors import CommunicationError
 
 __all__ = ["AllReduceEA"]
 
@@ -211,6 +213,12 @@ class AllReduceEA(_group.GroupMember):
         self._broadcast_from_rank0(flat.tensors, addresses)
         increment_version(flat.tensors)
         torch._foreach_copy_(self._centers, flat.tensors)
+
+    def _release(self) -> None:
+        # The round in flight completes (every rank is in it already), so the
+        # center stays what state_dict() reports; a failure was recorded.
+        with contextlib.suppress(CommunicationError):
+            self._finish_pending_round()
 
     def _bind(self, params: Any) -> tuple[Flat, list[int]]:
         """Validates params against the bound structure (binding it, and

@@ -280,6 +280,11 @@ class AllReduceSGD(_group.GroupMember):
         params = list(trainable.tensors)
         self._flat = FlatStorage(module, params, self._gradient_plan(grad_signature))
 
+    def _release(self) -> None:
+        if self._overlap is not None:
+            self._overlap.close()
+            self._overlap = None
+
     def detach(self) -> None:
         """Undoes ``attach``: gradients are allreduced by the ``sum_*`` calls again."""
         if self._overlap is not None:

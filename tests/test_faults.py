@@ -68,6 +68,8 @@ def _train_until_a_peer_fails(
                 again = "no error"
             except dl.CommunicationError as second:
                 again = str(second)
+            sync.close()  # safe after the failure: raises nothing, releases the group
+            sync.close()
             return {
                 "step": step,
                 "call_seconds": raised - started,
