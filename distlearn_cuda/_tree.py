@@ -10,7 +10,7 @@ structure around other tensors (the EA center).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,14 +55,36 @@ def _list_names(arg: str, length: int) -> list[str]:
     return [f"{arg}[{i}]" for i in range(length)]
 
 
-def flatten_grads(structure: Any, arg: str) -> Flat:
-    """Flattens gradients: for a module, the ``.grad`` of each trainable parameter.
+def materialize(structure: Any) -> Any:
+    """A one-shot iterable (``model.parameters()``, a generator, dict values)
+    as a list, so it can be walked more than once; anything else unchanged."""
+    if isinstance(structure, (torch.Tensor, nn.Module, list, tuple, dict, str, bytes)):
+        return structure
+    if isinstance(structure, Iterable):
+        return list(structure)
+    return structure
 
-    Raises ValueError naming the parameter when a trainable parameter has no
-    gradient.
+
+def flatten_grads(structure: Any, arg: str) -> Flat:
+    """Flattens gradients, PyTorch's way (``clip_grad_norm_``, optimizers): a
+    module stands for the ``.grad`` of each trainable parameter, and so does
+    any tensor that requires grad (a parameter), alone or in a structure;
+    a tensor that requires grad is never taken as a gradient itself.
+
+    Raises ValueError naming the parameter when one has no gradient.
     """
     if not isinstance(structure, nn.Module):
-        return flatten(structure, arg)
+        flat = flatten(materialize(structure), arg)
+        if not any(t.requires_grad for t in flat.tensors):
+            return flat
+        return Flat(
+            [_grad_of(t, name, arg) for t, name in zip(flat.tensors, flat.names, strict=True)],
+            [
+                f"{name}.grad" if t.requires_grad else name
+                for t, name in zip(flat.tensors, flat.names, strict=True)
+            ],
+            flat.rebuild,
+        )
     grads: list[torch.Tensor] = []
     names: list[str] = []
     for name, param in structure.named_parameters():
@@ -76,6 +98,19 @@ def flatten_grads(structure: Any, arg: str) -> Flat:
         grads.append(param.grad)
         names.append(f"{arg}.{name}.grad")
     return Flat(grads, names, list)
+
+
+def _grad_of(tensor: torch.Tensor, name: str, arg: str) -> torch.Tensor:
+    """A gradient given as itself, or a parameter given for its ``.grad``."""
+    if not tensor.requires_grad:
+        return tensor
+    grad = tensor.grad if tensor.is_leaf else None
+    if grad is None:
+        raise ValueError(
+            f"{arg}: {name} requires grad, so it stands for its .grad, and it has none; "
+            f"run backward() first, or pass gradients (detached) rather than parameters"
+        )
+    return grad
 
 
 def trainable(structure: Any, arg: str) -> Flat:

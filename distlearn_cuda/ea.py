@@ -182,7 +182,8 @@ class AllReduceEA(_group.GroupMember):
         use it (the first, and every round), before anything is modified.
 
         Args:
-            params: a tensor, a list/tuple/dict nesting of tensors, or an
+            params: a tensor, a list/tuple/dict nesting of tensors, any
+                iterable of tensors (``model.parameters()``), or an
                 ``nn.Module`` (all its parameters).
         """
         self._collectives.check_usable("average_parameters")
@@ -223,7 +224,7 @@ class AllReduceEA(_group.GroupMember):
     def _bind(self, params: Any) -> tuple[Flat, list[int]]:
         """Validates params against the bound structure (binding it, and
         making the center, on the first call); returns them and their addresses."""
-        flat = _tree.flatten(params, "params")
+        flat = _tree.flatten(_tree.materialize(params), "params")
         params_signature = signature(flat, "params", with_strides=True)
         addresses = [t.data_ptr() for t in flat.tensors]
         if self._signature is None:

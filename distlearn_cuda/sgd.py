@@ -112,8 +112,11 @@ class AllReduceSGD(_group.GroupMember):
         """Replaces every gradient by its sum over the ranks, in place.
 
         Args:
-            grads: a tensor, a list/tuple/dict nesting of tensors, or an
-                ``nn.Module`` (the ``.grad`` of its trainable parameters).
+            grads: gradients as a tensor or a list/tuple/dict nesting of
+                tensors; or, PyTorch's way (``clip_grad_norm_``, optimizers),
+                parameters, any iterable of them (``model.parameters()``)
+                or an ``nn.Module``, standing for their ``.grad`` (a tensor
+                that requires grad is never averaged as a gradient itself).
             nonfinite: what happens when some rank's gradients hold a NaN or
                 an infinity (checked in the pack, after the cast to
                 ``comm_dtype``; the flag travels in the same allreduce, so
@@ -147,10 +150,12 @@ class AllReduceSGD(_group.GroupMember):
         rank 0). Resets the step count.
 
         Args:
-            params: a tensor, a list/tuple/dict nesting of tensors, or an
+            params: a tensor, a list/tuple/dict nesting of tensors, any
+                iterable of tensors (``model.parameters()``), or an
                 ``nn.Module`` (all its parameters).
         """
         self._collectives.check_usable("synchronize_parameters")
+        params = _tree.materialize(params)
         flat = _tree.flatten(params, "params")
         param_signature = signature(flat, "params", with_strides=False)
         if self._param_signature is not None:

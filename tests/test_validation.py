@@ -239,3 +239,20 @@ def test_sgd_checks_a_tensor_resized_in_place_between_calls() -> None:
     grads[1] = torch.full((2, 4), 2.0).t()  # the bound shape, dense but not contiguous
     sgd.sum_and_normalize_gradients(grads)  # takes the full check, and passes it
     assert torch.equal(grads[1], torch.full((4, 2), 2.0))
+
+
+def test_a_parameter_without_grad_given_as_gradient_raises_naming_it() -> None:
+    model = nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    model.bias.grad = None
+    before = snapshot([model.weight.grad, model.weight.detach(), model.bias.detach()])
+    with pytest.raises(ValueError, match=r"grads\[1\] requires grad.*has none"):
+        dl.AllReduceSGD().sum_and_normalize_gradients(list(model.parameters()))
+    assert_unchanged([model.weight.grad, model.weight.detach(), model.bias.detach()], before)
+
+
+def test_a_non_leaf_tensor_that_requires_grad_is_not_averaged_as_a_gradient() -> None:
+    leaf = torch.randn(5, requires_grad=True)
+    derived = leaf * 2  # requires grad, has no .grad of its own
+    with pytest.raises(ValueError, match=r"grads\[0\] requires grad"):
+        dl.AllReduceSGD().sum_gradients([derived])
