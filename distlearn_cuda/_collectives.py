@@ -26,7 +26,7 @@ import hashlib
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -103,6 +103,16 @@ class Collectives:
     @property
     def timeout(self) -> datetime.timedelta:
         return self._timeout
+
+    @property
+    def ranks(self) -> list[int]:
+        """The group's ranks, in the default group's numbering."""
+        return self._ranks
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group."""
+        return self._group.rank
 
     @property
     def _gloo(self) -> dist.ProcessGroup:
@@ -183,6 +193,17 @@ class Collectives:
                 dist.broadcast(buffer, src=self._ranks[src], group=group)
         except RuntimeError as error:
             self._fail("broadcast", started, error)
+
+    def broadcast_object(self, value: Any, src: int) -> Any:
+        """Group rank ``src``'s picklable ``value``, on every rank (small host-side data)."""
+        self.check_usable("broadcast_object")
+        started = time.monotonic()
+        payload = [value if self._group.rank == src else None]
+        try:
+            dist.broadcast_object_list(payload, src=self._ranks[src], group=self._gloo)
+        except RuntimeError as error:
+            self._fail("broadcast_object", started, error)
+        return payload[0]
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over the ranks (a small host-side collective)."""

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.autograd.graph import increment_version
 
 from . import _group, _tree
+from ._carry import CarriedState, check_carry_args, pick_source
 from ._collectives import PendingSum
 from ._plan import Plan, PlanCache, lossless_dtype
 from ._tree import Flat
@@ -197,21 +198,46 @@ class AllReduceEA(_group.GroupMember):
 
     def synchronize_center(self, params: Any) -> None:
         """Waits for all ranks (joining their averaging rounds), then gives
-        every rank rank 0's center. Call at the end of an epoch."""
+        every rank rank 0's center. Call at the end of an epoch.
+
+        Never spreads a NaN: when rank 0's center is not all finite, the
+        lowest rank whose center is gives it; when none is, every rank
+        raises ``FloatingPointError`` and nothing changes."""
         self._collectives.check_usable("synchronize_center")
         flat, addresses = self._bind(params)
         self._wait_for_all_ranks(flat, addresses)
-        self._check_ranks_agree(flat)
-        self._broadcast_from_rank0(self._centers, self._center_addresses)
+        self._check_ranks_agree(flat, CarriedState(None, None, flat.tensors[0].device))
+        self._broadcast_from_first_finite(self._centers, self._center_addresses, "center")
 
-    def synchronize_parameters(self, params: Any) -> None:
+    def synchronize_parameters(
+        self,
+        params: Any,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        buffers: bool = False,
+    ) -> None:
         """Waits for all ranks (joining their averaging rounds), then gives
-        every rank rank 0's parameters and resets the center to them."""
+        every rank rank 0's parameters and resets the center to them.
+
+        Never spreads a NaN: when rank 0's parameters (or carried state) are
+        not all finite, the lowest rank whose are gives them; when no rank's
+        are, every rank raises ``FloatingPointError`` and nothing changes.
+
+        Args:
+            params: as for ``average_parameters``.
+            optimizer: also give every rank that rank's optimizer state,
+                bitwise (see ``AllReduceSGD.synchronize_parameters``).
+            buffers: also give every rank that rank's module buffers (any
+                dtype); needs an ``nn.Module`` as ``params``.
+        """
         self._collectives.check_usable("synchronize_parameters")
+        check_carry_args(params, optimizer, buffers)
+        params = _tree.materialize(params)
         flat, addresses = self._bind(params)
+        carried = CarriedState(params if buffers else None, optimizer, flat.tensors[0].device)
         self._wait_for_all_ranks(flat, addresses)
-        self._check_ranks_agree(flat)
-        self._broadcast_from_rank0(flat.tensors, addresses)
+        self._check_ranks_agree(flat, carried)
+        self._broadcast_from_first_finite(flat.tensors, addresses, "params", carried)
         increment_version(flat.tensors)
         torch._foreach_copy_(self._centers, flat.tensors)
 
@@ -250,11 +276,11 @@ class AllReduceEA(_group.GroupMember):
         self._rebuild = flat.rebuild
         return flat, addresses
 
-    def _check_ranks_agree(self, flat: Flat) -> None:
+    def _check_ranks_agree(self, flat: Flat, carried: CarriedState) -> None:
         """Every rank is past its last round: compare structures before
         anything is overwritten by a broadcast."""
-        entries = structure_entries(self._bound_signature())
-        self._collectives.check_same_structure(entries, flat.names, "params")
+        entries = structure_entries(self._bound_signature()) + carried.structure_entries()
+        self._collectives.check_same_structure(entries, flat.names + carried.names(), "params")
 
     def _delta_plan(self) -> Plan:
         if self._delta_plan_cache is None:
@@ -329,14 +355,26 @@ class AllReduceEA(_group.GroupMember):
             pass
         self._step = 0
 
-    def _broadcast_from_rank0(self, tensors: list[torch.Tensor], addresses: list[int]) -> None:
+    def _broadcast_from_first_finite(
+        self,
+        tensors: list[torch.Tensor],
+        addresses: list[int],
+        arg: str,
+        carried: CarriedState | None = None,
+    ) -> None:
+        """Copies ``tensors`` (and ``carried``) from the lowest rank whose are
+        all finite to every rank."""
         assert self._signature is not None
         plan = self._plans.get(self._signature, self._lossless_dtype())
-        if self.rank == 0:
-            plan.pack(tensors, addresses, count_slot=-1)
-        self._collectives.broadcast(plan.buffer, src=0)
-        if self.rank != 0:
+        # Every rank packs: the pack's flag says whether its tensors are finite.
+        plan.pack(tensors, addresses, count_slot=-1)
+        finite = plan.nonfinite_ranks() == 0 and (carried is None or carried.finite())
+        src = pick_source(self._collectives, 0, finite, arg)
+        self._collectives.broadcast(plan.buffer, src=src)
+        if self.rank != src:
             plan.unpack(tensors, addresses, normalize=False)
+        if carried is not None:
+            carried.broadcast(self._collectives, src, self.rank)
 
 
 def check_center_matches(center: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> None:

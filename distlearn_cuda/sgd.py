@@ -12,6 +12,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from . import _group, _tree
+from ._carry import CarriedState, check_carry_args, pick_source
 from ._flat_storage import FlatStorage
 from ._overlap import Bucket, OverlappedGradients, split_into_buckets
 from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
@@ -140,7 +141,13 @@ class AllReduceSGD(_group.GroupMember):
         """
         self._allreduce_gradients(grads, normalize=True, nonfinite=nonfinite)
 
-    def synchronize_parameters(self, params: Any) -> None:
+    def synchronize_parameters(
+        self,
+        params: Any,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        buffers: bool = False,
+    ) -> None:
         """Makes every rank hold the same parameters, in place.
 
         Waits, joining the other ranks' gradient allreduces with uncounted
@@ -149,12 +156,25 @@ class AllReduceSGD(_group.GroupMember):
         last synchronization (ties: the lowest rank; with no steps at all,
         rank 0). Resets the step count.
 
+        Never spreads a NaN: a rank whose parameters (or carried state) are
+        not all finite is passed over for the next best; when no rank's are,
+        every rank raises ``FloatingPointError`` and nothing changes.
+
         Args:
             params: a tensor, a list/tuple/dict nesting of tensors, any
                 iterable of tensors (``model.parameters()``), or an
                 ``nn.Module`` (all its parameters).
+            optimizer: also give every rank that rank's optimizer state
+                (moments, step counts, hyperparameters), bitwise; a rank
+                whose optimizer has no state yet receives it whole. Without
+                it, ranks that took different steps keep different moments
+                and drift apart after the next step.
+            buffers: also give every rank that rank's module buffers (any
+                dtype, e.g. BatchNorm's running statistics); needs an
+                ``nn.Module`` as ``params``.
         """
         self._collectives.check_usable("synchronize_parameters")
+        check_carry_args(params, optimizer, buffers)
         params = _tree.materialize(params)
         flat = _tree.flatten(params, "params")
         param_signature = signature(flat, "params", with_strides=False)
@@ -168,6 +188,7 @@ class AllReduceSGD(_group.GroupMember):
             check_same_signature(self._grad_signature, grad_signature, "params (as gradients)")
         else:
             self._bind_gradients(grad_signature, trainable.names, "params (as gradients)")
+        carried = CarriedState(params if buffers else None, optimizer, param_signature[0])
 
         if self._overlap is not None:
             self._wait_for_all_ranks(self._overlap.plans)
@@ -176,18 +197,22 @@ class AllReduceSGD(_group.GroupMember):
         # Every rank is here: compare the parameters across ranks before any
         # of them is overwritten.
         self._collectives.check_same_structure(
-            structure_entries(param_signature), flat.names, "params"
+            structure_entries(param_signature) + carried.structure_entries(),
+            flat.names + carried.names(),
+            "params",
         )
         self._param_signature = param_signature
-        winner = self._rank_with_most_steps()
         plan = self._plans.get(param_signature, lossless_dtype([e[0] for e in param_signature[1]]))
         addresses = [t.data_ptr() for t in flat.tensors]
-        if self.rank == winner:
-            plan.pack(flat.tensors, addresses, count_slot=-1)
+        # Every rank packs: the pack's flag says whether its params are finite.
+        plan.pack(flat.tensors, addresses, count_slot=-1)
+        finite = plan.nonfinite_ranks() == 0 and carried.finite()
+        winner = pick_source(self._collectives, self._steps, finite, "params")
         self._collectives.broadcast(plan.buffer, src=winner)
         if self.rank != winner:
             plan.unpack(flat.tensors, addresses, normalize=False)
             increment_version(flat.tensors)
+        carried.broadcast(self._collectives, winner, self.rank)
         self._steps = 0
 
     def attach(
@@ -392,10 +417,3 @@ class AllReduceSGD(_group.GroupMember):
                 self._collectives.all_reduce_sum(plan.buffer)
             if plans[0].contributor_count() == 0:
                 return
-
-    def _rank_with_most_steps(self) -> int:
-        # One MAX-allreduce of steps * W + (W - 1 - rank): the largest step
-        # count wins, and among equal counts the lowest rank.
-        world = self.world_size
-        key = self._collectives.max_int(self._steps * world + (world - 1 - self.rank))
-        return world - 1 - key % world

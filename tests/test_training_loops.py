@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 from multiproc import run_world
 from torch import nn
@@ -81,3 +82,105 @@ def test_parameters_given_as_gradients_average_their_grad() -> None:
                 torch.testing.assert_close(
                     got.double(), want, rtol=1e-6, atol=1e-7, msg=f"rank {rank}, {form}"
                 )
+
+
+def bn_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Everything that must agree across ranks, copied."""
+    state = optimizer.state_dict()
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": {name: b.clone() for name, b in model.named_buffers()},
+        "optimizer_state": {
+            index: {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in s.items()}
+            for index, s in state["state"].items()
+        },
+        "param_groups": state["param_groups"],
+    }
+
+
+def _uneven_epochs_with_adamw(
+    rank: int, world_size: int, seed: int, steps: list[int], algo: str
+) -> dict[str, Any]:
+    model = bn_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    # Step-dependent learning rates: the ranks' schedules differ after uneven epochs.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    sync = dl.AllReduceSGD() if algo == "sgd" else dl.AllReduceEA(tau=2, alpha=0.3)
+    sync.synchronize_parameters(model)
+    for step in range(steps[rank]):
+        x, y = local_batch(seed, rank, step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if algo == "sgd":
+            sync.sum_and_normalize_gradients(model)
+        optimizer.step()
+        schedule.step()
+        if algo == "ea":
+            sync.average_parameters(model)
+    before = snapshot(model, optimizer)
+    sync.synchronize_parameters(model, optimizer=optimizer, buffers=True)
+    after = snapshot(model, optimizer)
+    # The next epoch, even: identical ranks must stay identical. SGD ranks
+    # train on their own batches; EA ranks train apart by design, so they
+    # take the same local steps here.
+    for step in range(3):
+        x, y = local_batch(seed, rank if algo == "sgd" else 0, 100 + step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if algo == "sgd":
+            sync.sum_and_normalize_gradients(model)
+        optimizer.step()
+    return {"before": before, "after": after, "next": snapshot(model, optimizer)}
+
+
+def assert_same_state(
+    got: dict[str, Any], want: dict[str, Any], what: str, params: bool = True, buffers: bool = True
+) -> None:
+    if params:
+        for a, b in zip(got["params"], want["params"], strict=True):
+            assert torch.equal(a, b), f"{what}: params differ"
+    if buffers:
+        assert got["buffers"].keys() == want["buffers"].keys()
+        for name in want["buffers"]:
+            assert torch.equal(got["buffers"][name], want["buffers"][name]), f"{what}: {name}"
+    assert got["optimizer_state"].keys() == want["optimizer_state"].keys(), what
+    for index, state in want["optimizer_state"].items():
+        for key, value in state.items():
+            mine = got["optimizer_state"][index][key]
+            if isinstance(value, torch.Tensor):
+                assert mine.dtype == value.dtype and torch.equal(mine, value), f"{what}: {key}"
+            else:
+                assert mine == value, f"{what}: {key}"
+    assert got["param_groups"] == want["param_groups"], f"{what}: hyperparameters"
+
+
+@pytest.mark.parametrize(
+    ("algo", "steps"),
+    [("sgd", [3, 5, 0]), ("sgd", [4, 2, 4]), ("ea", [4, 2, 3])],
+)
+def test_synchronize_carries_optimizer_state_and_buffers(algo: str, steps: list[int]) -> None:
+    """After uneven epochs with AdamW and BatchNorm, every rank ends bitwise
+    with the source rank's parameters, buffers (float and int64) and optimizer
+    state (a rank that took no step receives it whole), and stays identical
+    over the next epoch (but for BatchNorm's statistics of each rank's own
+    batches). EA's synchronization runs a last averaging round first, so its
+    parameters are compared across ranks, the rest with rank 0's."""
+    seed = random.randrange(2**31)
+    results = run_world(_uneven_epochs_with_adamw, len(steps), seed, steps, algo, timeout=90)
+    # SGD: the most steps win, ties to the lowest rank; EA: rank 0.
+    source = max(range(len(steps)), key=lambda r: (steps[r], -r)) if algo == "sgd" else 0
+    want = results[source]["before"]
+    assert want["optimizer_state"], "the source rank took steps: it has optimizer state"
+    for rank, result in enumerate(results):
+        assert_same_state(result["after"], want, f"rank {rank}", params=algo == "sgd")
+        assert_same_state(result["after"], results[0]["after"], f"rank {rank}")
+        assert_same_state(
+            result["next"], results[0]["next"], f"rank {rank}, next epoch", buffers=algo == "ea"
+        )
+    if algo == "sgd" and 0 in steps:
+        assert not results[steps.index(0)]["before"]["optimizer_state"]

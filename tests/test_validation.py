@@ -256,3 +256,17 @@ def test_a_non_leaf_tensor_that_requires_grad_is_not_averaged_as_a_gradient() ->
     derived = leaf * 2  # requires grad, has no .grad of its own
     with pytest.raises(ValueError, match=r"grads\[0\] requires grad"):
         dl.AllReduceSGD().sum_gradients([derived])
+
+
+@pytest.mark.parametrize("cls", [dl.AllReduceSGD, dl.AllReduceEA])
+def test_bad_carry_arguments_raise_before_anything_changes(cls: type) -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    before = snapshot([p.detach() for p in model.parameters()])
+    sync = cls()
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        sync.synchronize_parameters(model, optimizer="adam")
+    with pytest.raises(TypeError, match="buffers must be a bool"):
+        sync.synchronize_parameters(model, buffers=1)
+    with pytest.raises(ValueError, match=r"buffers=True needs params to be an nn\.Module"):
+        sync.synchronize_parameters(list(model.parameters()), buffers=True)
+    assert_unchanged([p.detach() for p in model.parameters()], before)
