@@ -11,7 +11,7 @@ one collective per call.
 """
 
 from ._build_info import build_info
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .ea import AllReduceEA
 from .errors import CommunicationError
 from .sgd import AllReduceSGD
@@ -21,6 +21,7 @@ __all__ = [
     "AllReduceSGD",
     "CommunicationError",
     "build_info",
+    "checkpoint_path",
     "load_checkpoint",
     "save_checkpoint",
 ]

@@ -33,7 +33,7 @@ def _train(
     generator = torch.Generator().manual_seed(7 + rank)
     params = [torch.randn(s, generator=generator) for s in SHAPES]
     sync = dl.AllReduceSGD() if algo == "sgd" else dl.AllReduceEA(tau=TAU, alpha=ALPHA)
-    path = Path(dir, f"rank{rank}.ckpt")
+    path = Path(dir, "rank{rank}.ckpt")  # each rank its own file
     start = 0
     if resume:
         state = dl.load_checkpoint(path)
@@ -131,3 +131,51 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path: Path) -> 
     assert state["version"] == 1 and torch.equal(state["w"], torch.arange(1000.0))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "state.ckpt"]
     assert all(name.startswith(".state.ckpt.") and name.endswith(".tmp") for name in leftovers)
+
+
+def _one_path_for_all_ranks(rank: int, world_size: int, dir: str) -> dict:
+    state = {"rank": rank, "w": torch.full((3,), float(rank))}
+    report = {}
+    try:
+        dl.save_checkpoint(state, Path(dir, "run.ckpt"))
+        report["same_path"] = None
+    except ValueError as error:
+        report["same_path"] = str(error)
+    report["file"] = str(dl.save_checkpoint(state, Path(dir, "run-{rank}.ckpt")))
+    report["loaded"] = dl.load_checkpoint(Path(dir, "run-{rank}.ckpt"))
+    # Another rank's file, under this rank's name: refused.
+    other = Path(dir, f"run-{(rank + 1) % world_size}.ckpt").read_bytes()
+    Path(dir, f"swapped-{rank}.ckpt").write_bytes(other)
+    try:
+        dl.load_checkpoint(Path(dir, "swapped-{rank}.ckpt"))
+        report["swapped"] = None
+    except ValueError as error:
+        report["swapped"] = str(error)
+    if rank == 0:
+        dl.save_checkpoint(state, Path(dir, "shared.ckpt"), shared=True)
+    return report
+
+
+def test_each_rank_writes_and_reads_its_own_checkpoint(tmp_path: Path) -> None:
+    """The README's mistake (every rank saving to one path, so a resume mixes
+    ranks) is refused on every rank before anything is written."""
+    reports = run_world(_one_path_for_all_ranks, 2, str(tmp_path), timeout=60)
+    assert not (tmp_path / "run.ckpt").exists()
+    for rank, report in enumerate(reports):
+        assert "has no {rank}" in report["same_path"], report
+        assert report["file"] == str(tmp_path / f"run-{rank}.ckpt")
+        assert report["loaded"]["rank"] == rank
+        assert torch.equal(report["loaded"]["w"], torch.full((3,), float(rank)))
+        assert f"holds rank {(rank + 1) % 2}'s state, this is rank {rank}" in report["swapped"]
+    # A shared file (one writer) loads in this world of one too.
+    assert dl.load_checkpoint(tmp_path / "shared.ckpt", shared=True)["rank"] == 0
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run-{rank}.ckpt"
+    written = dl.save_checkpoint({"x": 1}, path)
+    record = torch.load(written, weights_only=True)
+    record["world_size"] = 4
+    torch.save(record, written)
+    with pytest.raises(ValueError, match="written by a world of 4 ranks, this one has 1"):
+        dl.load_checkpoint(path)
