@@ -50,13 +50,13 @@ def pick_source(collectives: Collectives, score: int, finite: bool, arg: str) ->
     ``score`` (>= 0) among the ranks whose values are ``finite``, ties to the
     lowest rank. One MAX-allreduce of score * W + (W - 1 - rank), or -1 for a
     rank with non-finite values. FloatingPointError on every rank (nothing
-    changed) when no rank's values are finite: a synchronization never
+    broadcast) when no rank's values are finite: a synchronization never
     spreads a NaN or an infinity."""
     world, rank = len(collectives.ranks), collectives.rank
     key = collectives.max_int(score * world + (world - 1 - rank) if finite else -1)
     if key < 0:
         raise FloatingPointError(
-            f"{arg}: NaN or infinite values on every rank; nothing was synchronized"
+            f"{arg}: NaN or infinite values on every rank; nothing was broadcast"
         )
     return world - 1 - key % world
 

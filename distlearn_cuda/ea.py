@@ -64,10 +64,12 @@ class AllReduceEA(_group.GroupMember):
             an infinity (checked in the blend; the flag travels in the same
             allreduce, so every rank decides alike): ``"propagate"``
             (default: the center takes the sum), ``"skip"`` (the center
-            keeps its value on every rank; each rank's params keep their own
-            elastic step; see ``last_round_skipped``) or ``"raise"`` (every
-            rank raises ``FloatingPointError`` before the center changes;
-            reads the device once per round).
+            keeps its value on every rank; a rank whose params are not
+            finite rejoins from the center, the others keep their own
+            elastic step; see ``last_round_skipped`` and
+            ``last_round_rejoined``; reads this rank's flag once per round)
+            or ``"raise"`` (every rank raises ``FloatingPointError`` before
+            the center changes; reads the device once per round).
         asynchronous: start each round's allreduce and return without
             waiting for it (default True); the sum is added to the center
             when it is next needed: at the start of the next round (the
@@ -115,6 +117,7 @@ class AllReduceEA(_group.GroupMember):
         self._checked_addresses: list[int] = []
         self._step = 0
         self._skip_plan: Plan | None = None  # the last round's, when it ran with "skip"
+        self._rejoined = False
         # The allreduce of a round in flight, on the delta plan's buffer: the
         # buffer is not touched, and the center not read, until it is waited for.
         self._pending: PendingSum | None = None
@@ -127,6 +130,14 @@ class AllReduceEA(_group.GroupMember):
         self._finish_pending_round()
         plan = self._skip_plan
         return plan is not None and plan.nonfinite_ranks() > 0
+
+    @property
+    def last_round_rejoined(self) -> bool:
+        """Whether, in the last averaging round (``nonfinite="skip"``), this
+        rank's params were not finite and were set to the center. Its
+        optimizer state is the caller's to reset (e.g. ``opt.state.clear()``):
+        moments that hold a NaN make the params non-finite again."""
+        return self._rejoined
 
     @property
     def tau(self) -> int:
@@ -202,7 +213,8 @@ class AllReduceEA(_group.GroupMember):
 
         Never spreads a NaN: when rank 0's center is not all finite, the
         lowest rank whose center is gives it; when none is, every rank
-        raises ``FloatingPointError`` and nothing changes."""
+        raises ``FloatingPointError`` after the last averaging round, and
+        nothing is broadcast."""
         self._collectives.check_usable("synchronize_center")
         flat, addresses = self._bind(params)
         self._wait_for_all_ranks(flat, addresses)
@@ -221,7 +233,8 @@ class AllReduceEA(_group.GroupMember):
 
         Never spreads a NaN: when rank 0's parameters (or carried state) are
         not all finite, the lowest rank whose are gives them; when no rank's
-        are, every rank raises ``FloatingPointError`` and nothing changes.
+        are, every rank raises ``FloatingPointError`` after the last
+        averaging round, and nothing is broadcast.
 
         Args:
             params: as for ``average_parameters``.
@@ -315,6 +328,13 @@ class AllReduceEA(_group.GroupMember):
             slot,
             catch_up=catch_up,
         )
+        if self._nonfinite == "skip":
+            # Before the allreduce the flag is this rank's own: its params are
+            # not finite. They rejoin from the center, which this round leaves
+            # as it is (the flag travels on and every rank skips the update).
+            self._rejoined = plan.nonfinite_ranks() > 0
+            if self._rejoined:
+                torch._foreach_copy_(flat.tensors, self._centers)
         increment_version(flat.tensors)
         if asynchronous:
             self._pending = self._collectives.all_reduce_sum_async(plan.buffer)

@@ -184,3 +184,118 @@ def test_synchronize_carries_optimizer_state_and_buffers(algo: str, steps: list[
         )
     if algo == "sgd" and 0 in steps:
         assert not results[steps.index(0)]["before"]["optimizer_state"]
+
+
+NAN_SHAPES = [(7, 3), (11,)]
+ALPHA = 0.5
+
+
+def local_noise(seed: int, rank: int, step: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed * 31 + rank * 1009 + step)
+    return [0.1 * torch.randn(s, generator=generator) for s in NAN_SHAPES]
+
+
+def _ea_rank_goes_nan(rank: int, world_size: int, seed: int) -> list[dict[str, Any]]:
+    """EA with nonfinite="skip", tau=1: rank 1's params hold a NaN at round 1."""
+    generator = torch.Generator().manual_seed(seed + rank)
+    params = [torch.randn(s, generator=generator) for s in NAN_SHAPES]
+    ea = dl.AllReduceEA(tau=1, alpha=ALPHA, nonfinite="skip")
+    ea.synchronize_parameters(params)
+    rounds = []
+    for step in range(4):
+        torch._foreach_add_(params, local_noise(seed, rank, step))  # a local "step"
+        if step == 1 and rank == 1:
+            params[0][2, 1] = float("nan")
+        before = [p.clone() for p in params]
+        ea.average_parameters(params)
+        rounds.append(
+            {
+                "before": before,
+                "after": [p.clone() for p in params],
+                "center": [c.clone() for c in ea.center],
+                "skipped": ea.last_round_skipped,
+                "rejoined": ea.last_round_rejoined,
+            }
+        )
+    return rounds
+
+
+def test_an_ea_rank_with_nan_params_rejoins_from_the_center_and_training_goes_on() -> None:
+    seed, world_size = random.randrange(2**31), 3
+    ranks = run_world(_ea_rank_goes_nan, world_size, seed, timeout=60)
+    center = ranks[0][0]["center"]
+    for step in range(1, 4):
+        for rank, rounds in enumerate(ranks):
+            this = rounds[step]
+            assert this["skipped"] == (step == 1), f"rank {rank} round {step}"
+            assert this["rejoined"] == (step == 1 and rank == 1), f"rank {rank} round {step}"
+            assert all(bool(p.isfinite().all()) for p in this["after"]), f"rank {rank} round {step}"
+        if step == 1:
+            # The round's update is skipped everywhere; the NaN rank takes the
+            # center, the others their own elastic step.
+            expected_center = center
+            for rank, rounds in enumerate(ranks):
+                if rank == 1:
+                    expected_after = center
+                else:
+                    expected_after = [
+                        x.double() - ALPHA * (x.double() - c.double())
+                        for x, c in zip(rounds[step]["before"], center, strict=True)
+                    ]
+                for got, want in zip(rounds[step]["after"], expected_after, strict=True):
+                    torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-6)
+        else:
+            # A normal round again: center += sum over ranks of alpha (x - c).
+            expected_center = [
+                c.double()
+                + sum(ALPHA * (r[step]["before"][i].double() - c.double()) for r in ranks)
+                for i, c in enumerate(center)
+            ]
+        for rank, rounds in enumerate(ranks):
+            for got, want in zip(rounds[step]["center"], expected_center, strict=True):
+                torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
+                assert bool(got.isfinite().all()), f"rank {rank} round {step}: center not finite"
+        center = ranks[0][step]["center"]
+
+
+def _synchronize_from_a_nan_rank(
+    rank: int, world_size: int, algo: str, nan_ranks: list[int]
+) -> dict[str, Any]:
+    params = [torch.full(s, float(rank + 1)) for s in NAN_SHAPES]
+    if algo == "sgd":
+        sync = dl.AllReduceSGD()
+        for _ in range(2 if rank == 0 else 1):  # rank 0 took the most steps
+            sync.sum_and_normalize_gradients([torch.zeros(s) for s in NAN_SHAPES])
+    else:
+        sync = dl.AllReduceEA(tau=5)  # no round before the synchronization
+        sync.average_parameters(params)
+    if rank in nan_ranks:
+        params[1][3] = float("inf") if rank % 2 else float("nan")
+    before = [p.clone() for p in params]
+    try:
+        sync.synchronize_parameters(params)
+        raised = None
+    except FloatingPointError as error:
+        raised = str(error)
+    unchanged = all(
+        bool(((a == b) | (a.isnan() & b.isnan())).all())
+        for a, b in zip(params, before, strict=True)
+    )
+    return {"params": params, "raised": raised, "unchanged": unchanged}
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_synchronize_never_copies_non_finite_params(algo: str) -> None:
+    """The source rank (SGD: most steps; EA: rank 0) holds a NaN: the next
+    rank in line gives its params; when every rank holds one, every rank
+    raises and nothing is broadcast (SGD's params are untouched; EA's had
+    the synchronization's last averaging round)."""
+    results = run_world(_synchronize_from_a_nan_rank, 3, algo, [0], timeout=60)
+    for rank, result in enumerate(results):
+        assert result["raised"] is None, result["raised"]
+        for p in result["params"]:
+            assert bool((p == 2.0).all()), f"rank {rank}: not rank 1's params"
+    results = run_world(_synchronize_from_a_nan_rank, 3, algo, [0, 1, 2], timeout=60)
+    for result in results:
+        assert "NaN or infinite values on every rank" in result["raised"]
+        assert result["unchanged"] or algo == "ea"
