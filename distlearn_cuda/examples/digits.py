@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> float:
             loss_sum += loss.detach() * len(batch)
             progress.update()
         if sgd:
-            algo.synchronize_parameters(model)
+            # After uneven epochs the momentum buffers differ too: carry them.
+            algo.synchronize_parameters(model, optimizer=optimizer, buffers=True)
         else:
             algo.synchronize_center(model)
 
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> float:
                 f"test accuracy {accuracy:.2%}  ({confusion.sum().item()} samples)"
             )
     progress.close()
+    algo.close()
     if rank == 0:
         print(f"final test accuracy: {accuracy:.2%}")
     return accuracy
