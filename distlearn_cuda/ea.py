@@ -13,7 +13,7 @@ from torch.autograd.graph import increment_version
 
 from . import _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
-from ._collectives import PendingSum
+from ._collectives import PendingSum, is_capturing
 from ._plan import Plan, PlanCache, lossless_dtype
 from ._tree import Flat
 from ._validate import (
@@ -138,6 +138,13 @@ class AllReduceEA(_group.GroupMember):
         optimizer state is the caller's to reset (e.g. ``opt.state.clear()``):
         moments that hold a NaN make the params non-finite again."""
         return self._rejoined
+
+    def wait(self) -> None:
+        """Completes the averaging round in flight, if any: its sum joins the
+        center. Rounds complete on their own when next needed; call this
+        before capturing a CUDA graph (a capture cannot wait on work from
+        outside it) or to bound when a failed round's error surfaces."""
+        self._finish_pending_round()
 
     @property
     def tau(self) -> int:
@@ -312,6 +319,16 @@ class AllReduceEA(_group.GroupMember):
         self, flat: Flat, addresses: list[int], active: bool, asynchronous: bool = False
     ) -> Plan:
         plan = self._delta_plan()
+        if is_capturing(plan.buffer.device):
+            # A CUDA graph must not wait on work outside it, nor fork a stream
+            # it does not join: a round in flight from before the capture is
+            # refused, and a captured round completes within the capture.
+            if self._pending is not None:
+                raise RuntimeError(
+                    "average_parameters: an averaging round started before this CUDA graph "
+                    "capture is still in flight; call ea.wait() before capturing"
+                )
+            asynchronous = False
         # The blend reads the center: a round still in flight completes first,
         # its center update folded into this blend's pass when nothing else
         # (the non-finite guard) must look at its sum first.

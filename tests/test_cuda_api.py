@@ -119,6 +119,7 @@ def test_a_step_is_captured_in_a_cuda_graph_and_replayed(nccl_world_of_one: None
         for _ in range(2):
             sgd.sum_and_normalize_gradients(grads)
             ea.average_parameters(params)
+        ea.wait()  # a capture cannot wait on the warm-up's round in flight
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
