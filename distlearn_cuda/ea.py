@@ -127,7 +127,7 @@ class AllReduceEA(_group.GroupMember):
         """Whether the last averaging round left the center unchanged because
         some rank's delta was not finite (``nonfinite="skip"``; the same
         answer on every rank). Reads the device; valid until the next round."""
-        self._finish_pending_round()
+        self._complete_for_reading()
         plan = self._skip_plan
         return plan is not None and plan.nonfinite_ranks() > 0
 
@@ -161,15 +161,17 @@ class AllReduceEA(_group.GroupMember):
         Completes a round still in flight first."""
         if not self._centers:
             return None
-        self._finish_pending_round()
+        self._complete_for_reading()
         return self._rebuild(self._centers)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the step counter (where the next round
         falls) and copies of the center tensors, in the order of the params'
         tensors (None before the first call). Completes a round still in
-        flight first, so no sum is pending in a checkpoint."""
-        self._finish_pending_round()
+        flight first, so no sum is pending in a checkpoint. After a
+        ``CommunicationError`` it does not raise: it returns the state of the
+        last round that completed, never one that absorbed a failed round."""
+        self._complete_for_reading()
         center = [c.detach().clone() for c in self._centers] if self._centers else None
         return {"step": self._step, "center": center}
 
@@ -368,6 +370,13 @@ class AllReduceEA(_group.GroupMember):
         pending, self._pending = self._pending, None
         pending.wait()
         return True
+
+    def _complete_for_reading(self) -> None:
+        """Completes a round in flight for a reader of the state; a failed
+        round leaves the center as it was (the failure is recorded, and every
+        later collective call raises it)."""
+        with contextlib.suppress(CommunicationError):
+            self._finish_pending_round()
 
     def _finish_pending_round(self) -> None:
         if self._wait_for_pending_round():
