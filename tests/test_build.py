@@ -39,5 +39,7 @@ def test_cuda_flavor_is_built_where_nvcc_is_found() -> None:
 )
 def test_cuda_ops_without_a_gpu_raise_instead_of_crashing() -> None:
     layout = _C.Layout([3], [0], 0, 1)
-    with pytest.raises(RuntimeError, match="cudaGetDevice"):
-        _C.DeviceTable(layout, [4096])
+    with pytest.raises(RuntimeError, match="cudaMemsetAsync"):  # pack zeroes the flag first
+        _C.pack_cuda(layout, [4096], 8192, 0, 0)
+    with pytest.raises(RuntimeError, match="cudaGetLastError"):  # the launch itself
+        _C.unpack_cuda(layout, [4096], 8192, True, 0)
