@@ -29,6 +29,12 @@ using distlearn::Layout;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Fused multi-tensor ops of distlearn_cuda.";
   m.attr("kSegmentAlign") = distlearn::kSegmentAlign;
+  // The CUDA engine's limits (kernels/multi_tensor_engine.h), for tests and
+  // benchmarks: tensors one launch carries for one stream and for two (the
+  // EA blends'), and elements per chunk.
+  m.attr("kLaunchCapacity") = distlearn::TensorList<1>::kCapacity;
+  m.attr("kLaunchCapacityPaired") = distlearn::TensorList<2>::kCapacity;
+  m.attr("kChunkElements") = distlearn::kChunkElements;
 #ifdef DISTLEARN_WITH_CUDA
   m.attr("has_cuda") = true;
 #else
@@ -77,11 +83,6 @@ PYBIND11_MODULE(_C, m) {
 #ifdef DISTLEARN_WITH_CUDA
   m.def("cuda_build_version", &distlearn::cuda_build_version,
         "CUDART_VERSION of the toolkit the extension was built with.");
-  // The engine's limits, for tests and benchmarks: tensors one launch
-  // carries (one stream, two streams) and elements per chunk.
-  m.attr("kLaunchCapacity") = distlearn::TensorList<1>::kCapacity;
-  m.attr("kLaunchCapacityPaired") = distlearn::TensorList<2>::kCapacity;
-  m.attr("kChunkElements") = distlearn::kChunkElements;
   m.def("pack_cuda", &distlearn::pack_cuda, py::arg("layout"), py::arg("tensors"),
         py::arg("buffer"), py::arg("count_slot"), py::arg("stream"), release,
         "pack on CUDA tensors of the current device, enqueued on stream (a cudaStream_t "

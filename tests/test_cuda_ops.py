@@ -31,21 +31,27 @@ PAIRS = list(itertools.product(DTYPES, DTYPES))
 # stream (pack, unpack, center_update) and two (the EA blends), so the
 # list splits into several launches; and views whose data pointer is not
 # 16-byte aligned (storage offset 1).
-MANY_SMALL = [(n % 37 + 1,) for n in range(2 * _C.kLaunchCapacity + 70)] if _C.has_cuda else []
+MANY_SMALL = [(n % 37 + 1,) for n in range(2 * _C.kLaunchCapacity + 70)]
+
+
+def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t at storage offset 1: its data pointer is not 16-byte aligned."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def cuda_tensors(
+    shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], misaligned: bool
+) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(fresh_seed())
+    tensors = [t.cuda() for t in random_tensors(shapes, dtypes, generator)]
+    return [misaligned_copy(t) for t in tensors] if misaligned else tensors
 
 
 def cuda_case(shapes: list[tuple[int, ...]], dtype: torch.dtype, misaligned: bool) -> list:
-    generator = torch.Generator().manual_seed(fresh_seed())
-    tensors = [t.cuda() for t in random_tensors(shapes, [dtype] * len(shapes), generator)]
-    if misaligned:
-        shifted = []
-        for t in tensors:
-            storage = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
-            view = storage[1:].view(t.shape)
-            view.copy_(t)
-            shifted.append(view)
-        tensors = shifted
-    return tensors
+    return cuda_tensors(shapes, [dtype] * len(shapes), misaligned)
 
 
 def layout_of(tensors: list[torch.Tensor], buffer_dtype: torch.dtype) -> _C.Layout:
@@ -153,8 +159,7 @@ def test_address_lists_of_another_length_are_rejected() -> None:
 
 def mixed_case(shapes: list[tuple[int, ...]], misaligned: bool) -> list[torch.Tensor]:
     """shapes with the dtypes taking turns: one group of launches per dtype."""
-    dtypes = [DTYPES[i % len(DTYPES)] for i in range(len(shapes))]
-    return [cuda_case([s], d, misaligned)[0] for s, d in zip(shapes, dtypes, strict=True)]
+    return cuda_tensors(shapes, [DTYPES[i % len(DTYPES)] for i in range(len(shapes))], misaligned)
 
 
 # Odd sizes, and a list long enough that each dtype's group needs two
@@ -163,11 +168,15 @@ def mixed_case(shapes: list[tuple[int, ...]], misaligned: bool) -> list[torch.Te
 MIXED_SHAPES = {"odd": ODD_SHAPES, "many": (ODD_SHAPES + MANY_SMALL * 2)}
 
 
-@pytest.mark.parametrize("buffer_dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("misaligned", [False, True])
-@pytest.mark.parametrize("shapes", ["odd", "many"])
+MIXED_CASES = [
+    *itertools.product(["odd"], [torch.float64, torch.float32], [False, True]),
+    ("many", torch.float32, True),
+]
+
+
+@pytest.mark.parametrize(("shapes", "buffer_dtype", "misaligned"), MIXED_CASES)
 def test_mixed_dtype_lists_match_reference_and_cpu_flavor(
-    buffer_dtype: torch.dtype, misaligned: bool, shapes: str
+    shapes: str, buffer_dtype: torch.dtype, misaligned: bool
 ) -> None:
     params = mixed_case(MIXED_SHAPES[shapes], misaligned)
     centers = mixed_case(MIXED_SHAPES[shapes], not misaligned)
@@ -288,9 +297,9 @@ def test_catch_up_blend_is_bitwise_the_two_passes_and_the_cpu_flavor(
 
 def test_launches_are_captured_in_a_cuda_graph_and_replayed() -> None:
     # The tensor addresses travel in the kernel parameters, which the graph
-    # captures by value: a list of several dtypes (several launches each)
-    # replays with no table to keep alive or rebuild.
-    tensors = mixed_case(ODD_SHAPES + MANY_SMALL, misaligned=False)
+    # captures by value: a list of four dtypes, two launches each, replays
+    # with no table to keep alive or rebuild.
+    tensors = mixed_case(MIXED_SHAPES["many"], misaligned=False)
     layout = layout_of(tensors, torch.float32)
     buffer = torch.full((layout.buffer_numel,), float("nan"), device="cuda")
     capture = torch.cuda.Stream()
