@@ -18,6 +18,10 @@ fi
 # NCCL's wheel (~300 MB) gives nccl.h to the build and a libnccl.so.2 to load:
 # without a GPU, the tests still load it and check its version and messages.
 .venv/bin/python -m pip install --quiet nvidia-nccl-cu13
+# cuobjdump, for the test that every kernel of the CUDA flavor stays within
+# its register budget with no local memory (tests/test_build.py). No 13.0
+# release of the wheel exists; 13.2's reads the cubins nvcc 13.0 writes.
+.venv/bin/python -m pip install --quiet "nvidia-cuda-cuobjdump==13.2.86"
 nccl_include="$(.venv/bin/python -c 'import nvidia.nccl as n; print(list(n.__path__)[0])')/include"
 DISTLEARN_NCCL_INCLUDE="$nccl_include" \
   .venv/bin/python -m pip install --quiet -e ".[test,example,bench,nccl]"
