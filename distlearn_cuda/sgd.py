@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.autograd.graph import increment_version
 from . import _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
 from ._flat_storage import FlatStorage
+from ._module_grads import ModuleGradients
 from ._overlap import Bucket, OverlappedGradients, split_into_buckets
 from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
 from ._validate import (
@@ -31,6 +33,13 @@ from ._validate import (
 )
 
 __all__ = ["AllReduceSGD"]
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _names(module: nn.Module) -> list[str]:
+    """The names of a module's trainable parameters, in walk order."""
+    return [name for name, p in module.named_parameters() if p.requires_grad]
 
 
 class AllReduceSGD(_group.GroupMember):
@@ -87,6 +96,9 @@ class AllReduceSGD(_group.GroupMember):
         self._skipped: Callable[[], bool] | None = None
         self._overlap: OverlappedGradients | None = None
         self._flat: FlatStorage | None = None
+        # The last module given as grads, its trainable parameters bound (hot path).
+        self._module_grads: ModuleGradients | None = None
+        self._count_slot = 0  # this rank's count slot in the gradient plan
 
     @property
     def steps(self) -> int:
@@ -331,6 +343,28 @@ class AllReduceSGD(_group.GroupMember):
         if self._flat is not None and grads is self._flat.module:
             self._allreduce_flat(normalize, mode)
             return
+        bound = self._module_grads
+        if bound is not None and bound.is_for(grads):
+            tensors, addresses = bound.gather()
+        else:
+            tensors = self._checked_gradients(grads)
+            addresses = list(map(_DATA_PTR, tensors))
+        assert self._grad_plan is not None
+        plan = self._grad_plan
+        plan.pack(tensors, addresses, count_slot=self._count_slot)
+        self._collectives.all_reduce_sum(plan.buffer)
+        if mode == "raise" and (ranks := plan.nonfinite_ranks()) > 0:
+            raise self._nonfinite_error(ranks, "with its gradients unchanged")
+        plan.unpack(tensors, addresses, normalize=normalize, skip_nonfinite=mode == "skip")
+        if mode == "skip":
+            self._skipped = lambda: plan.nonfinite_ranks() > 0
+        increment_version(tensors)
+        self._steps += 1
+
+    def _checked_gradients(self, grads: Any) -> list[torch.Tensor]:
+        """The gradients in ``grads``, checked against the bound structure
+        (bound by this call when it is the first); a module's trainable
+        parameters are bound for the next calls with it."""
         flat = _tree.flatten_grads(grads, "grads")
         if not unchanged_since(flat, self._grad_metadata):
             grad_signature = signature(flat, "grads", with_strides=False)
@@ -341,16 +375,17 @@ class AllReduceSGD(_group.GroupMember):
             self._grad_metadata = tuple(map(tensor_metadata, flat.tensors))
         assert self._grad_signature is not None
         plan = self._gradient_plan(self._grad_signature)
-        addresses = [t.data_ptr() for t in flat.tensors]
-        plan.pack(flat.tensors, addresses, count_slot=self.rank % plan.count_slots)
-        self._collectives.all_reduce_sum(plan.buffer)
-        if mode == "raise" and (ranks := plan.nonfinite_ranks()) > 0:
-            raise self._nonfinite_error(ranks, "with its gradients unchanged")
-        plan.unpack(flat.tensors, addresses, normalize=normalize, skip_nonfinite=mode == "skip")
-        if mode == "skip":
-            self._skipped = lambda: plan.nonfinite_ranks() > 0
-        increment_version(flat.tensors)
-        self._steps += 1
+        self._count_slot = self.rank % plan.count_slots
+        if isinstance(grads, nn.Module):
+            trainable = _tree.trainable(grads, "grads")
+            self._module_grads = ModuleGradients(
+                weakref.ref(grads),
+                list(trainable.tensors),
+                _names(grads),
+                list(flat.tensors),
+                list(map(_DATA_PTR, flat.tensors)),
+            )
+        return flat.tensors
 
     def _allreduce_flat(self, normalize: bool, mode: str) -> None:
         """A step on flat storage: no pack, no unpack."""

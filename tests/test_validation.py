@@ -270,3 +270,24 @@ def test_bad_carry_arguments_raise_before_anything_changes(cls: type) -> None:
     with pytest.raises(ValueError, match=r"buffers=True needs params to be an nn\.Module"):
         sync.synchronize_parameters(list(model.parameters()), buffers=True)
     assert_unchanged([p.detach() for p in model.parameters()], before)
+
+
+def test_a_bound_module_still_checks_new_gradients() -> None:
+    """After the first call binds the module, a gradient that went missing
+    or was replaced by a strided view is still refused, nothing modified."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model(torch.randn(5, 3)).sum().backward()
+    sgd = dl.AllReduceSGD()
+    sgd.sum_and_normalize_gradients(model)  # binds
+    model[1].bias.grad = None
+    before = snapshot([model[0].weight.grad])
+    with pytest.raises(ValueError, match=r"parameter '1\.bias' has no \.grad"):
+        sgd.sum_and_normalize_gradients(model)
+    assert_unchanged([model[0].weight.grad], before)
+    model[1].bias.grad = torch.zeros(2)
+    model[1].weight.grad = torch.zeros(2, 8)[:, ::2]  # the right shape, with gaps
+    with pytest.raises(ValueError, match=r"1\.weight\.grad: is not dense"):
+        sgd.sum_and_normalize_gradients(model)
+    model[1].weight.grad = torch.ones(2, 4)
+    sgd.sum_and_normalize_gradients(model)  # new, valid tensors: taken
+    assert torch.equal(model[1].weight.grad, torch.ones(2, 4))
