@@ -11,10 +11,15 @@ only (no host synchronization).
 Gradients must stay those views: ``optimizer.zero_grad(set_to_none=False)``.
 A gradient found elsewhere (set to None and made anew by backward) is
 copied into its view and the view put back, so a step is always correct and
-zero-copy again from the next one.
+zero-copy again from the next one. The step's device work is the fused ops
+applied to the views themselves: the unpack scales in place (each view is
+its own buffer segment), and with the non-finite guard the pack of the views
+onto themselves computes the flag.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import nn
@@ -22,6 +27,8 @@ from torch import nn
 from ._plan import Plan
 
 __all__ = ["FlatStorage"]
+
+_GRAD = operator.attrgetter("grad")
 
 
 class FlatStorage:
@@ -48,42 +55,40 @@ class FlatStorage:
                 param.grad = grad_view
                 self.grad_views.append(grad_view)
         self._view_addresses = [v.data_ptr() for v in self.grad_views]
-        self.data = plan.buffer[: layout.count_offset]  # segments and their zero padding
-        self.counts = plan.buffer[layout.count_offset : layout.count_offset + layout.count_slots]
-        self.flag = plan.buffer[layout.flag_offset]
+        # Count slots and flag, adjacent at the end of the buffer, and what
+        # each rank's slot writes there (its 1, and a clear flag).
+        self.tail = plan.buffer[layout.count_offset : layout.flag_offset + 1]
+        self._tails = torch.eye(layout.count_slots, layout.count_slots + 1, dtype=plan.buffer.dtype)
+        self._tails = self._tails.to(plan.buffer.device)
         self.copied_steps = 0  # steps where some gradient was not in its view
 
     def gather_gradients(self) -> None:
         """Puts every gradient back into its view (a copy only where it left it)."""
-        moved = False
-        for param, view, address in zip(
-            self.params, self.grad_views, self._view_addresses, strict=True
-        ):
-            grad = param.grad
+        grads = list(map(_GRAD, self.params))
+        if all(map(operator.is_, grads, self.grad_views)):
+            return
+        for param, grad, view in zip(self.params, grads, self.grad_views, strict=True):
             if grad is None:
                 raise ValueError(
                     "grads: a parameter of the flat module has no .grad; run backward() first"
                 )
-            if grad.data_ptr() != address:
+            if grad is not view:
                 with torch.no_grad():
                     view.copy_(grad)
                 param.grad = view
-                moved = True
-        self.copied_steps += moved
+        self.copied_steps += 1
 
     def write_slots(self, count_slot: int, check_nonfinite: bool) -> None:
         """What the pack would write besides the data: count slots and the flag."""
-        self.counts.zero_()
-        self.counts[count_slot] = 1
         if check_nonfinite:
-            self.flag.copy_((~torch.isfinite(self.data)).any())
+            # The pack of the views onto themselves: the data unchanged, the
+            # count slot and the flag written, in one pass.
+            self.plan.pack(self.grad_views, self._view_addresses, count_slot)
         else:
-            self.flag.zero_()
+            self.tail.copy_(self._tails[count_slot])
 
     def scale(self, normalize: bool, skip_nonfinite: bool) -> None:
-        """What the unpack would do, in place and on the device: data /= the
-        contributor count; zeros when skipping a flagged step."""
-        if normalize:
-            self.data.div_(self.counts.sum().clamp_min(1))
-        if skip_nonfinite:
-            self.data.masked_fill_(self.flag > 0, 0)
+        """What the unpack would do, in place: data /= the contributor count
+        (read on the device); zeros when skipping a flagged step. The unpack
+        of the buffer onto the views, which are its own segments."""
+        self.plan.unpack(self.grad_views, self._view_addresses, normalize, skip_nonfinite)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Mapping, Sequence
+import operator
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.autograd.graph import increment_version
 
 from . import _group, _tree
@@ -33,6 +36,12 @@ from ._validate import (
 from .errors import CommunicationError
 
 __all__ = ["AllReduceEA"]
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _nothing() -> None:
+    return None
 
 
 class AllReduceEA(_group.GroupMember):
@@ -115,6 +124,9 @@ class AllReduceEA(_group.GroupMember):
         self._center_addresses: list[int] = []
         self._rebuild: _tree.Rebuild = list
         self._checked_addresses: list[int] = []
+        # The last params that passed the checks (hot path; see _bind).
+        self._last_flat: Flat | None = None
+        self._last_params: Callable[[], object] = _nothing
         self._step = 0
         self._skip_plan: Plan | None = None  # the last round's, when it ran with "skip"
         self._rejoined = False
@@ -271,10 +283,33 @@ class AllReduceEA(_group.GroupMember):
 
     def _bind(self, params: Any) -> tuple[Flat, list[int]]:
         """Validates params against the bound structure (binding it, and
-        making the center, on the first call); returns them and their addresses."""
-        flat = _tree.flatten(_tree.materialize(params), "params")
+        making the center, on the first call); returns them and their addresses.
+
+        Hot path: a module bound by the last call is not walked again (its
+        parameters are bound, as an optimizer binds them: one added or
+        replaced later is not seen), and tensors that are the same objects
+        at the same addresses as in the last call were checked then (their
+        dtype, shape and strides change only with their storage)."""
+        last = self._last_flat
+        if last is not None and params is self._last_params():
+            flat = last
+        else:
+            flat = _tree.flatten(_tree.materialize(params), "params")
+        addresses = list(map(_DATA_PTR, flat.tensors))
+        if (
+            last is not None
+            and addresses == self._checked_addresses
+            and all(map(operator.is_, flat.tensors, last.tensors))
+        ):
+            self._rebuild = flat.rebuild
+            return flat, addresses
+        flat = self._check_and_bind(flat, addresses)
+        self._last_flat = flat
+        self._last_params = weakref.ref(params) if isinstance(params, nn.Module) else _nothing
+        return flat, addresses
+
+    def _check_and_bind(self, flat: Flat, addresses: list[int]) -> Flat:
         params_signature = signature(flat, "params", with_strides=True)
-        addresses = [t.data_ptr() for t in flat.tensors]
         if self._signature is None:
             check_no_overlap(flat, "params")
             if self._loaded_center is not None:
@@ -296,7 +331,7 @@ class AllReduceEA(_group.GroupMember):
                 check_no_overlap(flat, "params")
         self._checked_addresses = addresses
         self._rebuild = flat.rebuild
-        return flat, addresses
+        return flat
 
     def _check_ranks_agree(self, flat: Flat, carried: CarriedState) -> None:
         """Every rank is past its last round: compare structures before
