@@ -174,6 +174,10 @@ class Collectives:
                 current = torch.cuda.current_stream(buffer.device)
                 side = self._side_stream(buffer.device)
                 side.wait_stream(current)
+                # Freed while NCCL still writes it (its owner collected), the
+                # buffer must not go to another tensor before the side
+                # stream is done with it.
+                buffer.record_stream(side)
                 code = DTYPE_CODES[buffer.dtype]
                 comm.all_reduce_sum(buffer.data_ptr(), buffer.numel(), code, side.cuda_stream)
                 done = torch.cuda.Event()
