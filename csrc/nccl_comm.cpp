@@ -294,8 +294,13 @@ std::string NcclCommunicator::sweep_locked(Clock::time_point now) {
 }
 
 void NcclCommunicator::watchdog_loop() {
-  // This thread's current device, for every CUDA call it makes.
-  const cudaError_t selected = cudaSetDevice(device_);
+  // This thread's current device, for every CUDA call it makes. Relaxed
+  // capture mode: its cudaEventQuery calls must neither fail nor invalidate
+  // a CUDA graph that another thread is capturing in the default (global)
+  // mode, as torch.cuda.graph does.
+  cudaError_t selected = cudaSetDevice(device_);
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (selected == cudaSuccess) selected = cudaThreadExchangeStreamCaptureMode(&mode);
   std::unique_lock<std::mutex> lock(mutex_);
   if (selected != cudaSuccess) {
     abort_locked("the NCCL watchdog could not select device " + std::to_string(device_) + ": " +
