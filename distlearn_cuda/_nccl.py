@@ -44,6 +44,7 @@ import os
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -204,11 +205,20 @@ _group_watchers: dict[int, weakref.finalize] = {}
 
 
 def acquire(
-    group: Group, device: torch.device, bootstrap: dist.ProcessGroup, collective_timeout_s: float
+    group: Group,
+    device: torch.device,
+    bootstrap: dist.ProcessGroup,
+    collective_timeout_s: float,
+    *,
+    factory: Callable[[bytes, int, int, int, float], _C.NcclCommunicator] | None = None,
 ) -> Lease:
     """A lease on the communicator of ``group`` on ``device``, made if the
     ranks do not all hold it (collective over ``bootstrap``, a CPU group over
-    the same ranks, with rank 0 first)."""
+    the same ranks, with rank 0 first).
+
+    ``factory(unique_id, nranks, rank, device, init_timeout)`` makes one;
+    default ``_C.NcclCommunicator``. The CPU tests of this bookkeeping pass a
+    stand-in, since a real one needs a GPU."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     process_group = group.group
     key = (id(process_group), index)
@@ -228,7 +238,8 @@ def acquire(
         payload = [_C.NcclCommunicator.unique_id() if group.rank == 0 else None]
         dist.broadcast_object_list(payload, src=src, group=bootstrap)
         unique_id = payload[0]
-        comm = _C.NcclCommunicator(
+        make = factory if factory is not None else _C.NcclCommunicator
+        comm = make(
             unique_id, group.world_size, group.rank, index, init_timeout(collective_timeout_s)
         )
         shared = _Shared(comm, key, unique_id)

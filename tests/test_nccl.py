@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_world
 
 import distlearn_cuda as dl
 from distlearn_cuda import _C, _collectives, _nccl
@@ -275,3 +276,91 @@ def test_joining_has_its_own_bound_not_shorter_than_a_minute(
         monkeypatch.setenv(_nccl.INIT_TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match="DISTLEARN_NCCL_INIT_TIMEOUT must be"):
             _nccl.init_timeout(1.0)
+
+
+class StandInCommunicator:
+    """What ``_nccl`` uses of ``_C.NcclCommunicator`` (made by the same
+    arguments, closed, asked whether usable), without a GPU: these tests are
+    of the registry's bookkeeping and of the ranks' agreement, which runs
+    over real gloo groups."""
+
+    def __init__(
+        self, unique_id: bytes, nranks: int, rank: int, device: int, init_timeout: float
+    ) -> None:
+        self.unique_id = unique_id
+        self.init_timeout = init_timeout
+        self.closes = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.closes > 0
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed
+
+    def close(self, timeout: float = 0.0) -> str:
+        self.closes += 1
+        return "destroyed" if self.closes == 1 else "closed before"
+
+
+def _registry(rank: int, world_size: int) -> dict:
+    import gc
+    import weakref
+
+    from distlearn_cuda._group import Group, resolve
+
+    device = torch.device("cuda", 0)  # only its index is used: no GPU is touched
+    world = resolve(None)
+    boot = dist.new_group(backend="gloo")
+
+    def acquire(timeout_s: float, group: Group = world) -> _nccl.Lease:
+        return _nccl.acquire(group, device, boot, timeout_s, factory=StandInCommunicator)
+
+    report: dict = {}
+    hasty, patient = acquire(0.5), acquire(600.0)
+    shared = hasty.comm
+    report["shared"] = patient.comm is shared
+    report["init_timeout"] = shared.init_timeout  # the first user's: max(0.5, 60)
+    hasty.release()
+    hasty.release()  # idempotent
+    report["open_after_one_release"] = not shared.closed
+    if rank == 0:
+        patient.release()  # rank 0's last user: closed here, still open on rank 1
+    report["closed_on_rank0_only"] = shared.closed == (rank == 0)
+    later = acquire(5.0)  # the ranks disagree, so every rank makes a new one
+    report["new_after_disagreement"] = later.comm is not shared
+    ids = [None] * world_size
+    dist.all_gather_object(ids, later.comm.unique_id, group=boot)
+    report["same_new_id"] = len(set(ids)) == 1
+    again = acquire(5.0)  # now they agree
+    report["reused_after_agreement"] = again.comm is later.comm
+    if rank == 1:
+        patient.release()
+    report["old_closed_once"] = shared.closes == 1
+    for lease in (later, again):
+        lease.release()
+    report["new_closed_once"] = later.comm.closes == 1
+
+    sub = dist.new_group(backend="gloo")
+    on_sub = acquire(5.0, Group(weakref.ref(sub), rank, world_size))
+    dist.destroy_process_group(sub)
+    del sub
+    gc.collect()
+    report["closed_with_its_group"] = on_sub.comm.closes == 1
+    on_sub.release()
+    report["group_close_counted_once"] = on_sub.comm.closes == 1
+    leftover = acquire(5.0)
+    _nccl.close_all()  # what the exit handler does
+    report["closed_at_exit"] = leftover.comm.closes == 1
+    report["nothing_open"] = _nccl.open_communicators() == []
+    return report
+
+
+@needs_nccl
+@needs_wheel
+def test_communicators_are_shared_refcounted_and_agreed_on_by_the_ranks() -> None:
+    reports = run_world(_registry, 2, timeout=120)
+    for rank, report in enumerate(reports):
+        assert report.pop("init_timeout") == 60.0
+        assert all(report.values()), (rank, report)
