@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <system_error>
 
 #include "cuda_check.h"
 
@@ -112,7 +113,13 @@ NcclCommunicator::NcclCommunicator(const std::string& unique_id, int nranks, int
     // NCCL < 2.14: a blocking join, bounded only by NCCL's own bootstrap timeout.
     DL_NCCL_CHECK(api_, nullptr, comm_init_rank(&comm_, nranks, id, rank));
   }
-  watchdog_ = std::thread([this] { watchdog_loop(); });
+  try {
+    watchdog_ = std::thread([this] { watchdog_loop(); });
+  } catch (const std::system_error&) {
+    api_.comm_abort(comm_);  // no destructor runs for an object that was not made
+    comm_ = nullptr;
+    throw;
+  }
 }
 
 NcclCommunicator::~NcclCommunicator() { close(0); }
