@@ -532,10 +532,10 @@ class Pack:
             self.layout.buffer_numel, dtype=tensor_list.dtype, device=ctx.device
         )
         self.buffer_ptr = self.buffer.data_ptr()
-        self.table = _C.DeviceTable(self.layout, addresses(self.tensors))
+        self.addresses = addresses(self.tensors)
 
     def fused(self) -> None:
-        _C.pack_cuda(self.layout, self.table, self.buffer_ptr, 0, self.stream)
+        _C.pack_cuda(self.layout, self.addresses, self.buffer_ptr, 0, self.stream)
 
     def eager(self) -> torch.Tensor:
         return _flatten_dense_tensors(self.eager_tensors)
@@ -560,21 +560,20 @@ class Unpack:
         )
         self.buffer_ptr = self.buffer.data_ptr()
         # The buffer as a world of one's allreduce leaves it: values and count 1.
-        source_table = _C.DeviceTable(self.layout, addresses(source))
-        _C.pack_cuda(self.layout, source_table, self.buffer_ptr, 0, self.stream)
+        _C.pack_cuda(self.layout, addresses(source), self.buffer_ptr, 0, self.stream)
         self.flat = _flatten_dense_tensors(source)
-        synchronize(ctx.device)  # the source's table stays alive until its pack ran
-        del source_table, source
+        synchronize(ctx.device)  # the pack has read the source before it is freed
+        del source
         # NaN targets: an element the kernel skips fails the check.
         self.tensors = [
             torch.full(s, float("nan"), dtype=tensor_list.dtype, device=ctx.device)
             for s in tensor_list.shapes
         ]
         self.eager_tensors = clones(self.tensors)
-        self.table = _C.DeviceTable(self.layout, addresses(self.tensors))
+        self.addresses = addresses(self.tensors)
 
     def fused(self) -> None:
-        _C.unpack_cuda(self.layout, self.table, self.buffer_ptr, True, self.stream)
+        _C.unpack_cuda(self.layout, self.addresses, self.buffer_ptr, True, self.stream)
 
     def eager(self) -> None:
         self.flat.div_(self.world_size)
@@ -601,10 +600,19 @@ class EaBlend:
             self.layout.buffer_numel, dtype=tensor_list.dtype, device=ctx.device
         )
         self.buffer_ptr = self.buffer.data_ptr()
-        self.table = _C.DeviceTable(self.layout, addresses(self.params), addresses(self.centers))
+        self.param_addresses = addresses(self.params)
+        self.center_addresses = addresses(self.centers)
 
     def fused(self) -> None:
-        _C.ea_blend_cuda(self.layout, self.table, self.buffer_ptr, ALPHA, 0, self.stream)
+        _C.ea_blend_cuda(
+            self.layout,
+            self.param_addresses,
+            self.center_addresses,
+            self.buffer_ptr,
+            ALPHA,
+            0,
+            self.stream,
+        )
 
     def eager(self) -> torch.Tensor:
         return eager_ea_blend(self.eager_params, self.eager_centers, ALPHA)
@@ -629,17 +637,16 @@ class CenterUpdate:
         )
         self.buffer_ptr = self.buffer.data_ptr()
         # The buffer as the allreduce leaves it: the summed deltas.
-        deltas_table = _C.DeviceTable(self.layout, addresses(deltas))
-        _C.pack_cuda(self.layout, deltas_table, self.buffer_ptr, 0, self.stream)
+        _C.pack_cuda(self.layout, addresses(deltas), self.buffer_ptr, 0, self.stream)
         self.flat = _flatten_dense_tensors(deltas)
-        synchronize(ctx.device)  # the deltas' table stays alive until its pack ran
-        del deltas_table, deltas
+        synchronize(ctx.device)  # the pack has read the deltas before they are freed
+        del deltas
         self.centers = random_tensors(ctx, tensor_list)
         self.eager_centers = clones(self.centers)
-        self.table = _C.DeviceTable(self.layout, addresses(self.centers))
+        self.addresses = addresses(self.centers)
 
     def fused(self) -> None:
-        _C.center_update_cuda(self.layout, self.table, self.buffer_ptr, self.stream)
+        _C.center_update_cuda(self.layout, self.addresses, self.buffer_ptr, self.stream)
 
     def eager(self) -> None:
         views = _unflatten_dense_tensors(self.flat, self.eager_centers)

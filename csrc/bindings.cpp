@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../kernels/layout.h"
+#include "../kernels/multi_tensor_engine.h"
 #include "ops.h"
 
 #ifdef DISTLEARN_WITH_NCCL
@@ -28,6 +29,12 @@ using distlearn::Layout;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Fused multi-tensor ops of distlearn_cuda.";
   m.attr("kSegmentAlign") = distlearn::kSegmentAlign;
+  // The CUDA engine's limits (kernels/multi_tensor_engine.h), for tests and
+  // benchmarks: tensors one launch carries for one stream and for two (the
+  // EA blends'), and elements per chunk.
+  m.attr("kLaunchCapacity") = distlearn::TensorList<1>::kCapacity;
+  m.attr("kLaunchCapacityPaired") = distlearn::TensorList<2>::kCapacity;
+  m.attr("kChunkElements") = distlearn::kChunkElements;
 #ifdef DISTLEARN_WITH_CUDA
   m.attr("has_cuda") = true;
 #else
@@ -75,31 +82,22 @@ PYBIND11_MODULE(_C, m) {
         "centers += buffer; nothing when skip_nonfinite and the flag is set.");
 
 #ifdef DISTLEARN_WITH_CUDA
-  using distlearn::DeviceTable;
   m.def("cuda_build_version", &distlearn::cuda_build_version,
         "CUDART_VERSION of the toolkit the extension was built with.");
-  py::class_<DeviceTable, std::shared_ptr<DeviceTable>>(
-      m, "DeviceTable",
-      "Device-memory tables of a layout's tensors (addresses, offsets, chunks) for one "
-      "launch per op; built on the current device, once per list of tensors.")
-      .def(py::init<const Layout&, const Addresses&, const Addresses&>(), py::arg("layout"),
-           py::arg("tensors"), py::arg("others") = Addresses{})
-      .def_property_readonly("num_chunks", &DeviceTable::num_chunks)
-      .def_property_readonly("device", &DeviceTable::device);
-  m.def("pack_cuda", &distlearn::pack_cuda, py::arg("layout"), py::arg("table"), py::arg("buffer"),
-        py::arg("count_slot"), py::arg("stream"), release,
-        "pack on CUDA tensors, enqueued on stream (a cudaStream_t address).");
-  m.def("unpack_cuda", &distlearn::unpack_cuda, py::arg("layout"), py::arg("table"),
+  m.def("pack_cuda", &distlearn::pack_cuda, py::arg("layout"), py::arg("tensors"),
+        py::arg("buffer"), py::arg("count_slot"), py::arg("stream"), release,
+        "pack on CUDA tensors of the current device, enqueued on stream (a cudaStream_t "
+        "address); one launch per tensor dtype (more for very long lists).");
+  m.def("unpack_cuda", &distlearn::unpack_cuda, py::arg("layout"), py::arg("tensors"),
         py::arg("buffer"), py::arg("normalize"), py::arg("stream"),
         py::arg("skip_nonfinite") = false, release,
         "unpack on CUDA tensors; the count and the flag are read on the device.");
-  m.def("ea_blend_cuda", &distlearn::ea_blend_cuda, py::arg("layout"), py::arg("table"),
-        py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"), py::arg("stream"),
-        py::arg("catch_up") = false, release,
-        "ea_blend on CUDA tensors; table built with params and, as others, centers.");
-  m.def("center_update_cuda", &distlearn::center_update_cuda, py::arg("layout"), py::arg("table"),
+  m.def("ea_blend_cuda", &distlearn::ea_blend_cuda, py::arg("layout"), py::arg("params"),
+        py::arg("centers"), py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"),
+        py::arg("stream"), py::arg("catch_up") = false, release, "ea_blend on CUDA tensors.");
+  m.def("center_update_cuda", &distlearn::center_update_cuda, py::arg("layout"), py::arg("centers"),
         py::arg("buffer"), py::arg("stream"), py::arg("skip_nonfinite") = false, release,
-        "center_update on CUDA tensors; table built with the centers.");
+        "center_update on CUDA tensors.");
 #endif
 
 #ifdef DISTLEARN_WITH_NCCL

@@ -40,25 +40,23 @@ void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t
 }  // namespace distlearn
 
 #ifdef DISTLEARN_WITH_CUDA
-#include "../kernels/device_table.h"
-
 namespace distlearn {
 
 // CUDART_VERSION of the toolkit the extension was built with.
 int cuda_build_version();
 
-// The same four ops on CUDA tensors, enqueued on `stream` (a cudaStream_t)
-// without synchronizing the host. `table` was built for `layout` with the
-// tensors' addresses; the buffer is a device address on the table's device.
-void pack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, int64_t count_slot,
+// The same four ops on CUDA tensors of the current device, enqueued on
+// `stream` (a cudaStream_t) without synchronizing the host: the addresses
+// travel in the launches' parameters, one group of launches per tensor
+// dtype (see kernels/multi_tensor_engine.h). The buffer is a device address.
+void pack_cuda(const Layout& layout, const Addresses& tensors, uintptr_t buffer, int64_t count_slot,
                uintptr_t stream);
-void unpack_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, bool normalize,
+void unpack_cuda(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
                  uintptr_t stream, bool skip_nonfinite);
-// table: primary = params, secondary = centers.
-void ea_blend_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer, double alpha,
-                   int64_t count_slot, uintptr_t stream, bool catch_up);
-// table: primary = centers.
-void center_update_cuda(const Layout& layout, const DeviceTable& table, uintptr_t buffer,
+void ea_blend_cuda(const Layout& layout, const Addresses& params, const Addresses& centers,
+                   uintptr_t buffer, double alpha, int64_t count_slot, uintptr_t stream,
+                   bool catch_up);
+void center_update_cuda(const Layout& layout, const Addresses& centers, uintptr_t buffer,
                         uintptr_t stream, bool skip_nonfinite);
 
 }  // namespace distlearn

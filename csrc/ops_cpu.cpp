@@ -7,40 +7,15 @@
 
 #include "../kernels/element_ops.h"
 #include "../kernels/multi_tensor_cpu.h"
+#include "op_checks.h"
 #include "ops.h"
 
 namespace distlearn {
 namespace {
 
-void check_addresses(const Layout& layout, const Addresses& addresses, const char* name) {
-  if (static_cast<int64_t>(addresses.size()) != layout.num_tensors()) {
-    throw std::invalid_argument(std::string(name) + ": expected " +
-                                std::to_string(layout.num_tensors()) + " tensors, got " +
-                                std::to_string(addresses.size()));
-  }
-  for (int64_t i = 0; i < layout.num_tensors(); ++i) {
-    if (addresses[i] == 0 && layout.numels[i] > 0) {
-      throw std::invalid_argument(std::string(name) + "[" + std::to_string(i) +
-                                  "] is a null address");
-    }
-  }
-}
-
-void check_buffer(uintptr_t buffer) {
-  if (buffer == 0) throw std::invalid_argument("buffer is a null address");
-}
-
 void check_threads(int num_threads) {
   if (num_threads < 1) {
     throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
-  }
-}
-
-void check_count_slot(const Layout& layout, int64_t count_slot) {
-  if (count_slot >= layout.count_slots) {
-    throw std::invalid_argument("count_slot " + std::to_string(count_slot) +
-                                " is out of range: the layout has " +
-                                std::to_string(layout.count_slots) + " count slots");
   }
 }
 

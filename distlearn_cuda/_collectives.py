@@ -40,7 +40,14 @@ from .errors import CommunicationError
 if TYPE_CHECKING:
     from ._group import Group
 
-__all__ = ["Collectives", "GroupGoneError", "PendingSum", "live", "uses_cuda_nccl"]
+__all__ = [
+    "Collectives",
+    "GroupGoneError",
+    "PendingSum",
+    "is_capturing",
+    "live",
+    "uses_cuda_nccl",
+]
 
 
 class GroupGoneError(RuntimeError):
@@ -66,6 +73,11 @@ def uses_cuda_nccl(group: dist.ProcessGroup) -> bool:
     except RuntimeError:  # the group has no CUDA backend
         return False
     return type(backend).__name__ == "ProcessGroupNCCL"
+
+
+def is_capturing(device: torch.device) -> bool:
+    """Whether work enqueued for ``device`` now goes into a CUDA graph capture."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class PendingSum:

@@ -11,8 +11,8 @@ really destroys them, joining gloo's worker threads then and there, instead
 of leaving them running into the interpreter's teardown, where a worker that
 releases a tensor must take the GIL of a finalizing interpreter and the
 process aborts. What an object owns besides (its private group's
-registration, NCCL communicators) is released by ``close()``, when the object
-is collected, or at interpreter exit, whichever comes first.
+registration, NCCL communicators) is released by ``close()`` or at
+interpreter exit.
 """
 
 from __future__ import annotations
@@ -102,9 +102,11 @@ class GroupMember:
         self._group = resolve(group)
         self._collectives = Collectives(self._group, timeout)
         self._closed = False
-        # Collected without close(): the private group goes with the object.
-        self._finalizer = weakref.finalize(self, self._collectives.close)
-        self._finalizer.atexit = False  # _close_at_exit does it, in a known order
+        # Not released when the object is collected: collection happens at
+        # different times on different ranks, and torch names a new group
+        # after the groups that exist, so destroying one there would give
+        # the ranks' next groups different names. Until close() or
+        # destroy_process_group(), torch's registry keeps it.
         _open_members.add(self)
 
     @property
@@ -148,7 +150,7 @@ class GroupMember:
         try:
             self._release()
         finally:
-            self._finalizer()
+            self._collectives.close()
 
     def _release(self) -> None:
         """What a subclass must finish before its collectives go (never raises

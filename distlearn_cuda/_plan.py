@@ -6,27 +6,22 @@ or CUDA when the extension was built with it), or to ``reference`` for
 devices the extension was built without.
 
 CUDA ops are enqueued on the current stream of the plan's device and never
-wait for the device. Their tensor tables live in device memory and are built
-(a synchronizing copy) the first time a list of tensor addresses is seen;
-the last few are kept, so a training loop whose gradients come back at the
-same addresses (the caching allocator's usual behaviour) builds them once.
+wait for the device. The tensor addresses travel in each launch's kernel
+parameters, so any list of addresses costs the same (new gradients after
+``zero_grad(set_to_none=True)`` included), nothing is cached per list, and a
+CUDA graph captures the launches whole.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from . import _C, reference
 from ._validate import DTYPE_CODES, EXACT_INTEGER_LIMIT, Signature
-
-# Device tables kept per plan (the oldest built is dropped first): a few
-# address lists, e.g. gradients alternating between two allocations.
-MAX_DEVICE_TABLES = 4
 
 
 def count_slots_for(world_size: int, buffer_dtype: torch.dtype) -> int:
@@ -66,7 +61,6 @@ class Plan:
         ]
         self._flag = self.buffer[self.layout.flag_offset]
         self._kind = _kind_of(device)
-        self._tables: dict[tuple[int, ...], Any] = {}  # addresses -> _C.DeviceTable
         self._last_stream: torch.cuda.Stream | None = None
 
     @property
@@ -87,8 +81,7 @@ class Plan:
             _C.pack(self.layout, addresses, self._address, count_slot, torch.get_num_threads())
         elif self._kind == "cuda":
             with self._on_device():
-                table = self._table(addresses)
-                _C.pack_cuda(self.layout, table, self._address, count_slot, self._stream())
+                _C.pack_cuda(self.layout, addresses, self._address, count_slot, self._stream())
         else:
             reference.pack(
                 tensors, self.buffer, self._offsets, *self._count_args(), count_slot, self._flag_at
@@ -106,9 +99,10 @@ class Plan:
             _C.unpack(self.layout, addresses, self._address, normalize, threads, skip_nonfinite)
         elif self._kind == "cuda":
             with self._on_device():
-                table = self._table(addresses)
                 stream = self._stream()
-                _C.unpack_cuda(self.layout, table, self._address, normalize, stream, skip_nonfinite)
+                _C.unpack_cuda(
+                    self.layout, addresses, self._address, normalize, stream, skip_nonfinite
+                )
         else:
             reference.unpack(
                 tensors,
@@ -134,9 +128,15 @@ class Plan:
         previous round's allreduced sum), in the same pass."""
         if self._kind == "cuda":
             with self._on_device():
-                table = self._table(param_addresses, center_addresses)
                 _C.ea_blend_cuda(
-                    self.layout, table, self._address, alpha, count_slot, self._stream(), catch_up
+                    self.layout,
+                    param_addresses,
+                    center_addresses,
+                    self._address,
+                    alpha,
+                    count_slot,
+                    self._stream(),
+                    catch_up,
                 )
         elif self._kind == "cpu":
             _C.ea_blend(
@@ -173,9 +173,10 @@ class Plan:
             _C.center_update(self.layout, center_addresses, self._address, threads, skip_nonfinite)
         elif self._kind == "cuda":
             with self._on_device():
-                table = self._table(center_addresses)
                 stream = self._stream()
-                _C.center_update_cuda(self.layout, table, self._address, stream, skip_nonfinite)
+                _C.center_update_cuda(
+                    self.layout, center_addresses, self._address, stream, skip_nonfinite
+                )
         else:
             reference.center_update(
                 centers, self.buffer, self._offsets, self._flag_at, skip_nonfinite
@@ -188,18 +189,8 @@ class Plan:
     def _flag_at(self) -> int:
         return self.layout.flag_offset
 
-    def _table(self, addresses: list[int], others: list[int] | None = None) -> Any:
-        """The device table of these tensor addresses (and the EA centers'), cached."""
-        key = (*addresses, *others) if others else tuple(addresses)
-        table = self._tables.get(key)
-        if table is None:
-            if len(self._tables) >= MAX_DEVICE_TABLES:
-                del self._tables[next(iter(self._tables))]
-            table = self._tables[key] = _C.DeviceTable(self.layout, addresses, others or [])
-        return table
-
-    def _on_device(self) -> Any:
-        """Makes the plan's device current when it is not (tables and launches are per device)."""
+    def _on_device(self) -> AbstractContextManager[object]:
+        """Makes the plan's device current when it is not (launches go to the current device)."""
         index = self.buffer.device.index
         if torch.cuda.current_device() == index:
             return nullcontext()

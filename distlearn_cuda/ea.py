@@ -13,7 +13,7 @@ from torch.autograd.graph import increment_version
 
 from . import _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
-from ._collectives import PendingSum
+from ._collectives import PendingSum, is_capturing
 from ._plan import Plan, PlanCache, lossless_dtype
 from ._tree import Flat
 from ._validate import (
@@ -127,7 +127,7 @@ class AllReduceEA(_group.GroupMember):
         """Whether the last averaging round left the center unchanged because
         some rank's delta was not finite (``nonfinite="skip"``; the same
         answer on every rank). Reads the device; valid until the next round."""
-        self._finish_pending_round()
+        self._complete_for_reading()
         plan = self._skip_plan
         return plan is not None and plan.nonfinite_ranks() > 0
 
@@ -138,6 +138,13 @@ class AllReduceEA(_group.GroupMember):
         optimizer state is the caller's to reset (e.g. ``opt.state.clear()``):
         moments that hold a NaN make the params non-finite again."""
         return self._rejoined
+
+    def wait(self) -> None:
+        """Completes the averaging round in flight, if any: its sum joins the
+        center. Rounds complete on their own when next needed; call this
+        before capturing a CUDA graph (a capture cannot wait on work from
+        outside it) or to bound when a failed round's error surfaces."""
+        self._finish_pending_round()
 
     @property
     def tau(self) -> int:
@@ -154,15 +161,17 @@ class AllReduceEA(_group.GroupMember):
         Completes a round still in flight first."""
         if not self._centers:
             return None
-        self._finish_pending_round()
+        self._complete_for_reading()
         return self._rebuild(self._centers)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the step counter (where the next round
         falls) and copies of the center tensors, in the order of the params'
         tensors (None before the first call). Completes a round still in
-        flight first, so no sum is pending in a checkpoint."""
-        self._finish_pending_round()
+        flight first, so no sum is pending in a checkpoint. After a
+        ``CommunicationError`` it does not raise: it returns the state of the
+        last round that completed, never one that absorbed a failed round."""
+        self._complete_for_reading()
         center = [c.detach().clone() for c in self._centers] if self._centers else None
         return {"step": self._step, "center": center}
 
@@ -312,6 +321,16 @@ class AllReduceEA(_group.GroupMember):
         self, flat: Flat, addresses: list[int], active: bool, asynchronous: bool = False
     ) -> Plan:
         plan = self._delta_plan()
+        if is_capturing(plan.buffer.device):
+            # A CUDA graph must not wait on work outside it, nor fork a stream
+            # it does not join: a round in flight from before the capture is
+            # refused, and a captured round completes within the capture.
+            if self._pending is not None:
+                raise RuntimeError(
+                    "average_parameters: an averaging round started before this CUDA graph "
+                    "capture is still in flight; call ea.wait() before capturing"
+                )
+            asynchronous = False
         # The blend reads the center: a round still in flight completes first,
         # its center update folded into this blend's pass when nothing else
         # (the non-finite guard) must look at its sum first.
@@ -351,6 +370,13 @@ class AllReduceEA(_group.GroupMember):
         pending, self._pending = self._pending, None
         pending.wait()
         return True
+
+    def _complete_for_reading(self) -> None:
+        """Completes a round in flight for a reader of the state; a failed
+        round leaves the center as it was (the failure is recorded, and every
+        later collective call raises it)."""
+        with contextlib.suppress(CommunicationError):
+            self._finish_pending_round()
 
     def _finish_pending_round(self) -> None:
         if self._wait_for_pending_round():

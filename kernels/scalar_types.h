@@ -15,6 +15,13 @@
 
 #define DL_INLINE DL_HOST_DEVICE inline
 
+// Unrolls the next loop in device code; host compilers ignore it.
+#if defined(__CUDA_ARCH__)
+#define DL_PRAGMA_UNROLL _Pragma("unroll")
+#else
+#define DL_PRAGMA_UNROLL
+#endif
+
 namespace distlearn {
 
 // Codes shared with Python (distlearn_cuda/_plan.py keeps the same table).

@@ -19,4 +19,8 @@ fi
 # itself, and the tests load this libnccl.so.2 (version, messages, no GPU
 # needed) and check those declarations against this nccl.h.
 .venv/bin/python -m pip install --quiet nvidia-nccl-cu13
+# cuobjdump, for the test that every kernel of the CUDA flavor stays within
+# its register budget with no local memory (tests/test_build.py). No 13.0
+# release of the wheel exists; 13.2's reads the cubins nvcc 13.0 writes.
+.venv/bin/python -m pip install --quiet "nvidia-cuda-cuobjdump==13.2.86"
 .venv/bin/python -m pip install --quiet -e ".[test,example,bench,nccl]"

@@ -267,31 +267,31 @@ class CpuKernels:
 
     Layout = _C.Layout
 
-    class DeviceTable:
-        def __init__(
-            self, layout: object, tensors: list[int], others: list[int] | None = None
-        ) -> None:
-            self.tensors, self.others = tensors, others or []
-
     @staticmethod
-    def pack_cuda(layout: object, table: DeviceTable, buffer: int, slot: int, stream: int) -> None:
-        _C.pack(layout, table.tensors, buffer, slot, 1)
+    def pack_cuda(layout: object, tensors: list[int], buffer: int, slot: int, stream: int) -> None:
+        _C.pack(layout, tensors, buffer, slot, 1)
 
     @staticmethod
     def unpack_cuda(
-        layout: object, table: DeviceTable, buffer: int, normalize: bool, stream: int
+        layout: object, tensors: list[int], buffer: int, normalize: bool, stream: int
     ) -> None:
-        _C.unpack(layout, table.tensors, buffer, normalize, 1)
+        _C.unpack(layout, tensors, buffer, normalize, 1)
 
     @staticmethod
     def ea_blend_cuda(
-        layout: object, table: DeviceTable, buffer: int, alpha: float, slot: int, stream: int
+        layout: object,
+        params: list[int],
+        centers: list[int],
+        buffer: int,
+        alpha: float,
+        slot: int,
+        stream: int,
     ) -> None:
-        _C.ea_blend(layout, table.tensors, table.others, buffer, alpha, slot, 1)
+        _C.ea_blend(layout, params, centers, buffer, alpha, slot, 1)
 
     @staticmethod
-    def center_update_cuda(layout: object, table: DeviceTable, buffer: int, stream: int) -> None:
-        _C.center_update(layout, table.tensors, buffer, 1)
+    def center_update_cuda(layout: object, centers: list[int], buffer: int, stream: int) -> None:
+        _C.center_update(layout, centers, buffer, 1)
 
 
 @pytest.mark.usefixtures("world_of_one")

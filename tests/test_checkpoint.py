@@ -143,6 +143,7 @@ def _one_path_for_all_ranks(rank: int, world_size: int, dir: str) -> dict:
         report["same_path"] = str(error)
     report["file"] = str(dl.save_checkpoint(state, Path(dir, "run-{rank}.ckpt")))
     report["loaded"] = dl.load_checkpoint(Path(dir, "run-{rank}.ckpt"))
+    torch.distributed.barrier()  # every rank's file is written
     # Another rank's file, under this rank's name: refused.
     other = Path(dir, f"run-{(rank + 1) % world_size}.ckpt").read_bytes()
     Path(dir, f"swapped-{rank}.ckpt").write_bytes(other)

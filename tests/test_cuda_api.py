@@ -126,6 +126,7 @@ def test_a_step_is_captured_in_a_cuda_graph_and_replayed(nccl_world_of_one: None
         for _ in range(2):
             sgd.sum_and_normalize_gradients(grads)
             ea.average_parameters(params)
+        ea.wait()  # a capture cannot wait on the warm-up's round in flight
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -154,8 +155,8 @@ def test_a_call_on_another_stream_waits_for_the_previous_call(nccl_world_of_one:
     sgd = dl.AllReduceSGD(comm_dtype=torch.bfloat16)
     first, second = random_list(), random_list()
     expected = [[g.bfloat16().float() for g in gs] for gs in (first, second)]
-    # Warm (plan, both lists' device tables, communicator): building a table
-    # synchronizes the device, which would hide what this test looks for.
+    # Warm (plan, communicator): setting them up may synchronize the device,
+    # which would hide what this test looks for.
     # Rounding to bf16 twice equals rounding once, so expected still holds.
     sgd.sum_and_normalize_gradients(first)
     sgd.sum_and_normalize_gradients(second)

@@ -27,23 +27,31 @@ from distlearn_cuda._validate import DTYPE_CODES
 pytestmark = needs_gpu
 
 PAIRS = list(itertools.product(DTYPES, DTYPES))
-# Many small tensors (a table of 1000 entries), and views whose data pointer
-# is not 16-byte aligned (storage offset 1).
-MANY_SMALL = [(n % 37 + 1,) for n in range(1000)]
+# Many small tensors: more than one launch's parameters hold, for one
+# stream (pack, unpack, center_update) and two (the EA blends), so the
+# list splits into several launches; and views whose data pointer is not
+# 16-byte aligned (storage offset 1).
+MANY_SMALL = [(n % 37 + 1,) for n in range(2 * _C.kLaunchCapacity + 70)]
+
+
+def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t at storage offset 1: its data pointer is not 16-byte aligned."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def cuda_tensors(
+    shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], misaligned: bool
+) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(fresh_seed())
+    tensors = [t.cuda() for t in random_tensors(shapes, dtypes, generator)]
+    return [misaligned_copy(t) for t in tensors] if misaligned else tensors
 
 
 def cuda_case(shapes: list[tuple[int, ...]], dtype: torch.dtype, misaligned: bool) -> list:
-    generator = torch.Generator().manual_seed(fresh_seed())
-    tensors = [t.cuda() for t in random_tensors(shapes, [dtype] * len(shapes), generator)]
-    if misaligned:
-        shifted = []
-        for t in tensors:
-            storage = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
-            view = storage[1:].view(t.shape)
-            view.copy_(t)
-            shifted.append(view)
-        tensors = shifted
-    return tensors
+    return cuda_tensors(shapes, [dtype] * len(shapes), misaligned)
 
 
 def layout_of(tensors: list[torch.Tensor], buffer_dtype: torch.dtype) -> _C.Layout:
@@ -77,15 +85,14 @@ def test_pack_then_unpack_match_reference(
     layout = layout_of(tensors, buffer_dtype)
     got = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
     expected = got.clone()
-    _C.pack_cuda(layout, _C.DeviceTable(layout, addresses(tensors)), got.data_ptr(), 1, stream())
+    _C.pack_cuda(layout, addresses(tensors), got.data_ptr(), 1, stream())
     reference.pack(tensors, expected, layout.offsets, layout.count_offset, 2, 1)
     torch.testing.assert_close(written(layout, got), written(layout, expected), rtol=0, atol=0)
 
     got[layout.count_offset] = 2  # contributor count 3 = 2 + 1
     expected.copy_(got)
     out, out_expected = poisoned_like(tensors), poisoned_like(tensors)
-    table = _C.DeviceTable(layout, addresses(out))
-    _C.unpack_cuda(layout, table, got.data_ptr(), True, stream())
+    _C.unpack_cuda(layout, addresses(out), got.data_ptr(), True, stream())
     reference.unpack(out_expected, expected, layout.offsets, layout.count_offset, 2, True)
     for o, e in zip(out, out_expected, strict=True):
         assert not o.isnan().any()
@@ -103,8 +110,9 @@ def test_ea_blend_and_center_update_match_reference(
     layout = layout_of(params, buffer_dtype)
     got = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
     expected = got.clone()
-    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
-    _C.ea_blend_cuda(layout, table, got.data_ptr(), 0.3, 0, stream())
+    _C.ea_blend_cuda(
+        layout, addresses(params), addresses(centers), got.data_ptr(), 0.3, 0, stream()
+    )
     reference.ea_blend(
         params_expected, centers_expected, expected, layout.offsets, 0.3, layout.count_offset, 2, 0
     )
@@ -113,9 +121,7 @@ def test_ea_blend_and_center_update_match_reference(
     for p, e in zip(params, params_expected, strict=True):
         torch.testing.assert_close(p, e, **tol)
 
-    _C.center_update_cuda(
-        layout, _C.DeviceTable(layout, addresses(centers)), got.data_ptr(), stream()
-    )
+    _C.center_update_cuda(layout, addresses(centers), got.data_ptr(), stream())
     reference.center_update(centers_expected, got, layout.offsets)
     for c, e in zip(centers, centers_expected, strict=True):
         torch.testing.assert_close(c, e, **tol)
@@ -129,8 +135,9 @@ def test_cuda_and_cpu_flavors_are_bit_identical(dtype: torch.dtype) -> None:
     layout = layout_of(params, torch.float32)
     buffer = torch.zeros(layout.buffer_numel, device="cuda")
     buffer_cpu = torch.zeros(layout.buffer_numel)
-    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
-    _C.ea_blend_cuda(layout, table, buffer.data_ptr(), 0.25, 0, stream())
+    _C.ea_blend_cuda(
+        layout, addresses(params), addresses(centers), buffer.data_ptr(), 0.25, 0, stream()
+    )
     _C.ea_blend(
         layout, addresses(params_cpu), addresses(centers_cpu), buffer_cpu.data_ptr(), 0.25, 0, 2
     )
@@ -138,36 +145,50 @@ def test_cuda_and_cpu_flavors_are_bit_identical(dtype: torch.dtype) -> None:
     assert all(torch.equal(p.cpu(), q) for p, q in zip(params, params_cpu, strict=True))
 
 
-def test_table_on_another_layout_is_rejected() -> None:
+def test_address_lists_of_another_length_are_rejected() -> None:
     tensors = cuda_case([(5,), (7,)], torch.float32, misaligned=False)
     layout = layout_of(tensors, torch.float32)
-    other = layout_of(tensors[:1], torch.float32)
-    table = _C.DeviceTable(layout, addresses(tensors))
     buffer = torch.zeros(layout.buffer_numel, device="cuda")
-    with pytest.raises(ValueError, match="table"):
-        _C.pack_cuda(other, table, buffer.data_ptr(), 0, stream())
+    with pytest.raises(ValueError, match="expected 2 tensors, got 1"):
+        _C.pack_cuda(layout, addresses(tensors[:1]), buffer.data_ptr(), 0, stream())
+    with pytest.raises(ValueError, match="centers: expected 2 tensors, got 1"):
+        _C.ea_blend_cuda(
+            layout, addresses(tensors), addresses(tensors[:1]), buffer.data_ptr(), 0.5, 0, stream()
+        )
 
 
-def mixed_case(misaligned: bool) -> list[torch.Tensor]:
-    """ODD_SHAPES with the dtypes taking turns: the per-chunk dtype kernel."""
-    dtypes = [DTYPES[i % len(DTYPES)] for i in range(len(ODD_SHAPES))]
-    return [cuda_case([s], d, misaligned)[0] for s, d in zip(ODD_SHAPES, dtypes, strict=True)]
+def mixed_case(shapes: list[tuple[int, ...]], misaligned: bool) -> list[torch.Tensor]:
+    """shapes with the dtypes taking turns: one group of launches per dtype."""
+    return cuda_tensors(shapes, [DTYPES[i % len(DTYPES)] for i in range(len(shapes))], misaligned)
 
 
-@pytest.mark.parametrize("buffer_dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("misaligned", [False, True])
+# Odd sizes, and a list long enough that each dtype's group needs two
+# launches (about 1,050 tensors of each dtype: more than one launch holds,
+# 1,015 tensors for one stream, 812 for two).
+MIXED_SHAPES = {"odd": ODD_SHAPES, "many": (ODD_SHAPES + MANY_SMALL * 2)}
+
+
+MIXED_CASES = [
+    *itertools.product(["odd"], [torch.float64, torch.float32], [False, True]),
+    ("many", torch.float32, True),
+]
+
+
+@pytest.mark.parametrize(("shapes", "buffer_dtype", "misaligned"), MIXED_CASES)
 def test_mixed_dtype_lists_match_reference_and_cpu_flavor(
-    buffer_dtype: torch.dtype, misaligned: bool
+    shapes: str, buffer_dtype: torch.dtype, misaligned: bool
 ) -> None:
-    params, centers = mixed_case(misaligned), mixed_case(not misaligned)
+    params = mixed_case(MIXED_SHAPES[shapes], misaligned)
+    centers = mixed_case(MIXED_SHAPES[shapes], not misaligned)
     params_ref, centers_ref = [p.clone() for p in params], [c.clone() for c in centers]
     params_cpu, centers_cpu = [p.cpu() for p in params], [c.cpu() for c in centers]
     layout = layout_of(params, buffer_dtype)
     got = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
     expected = got.clone()
     got_cpu = got.cpu()
-    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
-    _C.ea_blend_cuda(layout, table, got.data_ptr(), 0.7, 1, stream())
+    _C.ea_blend_cuda(
+        layout, addresses(params), addresses(centers), got.data_ptr(), 0.7, 1, stream()
+    )
     _C.ea_blend(
         layout, addresses(params_cpu), addresses(centers_cpu), got_cpu.data_ptr(), 0.7, 1, 2
     )
@@ -181,7 +202,7 @@ def test_mixed_dtype_lists_match_reference_and_cpu_flavor(
         torch.testing.assert_close(p, r, **tolerance(p.dtype, buffer_dtype))
 
     out, out_cpu = poisoned_like(params), poisoned_like(params_cpu)
-    _C.unpack_cuda(layout, _C.DeviceTable(layout, addresses(out)), got.data_ptr(), True, stream())
+    _C.unpack_cuda(layout, addresses(out), got.data_ptr(), True, stream())
     _C.unpack(layout, addresses(out_cpu), got_cpu.data_ptr(), True, 2)
     for o, c in zip(out, out_cpu, strict=True):
         assert not o.isnan().any()
@@ -192,7 +213,7 @@ def test_a_list_of_empty_tensors_still_writes_its_count_slot() -> None:
     tensors = [torch.empty(0, device="cuda"), torch.empty(0, 3, device="cuda")]
     layout = layout_of(tensors, torch.float32)
     buffer = torch.full((layout.buffer_numel,), float("nan"), device="cuda")
-    _C.pack_cuda(layout, _C.DeviceTable(layout, addresses(tensors)), buffer.data_ptr(), 1, stream())
+    _C.pack_cuda(layout, addresses(tensors), buffer.data_ptr(), 1, stream())
     slots = buffer[layout.count_offset : layout.count_offset + layout.count_slots]
     assert slots.tolist() == [0.0, 1.0]
 
@@ -209,11 +230,12 @@ def test_pack_and_blend_flag_nonfinite_values_like_the_cpu_flavor(
     layout = layout_of(tensors, buffer_dtype)
     want = 0.0 if bad is None else 1.0
     buffer = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
-    _C.pack_cuda(layout, _C.DeviceTable(layout, addresses(tensors)), buffer.data_ptr(), 0, stream())
+    _C.pack_cuda(layout, addresses(tensors), buffer.data_ptr(), 0, stream())
     assert float(buffer[layout.flag_offset]) == want
     buffer.fill_(float("nan"))
-    table = _C.DeviceTable(layout, addresses(tensors), addresses(centers))
-    _C.ea_blend_cuda(layout, table, buffer.data_ptr(), 0.5, 0, stream())
+    _C.ea_blend_cuda(
+        layout, addresses(tensors), addresses(centers), buffer.data_ptr(), 0.5, 0, stream()
+    )
     assert float(buffer[layout.flag_offset]) == want
 
 
@@ -225,14 +247,11 @@ def test_unpack_and_center_update_skip_when_flagged(flag: float) -> None:
     buffer[layout.count_offset : layout.count_offset + layout.count_slots] = 0.5  # count 1
     buffer[layout.flag_offset] = flag
     before = [t.clone() for t in tensors]
-    table = _C.DeviceTable(layout, addresses(tensors))
-    _C.center_update_cuda(layout, table, buffer.data_ptr(), stream(), True)
+    _C.center_update_cuda(layout, addresses(tensors), buffer.data_ptr(), stream(), True)
     for t, b in zip(tensors, before, strict=True):
         assert torch.equal(t, b if flag else b + 1)
     out = poisoned_like(tensors)
-    _C.unpack_cuda(
-        layout, _C.DeviceTable(layout, addresses(out)), buffer.data_ptr(), True, stream(), True
-    )
+    _C.unpack_cuda(layout, addresses(out), buffer.data_ptr(), True, stream(), True)
     for o in out:
         assert bool((o == (0.0 if flag else 1.0)).all())
 
@@ -252,13 +271,12 @@ def test_catch_up_blend_is_bitwise_the_two_passes_and_the_cpu_flavor(
     cpu_params, cpu_centers = [p.cpu() for p in params], [c.cpu() for c in centers]
     cpu_buffer = buffer.cpu()
 
-    _C.center_update_cuda(
-        layout, _C.DeviceTable(layout, addresses(centers)), buffer.data_ptr(), stream()
+    _C.center_update_cuda(layout, addresses(centers), buffer.data_ptr(), stream())
+    _C.ea_blend_cuda(
+        layout, addresses(params), addresses(centers), buffer.data_ptr(), 0.3, 1, stream()
     )
-    table = _C.DeviceTable(layout, addresses(params), addresses(centers))
-    _C.ea_blend_cuda(layout, table, buffer.data_ptr(), 0.3, 1, stream())
-    fused_table = _C.DeviceTable(layout, addresses(fused_params), addresses(fused_centers))
-    _C.ea_blend_cuda(layout, fused_table, fused_buffer.data_ptr(), 0.3, 1, stream(), True)
+    fused_addresses = addresses(fused_params), addresses(fused_centers)
+    _C.ea_blend_cuda(layout, *fused_addresses, fused_buffer.data_ptr(), 0.3, 1, stream(), True)
     _C.ea_blend(
         layout,
         addresses(cpu_params),
@@ -275,3 +293,28 @@ def test_catch_up_blend_is_bitwise_the_two_passes_and_the_cpu_flavor(
         fused_params + fused_centers, params + centers, cpu_params + cpu_centers, strict=True
     ):
         assert torch.equal(got, two_pass) and torch.equal(got.cpu(), cpu)
+
+
+def test_launches_are_captured_in_a_cuda_graph_and_replayed() -> None:
+    # The tensor addresses travel in the kernel parameters, which the graph
+    # captures by value: a list of four dtypes, two launches each, replays
+    # with no table to keep alive or rebuild.
+    tensors = mixed_case(MIXED_SHAPES["many"], misaligned=False)
+    layout = layout_of(tensors, torch.float32)
+    buffer = torch.full((layout.buffer_numel,), float("nan"), device="cuda")
+    capture = torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture):  # warm up off the capture, as torch recommends
+        _C.pack_cuda(layout, addresses(tensors), buffer.data_ptr(), 1, stream())
+    torch.cuda.current_stream().wait_stream(capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _C.pack_cuda(layout, addresses(tensors), buffer.data_ptr(), 1, stream())
+    for t in tensors:
+        t.copy_(torch.randn_like(t, dtype=torch.float64))
+    buffer.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = torch.full_like(buffer, float("nan"))
+    reference.pack(tensors, expected, layout.offsets, layout.count_offset, 2, 1)
+    assert torch.equal(written(layout, buffer), written(layout, expected))

@@ -1,8 +1,10 @@
-"""The digits example: its data loading, and real training runs under torchrun."""
+"""The examples: their data loading, real training runs under torchrun, and
+what they say when data or an optional package is missing."""
 
 from __future__ import annotations
 
 import gzip
+import pickle
 import re
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 import torch
 from multiproc import run_world
 
-from distlearn_cuda.examples import data, digits
+from distlearn_cuda.examples import cifar10, data, digits
 
 # Wall-clock bound of one torchrun training run; the defaults take ~5 s with
 # 2 processes and ~10 s with 4 on a 2-core machine.
@@ -182,3 +184,91 @@ def test_example_converges_with_bfloat16_communication(options: tuple[str, ...])
 @pytest.mark.parametrize("algo", ["sgd", "ea"])
 def test_example_reaches_95_percent_with_4_processes_on_uneven_parts(algo: str) -> None:
     assert torchrun_digits(4, "--algo", algo, "--uneven") >= 0.95
+
+
+def write_fake_cifar10(directory: Path, per_batch: int, seed: int) -> None:
+    """The python-version batches, as pickled by CIFAR-10's own script, small."""
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch)
+        # Class-dependent images, so a few steps learn something.
+        data = rng.integers(0, 64, (per_batch, 3072)) + (labels[:, None] * 19)
+        batch = {b"batch_label": name.encode(), b"labels": labels.tolist()}
+        batch[b"data"] = data.astype(np.uint8)
+        with open(directory / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_load_cifar10_reads_the_python_batches(tmp_path: Path) -> None:
+    write_fake_cifar10(tmp_path, 12, seed=3)
+    train, test = data.load_cifar10(tmp_path)
+    assert train.images.shape == (60, 3, 32, 32) and test.images.shape == (12, 3, 32, 32)
+    assert train.labels.dtype == torch.int64 and int(train.labels.max()) < 10
+    # Normalized per channel by the training set's statistics (computed here in float64).
+    raw = np.concatenate(
+        [pickle.loads((tmp_path / f"data_batch_{i}").read_bytes())[b"data"] for i in range(1, 6)]
+    ).reshape(-1, 3, 32, 32)
+    mean = raw.astype(np.float64).mean(axis=(0, 2, 3))
+    expected = (raw[:, 1].astype(np.float64) - mean[1]) / raw[:, 1].std(ddof=1)
+    torch.testing.assert_close(
+        train.images[:, 1].double(), torch.from_numpy(expected), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_load_cifar10_refuses_what_is_not_a_batch(tmp_path: Path) -> None:
+    write_fake_cifar10(tmp_path, 4, seed=1)
+    # A pickle that would run code when loaded is refused, not executed.
+    (tmp_path / "data_batch_3").write_bytes(pickle.dumps(Path("x")))
+    with pytest.raises(ValueError, match="data_batch_3: not a CIFAR-10"):
+        data.load_cifar10(tmp_path)
+    (tmp_path / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match=r"test_batch missing.*cifar-10-python\.tar\.gz"):
+        data.load_cifar10(tmp_path)
+
+
+def _train_on_fake_cifar10(rank: int, world_size: int, directory: str, algo: str) -> float:
+    return cifar10.main(
+        [
+            "--data-dir",
+            directory,
+            "--algo",
+            algo,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--tau",
+            "2",
+        ]
+    )
+
+
+def test_cifar10_example_trains_a_short_run(tmp_path: Path) -> None:
+    write_fake_cifar10(tmp_path, 48, seed=5)
+    accuracies = run_world(_train_on_fake_cifar10, 2, str(tmp_path), "sgd", timeout=90)
+    assert accuracies[0] == accuracies[1] and 0.0 <= accuracies[0] <= 1.0
+
+
+def run_example(module: str, *args: str, hide: str | None = None) -> subprocess.CompletedProcess:
+    """Runs an example as a script; ``hide`` makes an installed package unimportable."""
+    code = "import runpy, sys\n"
+    if hide:
+        code += f"sys.modules[{hide!r}] = None\n"
+    code += f"sys.argv = [{module!r}, *{list(args)!r}]\n"
+    code += f"runpy.run_module({module!r}, run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_examples_without_their_data_or_extras_say_so_in_one_line(tmp_path: Path) -> None:
+    done = run_example("distlearn_cuda.examples.cifar10", "--data-dir", str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "cifar-10-python.tar.gz" in done.stderr
+    for module, hidden in [
+        ("distlearn_cuda.examples.digits", "tqdm"),
+        ("distlearn_cuda.examples.digits", "sklearn"),
+    ]:
+        done = run_example(module, "--epochs", "1", hide=hidden)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f'this example needs {hidden}: pip install "distlearn_cuda[example]"'
+        ], done.stderr

@@ -250,3 +250,41 @@ def test_a_nan_on_one_rank_gets_the_same_decision_on_every_rank(algo: str, mode:
                 assert center[4].isnan()
             else:
                 assert bad["center_unchanged"] and not center.isnan().any()
+
+
+def _ea_state_after_a_failed_round(rank: int, world_size: int) -> dict:
+    """Asynchronous EA, tau=1: rank 1 dies with a round in flight on the others."""
+    params = params_of(rank)
+    ea = dl.AllReduceEA(tau=1, alpha=0.5, timeout=DEADLINE_S)
+    ea.synchronize_parameters(params)
+    good = None
+    for step in range(50):
+        if rank == 1 and step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        for p in params:
+            p.mul_(0.99)
+        try:
+            good = [c.clone() for c in ea.center]  # after every completed round
+            ea.average_parameters(params)
+        except dl.CommunicationError:
+            break
+    state = ea.state_dict()  # does not raise after the failure
+    again = ea.state_dict()
+    return {
+        "step": step,
+        "same_as_last_good": all(
+            torch.equal(a, b) for a, b in zip(state["center"], good, strict=True)
+        ),
+        "stable": all(
+            torch.equal(a, b) for a, b in zip(state["center"], again["center"], strict=True)
+        ),
+    }
+
+
+def test_ea_state_after_a_failed_round_is_the_last_good_round() -> None:
+    outcomes = run_world_outcomes(_ea_state_after_a_failed_round, 3, timeout=40, expected=[0, 2])
+    for rank in (0, 2):
+        assert outcomes[rank].status == "ok", outcomes[rank].value
+        report = outcomes[rank].value
+        assert report["step"] < 49, "the failure never surfaced"
+        assert report["same_as_last_good"] and report["stable"]

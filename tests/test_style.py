@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CPP_SOURCES = sorted(
     str(p)
-    for d in ("csrc", "kernels")
+    for d in ("csrc", "kernels", "tests/host_kernels")
     for p in (ROOT / d).iterdir()
     if p.suffix in {".h", ".cpp", ".cu", ".cuh"}
 )

@@ -7,13 +7,23 @@ between ranks.
 from __future__ import annotations
 
 import gzip
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_digits", "load_mnist", "partition", "read_idx"]
+__all__ = [
+    "CIFAR10_URL",
+    "Dataset",
+    "load_cifar10",
+    "load_digits",
+    "load_mnist",
+    "partition",
+    "read_idx",
+]
 
 _IDX_UBYTE = 0x08
 NUM_CLASSES = 10
@@ -21,7 +31,7 @@ NUM_CLASSES = 10
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images as float32 ``(N, 1, H, W)``, normalized; labels as int64 ``(N,)`` in 0..9."""
+    """Images as float32 ``(N, C, H, W)``, normalized; labels as int64 ``(N,)`` in 0..9."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -69,6 +79,80 @@ def load_mnist(data_dir: str | Path) -> tuple[Dataset, Dataset]:
     train = _idx_pair(data_dir, "train")
     test = _idx_pair(data_dir, "t10k")
     return _normalized(*train, *test)
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+# What the python-version batches pickle: dicts of bytes keys holding numpy
+# arrays and lists. Nothing else may be unpickled from a data directory.
+_CIFAR10_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+def load_cifar10(data_dir: str | Path) -> tuple[Dataset, Dataset]:
+    """CIFAR-10 from the python-version batches (``data_batch_1`` to ``5`` and
+    ``test_batch``, as extracted from ``cifar-10-python.tar.gz``) in
+    ``data_dir`` or its ``cifar-10-batches-py`` subdirectory.
+
+    Returns (train, test): images ``(N, 3, 32, 32)`` normalized per channel
+    with the training set's mean and standard deviation.
+
+    Raises:
+        FileNotFoundError: a batch file is missing (the message says where
+            to get them).
+        ValueError: naming the file, for a batch that is not CIFAR-10's.
+    """
+    data_dir = Path(data_dir)
+    if not (data_dir / "test_batch").exists() and (data_dir / "cifar-10-batches-py").is_dir():
+        data_dir = data_dir / "cifar-10-batches-py"
+    missing = [name for name in _CIFAR10_FILES if not (data_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{data_dir}: no CIFAR-10 batches ({', '.join(missing)} missing); download "
+            f"{CIFAR10_URL} and extract it there"
+        )
+    parts = [_cifar10_batch(data_dir / name) for name in _CIFAR10_FILES]
+    train_x = np.concatenate([x for x, _ in parts[:-1]])
+    train_y = np.concatenate([y for _, y in parts[:-1]])
+    test_x, test_y = parts[-1]
+    train_images = torch.as_tensor(train_x, dtype=torch.float32)
+    mean = train_images.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_images.std(dim=(0, 2, 3), keepdim=True)
+
+    def dataset(x: np.ndarray, y: np.ndarray) -> Dataset:
+        images = (torch.as_tensor(x, dtype=torch.float32) - mean) / std
+        return Dataset(images, torch.as_tensor(y, dtype=torch.int64))
+
+    return dataset(train_x, train_y), dataset(test_x, test_y)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR10_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def _cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch: uint8 images (N, 3, 32, 32) and labels (N,)."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as error:
+        raise ValueError(f"{path}: not a CIFAR-10 python-version batch ({error})") from error
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: images of shape {data.shape}, expected (N, 3072)")
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(labels)} labels for {len(data)} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{path}: labels outside 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -1,0 +1,43 @@
+// Argument checks shared by the CPU and CUDA launchers of the fused ops:
+// an invalid argument throws std::invalid_argument (ValueError in Python)
+// before anything runs.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../kernels/layout.h"
+
+namespace distlearn {
+
+// One address per tensor of the layout, none null unless its tensor is empty.
+inline void check_addresses(const Layout& layout, const std::vector<uintptr_t>& addresses,
+                            const char* name) {
+  if (static_cast<int64_t>(addresses.size()) != layout.num_tensors()) {
+    throw std::invalid_argument(std::string(name) + ": expected " +
+                                std::to_string(layout.num_tensors()) + " tensors, got " +
+                                std::to_string(addresses.size()));
+  }
+  for (int64_t i = 0; i < layout.num_tensors(); ++i) {
+    if (addresses[i] == 0 && layout.numels[i] > 0) {
+      throw std::invalid_argument(std::string(name) + "[" + std::to_string(i) +
+                                  "] is a null address");
+    }
+  }
+}
+
+inline void check_buffer(uintptr_t buffer) {
+  if (buffer == 0) throw std::invalid_argument("buffer is a null address");
+}
+
+inline void check_count_slot(const Layout& layout, int64_t count_slot) {
+  if (count_slot >= layout.count_slots) {
+    throw std::invalid_argument("count_slot " + std::to_string(count_slot) +
+                                " is out of range: the layout has " +
+                                std::to_string(layout.count_slots) + " count slots");
+  }
+}
+
+}  // namespace distlearn

@@ -1,0 +1,109 @@
+// The fused ops as Ops of the multi-tensor engine (multi_tensor_engine.h):
+// which streams each touches, and the element operation of element_ops.h it
+// applies. __host__ __device__, so the host harness runs them as the device
+// does. An op's fields are launch parameters; prepare() sets per-thread
+// state on the thread's own copy.
+#pragma once
+
+#include <cstdint>
+
+#include "element_ops.h"
+#include "scalar_types.h"
+
+namespace distlearn {
+
+// Whether the (allreduced) non-finite flag at `flag` is set.
+template <typename B>
+DL_INLINE bool flag_raised(const void* flag) {
+  return to_acc<double>(*static_cast<const B*>(flag)) != 0.0;
+}
+
+struct PackOp {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = false, kReadsSecondary = false,
+                        kWritesSecondary = false, kReadsBuffer = false, kWritesBuffer = true;
+  template <typename B>
+  DL_HOST_DEVICE void prepare() {}
+  template <typename T, typename B>
+  DL_HOST_DEVICE void operator()(T& tensor, T&, B& buffer) const {
+    pack_element(tensor, buffer);
+  }
+};
+
+// Reads the contributor count (and, when skipping, the non-finite flag)
+// from the buffer on the device, once per thread: the host never waits for
+// the allreduce to learn them.
+struct UnpackOp {
+  static constexpr bool kReadsPrimary = false, kWritesPrimary = true, kReadsSecondary = false,
+                        kWritesSecondary = false, kReadsBuffer = true, kWritesBuffer = false;
+  const void* count_slots;
+  int64_t num_slots;
+  const void* flag;
+  bool normalize;
+  bool skip_nonfinite;
+  double scale = 1.0;  // set by prepare
+  bool zeros = false;  // set by prepare: a rank packed a non-finite value
+
+  template <typename B>
+  DL_HOST_DEVICE void prepare() {
+    if (normalize) {
+      scale = normalization_scale(contributor_count(static_cast<const B*>(count_slots), num_slots));
+    }
+    zeros = skip_nonfinite && flag_raised<B>(flag);
+  }
+  template <typename T, typename B>
+  DL_HOST_DEVICE void operator()(T& tensor, T&, B& buffer) const {
+    using Acc = typename AccumulateType<T, B>::type;
+    if (zeros) {
+      tensor = from_acc<T>(Acc(0));
+    } else {
+      unpack_scale_element(buffer, static_cast<Acc>(scale), tensor);
+    }
+  }
+};
+
+struct EaBlendOp {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = true,
+                        kWritesSecondary = false, kReadsBuffer = false, kWritesBuffer = true;
+  double alpha;
+  template <typename B>
+  DL_HOST_DEVICE void prepare() {}
+  template <typename T, typename B>
+  DL_HOST_DEVICE void operator()(T& x, T& center, B& delta) const {
+    using Acc = typename AccumulateType<T, B>::type;
+    ea_blend_element(x, center, static_cast<Acc>(alpha), delta);
+  }
+};
+
+// The blend with the previous round's center update folded in (asynchronous
+// rounds): reads x, the center and the previous sum, writes all three.
+struct EaCatchUpBlendOp {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = true,
+                        kWritesSecondary = true, kReadsBuffer = true, kWritesBuffer = true;
+  double alpha;
+  template <typename B>
+  DL_HOST_DEVICE void prepare() {}
+  template <typename T, typename B>
+  DL_HOST_DEVICE void operator()(T& x, T& center, B& sum_then_delta) const {
+    using Acc = typename AccumulateType<T, B>::type;
+    ea_catch_up_blend_element(x, center, static_cast<Acc>(alpha), sum_then_delta);
+  }
+};
+
+struct CenterUpdateOp {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = true, kReadsSecondary = false,
+                        kWritesSecondary = false, kReadsBuffer = true, kWritesBuffer = false;
+  const void* flag;
+  bool skip_nonfinite;
+  bool skip = false;  // set by prepare: leave every center as it is
+
+  template <typename B>
+  DL_HOST_DEVICE void prepare() {
+    skip = skip_nonfinite && flag_raised<B>(flag);
+  }
+  template <typename T, typename B>
+  DL_HOST_DEVICE void operator()(T& center, T&, B& delta_sum) const {
+    if (!skip) center_update_element(center, delta_sum);
+  }
+};
+
+}  // namespace distlearn
