@@ -2,8 +2,12 @@
 
 Two flavors from the same sources. CPU: plain C++17 with pybind11. CUDA:
 the same plus csrc/*.cu compiled by nvcc, with the CUDA runtime linked
-statically. Neither depends on torch: the extension takes raw addresses,
-sizes and dtype codes, so it works with whatever torch is installed.
+statically, and the NCCL communicator (csrc/nccl_*.cpp), which declares the
+slice of NCCL's C ABI it calls and opens libnccl.so.2 with dlopen at run
+time: the build needs no nccl.h, so pip's isolated build environment (which
+has no nvidia-nccl wheel) builds it too. Neither flavor depends on torch: the
+extension takes raw addresses, sizes and dtype codes, so it works with
+whatever torch is installed.
 
 Environment:
     DISTLEARN_CUDA        "1" builds the CUDA flavor (fails without nvcc),
@@ -11,12 +15,6 @@ Environment:
     DISTLEARN_CUDA_ARCHS  compute capabilities, ";"-separated (default
                           "80;90"); PTX of the last one is added so newer
                           GPUs can JIT-compile it.
-    DISTLEARN_NCCL_INCLUDE  directory holding nccl.h; default: the
-                          nvidia-nccl-cu13 wheel importable by the building
-                          Python. The CUDA flavor calls NCCL itself (loaded
-                          with dlopen at run time) only when nccl.h was found;
-                          without it CUDA tensors use torch.distributed's
-                          collectives.
     CUDA_HOME             the toolkit (default: nvcc's parent directory).
 """
 
@@ -58,24 +56,6 @@ def find_cuda_home(nvcc: Path) -> Path:
         if (home / "include" / "cuda_runtime.h").exists():
             return home
     raise RuntimeError(f"no CUDA toolkit with include/cuda_runtime.h for {nvcc}; set CUDA_HOME")
-
-
-def find_nccl_include() -> Path | None:
-    """The directory of nccl.h: DISTLEARN_NCCL_INCLUDE, else the nvidia-nccl wheel's."""
-    explicit = os.environ.get("DISTLEARN_NCCL_INCLUDE", "").strip()
-    if explicit:
-        if not (Path(explicit) / "nccl.h").exists():
-            raise RuntimeError(f"DISTLEARN_NCCL_INCLUDE={explicit!r} holds no nccl.h")
-        return Path(explicit)
-    try:
-        import nvidia.nccl  # the nvidia-nccl-cu13 wheel, a namespace package
-    except ImportError:
-        return None
-    for package_dir in nvidia.nccl.__path__:
-        include = Path(package_dir) / "include"
-        if (include / "nccl.h").exists():
-            return include
-    return None
 
 
 def want_cuda(nvcc: Path | None) -> bool:
@@ -162,12 +142,9 @@ def make_extension() -> tuple[Pybind11Extension, type[build_ext]]:
         ("DISTLEARN_CUDA_ARCHS", f'"{archs}"'),
     ]
     ext.include_dirs.append(str(cuda_home / "include"))
-    nccl_include = find_nccl_include()
-    if nccl_include is not None:
-        ext.sources += NCCL_SOURCES
-        ext.include_dirs.append(str(nccl_include))
-        ext.define_macros.append(("DISTLEARN_WITH_NCCL", None))
-    print(f"distlearn_cuda: CUDA flavor, archs {archs}, nccl.h from {nccl_include}")
+    ext.sources += NCCL_SOURCES
+    ext.define_macros.append(("DISTLEARN_WITH_NCCL", None))
+    print(f"distlearn_cuda: CUDA flavor with NCCL (dlopen at run time), archs {archs}")
     ext.library_dirs.append(str(cuda_home / "lib64"))
     # The static runtime: the wheel needs no libcudart next to it, only a driver.
     ext.libraries += ["cudart_static", "dl", "rt", "pthread"]

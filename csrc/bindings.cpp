@@ -42,10 +42,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
 #ifdef DISTLEARN_WITH_NCCL
   m.attr("has_nccl") = true;
-  m.attr("nccl_header_version") = NCCL_VERSION_CODE;
+  // NCCL_VERSION_CODE of the NCCL ABI declared in nccl_api.h (not a header's).
+  m.attr("nccl_abi_version") = distlearn::kNcclAbiVersion;
 #else
   m.attr("has_nccl") = false;
-  m.attr("nccl_header_version") = py::none();
+  m.attr("nccl_abi_version") = py::none();
 #endif
   // The GPU architectures compiled in, as nvcc's -gencode targets ("" without CUDA).
   m.attr("cuda_archs") = DISTLEARN_CUDA_ARCHS;
@@ -123,37 +124,48 @@ PYBIND11_MODULE(_C, m) {
       [](int code) {
         const distlearn::NcclApi* api = distlearn::loaded_nccl();
         if (api == nullptr) throw std::runtime_error("NCCL is not loaded");
-        return std::string(api->get_error_string(static_cast<ncclResult_t>(code)));
+        return std::string(api->get_error_string(static_cast<distlearn::ncclResult_t>(code)));
       },
       py::arg("code"), "NCCL's own message for an ncclResult_t.");
   py::class_<NcclCommunicator, std::shared_ptr<NcclCommunicator>>(
-      m, "NcclCommunicator", "One NCCL communicator; collectives enqueue on a given stream.")
+      m, "NcclCommunicator",
+      "One NCCL communicator; collectives enqueue on a given stream, each with its deadline.")
       .def(py::init<const std::string&, int, int, int, double>(), py::arg("unique_id"),
-           py::arg("nranks"), py::arg("rank"), py::arg("device"), py::arg("timeout"), release)
+           py::arg("nranks"), py::arg("rank"), py::arg("device"), py::arg("init_timeout"), release)
       .def_static("unique_id", []() { return py::bytes(NcclCommunicator::unique_id()); })
       .def(
           "all_reduce_sum",
           [](NcclCommunicator& comm, uintptr_t buffer, int64_t count, int32_t dtype,
-             uintptr_t stream) {
+             uintptr_t stream, double timeout) {
             if (!distlearn::is_valid_dtype(dtype)) {
               throw std::invalid_argument("dtype: unknown code " + std::to_string(dtype));
             }
-            comm.all_reduce_sum(buffer, count, static_cast<distlearn::DType>(dtype), stream);
+            comm.all_reduce_sum(buffer, count, static_cast<distlearn::DType>(dtype), stream,
+                                timeout);
           },
-          py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("stream"), release)
+          py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("stream"),
+          py::arg("timeout"), release)
       .def(
           "broadcast",
           [](NcclCommunicator& comm, uintptr_t buffer, int64_t count, int32_t dtype, int root,
-             uintptr_t stream) {
+             uintptr_t stream, double timeout) {
             if (!distlearn::is_valid_dtype(dtype)) {
               throw std::invalid_argument("dtype: unknown code " + std::to_string(dtype));
             }
-            comm.broadcast(buffer, count, static_cast<distlearn::DType>(dtype), root, stream);
+            comm.broadcast(buffer, count, static_cast<distlearn::DType>(dtype), root, stream,
+                           timeout);
           },
           py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("stream"),
-          release)
+          py::arg("timeout"), release)
       .def("check", &NcclCommunicator::check, "Raises the failure the watchdog recorded, if any.")
       .def("abort", &NcclCommunicator::abort, release)
+      .def("close", &NcclCommunicator::close, py::arg("timeout") = 0.0, release,
+           "Stops the watchdog, waits for the collectives in flight and ncclCommFinalize "
+           "(timeout: its bound; 0: the longest collective timeout given), destroys; aborts "
+           "on failure. Returns how it ended.")
+      .def_property_readonly("closed", &NcclCommunicator::closed)
+      .def_property_readonly("usable", &NcclCommunicator::usable)
+      .def_property_readonly("in_flight", &NcclCommunicator::in_flight)
       .def_property_readonly("nonblocking", &NcclCommunicator::nonblocking)
       .def_property_readonly("rank", &NcclCommunicator::rank)
       .def_property_readonly("nranks", &NcclCommunicator::nranks)

@@ -21,29 +21,10 @@ bool find_symbol(void* handle, const char* name, Fn& out) {
 
 // Fills api from an open handle; returns "" on success, else why not.
 std::string bind_symbols(void* handle, NcclApi& api) {
-  struct Required {
-    const char* name;
-    bool found;
-  };
-  const Required required[] = {
-      {"ncclGetVersion", find_symbol(handle, "ncclGetVersion", api.get_version)},
-      {"ncclGetErrorString", find_symbol(handle, "ncclGetErrorString", api.get_error_string)},
-      {"ncclGetUniqueId", find_symbol(handle, "ncclGetUniqueId", api.get_unique_id)},
-      {"ncclCommInitRank", find_symbol(handle, "ncclCommInitRank", api.comm_init_rank)},
-      {"ncclCommDestroy", find_symbol(handle, "ncclCommDestroy", api.comm_destroy)},
-      {"ncclCommAbort", find_symbol(handle, "ncclCommAbort", api.comm_abort)},
-      {"ncclCommGetAsyncError",
-       find_symbol(handle, "ncclCommGetAsyncError", api.comm_get_async_error)},
-      {"ncclAllReduce", find_symbol(handle, "ncclAllReduce", api.all_reduce)},
-      {"ncclBroadcast", find_symbol(handle, "ncclBroadcast", api.broadcast)},
-      {"ncclGroupStart", find_symbol(handle, "ncclGroupStart", api.group_start)},
-      {"ncclGroupEnd", find_symbol(handle, "ncclGroupEnd", api.group_end)},
-  };
-  for (const Required& symbol : required) {
-    if (!symbol.found) return std::string("it has no ") + symbol.name;
-  }
-  find_symbol(handle, "ncclGetLastError", api.get_last_error);
-  find_symbol(handle, "ncclCommInitRankConfig", api.comm_init_rank_config);
+#define DL_BIND_SYMBOL(member, symbol, required) \
+  if (!find_symbol(handle, #symbol, api.member) && (required)) return "it has no " #symbol;
+  DL_NCCL_ENTRY_POINTS(DL_BIND_SYMBOL)
+#undef DL_BIND_SYMBOL
   if (api.get_version(&api.version) != ncclSuccess) return "ncclGetVersion failed";
   if (api.version < kMinNcclVersion) {
     return "its version " + std::to_string(api.version) + " is older than the oldest supported " +
@@ -92,14 +73,20 @@ const NcclApi* loaded_nccl() {
   return loaded.get();
 }
 
-void throw_nccl_error(const NcclApi& api, ncclResult_t result, ncclComm_t comm, const char* call) {
-  std::string message = std::string(call) + " failed: " + api.get_error_string(result) +
+std::string nccl_error_message(const NcclApi& api, ncclResult_t result, ncclComm_t comm,
+                               const char* call) {
+  const char* text = api.get_error_string(result);
+  std::string message = std::string(call) + " failed: " + (text != nullptr ? text : "?") +
                         " (ncclResult_t " + std::to_string(static_cast<int>(result)) + ")";
   if (api.get_last_error != nullptr) {
     const char* detail = api.get_last_error(comm);
     if (detail != nullptr && detail[0] != '\0') message += ": " + std::string(detail);
   }
-  throw std::runtime_error(message);
+  return message;
+}
+
+void throw_nccl_error(const NcclApi& api, ncclResult_t result, ncclComm_t comm, const char* call) {
+  throw std::runtime_error(nccl_error_message(api, result, comm, call));
 }
 
 }  // namespace distlearn

@@ -1,22 +1,29 @@
 // See nccl_comm.h.
 #include "nccl_comm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <system_error>
 
 #include "cuda_check.h"
 
 namespace distlearn {
 namespace {
 
-// How often the watchdog looks at the oldest pending collective, and at the
+// How often the watchdog looks at the pending collectives, and at the
 // communicator's asynchronous error when nothing is pending. 1 ms costs
 // about a thousand cheap queries a second while collectives are in flight,
 // and adds at most that much to the time a failure takes to surface.
 constexpr auto kBusyPoll = std::chrono::milliseconds(1);
 constexpr auto kIdlePoll = std::chrono::milliseconds(100);
-constexpr auto kInitPoll = std::chrono::microseconds(100);
+// How often joining, enqueueing and finalizing poll a non-blocking
+// communicator's state; NCCL's own examples spin on ncclCommGetAsyncError.
+constexpr auto kStatePoll = std::chrono::microseconds(100);
+// Room kept for collectives in flight and spare events from the start, so
+// the first steps allocate nothing either (a step has a handful).
+constexpr std::size_t kReservedEvents = 64;
 
 const NcclApi& require_nccl() {
   const NcclApi* api = loaded_nccl();
@@ -43,9 +50,10 @@ void check_buffer(uintptr_t buffer, int64_t count) {
   if (buffer == 0 && count > 0) throw std::invalid_argument("buffer is a null address");
 }
 
-std::chrono::nanoseconds checked_timeout(double seconds) {
+std::chrono::nanoseconds checked_timeout(double seconds, const char* what) {
   if (!(std::isfinite(seconds) && seconds > 0)) {
-    throw std::invalid_argument("timeout must be a finite number of seconds > 0, got " +
+    throw std::invalid_argument(std::string(what) +
+                                " must be a finite number of seconds > 0, got " +
                                 std::to_string(seconds));
   }
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -66,12 +74,12 @@ std::string NcclCommunicator::unique_id() {
 }
 
 NcclCommunicator::NcclCommunicator(const std::string& unique_id, int nranks, int rank, int device,
-                                   double timeout_s)
+                                   double init_timeout_s)
     : api_(require_nccl()),
       nranks_(nranks),
       rank_(rank),
       device_(device),
-      timeout_(checked_timeout(timeout_s)) {
+      init_timeout_(checked_timeout(init_timeout_s, "init_timeout")) {
   ncclUniqueId id;
   if (unique_id.size() != sizeof(id.internal)) {
     throw std::invalid_argument("unique_id must be " + std::to_string(sizeof(id.internal)) +
@@ -82,76 +90,76 @@ NcclCommunicator::NcclCommunicator(const std::string& unique_id, int nranks, int
                                 std::to_string(nranks));
   }
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
-  CudaDeviceGuard guard(device);
+  pending_.reserve(kReservedEvents);
+  spare_events_.reserve(kReservedEvents);
+  CudaDeviceGuard guard(device);  // NCCL joins on the current device
   if (api_.comm_init_rank_config != nullptr) {
-    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    ncclConfigPrefix config{};
+    config.size = sizeof(config);
+    config.magic = kNcclConfigMagic;
+    config.version = kNcclAbiVersion;
     config.blocking = 0;
     const ncclResult_t started = api_.comm_init_rank_config(&comm_, nranks, id, rank, &config);
     if (started != ncclSuccess && started != ncclInProgress) {
+      const std::string message =
+          nccl_error_message(api_, started, comm_, "ncclCommInitRankConfig");
       if (comm_ != nullptr) api_.comm_abort(comm_);
-      throw_nccl_error(api_, started, nullptr, "ncclCommInitRankConfig");
+      comm_ = nullptr;
+      throw std::runtime_error(message);
     }
     nonblocking_ = true;
-    wait_ready(comm_, "ncclCommInitRankConfig", Clock::now() + timeout_);
+    wait_ready("ncclCommInitRankConfig", init_timeout_);
   } else {
     // NCCL < 2.14: a blocking join, bounded only by NCCL's own bootstrap timeout.
     DL_NCCL_CHECK(api_, nullptr, comm_init_rank(&comm_, nranks, id, rank));
   }
-  watchdog_ = std::thread([this] { watchdog_loop(); });
-}
-
-NcclCommunicator::~NcclCommunicator() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopping_ = true;
+  try {
+    watchdog_ = std::thread([this] { watchdog_loop(); });
+  } catch (const std::system_error&) {
+    api_.comm_abort(comm_);  // no destructor runs for an object that was not made
+    comm_ = nullptr;
+    throw;
   }
-  wake_.notify_all();
-  if (watchdog_.joinable()) watchdog_.join();
-  // Errors cannot be reported from a destructor; the process is usually
-  // ending when this runs, and a failed destroy leaks only this communicator.
-  if (comm_ != nullptr) api_.comm_destroy(comm_);
-  for (const Pending& pending : pending_) cudaEventDestroy(pending.done);
-  for (cudaEvent_t event : spare_events_) cudaEventDestroy(event);
 }
 
-void NcclCommunicator::wait_ready(ncclComm_t comm, const char* operation,
-                                  Clock::time_point deadline) {
+NcclCommunicator::~NcclCommunicator() { close(0); }
+
+void NcclCommunicator::wait_ready(const char* operation, std::chrono::nanoseconds bound) {
   if (!nonblocking_) return;
+  const Clock::time_point deadline = Clock::now() + bound;
   while (true) {
     ncclResult_t state = ncclSuccess;
-    const ncclResult_t polled = api_.comm_get_async_error(comm, &state);
+    const ncclResult_t polled = api_.comm_get_async_error(comm_, &state);
     if (polled != ncclSuccess) state = polled;
     if (state == ncclSuccess) return;
     if (state != ncclInProgress) {
-      std::string message;
-      try {
-        throw_nccl_error(api_, state, comm, operation);
-      } catch (const std::runtime_error& error) {
-        message = error.what();
-      }
-      api_.comm_abort(comm);
-      comm_ = nullptr;
+      const std::string message = nccl_error_message(api_, state, comm_, operation);
+      abort_locked(message);
       throw std::runtime_error(message);
     }
     if (Clock::now() > deadline) {
-      api_.comm_abort(comm);
-      comm_ = nullptr;
-      throw std::runtime_error(std::string(operation) + " did not finish within " +
-                               seconds_text(timeout_) + " (a peer died or stalled?)");
+      const std::string message = std::string(operation) + " did not finish within " +
+                                  seconds_text(bound) + " (a peer died or stalled?)";
+      abort_locked(message);
+      throw std::runtime_error(message);
     }
-    std::this_thread::sleep_for(kInitPoll);
+    std::this_thread::sleep_for(kStatePoll);
   }
 }
 
 ncclComm_t NcclCommunicator::usable_comm(const char* operation) {
   if (!failure_.empty()) throw std::runtime_error(std::string(operation) + ": " + failure_);
+  if (closed_) {
+    throw std::runtime_error(std::string(operation) + ": the NCCL communicator was closed");
+  }
   if (comm_ == nullptr) {
     throw std::runtime_error(std::string(operation) + ": the NCCL communicator was aborted");
   }
   return comm_;
 }
 
-void NcclCommunicator::watch(const char* operation, cudaStream_t stream) {
+void NcclCommunicator::watch(const char* operation, cudaStream_t stream,
+                             std::chrono::nanoseconds timeout) {
   // A collective recorded into a CUDA graph runs at replay, not now: there
   // is nothing to follow (and a capturing stream takes no plain events).
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -169,46 +177,57 @@ void NcclCommunicator::watch(const char* operation, cudaStream_t stream) {
     spare_events_.push_back(done);
     DL_CUDA_CHECK(recorded);
   }
-  pending_.push_back(Pending{done, Clock::now() + timeout_, operation});
+  pending_.push_back(Pending{done, Clock::now() + timeout, timeout, operation});
   wake_.notify_one();
 }
 
-void NcclCommunicator::all_reduce_sum(uintptr_t buffer, int64_t count, DType dtype,
-                                      uintptr_t stream) {
-  check_buffer(buffer, count);
+template <typename Enqueue>
+void NcclCommunicator::run_collective(const char* operation, const char* nccl_call,
+                                      uintptr_t stream, double timeout_s, Enqueue enqueue) {
+  const std::chrono::nanoseconds timeout = checked_timeout(timeout_s, "timeout");
   std::lock_guard<std::mutex> lock(mutex_);
-  ncclComm_t comm = usable_comm("all_reduce_sum");
-  void* data = reinterpret_cast<void*>(buffer);
+  ncclComm_t comm = usable_comm(operation);
+  CudaDeviceGuard guard(device_);
+  if (timeout > longest_timeout_) longest_timeout_ = timeout;
   auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  const ncclResult_t enqueued = api_.all_reduce(data, data, static_cast<size_t>(count),
-                                                nccl_dtype(dtype), ncclSum, comm, cuda_stream);
+  const ncclResult_t enqueued = enqueue(comm, cuda_stream);
   if (enqueued == ncclInProgress) {
-    wait_ready(comm, "ncclAllReduce", Clock::now() + timeout_);
+    // The first collective may set up NCCL's connections (NCCL_RUNTIME_CONNECT,
+    // the default since 2.22): part of joining, so bounded like joining.
+    wait_ready(nccl_call, connected_ ? timeout : std::max(timeout, init_timeout_));
   } else if (enqueued != ncclSuccess) {
-    throw_nccl_error(api_, enqueued, comm, "ncclAllReduce");
+    throw_nccl_error(api_, enqueued, comm, nccl_call);
   }
-  watch("all_reduce_sum", cuda_stream);
+  connected_ = true;
+  watch(operation, cuda_stream, timeout);
+}
+
+void NcclCommunicator::all_reduce_sum(uintptr_t buffer, int64_t count, DType dtype,
+                                      uintptr_t stream, double timeout_s) {
+  check_buffer(buffer, count);
+  const ncclDataType_t type = nccl_dtype(dtype);
+  void* data = reinterpret_cast<void*>(buffer);
+  run_collective("all_reduce_sum", "ncclAllReduce", stream, timeout_s,
+                 [&](ncclComm_t comm, cudaStream_t cuda_stream) {
+                   return api_.all_reduce(data, data, static_cast<std::size_t>(count), type,
+                                          ncclSum, comm, cuda_stream);
+                 });
 }
 
 void NcclCommunicator::broadcast(uintptr_t buffer, int64_t count, DType dtype, int root,
-                                 uintptr_t stream) {
+                                 uintptr_t stream, double timeout_s) {
   check_buffer(buffer, count);
   if (root < 0 || root >= nranks_) {
     throw std::invalid_argument("root " + std::to_string(root) + " is not in a world of " +
                                 std::to_string(nranks_));
   }
-  std::lock_guard<std::mutex> lock(mutex_);
-  ncclComm_t comm = usable_comm("broadcast");
+  const ncclDataType_t type = nccl_dtype(dtype);
   void* data = reinterpret_cast<void*>(buffer);
-  auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  const ncclResult_t enqueued = api_.broadcast(data, data, static_cast<size_t>(count),
-                                               nccl_dtype(dtype), root, comm, cuda_stream);
-  if (enqueued == ncclInProgress) {
-    wait_ready(comm, "ncclBroadcast", Clock::now() + timeout_);
-  } else if (enqueued != ncclSuccess) {
-    throw_nccl_error(api_, enqueued, comm, "ncclBroadcast");
-  }
-  watch("broadcast", cuda_stream);
+  run_collective("broadcast", "ncclBroadcast", stream, timeout_s,
+                 [&](ncclComm_t comm, cudaStream_t cuda_stream) {
+                   return api_.broadcast(data, data, static_cast<std::size_t>(count), type, root,
+                                         comm, cuda_stream);
+                 });
 }
 
 void NcclCommunicator::check() {
@@ -216,8 +235,24 @@ void NcclCommunicator::check() {
   if (!failure_.empty()) throw std::runtime_error(failure_);
 }
 
+bool NcclCommunicator::closed() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return closed_;
+}
+
+bool NcclCommunicator::usable() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return !closed_ && failure_.empty() && comm_ != nullptr;
+}
+
+int64_t NcclCommunicator::in_flight() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<int64_t>(pending_.size());
+}
+
 void NcclCommunicator::abort() {
   std::lock_guard<std::mutex> lock(mutex_);
+  CudaDeviceGuard guard(device_);
   abort_locked("the NCCL communicator was aborted by the caller");
 }
 
@@ -229,49 +264,152 @@ void NcclCommunicator::abort_locked(const std::string& failure) {
     api_.comm_abort(comm_);
     comm_ = nullptr;
   }
+  destroy_events_locked();
+}
+
+void NcclCommunicator::destroy_events_locked() {
+  // Errors are ignored: an event that cannot be destroyed is leaked, and
+  // this runs on failure and teardown paths that must not throw.
   for (const Pending& pending : pending_) cudaEventDestroy(pending.done);
   pending_.clear();
+  for (cudaEvent_t event : spare_events_) cudaEventDestroy(event);
+  spare_events_.clear();
+}
+
+std::string NcclCommunicator::sweep_locked(Clock::time_point now) {
+  std::string failure;
+  std::size_t kept = 0;
+  for (const Pending& pending : pending_) {
+    const cudaError_t state = cudaEventQuery(pending.done);
+    if (state == cudaSuccess) {
+      spare_events_.push_back(pending.done);
+      continue;
+    }
+    if (failure.empty()) {
+      if (state != cudaErrorNotReady) {
+        failure =
+            std::string(pending.operation) + " failed on the device: " + cudaGetErrorString(state);
+      } else if (now > pending.deadline) {
+        failure = std::string(pending.operation) + " did not complete within " +
+                  seconds_text(pending.timeout) + " (a peer died or stalled?); NCCL was aborted";
+      }
+    }
+    pending_[kept++] = pending;
+  }
+  pending_.resize(kept);
+  return failure;
 }
 
 void NcclCommunicator::watchdog_loop() {
-  if (cudaSetDevice(device_) != cudaSuccess) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    abort_locked("the NCCL watchdog could not select device " + std::to_string(device_));
+  // This thread's current device, for every CUDA call it makes. Relaxed
+  // capture mode: its cudaEventQuery calls must neither fail nor invalidate
+  // a CUDA graph that another thread is capturing in the default (global)
+  // mode, as torch.cuda.graph does.
+  cudaError_t selected = cudaSetDevice(device_);
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (selected == cudaSuccess) selected = cudaThreadExchangeStreamCaptureMode(&mode);
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (selected != cudaSuccess) {
+    abort_locked("the NCCL watchdog could not select device " + std::to_string(device_) + ": " +
+                 cudaGetErrorString(selected));
     return;
   }
-  std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
-    while (!pending_.empty()) {
-      const Pending oldest = pending_.front();
-      const cudaError_t state = cudaEventQuery(oldest.done);
-      if (state == cudaSuccess) {
-        spare_events_.push_back(oldest.done);
-        pending_.pop_front();
-        continue;
-      }
-      if (state != cudaErrorNotReady) {
-        abort_locked(std::string(oldest.operation) +
-                     " failed on the device: " + cudaGetErrorString(state));
-      } else if (Clock::now() > oldest.deadline) {
-        abort_locked(std::string(oldest.operation) + " did not complete within " +
-                     seconds_text(timeout_) + " (a peer died or stalled?); NCCL was aborted");
-      }
-      break;
+    if (comm_ != nullptr) {
+      const std::string failure = sweep_locked(Clock::now());
+      if (!failure.empty()) abort_locked(failure);
     }
     if (comm_ != nullptr) {
       ncclResult_t state = ncclSuccess;
       if (api_.comm_get_async_error(comm_, &state) == ncclSuccess && state != ncclSuccess &&
           state != ncclInProgress) {
-        std::string message =
-            std::string("NCCL reported an asynchronous error: ") + api_.get_error_string(state);
-        if (api_.get_last_error != nullptr)
-          message += ": " + std::string(api_.get_last_error(comm_));
-        abort_locked(message);
+        abort_locked(
+            nccl_error_message(api_, state, comm_, "a collective (NCCL's asynchronous error)"));
       }
     }
     wake_.wait_for(lock, pending_.empty() ? std::chrono::nanoseconds(kIdlePoll)
                                           : std::chrono::nanoseconds(kBusyPoll));
   }
+}
+
+void NcclCommunicator::stop_watchdog() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (watchdog_.joinable() && watchdog_.get_id() != std::this_thread::get_id()) watchdog_.join();
+}
+
+std::string NcclCommunicator::close(double finalize_timeout_s) {
+  try {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (closed_) return "closed before";
+      closed_ = true;  // from here on, collectives throw
+    }
+    // Joined before anything is released: the watchdog calls CUDA and NCCL.
+    stop_watchdog();
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::chrono::nanoseconds bound =
+        longest_timeout_.count() > 0 ? longest_timeout_ : init_timeout_;
+    if (std::isfinite(finalize_timeout_s) && finalize_timeout_s > 0) {
+      bound = checked_timeout(finalize_timeout_s, "finalize_timeout");
+    }
+    return release_locked(bound);
+  } catch (const std::exception& error) {
+    // A CUDA failure on the way (e.g. the device is gone): nothing better to
+    // do than abort NCCL, which needs no device.
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (comm_ != nullptr) api_.comm_abort(comm_);
+    comm_ = nullptr;
+    return std::string("aborted: ") + error.what();
+  }
+}
+
+std::string NcclCommunicator::release_locked(std::chrono::nanoseconds finalize_bound) {
+  if (comm_ == nullptr) {
+    destroy_events_locked();
+    return "aborted: " +
+           (failure_.empty() ? std::string("the communicator was aborted") : failure_);
+  }
+  CudaDeviceGuard guard(device_);
+  // The collectives in flight, each until its own deadline.
+  while (!pending_.empty()) {
+    const std::string failure = sweep_locked(Clock::now());
+    if (!failure.empty()) {
+      abort_locked(failure);
+      return "aborted: " + failure;
+    }
+    if (!pending_.empty()) std::this_thread::sleep_for(kBusyPoll);
+  }
+  if (nonblocking_ && api_.comm_finalize != nullptr) {
+    // Non-blocking: ncclCommFinalize returns at once and the communicator's
+    // state stays ncclInProgress until NCCL flushed and freed its network
+    // resources; ncclCommDestroy then only frees local memory.
+    const ncclResult_t started = api_.comm_finalize(comm_);
+    if (started != ncclSuccess && started != ncclInProgress) {
+      const std::string failure = nccl_error_message(api_, started, comm_, "ncclCommFinalize");
+      abort_locked(failure);
+      return "aborted: " + failure;
+    }
+    try {
+      wait_ready("ncclCommFinalize", finalize_bound);  // aborts on failure
+    } catch (const std::runtime_error& error) {
+      return std::string("aborted: ") + error.what();
+    }
+  }
+  // Blocking communicators (NCCL < 2.14) finalize inside ncclCommDestroy,
+  // which returns quickly here: every collective has completed.
+  // A failed ncclCommDestroy may have freed part of the communicator, so it
+  // is reported, not followed by an abort on a handle that may be gone.
+  const ncclResult_t destroyed = api_.comm_destroy(comm_);
+  const std::string outcome = destroyed == ncclSuccess
+                                  ? "destroyed"
+                                  : nccl_error_message(api_, destroyed, nullptr, "ncclCommDestroy");
+  comm_ = nullptr;
+  destroy_events_locked();
+  return outcome;
 }
 
 }  // namespace distlearn

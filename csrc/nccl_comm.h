@@ -1,17 +1,34 @@
-// One NCCL communicator over the ranks of a process group, with a deadline.
+// One NCCL communicator over the ranks of a process group.
 //
-// The Python side (distlearn_cuda/_nccl.py) bootstraps it: rank 0 makes the
-// unique id, a CPU group carries it to the others, every rank constructs a
-// communicator with it. Collectives are enqueued on the caller's stream;
-// nothing here waits for the device.
+// The Python side (distlearn_cuda/_nccl.py) bootstraps and owns it: rank 0
+// makes the unique id, a CPU group carries it to the others, every rank
+// constructs a communicator with it; one communicator serves every object on
+// a group and device, and _nccl.py closes it when its last user is closed,
+// when its group is destroyed, or at interpreter exit. Collectives are
+// enqueued on the caller's stream; nothing here waits for the device.
 //
-// Deadline: the communicator is non-blocking where the loaded NCCL allows
-// (>= 2.14), so joining it and enqueueing never block past the deadline. A
+// Device: every CUDA and NCCL call made here runs with the communicator's
+// device current (the caller's current device is restored afterwards); the
+// watchdog thread makes it its own current device once. A caller whose
+// current device is another GPU is served the same.
+//
+// Deadlines: joining is bounded by the constructor's init_timeout_s (and so
+// is enqueueing the first collective, which may set up NCCL's connections);
+// each collective by the timeout it is given (the calling object's), counted
+// from enqueue. The communicator is non-blocking where the loaded NCCL allows
+// (>= 2.14), so joining and enqueueing never block past their bound. A
 // watchdog thread follows every enqueued collective through a CUDA event;
 // one that has not completed by its deadline, or an asynchronous NCCL error,
 // makes the watchdog abort the communicator (ncclCommAbort frees kernels
 // stuck waiting for a dead peer) and record the failure, which the next call
 // (or check()) raises.
+//
+// Teardown (close(), or the destructor if close() was never called): the
+// watchdog is stopped and joined first, so no thread of this object calls
+// CUDA afterwards; then the collectives in flight are waited for, each until
+// its own deadline; then ncclCommFinalize, polled through
+// ncclCommGetAsyncError until it is no longer in progress (bounded), and
+// ncclCommDestroy. A failure, or a bound that passes, aborts instead.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,7 +36,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -36,10 +52,10 @@ class NcclCommunicator {
   static std::string unique_id();
 
   // Joins the communicator: collective over all nranks ranks; throws if not
-  // every rank joined within timeout_s. `device` is this rank's GPU.
+  // every rank joined within init_timeout_s. `device` is this rank's GPU.
   NcclCommunicator(const std::string& unique_id, int nranks, int rank, int device,
-                   double timeout_s);
-  ~NcclCommunicator();  // stops the watchdog, destroys the communicator; never throws
+                   double init_timeout_s);
+  ~NcclCommunicator();  // close() with its default bound unless closed; never throws
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
@@ -47,51 +63,90 @@ class NcclCommunicator {
   // ncclRedOpCreatePreMulSum scale: the mean is over the ranks that
   // contributed (count slots in the same buffer), known only after the
   // reduction, and the unpack applies it in the pass it makes anyway.
-  // buffer is a device address on device(); stream a cudaStream_t on it.
-  void all_reduce_sum(uintptr_t buffer, int64_t count, DType dtype, uintptr_t stream);
+  // buffer is a device address on device(); stream a cudaStream_t on it;
+  // timeout_s the collective's deadline, from now.
+  void all_reduce_sum(uintptr_t buffer, int64_t count, DType dtype, uintptr_t stream,
+                      double timeout_s);
   // In place: buffer[0:count) <- root's.
-  void broadcast(uintptr_t buffer, int64_t count, DType dtype, int root, uintptr_t stream);
+  void broadcast(uintptr_t buffer, int64_t count, DType dtype, int root, uintptr_t stream,
+                 double timeout_s);
   // Throws the failure the watchdog recorded, if any.
   void check();
   // Aborts pending work and frees the communicator; later calls throw.
   void abort();
+  // Releases the communicator (see the teardown above); ncclCommFinalize may
+  // take finalize_timeout_s, default (<= 0): the longest collective timeout
+  // this communicator was given, else its init bound. Idempotent; never
+  // throws; returns how it ended: "destroyed", "aborted: <why>", "closed
+  // before", or the message of a failed ncclCommDestroy. Later calls throw.
+  std::string close(double finalize_timeout_s);
 
   int rank() const { return rank_; }
   int nranks() const { return nranks_; }
   int device() const { return device_; }
   bool nonblocking() const { return nonblocking_; }
+  bool closed();
+  // Neither closed, aborted nor failed: collectives may still be enqueued.
+  bool usable();
+  // Collectives enqueued and not yet seen complete by the watchdog.
+  int64_t in_flight();
 
  private:
   using Clock = std::chrono::steady_clock;
   struct Pending {
     cudaEvent_t done;
     Clock::time_point deadline;
+    std::chrono::nanoseconds timeout;
     const char* operation;
   };
 
-  // The communicator for an operation, or a throw if it failed or was aborted.
+  // Enqueues one collective (`enqueue` calls NCCL) on stream with its
+  // deadline, and hands it to the watchdog.
+  template <typename Enqueue>
+  void run_collective(const char* operation, const char* nccl_call, uintptr_t stream,
+                      double timeout_s, Enqueue enqueue);
+  // The communicator for an operation, or a throw if it failed, was aborted
+  // or closed. With mutex_ held.
   ncclComm_t usable_comm(const char* operation);
-  // Polls a non-blocking communicator until its last call finished (or the deadline).
-  void wait_ready(ncclComm_t comm, const char* operation, Clock::time_point deadline);
-  // Hands the collective just enqueued on stream to the watchdog.
-  void watch(const char* operation, cudaStream_t stream);
+  // Polls a non-blocking communicator until its last call finished; aborts
+  // it and throws on an error or once `bound` passed. With mutex_ held (or
+  // in the constructor) and device_ current.
+  void wait_ready(const char* operation, std::chrono::nanoseconds bound);
+  // Hands the collective just enqueued on stream to the watchdog. With
+  // mutex_ held and device_ current.
+  void watch(const char* operation, cudaStream_t stream, std::chrono::nanoseconds timeout);
+  // Recycles the events of completed collectives; returns the failure of an
+  // incomplete one (device error, or past its deadline), else "". With
+  // mutex_ held and device_ current.
+  std::string sweep_locked(Clock::time_point now);
   void watchdog_loop();
-  void abort_locked(const std::string& failure);  // with mutex_ held
+  void stop_watchdog();
+  // Records failure, aborts NCCL, frees the events. With mutex_ held and
+  // device_ current.
+  void abort_locked(const std::string& failure);
+  // close() once the watchdog is joined. With mutex_ held.
+  std::string release_locked(std::chrono::nanoseconds finalize_bound);
+  void destroy_events_locked();
 
   const NcclApi& api_;
-  ncclComm_t comm_ = nullptr;
   int nranks_;
   int rank_;
   int device_;
-  std::chrono::nanoseconds timeout_;
+  std::chrono::nanoseconds init_timeout_;
   bool nonblocking_ = false;
 
   std::mutex mutex_;  // guards everything below, and comm_ against a concurrent abort
   std::condition_variable wake_;
-  std::deque<Pending> pending_;
+  ncclComm_t comm_ = nullptr;
+  // Collectives in flight (any order: streams may differ), and events to
+  // reuse. Both keep their capacity, so a steady state allocates nothing.
+  std::vector<Pending> pending_;
   std::vector<cudaEvent_t> spare_events_;
+  std::chrono::nanoseconds longest_timeout_{0};
+  bool connected_ = false;  // a collective was enqueued (connections are set up)
   std::string failure_;
   bool stopping_ = false;
+  bool closed_ = false;
   std::thread watchdog_;
 };
 

@@ -19,13 +19,18 @@ def build_info() -> dict[str, Any]:
         cuda_archs: compute capabilities compiled in, e.g. ``["80", "90"]``
             (PTX of the last one is included); empty for the CPU flavor.
         cuda_build_version: CUDART_VERSION the extension was built with, or None.
-        nccl_header_version: version of the nccl.h the extension was built
-            against (e.g. "2.32.3"), or None: this build calls no NCCL itself
-            and CUDA tensors use torch.distributed's collectives.
+        nccl_abi_version: the NCCL version whose C ABI the extension
+            declares (e.g. "2.14.0"; it runs with that NCCL or any newer
+            one, and needed no nccl.h to build), or None in the CPU flavor,
+            which calls no NCCL itself.
         nccl_runtime_version: version of the NCCL the extension loaded, or
             None until a CUDA tensor on an NCCL group made it load one.
         nccl_library: what was loaded (a path, or "(already loaded)
             libnccl.so.2" for the copy torch had loaded), or None.
+        nccl_mode: which NCCL carries CUDA collectives on NCCL groups by
+            default: "own" (the extension's communicator) or "group" (the
+            group's own), from ``DISTLEARN_NCCL``; "invalid: ..." when that
+            is neither (the objects' constructors raise ValueError then).
         device: the GPU torch would use (name and compute capability), or "cpu".
     """
     cuda = bool(_C.has_cuda)
@@ -39,9 +44,10 @@ def build_info() -> dict[str, Any]:
         "cuda": cuda,
         "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
         "cuda_build_version": _C.cuda_build_version() if cuda else None,
-        "nccl_header_version": _version_string(_C.nccl_header_version),
+        "nccl_abi_version": _version_string(_C.nccl_abi_version),
         "nccl_runtime_version": _version_string(_nccl.runtime_version()),
         "nccl_library": loaded[1] if loaded is not None else None,
+        "nccl_mode": _nccl_mode(),
         "device": device,
     }
 
@@ -51,3 +57,10 @@ def _version_string(code: int | None) -> str | None:
     if code is None:
         return None
     return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
+
+
+def _nccl_mode() -> str:
+    try:
+        return _nccl.mode()
+    except ValueError as error:
+        return f"invalid: {error}"

@@ -7,9 +7,11 @@ connections drop) and leaves nothing blocked behind, so the process can
 still save a checkpoint and exit. CPU buffers, CUDA buffers on gloo groups
 and the small bookkeeping collectives go through it. CUDA buffers on a
 group whose CUDA backend is NCCL go through the extension's own NCCL
-communicator, enqueued on the current stream (no host synchronization),
-whose watchdog aborts NCCL when a collective misses the deadline so that the
-next call raises; in a build without NCCL support, through that group itself.
+communicator (one per group and device, shared by the objects and owned by
+``_nccl``), enqueued on the current stream (no host synchronization), whose
+watchdog aborts NCCL when a collective misses this object's deadline so that
+the next call raises. With ``DISTLEARN_NCCL=group``, or in the CPU flavor of
+the extension, they go through that group itself, bounded by its timeout.
 
 Any failure becomes a ``CommunicationError`` naming the operation, the
 ranks and this rank; the object is unusable afterwards.
@@ -96,9 +98,12 @@ class PendingSum:
 class Collectives:
     """Collectives of one algorithm object over a group."""
 
-    def __init__(self, group: Group, timeout: datetime.timedelta) -> None:
+    def __init__(self, group: Group, timeout: datetime.timedelta, nccl: str | None = None) -> None:
+        """``nccl``: "own" or "group" (see ``_nccl.mode``); None reads DISTLEARN_NCCL."""
+        nccl_mode = _nccl.mode(nccl)
         self._group = group
         self._timeout = timeout
+        self._timeout_s = timeout.total_seconds()
         self._ranks = dist.get_process_group_ranks(group.group)
         # Collective over the group's ranks only (not the whole world), so
         # objects on subgroups can be made by their members alone.
@@ -107,7 +112,9 @@ class Collectives:
         )
         self._gloo_ref = weakref.ref(gloo)
         self._cuda_nccl = uses_cuda_nccl(group.group)
-        self._communicators: dict[int | None, _C.NcclCommunicator] = {}
+        # CUDA buffers on the extension's communicator, else on the group's own NCCL.
+        self._own_nccl = self._cuda_nccl and _C.has_nccl and nccl_mode == "own"
+        self._leases: dict[int, _nccl.Lease] = {}  # by CUDA device index
         self._side_streams: dict[int | None, torch.cuda.Stream] = {}
         self._failure: CommunicationError | None = None
         self._closed = False
@@ -131,9 +138,12 @@ class Collectives:
         return live(self._gloo_ref, "the private gloo group of this object")
 
     def close(self) -> None:
-        """Destroys the private group and the communicators; idempotent, local."""
+        """Destroys the private group and releases the communicators (the last
+        user of one closes it); idempotent, local."""
         self._closed = True
-        self._communicators.clear()
+        leases, self._leases = self._leases, {}
+        for lease in leases.values():
+            lease.release()
         self._side_streams.clear()
         gloo = self._gloo_ref()
         if gloo is not None:
@@ -149,8 +159,9 @@ class Collectives:
         try:
             comm = self._communicator(buffer.device)
             if comm is not None:
+                code = DTYPE_CODES[buffer.dtype]
                 comm.all_reduce_sum(
-                    buffer.data_ptr(), buffer.numel(), DTYPE_CODES[buffer.dtype], _stream(buffer)
+                    buffer.data_ptr(), buffer.numel(), code, _stream(buffer), self._timeout_s
                 )
             else:
                 dist.all_reduce(buffer, group=self._group_for(buffer))
@@ -179,7 +190,9 @@ class Collectives:
                 # stream is done with it.
                 buffer.record_stream(side)
                 code = DTYPE_CODES[buffer.dtype]
-                comm.all_reduce_sum(buffer.data_ptr(), buffer.numel(), code, side.cuda_stream)
+                comm.all_reduce_sum(
+                    buffer.data_ptr(), buffer.numel(), code, side.cuda_stream, self._timeout_s
+                )
                 done = torch.cuda.Event()
                 done.record(side)
                 return PendingSum(lambda: torch.cuda.current_stream(buffer.device).wait_event(done))
@@ -203,7 +216,10 @@ class Collectives:
             comm = self._communicator(buffer.device)
             if comm is not None:
                 code = DTYPE_CODES[buffer.dtype]
-                comm.broadcast(buffer.data_ptr(), buffer.numel(), code, src, _stream(buffer))
+                stream = _stream(buffer)
+                comm.broadcast(
+                    buffer.data_ptr(), buffer.numel(), code, src, stream, self._timeout_s
+                )
             else:
                 group = self._group_for(buffer)
                 dist.broadcast(buffer, src=self._ranks[src], group=group)
@@ -256,18 +272,18 @@ class Collectives:
 
     def _group_for(self, buffer: torch.Tensor) -> dist.ProcessGroup:
         if buffer.is_cuda and self._cuda_nccl:
-            return self._group.group  # a build without NCCL support: the group's own NCCL
+            return self._group.group  # DISTLEARN_NCCL=group, or the CPU flavor
         return self._gloo
 
     def _communicator(self, device: torch.device) -> _C.NcclCommunicator | None:
-        if device.type != "cuda" or not (self._cuda_nccl and _C.has_nccl):
+        if device.type != "cuda" or not self._own_nccl:
             return None
-        comm = self._communicators.get(device.index)
-        if comm is None:
-            seconds = self._timeout.total_seconds()
-            comm = _nccl.communicator(self._group, device, self._gloo, seconds)
-            self._communicators[device.index] = comm
-        return comm
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        lease = self._leases.get(index)
+        if lease is None:
+            lease = _nccl.acquire(self._group, device, self._gloo, self._timeout_s)
+            self._leases[index] = lease
+        return lease.comm
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._side_streams.get(device.index)

@@ -1,17 +1,50 @@
-"""NCCL for CUDA tensors: loading the library, and one communicator per process group.
+"""NCCL for CUDA tensors: loading the library, and the communicators, one per group and device.
 
-The extension never links NCCL: it opens it with dlopen the first time a
-CUDA tensor needs it, so importing the package needs no GPU, driver or NCCL.
-Which library: the path in ``DISTLEARN_NCCL_LIBRARY`` when set (and only it);
-otherwise the copy torch has already loaded, then the ``nvidia-nccl-cu13``
-wheel's, then whatever ``libnccl.so.2`` the dynamic linker finds.
+Loading. The extension never links NCCL: it declares the part of NCCL's C
+ABI it calls and opens the library with dlopen the first time a CUDA tensor
+needs it, so importing the package needs no GPU, driver or NCCL, and every
+CUDA build has this path. Which library: the path in ``DISTLEARN_NCCL_LIBRARY``
+when set (and only it); otherwise the copy torch has already loaded, then the
+``nvidia-nccl-cu13`` wheel's, then whatever ``libnccl.so.2`` the dynamic
+linker finds.
+
+Which communicator (``DISTLEARN_NCCL``, see ``mode``): by default the
+extension's own, enqueued on the current stream with the object's deadline
+and watchdog. ``DISTLEARN_NCCL=group`` sends CUDA collectives through the
+group's own NCCL process group instead, so the process holds one
+communicator per group and device rather than two (torch's and ours).
+
+Ownership. This module owns every communicator the extension makes. One
+serves all objects on a (group, device), whatever their timeouts: each
+collective carries its object's deadline. An object takes a ``Lease`` at its
+first CUDA collective and releases it in ``close()``. A communicator is
+closed (its watchdog stopped and joined, the collectives in flight and
+``ncclCommFinalize`` waited for, then destroyed; aborted on failure) when its
+last lease is released, when its group is destroyed, or at interpreter exit,
+before the CUDA runtime tears down, so no watchdog thread calls CUDA during
+the interpreter's teardown.
+
+Reuse is decided by all ranks together: a new object's first collective on a
+device asks (on its CPU group) whether every rank holds the communicator that
+rank 0 holds; if one does not (its objects were closed earlier than rank 0's),
+all ranks make a new one. So ranks whose objects' lifetimes differ never
+disagree on which communicator a collective runs on.
+
+Joining is bounded by ``init_timeout``, not by the collective deadline: NCCL's
+initialization (bootstrap, topology search, connection setup) often takes
+0.2 to 2 s on one node and longer on many, which a 0.5 s collective deadline
+must not turn into a failure.
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
+import threading
+import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,18 +55,32 @@ from . import _C
 if TYPE_CHECKING:
     from ._group import Group
 
-__all__ = ["LIBRARY_ENV", "communicator", "library_candidates", "load", "runtime_version"]
+__all__ = [
+    "INIT_TIMEOUT_ENV",
+    "LIBRARY_ENV",
+    "MIN_INIT_TIMEOUT_S",
+    "MODES",
+    "MODE_ENV",
+    "Lease",
+    "acquire",
+    "close_all",
+    "init_timeout",
+    "library_candidates",
+    "load",
+    "mode",
+    "open_communicators",
+    "runtime_version",
+]
 
 LIBRARY_ENV = "DISTLEARN_NCCL_LIBRARY"
+MODE_ENV = "DISTLEARN_NCCL"
+INIT_TIMEOUT_ENV = "DISTLEARN_NCCL_INIT_TIMEOUT"
+MODES = ("own", "group")
+# The shortest bound on joining a communicator unless DISTLEARN_NCCL_INIT_TIMEOUT
+# says otherwise: well above the 0.2-2 s NCCL's init takes on one node, with
+# room for large jobs; an object with a longer timeout gets its timeout.
+MIN_INIT_TIMEOUT_S = 60.0
 _ALREADY_LOADED = ""  # the loader's name for "a libnccl.so.2 this process has loaded"
-
-# group -> (CUDA device index, deadline in seconds) -> communicator. Weak in
-# the group, so a destroyed group takes its communicators along; the rest are
-# destroyed at exit, before the CUDA context goes away.
-_communicators: weakref.WeakKeyDictionary[
-    dist.ProcessGroup, dict[tuple[int, float], _C.NcclCommunicator]
-] = weakref.WeakKeyDictionary()
-atexit.register(_communicators.clear)
 
 
 def library_candidates() -> list[str]:
@@ -56,13 +103,13 @@ def load() -> tuple[int, str]:
     """Loads NCCL once per process; returns (NCCL_VERSION_CODE, what was opened).
 
     Raises:
-        RuntimeError: this build has no NCCL support, or no candidate loaded
-            (the message lists each one and why).
+        RuntimeError: this build has no NCCL support (the CPU flavor), or no
+            candidate loaded (the message lists each one and why).
     """
     if not _C.has_nccl:
         raise RuntimeError(
-            "this build of distlearn_cuda calls no NCCL itself: nccl.h was not found when it "
-            "was built (install nvidia-nccl-cu13 and rebuild, see setup.py)"
+            "this build of distlearn_cuda calls no NCCL itself: it is the CPU flavor "
+            "(nvcc was not found when it was built, see setup.py)"
         )
     return _C.nccl_load(library_candidates())
 
@@ -75,24 +122,195 @@ def runtime_version() -> int | None:
     return None if loaded is None else loaded[0]
 
 
-def communicator(
-    group: Group, device: torch.device, bootstrap: dist.ProcessGroup, timeout_s: float
-) -> _C.NcclCommunicator:
-    """The communicator of ``group`` on ``device`` with deadline ``timeout_s``,
-    made on first use (collective).
+def mode(choice: str | None = None) -> str:
+    """Which NCCL carries CUDA collectives on an NCCL group.
 
-    Rank 0 makes the unique id and ``bootstrap`` (a CPU group over the same
-    ranks) carries it to the others; every rank then joins, within the deadline.
+    ``"own"``: the extension's communicator (deadline per collective,
+    watchdog, no host synchronization). ``"group"``: the group's own NCCL
+    process group (``torch.distributed``), one communicator fewer per group
+    and device; its collectives are bounded by the group's timeout, not the
+    object's. ``choice`` None reads ``DISTLEARN_NCCL`` (unset or empty: "own").
+
+    Raises:
+        TypeError: ``choice`` is not a string.
+        ValueError: it (or ``DISTLEARN_NCCL``) is neither "own" nor "group".
     """
+    name = "nccl"
+    if choice is None:
+        name = MODE_ENV
+        choice = os.environ.get(MODE_ENV, "").strip() or "own"
+    if not isinstance(choice, str):
+        raise TypeError(f"nccl must be 'own' or 'group', got {type(choice).__name__}")
+    if choice not in MODES:
+        raise ValueError(f"{name} must be 'own' or 'group', got {choice!r}")
+    return choice
+
+
+def init_timeout(collective_timeout_s: float) -> float:
+    """Seconds a communicator may take to join: ``DISTLEARN_NCCL_INIT_TIMEOUT``
+    when set, else the larger of the collective timeout and 60 s.
+
+    Raises:
+        ValueError: ``DISTLEARN_NCCL_INIT_TIMEOUT`` is not a number of seconds > 0.
+    """
+    text = os.environ.get(INIT_TIMEOUT_ENV, "").strip()
+    if not text:
+        return max(collective_timeout_s, MIN_INIT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{INIT_TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
+class _Shared:
+    """A communicator, what made it, and how many leases it has."""
+
+    __slots__ = ("comm", "group_id", "key", "token", "users")
+
+    def __init__(self, comm: _C.NcclCommunicator, key: tuple[int, int], token: bytes) -> None:
+        self.comm = comm
+        self.key = key
+        self.group_id = key[0]
+        self.token = token  # the unique id it was made with: the same on every rank
+        self.users = 0
+
+
+class Lease:
+    """One object's use of a shared communicator: ``comm`` serves its
+    collectives until ``release()`` (idempotent)."""
+
+    __slots__ = ("_shared", "comm")
+
+    def __init__(self, shared: _Shared) -> None:
+        self._shared: _Shared | None = shared
+        self.comm: _C.NcclCommunicator = shared.comm
+
+    def release(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            _release(shared)
+
+
+# Every communicator not closed yet, and per (id(group), device) the one new
+# objects agree on. An entry leaves _open exactly once, and whoever removes
+# it closes it. Entries of a group are purged when the group is collected
+# (weakref.finalize), before its id can be reused.
+_lock = threading.RLock()
+_open: set[_Shared] = set()
+_latest: dict[tuple[int, int], _Shared] = {}
+_group_watchers: dict[int, weakref.finalize] = {}
+
+
+def acquire(
+    group: Group,
+    device: torch.device,
+    bootstrap: dist.ProcessGroup,
+    collective_timeout_s: float,
+    *,
+    factory: Callable[[bytes, int, int, int, float], _C.NcclCommunicator] | None = None,
+) -> Lease:
+    """A lease on the communicator of ``group`` on ``device``, made if the
+    ranks do not all hold it (collective over ``bootstrap``, a CPU group over
+    the same ranks, with rank 0 first).
+
+    ``factory(unique_id, nranks, rank, device, init_timeout)`` makes one;
+    default ``_C.NcclCommunicator``. The CPU tests of this bookkeeping pass a
+    stand-in, since a real one needs a GPU."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, timeout_s)
-    of_group = _communicators.setdefault(group.group, {})
-    found = of_group.get(key)
-    if found is not None:
-        return found
-    load()
-    payload = [_C.NcclCommunicator.unique_id() if group.rank == 0 else None]
-    dist.broadcast_object_list(payload, src=group.global_rank(0), group=bootstrap)
-    made = _C.NcclCommunicator(payload[0], group.world_size, group.rank, index, timeout_s)
-    of_group[key] = made
-    return made
+    process_group = group.group
+    key = (id(process_group), index)
+    src = group.global_rank(0)
+    with _lock:
+        found = _latest.get(key)
+        token = found.token if found is not None and found.comm.usable else None
+        offered = [token if group.rank == 0 else None]
+        dist.broadcast_object_list(offered, src=src, group=bootstrap)
+        agree = torch.tensor([int(token is not None and token == offered[0])], dtype=torch.int32)
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=bootstrap)
+        if int(agree.item()) == 1:
+            assert found is not None
+            found.users += 1
+            return Lease(found)
+        load()
+        payload = [_C.NcclCommunicator.unique_id() if group.rank == 0 else None]
+        dist.broadcast_object_list(payload, src=src, group=bootstrap)
+        unique_id = payload[0]
+        make = factory if factory is not None else _C.NcclCommunicator
+        comm = make(
+            unique_id, group.world_size, group.rank, index, init_timeout(collective_timeout_s)
+        )
+        shared = _Shared(comm, key, unique_id)
+        shared.users = 1
+        _open.add(shared)
+        _latest[key] = shared  # a previous one stays open for its own leases
+        if key[0] not in _group_watchers:
+            _group_watchers[key[0]] = weakref.finalize(process_group, _group_gone, key[0])
+        return Lease(shared)
+
+
+def open_communicators() -> list[_C.NcclCommunicator]:
+    """The communicators not closed yet (for tests and diagnostics)."""
+    with _lock:
+        return [shared.comm for shared in _open]
+
+
+def close_all() -> None:
+    """Closes every communicator (at interpreter exit; leases become unusable)."""
+    with _lock:
+        doomed = list(_open)
+        _open.clear()
+        _latest.clear()
+        watchers = list(_group_watchers.values())
+        _group_watchers.clear()
+    for watcher in watchers:
+        watcher.detach()
+    for shared in doomed:
+        _close(shared)
+
+
+# Registered at import, which precedes the import of _group and so the
+# registration of its exit handler: the objects' close() runs first and
+# releases their leases; this closes whatever is left (leaked objects).
+# Both run before torch's exit handlers and before the CUDA runtime's own
+# teardown, which follows the interpreter's.
+atexit.register(close_all)
+
+
+def _release(shared: _Shared) -> None:
+    with _lock:
+        shared.users -= 1
+        if shared.users > 0 or shared not in _open:
+            return
+        _forget(shared)
+    _close(shared)
+
+
+def _group_gone(group_id: int) -> None:
+    with _lock:
+        _group_watchers.pop(group_id, None)
+        doomed = [shared for shared in _open if shared.group_id == group_id]
+        for shared in doomed:
+            _forget(shared)
+    for shared in doomed:
+        _close(shared)
+
+
+def _forget(shared: _Shared) -> None:
+    """Removes an entry from the registry; the caller closes it. With _lock held."""
+    _open.discard(shared)
+    if _latest.get(shared.key) is shared:
+        del _latest[shared.key]
+
+
+def _close(shared: _Shared) -> None:
+    outcome = shared.comm.close()
+    if outcome not in ("destroyed", "closed before"):
+        warnings.warn(
+            f"distlearn_cuda: the NCCL communicator on cuda:{shared.key[1]} did not close "
+            f"cleanly: {outcome}",
+            RuntimeWarning,
+            stacklevel=2,
+        )

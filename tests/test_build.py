@@ -17,14 +17,16 @@ from distlearn_cuda import _C
 
 def test_build_info_describes_the_extension() -> None:
     info = dl.build_info()
-    keys = {"cuda", "cuda_archs", "nccl_header_version", "nccl_runtime_version", "device"}
-    assert keys <= info.keys()
+    keys = {"cuda", "cuda_archs", "nccl_abi_version", "nccl_runtime_version", "nccl_library"}
+    assert keys | {"nccl_mode", "device"} <= info.keys()
     assert info["cuda"] is bool(_C.has_cuda)
     if info["cuda"]:
         assert info["cuda_archs"] and all(a.isdigit() for a in info["cuda_archs"])
         assert info["cuda_build_version"] >= 11000
+        assert info["nccl_abi_version"] == "2.14.0"  # the CUDA flavor always has NCCL
     else:
         assert info["cuda_archs"] == [] and info["cuda_build_version"] is None
+        assert info["nccl_abi_version"] is None
     assert (info["device"] == "cpu") is (not torch.cuda.is_available())
 
 

@@ -1,4 +1,5 @@
-"""The public API on CUDA tensors: NCCL from the extension, graph capture, no host sync.
+"""The public API on CUDA tensors: NCCL from the extension, graph capture, no host sync;
+the communicator's devices, deadlines, sharing and lifetime; DISTLEARN_NCCL=group.
 
 A GPU takes one NCCL rank (NCCL refuses two ranks on one device), so NCCL is
 tested as a world of one here; several ranks with CUDA tensors run over gloo
@@ -7,19 +8,25 @@ in test_sgd.py and test_ea.py. Skipped (and reported so) without a GPU.
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from multiproc import run_world_outcomes
+from multiproc import run_world, run_world_outcomes
 from tensor_cases import fresh_seed, needs_gpu
 
 import distlearn_cuda as dl
-from distlearn_cuda import _C
+from distlearn_cuda import _C, _nccl
 
 pytestmark = needs_gpu
 
@@ -209,3 +216,309 @@ def test_a_rank_killed_over_nccl_makes_the_survivor_raise() -> None:
     assert outcomes[0].status == "ok", report
     assert report["step"] == 4 or report["step"] == 3, report
     assert "NCCL" in report["message"] or "did not complete" in report["message"]
+
+
+def communicator_of(obj: dl.AllReduceSGD | dl.AllReduceEA, device: int) -> _C.NcclCommunicator:
+    return obj._collectives._leases[device].comm
+
+
+def test_one_communicator_serves_objects_whatever_their_timeouts(nccl_world_of_one: None) -> None:
+    device = torch.cuda.current_device()
+    objects = [dl.AllReduceSGD(timeout=0.5), dl.AllReduceSGD(timeout=60), dl.AllReduceEA(tau=1)]
+    for obj in objects:
+        grads = random_list()
+        if isinstance(obj, dl.AllReduceSGD):
+            obj.sum_and_normalize_gradients(grads)
+        else:
+            obj.average_parameters(grads)
+    torch.cuda.synchronize()
+    comms = {id(communicator_of(obj, device)) for obj in objects}
+    assert len(comms) == 1
+    for obj in objects:
+        obj.close()
+
+
+def test_each_collective_keeps_its_objects_deadline(nccl_world_of_one: None) -> None:
+    patient, hasty = dl.AllReduceSGD(timeout=60), dl.AllReduceSGD(timeout=0.5)
+    grads = random_list()
+    patient.sum_and_normalize_gradients(grads)
+    hasty.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    comm = communicator_of(patient, torch.cuda.current_device())
+    assert comm is communicator_of(hasty, torch.cuda.current_device())
+    # ~2 s of GPU time ahead: within the patient object's deadline...
+    torch.cuda._sleep(4_000_000_000)
+    patient.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    time.sleep(0.1)  # the watchdog's poll
+    comm.check()
+    patient.sum_and_normalize_gradients(grads)
+    # ...past the hasty one's.
+    torch.cuda._sleep(4_000_000_000)
+    hasty.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    time.sleep(0.1)
+    with pytest.raises(dl.CommunicationError, match=r"did not complete within 0\.5"):
+        hasty.sum_and_normalize_gradients(grads)
+    # The communicator was aborted: every object on it fails from now on.
+    with pytest.raises(dl.CommunicationError, match="did not complete within"):
+        patient.sum_and_normalize_gradients(grads)
+
+
+def test_joining_has_its_own_bound(nccl_world_of_one: None) -> None:
+    _nccl.load()
+    device = torch.cuda.current_device()
+    unique_id = _C.NcclCommunicator.unique_id()
+    with pytest.raises(RuntimeError, match="ncclCommInitRankConfig did not finish within"):
+        _C.NcclCommunicator(unique_id, 1, 0, device, 1e-6)  # no NCCL joins in a microsecond
+    # An object whose collective deadline is far shorter than NCCL's init can
+    # take still joins: joining is bounded by max(timeout, 60 s).
+    sgd = dl.AllReduceSGD(timeout=0.3)
+    grads = random_list()
+    started = time.monotonic()
+    sgd.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    print(f"first step, NCCL init included: {time.monotonic() - started:.3f} s")
+    sgd.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    sgd.close()
+
+
+def test_the_last_user_closing_destroys_the_communicator(nccl_world_of_one: None) -> None:
+    first, second = dl.AllReduceSGD(), dl.AllReduceEA(tau=1)
+    first.sum_and_normalize_gradients(random_list())
+    second.average_parameters(random_list())
+    comm = communicator_of(first, torch.cuda.current_device())
+    assert comm in _nccl.open_communicators()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first.close()
+        assert not comm.closed and comm.usable
+        second.close()
+    assert not [w for w in caught if "did not close cleanly" in str(w.message)]
+    assert comm.closed and comm not in _nccl.open_communicators()
+    assert comm.in_flight == 0
+
+
+def test_close_waits_for_the_collectives_in_flight(nccl_world_of_one: None) -> None:
+    sgd = dl.AllReduceSGD()
+    grads = random_list()
+    sgd.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    comm = communicator_of(sgd, torch.cuda.current_device())
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time ahead of the allreduce
+    sgd.sum_and_normalize_gradients(grads)
+    assert comm.in_flight >= 1
+    started = time.monotonic()
+    assert comm.close() == "destroyed"
+    assert time.monotonic() - started > 0.1  # it waited for the allreduce
+    assert comm.in_flight == 0 and comm.closed
+    assert comm.close() == "closed before"
+    torch.cuda.synchronize()
+    with pytest.raises(dl.CommunicationError, match="closed"):
+        sgd.sum_and_normalize_gradients(grads)
+    sgd.close()
+
+
+def test_close_aborts_a_collective_stuck_past_its_deadline(nccl_world_of_one: None) -> None:
+    sgd = dl.AllReduceSGD(timeout=0.5)
+    grads = random_list()
+    sgd.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    comm = communicator_of(sgd, torch.cuda.current_device())
+    torch.cuda._sleep(4_000_000_000)  # ~2 s ahead: past the deadline
+    sgd.sum_and_normalize_gradients(grads)
+    started = time.monotonic()
+    outcome = comm.close()
+    assert outcome.startswith("aborted: all_reduce_sum did not complete within"), outcome
+    assert time.monotonic() - started < 10
+    torch.cuda.synchronize()
+    sgd.close()
+
+
+def test_destroying_the_group_closes_its_communicator() -> None:
+    dist.init_process_group(
+        "nccl",
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        device_id=torch.device("cuda", torch.cuda.current_device()),
+    )
+    try:
+        sgd = dl.AllReduceSGD()
+        sgd.sum_and_normalize_gradients(random_list())
+        torch.cuda.synchronize()
+        comm = communicator_of(sgd, torch.cuda.current_device())
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    assert comm.closed and comm not in _nccl.open_communicators()
+    sgd.close()  # its lease on the closed communicator: nothing left to do
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_a_communicator_on_a_gpu_that_is_not_the_current_one() -> None:
+    # Issue 12: the watchdog's event was made on the current device and
+    # recorded on a stream of the communicator's device.
+    torch.cuda.set_device(0)
+    dist.init_process_group(
+        "nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 1)
+    )
+    try:
+        sgd = dl.AllReduceSGD()
+        collectives = sgd._collectives
+        buffer = torch.arange(1000, dtype=torch.float32, device="cuda:1")
+        collectives.all_reduce_sum(buffer)
+        collectives.broadcast(buffer, 0)
+        collectives.all_reduce_sum_async(buffer).wait()
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == 0
+        assert torch.equal(buffer.cpu(), torch.arange(1000, dtype=torch.float32))
+        comm = communicator_of(sgd, 1)
+        assert comm.device == 1 and comm.usable and comm.in_flight == 0
+        sgd.close()
+        assert comm.closed
+    finally:
+        dist.destroy_process_group()
+
+
+GROUP_MODE_SCRIPT = """
+import json
+import torch
+import torch.distributed as dist
+import distlearn_cuda as dl
+from distlearn_cuda import _C, _nccl
+
+dist.init_process_group(
+    "nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0)
+)
+grads = [torch.randn(1000, device="cuda") for _ in range(3)]
+expected = [g.clone() for g in grads]
+with dl.AllReduceSGD() as sgd, dl.AllReduceEA(tau=1) as ea:
+    sgd.sum_and_normalize_gradients(grads)
+    sgd.synchronize_parameters(grads)
+    ea.average_parameters(grads)
+    torch.cuda.synchronize()
+    report = {
+        "equal": all(torch.equal(g, e) for g, e in zip(grads, expected)),
+        "own": [sgd._collectives._own_nccl, ea._collectives._own_nccl],
+        "loaded": _C.nccl_loaded(),
+        "open": len(_nccl.open_communicators()),
+        "mode": dl.build_info()["nccl_mode"],
+    }
+dist.destroy_process_group()
+print(json.dumps(report))
+"""
+
+
+def test_group_mode_sends_cuda_collectives_through_the_groups_own_nccl() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", GROUP_MODE_SCRIPT],
+        env={**os.environ, "DISTLEARN_NCCL": "group"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {
+        "equal": True,
+        "own": [False, False],
+        "loaded": None,
+        "open": 0,
+        "mode": "group",
+    }
+
+
+EXIT_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+import distlearn_cuda as dl
+
+variant = int(sys.argv[1])
+dist.init_process_group(
+    "nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0)
+)
+tensors = [torch.randn(4096, device="cuda") for _ in range(3)]
+if variant == 0:  # a step, then exit
+    dl.AllReduceSGD().sum_and_normalize_gradients(tensors)
+elif variant == 1:  # an EA round still in flight (asynchronous by default)
+    dl.AllReduceEA(tau=1).average_parameters(tensors)
+else:  # an allreduce waiting behind ~0.2 s of GPU work at exit (2) or at
+    # dist.destroy_process_group() (3)
+    sgd = dl.AllReduceSGD()
+    sgd.sum_and_normalize_gradients(tensors)
+    torch.cuda._sleep(400_000_000)
+    sgd.sum_and_normalize_gradients(tensors)
+    if variant == 3:
+        dist.destroy_process_group()
+print("done", flush=True)
+"""
+
+
+def test_a_script_that_exits_without_close_neither_hangs_nor_crashes(tmp_path: Path) -> None:
+    script = tmp_path / "exit_after_a_step.py"
+    script.write_text(EXIT_SCRIPT)
+    runs, parallel = 20, 4
+    failures = []
+    for start in range(0, runs, parallel):
+        procs = [
+            (
+                run,
+                subprocess.Popen(
+                    [sys.executable, str(script), str(run % 4)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+            for run in range(start, min(start + parallel, runs))
+        ]
+        for run, proc in procs:
+            try:
+                out, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                failures.append(f"run {run} (variant {run % 4}) hung:\n{err[-2000:]}")
+                continue
+            bad = [m for m in BAD_EXIT_SIGNS if m in err]
+            if proc.returncode != 0 or "done" not in out or bad:
+                failures.append(
+                    f"run {run} (variant {run % 4}) exit {proc.returncode}, {bad}:\n{err[-2000:]}"
+                )
+    assert not failures, "\n".join(failures)
+
+
+BAD_EXIT_SIGNS = (
+    "Traceback",
+    "terminate called",
+    "Fatal Python error",
+    "Segmentation fault",
+    "did not close cleanly",
+)
+
+
+def _ranks_disagree_then_agree(rank: int, world_size: int) -> bool:
+    torch.cuda.set_device(rank)
+    group = dist.new_group(backend="nccl", device_id=torch.device("cuda", rank))
+    first = dl.AllReduceSGD(group)
+    grads = [torch.ones(1000, device="cuda")]
+    first.sum_and_normalize_gradients(grads)
+    if rank == 0:
+        first.close()  # rank 0 alone: its communicator is destroyed, rank 1's lives on
+    second = dl.AllReduceSGD(group, timeout=30)  # the ranks agree to make a new one
+    grads = [torch.full((1000,), float(rank + 1), device="cuda")]
+    second.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    ok = bool(torch.all(grads[0] == 1.5).item())
+    second.close()
+    first.close()
+    return ok
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: 2 GPUs")
+def test_ranks_whose_objects_closed_at_different_times_agree_on_a_new_communicator() -> None:
+    assert run_world(_ranks_disagree_then_agree, 2, timeout=120) == [True, True]

@@ -1,4 +1,5 @@
-"""NCCL from the extension: where it is loaded from, what it reports, how it fails.
+"""NCCL from the extension: its declared ABI, where it is loaded from, what it
+reports, how it fails, and which NCCL carries CUDA collectives.
 
 Loading NCCL needs no GPU, so these run in CI where the setup script
 installed the nvidia-nccl-cu13 wheel. Loading is once per process, so each
@@ -10,31 +11,52 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from multiproc import run_world
 
 import distlearn_cuda as dl
 from distlearn_cuda import _C, _collectives, _nccl
 
+ROOT = Path(__file__).resolve().parent.parent
 needs_nccl = pytest.mark.skipif(not _C.has_nccl, reason="this build has no NCCL support")
 
 
-def wheel_library() -> str | None:
+def wheel_file(relative: str) -> str | None:
+    """A file of the nvidia-nccl-cu13 wheel, if it is installed."""
     try:
         import nvidia.nccl
     except ImportError:
         return None
     for directory in nvidia.nccl.__path__:
-        path = os.path.join(directory, "lib", "libnccl.so.2")
+        path = os.path.join(directory, relative)
         if os.path.exists(path):
             return path
+    return None
+
+
+def wheel_library() -> str | None:
+    return wheel_file(os.path.join("lib", "libnccl.so.2"))
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (nccl.h includes cuda_runtime.h)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc is not None:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for candidate in filter(None, candidates):
+        include = Path(candidate) / "include"
+        if (include / "cuda_runtime.h").exists():
+            return include
     return None
 
 
@@ -72,12 +94,44 @@ def test_environment_variable_overrides_every_other_candidate(
 
 
 @pytest.mark.skipif(
-    shutil.which("nvcc") is None or wheel_library() is None,
-    reason="needs nvcc and the nvidia-nccl-cu13 wheel at build time",
+    shutil.which("nvcc") is None or os.environ.get("DISTLEARN_CUDA") == "0",
+    reason="nvcc is not on PATH here, so the CPU flavor is the expected build",
 )
-def test_nccl_support_is_built_where_the_header_is_found() -> None:
-    assert _C.has_nccl
-    assert re.fullmatch(r"2\.\d+\.\d+", dl.build_info()["nccl_header_version"])
+def test_every_cuda_build_has_the_nccl_path() -> None:
+    # No nccl.h is needed to build it: nccl_api.h declares NCCL's ABI.
+    assert _C.has_cuda and _C.has_nccl
+    assert dl.build_info()["nccl_abi_version"] == "2.14.0"
+
+
+def compile_abi_check(*include_first: Path) -> subprocess.CompletedProcess:
+    """Compiles tests/nccl_abi_check.cpp (syntax and static_asserts only)
+    against the wheel's nccl.h, with ``include_first`` searched before csrc/."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    header = wheel_file(os.path.join("include", "nccl.h"))
+    cuda = cuda_include()
+    if compiler is None or header is None or cuda is None:
+        pytest.skip("needs a C++ compiler, the nvidia-nccl-cu13 wheel's nccl.h and CUDA's headers")
+    command = [compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror"]
+    command += [f"-I{d}" for d in (*include_first, ROOT / "csrc", Path(header).parent, cuda)]
+    command.append(str(ROOT / "tests" / "nccl_abi_check.cpp"))
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_declared_nccl_abi_matches_the_installed_nccl_h() -> None:
+    done = compile_abi_check()
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_abi_check_rejects_a_wrong_declaration(tmp_path: Path) -> None:
+    # The check has teeth: one enumerator off by one in a copy of the header.
+    header = (ROOT / "csrc" / "nccl_api.h").read_text()
+    assert "ncclInProgress = 7," in header
+    (tmp_path / "nccl_api.h").write_text(
+        header.replace("ncclInProgress = 7,", "ncclInProgress = 8,")
+    )
+    done = compile_abi_check(tmp_path)
+    assert done.returncode != 0
+    assert "static assertion failed" in done.stderr and "ncclInProgress" in done.stderr
 
 
 @needs_nccl
@@ -157,7 +211,7 @@ def test_unique_ids_need_no_gpu_and_a_communicator_without_one_raises() -> None:
         try:
             _C.NcclCommunicator(first, 1, 0, 0, 0.0)
         except ValueError as error:
-            print("bad timeout:", error)
+            print("bad init timeout:", error)
         if not torch.cuda.is_available():
             try:
                 _C.NcclCommunicator(first, 1, 0, 0, 5.0)
@@ -168,10 +222,145 @@ def test_unique_ids_need_no_gpu_and_a_communicator_without_one_raises() -> None:
     assert done.returncode == 0, done.stderr
     assert "short id: unique_id must be 128 bytes, got 5" in done.stdout
     assert "bad rank: rank 2 is not in a world of 2" in done.stdout
-    assert "bad timeout: timeout must be a finite number of seconds > 0" in done.stdout
+    assert "bad init timeout: init_timeout must be a finite number of seconds > 0" in done.stdout
     if not torch.cuda.is_available():
         assert "no gpu: cudaGetDevice" in done.stdout
 
 
 def test_a_gloo_group_does_not_use_the_extensions_nccl(world_of_one: None) -> None:
     assert not _collectives.uses_cuda_nccl(dist.group.WORLD)
+
+
+def test_the_nccl_choice_is_validated_with_the_name_it_came_by(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(_nccl.MODE_ENV, raising=False)
+    assert _nccl.mode() == "own"
+    assert _nccl.mode("group") == "group"
+    monkeypatch.setenv(_nccl.MODE_ENV, "group")
+    assert _nccl.mode() == "group"
+    assert _nccl.mode("own") == "own"  # an explicit choice wins over the environment
+    monkeypatch.setenv(_nccl.MODE_ENV, "torch")
+    with pytest.raises(ValueError, match=r"DISTLEARN_NCCL must be 'own' or 'group', got 'torch'"):
+        _nccl.mode()
+    with pytest.raises(ValueError, match=r"^nccl must be 'own' or 'group', got 'mine'"):
+        _nccl.mode("mine")
+    with pytest.raises(TypeError, match=r"nccl must be 'own' or 'group', got int"):
+        _nccl.mode(1)  # type: ignore[arg-type]
+
+
+def test_an_invalid_nccl_choice_fails_at_construction_on_every_class(
+    world_of_one: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(_nccl.MODE_ENV, "both")
+    for make in (dl.AllReduceSGD, dl.AllReduceEA):
+        with pytest.raises(ValueError, match="DISTLEARN_NCCL must be 'own' or 'group'"):
+            make()
+    assert dl.build_info()["nccl_mode"].startswith("invalid: DISTLEARN_NCCL")
+    monkeypatch.setenv(_nccl.MODE_ENV, "group")
+    with dl.AllReduceSGD() as sgd, dl.AllReduceEA() as ea:
+        for collectives in (sgd._collectives, ea._collectives):
+            assert not collectives._own_nccl  # CUDA buffers would use the group's NCCL
+    assert dl.build_info()["nccl_mode"] == "group"
+
+
+def test_joining_has_its_own_bound_not_shorter_than_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(_nccl.INIT_TIMEOUT_ENV, raising=False)
+    assert _nccl.init_timeout(0.5) == 60.0  # NCCL's init often takes 0.2-2 s
+    assert _nccl.init_timeout(600.0) == 600.0
+    monkeypatch.setenv(_nccl.INIT_TIMEOUT_ENV, "12.5")
+    assert _nccl.init_timeout(0.5) == 12.5
+    for bad in ("0", "-3", "inf", "soon"):
+        monkeypatch.setenv(_nccl.INIT_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match="DISTLEARN_NCCL_INIT_TIMEOUT must be"):
+            _nccl.init_timeout(1.0)
+
+
+class StandInCommunicator:
+    """What ``_nccl`` uses of ``_C.NcclCommunicator`` (made by the same
+    arguments, closed, asked whether usable), without a GPU: these tests are
+    of the registry's bookkeeping and of the ranks' agreement, which runs
+    over real gloo groups."""
+
+    def __init__(
+        self, unique_id: bytes, nranks: int, rank: int, device: int, init_timeout: float
+    ) -> None:
+        self.unique_id = unique_id
+        self.init_timeout = init_timeout
+        self.closes = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.closes > 0
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed
+
+    def close(self, timeout: float = 0.0) -> str:
+        self.closes += 1
+        return "destroyed" if self.closes == 1 else "closed before"
+
+
+def _registry(rank: int, world_size: int) -> dict:
+    import gc
+    import weakref
+
+    from distlearn_cuda._group import Group, resolve
+
+    device = torch.device("cuda", 0)  # only its index is used: no GPU is touched
+    world = resolve(None)
+    boot = dist.new_group(backend="gloo")
+
+    def acquire(timeout_s: float, group: Group = world) -> _nccl.Lease:
+        return _nccl.acquire(group, device, boot, timeout_s, factory=StandInCommunicator)
+
+    report: dict = {}
+    hasty, patient = acquire(0.5), acquire(600.0)
+    shared = hasty.comm
+    report["shared"] = patient.comm is shared
+    report["init_timeout"] = shared.init_timeout  # the first user's: max(0.5, 60)
+    hasty.release()
+    hasty.release()  # idempotent
+    report["open_after_one_release"] = not shared.closed
+    if rank == 0:
+        patient.release()  # rank 0's last user: closed here, still open on rank 1
+    report["closed_on_rank0_only"] = shared.closed == (rank == 0)
+    later = acquire(5.0)  # the ranks disagree, so every rank makes a new one
+    report["new_after_disagreement"] = later.comm is not shared
+    ids = [None] * world_size
+    dist.all_gather_object(ids, later.comm.unique_id, group=boot)
+    report["same_new_id"] = len(set(ids)) == 1
+    again = acquire(5.0)  # now they agree
+    report["reused_after_agreement"] = again.comm is later.comm
+    if rank == 1:
+        patient.release()
+    report["old_closed_once"] = shared.closes == 1
+    for lease in (later, again):
+        lease.release()
+    report["new_closed_once"] = later.comm.closes == 1
+
+    sub = dist.new_group(backend="gloo")
+    on_sub = acquire(5.0, Group(weakref.ref(sub), rank, world_size))
+    dist.destroy_process_group(sub)
+    del sub
+    gc.collect()
+    report["closed_with_its_group"] = on_sub.comm.closes == 1
+    on_sub.release()
+    report["group_close_counted_once"] = on_sub.comm.closes == 1
+    leftover = acquire(5.0)
+    _nccl.close_all()  # what the exit handler does
+    report["closed_at_exit"] = leftover.comm.closes == 1
+    report["nothing_open"] = _nccl.open_communicators() == []
+    return report
+
+
+@needs_nccl
+@needs_wheel
+def test_communicators_are_shared_refcounted_and_agreed_on_by_the_ranks() -> None:
+    reports = run_world(_registry, 2, timeout=120)
+    for rank, report in enumerate(reports):
+        assert report.pop("init_timeout") == 60.0
+        assert all(report.values()), (rank, report)
