@@ -152,8 +152,14 @@ class Collectives:
             except (ValueError, RuntimeError):
                 pass  # already destroyed with the default group
 
-    def all_reduce_sum(self, buffer: torch.Tensor) -> None:
-        """buffer <- its sum over the ranks, in place."""
+    def all_reduce_sum(self, buffer: torch.Tensor, verify: bool = False) -> None:
+        """buffer <- its sum over the ranks, in place.
+
+        On the extension's NCCL the allreduce is enqueued and a failure
+        surfaces at a later call; with ``verify`` (outside a CUDA graph
+        capture) the host waits for it and raises here, so that a caller
+        about to consume the sum irreversibly never consumes a broken one.
+        """
         self.check_usable("all_reduce_sum")
         started = time.monotonic()
         try:
@@ -163,6 +169,9 @@ class Collectives:
                 comm.all_reduce_sum(
                     buffer.data_ptr(), buffer.numel(), code, _stream(buffer), self._timeout_s
                 )
+                if verify and not is_capturing(buffer.device):
+                    torch.cuda.current_stream(buffer.device).synchronize()
+                    comm.check()
             else:
                 dist.all_reduce(buffer, group=self._group_for(buffer))
         except RuntimeError as error:
@@ -195,7 +204,21 @@ class Collectives:
                 )
                 done = torch.cuda.Event()
                 done.record(side)
-                return PendingSum(lambda: torch.cuda.current_stream(buffer.device).wait_event(done))
+
+                def verified() -> None:
+                    # The sum is about to be consumed in a way that cannot be
+                    # undone (folded into the EA center): first know that the
+                    # allreduce completed and NCCL was not aborted. The host
+                    # waits only if it is still running, tau steps later.
+                    try:
+                        if not done.query():
+                            done.synchronize()
+                        comm.check()
+                    except RuntimeError as error:
+                        self._fail("all_reduce_sum", started, error)
+                    torch.cuda.current_stream(buffer.device).wait_event(done)
+
+                return PendingSum(verified)
             work = dist.all_reduce(buffer, group=self._group_for(buffer), async_op=True)
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
@@ -220,6 +243,10 @@ class Collectives:
                 comm.broadcast(
                     buffer.data_ptr(), buffer.numel(), code, src, stream, self._timeout_s
                 )
+                # What a broadcast brings overwrites params: know it arrived
+                # whole before the caller unpacks it (not on a hot path).
+                torch.cuda.current_stream(buffer.device).synchronize()
+                comm.check()
             else:
                 group = self._group_for(buffer)
                 dist.broadcast(buffer, src=self._ranks[src], group=group)

@@ -393,7 +393,8 @@ class AllReduceEA(_group.GroupMember):
         if asynchronous:
             self._pending = self._collectives.all_reduce_sum_async(plan.buffer)
         else:
-            self._collectives.all_reduce_sum(plan.buffer)
+            # The center update below cannot be undone: know the sum arrived.
+            self._collectives.all_reduce_sum(plan.buffer, verify=True)
             self._finish_round(plan)
         return plan
 
