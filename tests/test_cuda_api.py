@@ -192,6 +192,31 @@ def test_a_collective_past_its_deadline_aborts_nccl_and_the_next_call_raises(
     assert time.monotonic() - started < 10
 
 
+def test_an_aborted_ea_round_never_joins_the_center(nccl_world_of_one: None) -> None:
+    """An injected NCCL failure (the watchdog aborts a round held past its
+    deadline): the center and state_dict() stay those of the last good round."""
+    ea = dl.AllReduceEA(tau=1, alpha=0.5, timeout=0.5)
+    params = random_list()
+    ea.average_parameters(params)  # binds
+    for p in params:
+        p.add_(1.0)
+    ea.average_parameters(params)
+    good = [c.clone() for c in ea.center]  # the round completed and was checked
+    torch.cuda.synchronize()
+    torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU time ahead of the next round
+    for p in params:
+        p.add_(1.0)
+    ea.average_parameters(params)  # its allreduce waits behind the sleep: aborted
+    torch.cuda.synchronize()
+    time.sleep(0.1)  # the watchdog's poll
+    state = ea.state_dict()  # does not raise
+    for got, want in zip(state["center"], good, strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(dl.CommunicationError):
+        ea.average_parameters(params)
+    assert all(torch.equal(c, g) for c, g in zip(ea.state_dict()["center"], good, strict=True))
+
+
 def _nccl_rank_dies(rank: int, world_size: int, deadline_s: float) -> dict:
     torch.cuda.set_device(rank)
     group = dist.new_group(backend="nccl", device_id=torch.device("cuda", rank))
