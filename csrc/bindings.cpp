@@ -4,6 +4,7 @@
 // CUDA flavor (DISTLEARN_WITH_CUDA).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pybind11/stl_bind.h>
 
 #include <memory>
 #include <stdexcept>
@@ -21,6 +22,11 @@
 #ifndef DISTLEARN_CUDA_ARCHS
 #define DISTLEARN_CUDA_ARCHS ""
 #endif
+
+// Address lists cross into C++ as they are: converting a Python list of 161
+// ints costs microseconds per call, so the hot paths keep an Addresses made
+// once and pass it (a list still converts implicitly).
+PYBIND11_MAKE_OPAQUE(distlearn::Addresses)
 
 namespace py = pybind11;
 using distlearn::Addresses;
@@ -62,6 +68,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("count_slots", &Layout::count_slots)
       .def_readonly("flag_offset", &Layout::flag_offset)
       .def_readonly("buffer_numel", &Layout::buffer_numel);
+
+  py::bind_vector<Addresses>(m, "Addresses",
+                             "Tensor addresses, made once from a list and passed to the ops.");
+  py::implicitly_convertible<py::list, Addresses>();
 
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("pack", &distlearn::pack_cpu, py::arg("layout"), py::arg("tensors"), py::arg("buffer"),

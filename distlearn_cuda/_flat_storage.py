@@ -24,6 +24,7 @@ import operator
 import torch
 from torch import nn
 
+from . import _C
 from ._plan import Plan
 
 __all__ = ["FlatStorage"]
@@ -54,7 +55,7 @@ class FlatStorage:
                     grad_view.zero_()
                 param.grad = grad_view
                 self.grad_views.append(grad_view)
-        self._view_addresses = [v.data_ptr() for v in self.grad_views]
+        self._view_addresses = _C.Addresses([v.data_ptr() for v in self.grad_views])
         # Count slots and flag, adjacent at the end of the buffer, and what
         # each rank's slot writes there (its 1, and a clear flag).
         self.tail = plan.buffer[layout.count_offset : layout.flag_offset + 1]

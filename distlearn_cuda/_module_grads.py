@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import _C
 from ._validate import is_dense
 
 __all__ = ["ModuleGradients"]
@@ -39,15 +40,16 @@ class ModuleGradients:
     params: list[nn.Parameter]
     names: list[str]
     checked: list[torch.Tensor]
-    addresses: list[int]
+    address_list: list[int]
+    addresses: _C.Addresses  # the same, as the ops take them
 
     def is_for(self, module: nn.Module) -> bool:
         return self.module() is module
 
-    def gather(self) -> tuple[list[torch.Tensor], list[int]]:
+    def gather(self) -> tuple[list[torch.Tensor], _C.Addresses]:
         """The current gradients and their addresses, checked where they are
-        new tensors (a gradient tensor keeps its storage: PyTorch's own
-        updates of it are in place).
+        new tensors (PyTorch keeps a gradient's shape and dtype those of its
+        parameter; resizing one in place is not supported).
 
         Raises ValueError naming the parameter when a gradient is missing or
         is not a dense strided tensor; nothing is modified."""
@@ -56,7 +58,12 @@ class ModuleGradients:
             for grad, name in zip(grads, self.names, strict=True):
                 _check(grad, name)
             self.checked = grads
-            self.addresses = list(map(_DATA_PTR, grads))
+        # Read every call: a tensor that got new storage (resize_, set_) must
+        # never be written at its old address.
+        addresses = list(map(_DATA_PTR, grads))
+        if addresses != self.address_list:
+            self.address_list = addresses
+            self.addresses = _C.Addresses(addresses)
         return grads, self.addresses
 
 

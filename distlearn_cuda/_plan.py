@@ -23,6 +23,16 @@ import torch
 from . import _C, reference
 from ._validate import DTYPE_CODES, EXACT_INTEGER_LIMIT, Signature
 
+# Tensor addresses as the ops take them: a list, or an _C.Addresses made
+# once from one (no conversion per call: the hot paths keep theirs).
+Addresses = list[int] | _C.Addresses
+
+
+def as_addresses(addresses: Addresses) -> _C.Addresses:
+    """An _C.Addresses: made here from a list (pybind's implicit conversion
+    tries the other constructors first, which costs several times more)."""
+    return addresses if type(addresses) is _C.Addresses else _C.Addresses(addresses)
+
 
 def count_slots_for(world_size: int, buffer_dtype: torch.dtype) -> int:
     """Count slots so that no slot ever sums more ones than the dtype holds exactly.
@@ -76,7 +86,8 @@ class Plan:
         (reads the device: not for the hot path)."""
         return round(float(self._flag))
 
-    def pack(self, tensors: Sequence[torch.Tensor], addresses: list[int], count_slot: int) -> None:
+    def pack(self, tensors: Sequence[torch.Tensor], addresses: Addresses, count_slot: int) -> None:
+        addresses = as_addresses(addresses)
         if self._kind == "cpu":
             _C.pack(self.layout, addresses, self._address, count_slot, torch.get_num_threads())
         elif self._kind == "cuda":
@@ -90,10 +101,11 @@ class Plan:
     def unpack(
         self,
         tensors: Sequence[torch.Tensor],
-        addresses: list[int],
+        addresses: Addresses,
         normalize: bool,
         skip_nonfinite: bool = False,
     ) -> None:
+        addresses = as_addresses(addresses)
         if self._kind == "cpu":
             threads = torch.get_num_threads()
             _C.unpack(self.layout, addresses, self._address, normalize, threads, skip_nonfinite)
@@ -117,15 +129,17 @@ class Plan:
     def ea_blend(
         self,
         params: Sequence[torch.Tensor],
-        param_addresses: list[int],
+        param_addresses: Addresses,
         centers: Sequence[torch.Tensor],
-        center_addresses: list[int],
+        center_addresses: Addresses,
         alpha: float,
         count_slot: int,
         catch_up: bool = False,
     ) -> None:
         """The EA blend; with ``catch_up``, first centers += the buffer (the
         previous round's allreduced sum), in the same pass."""
+        param_addresses = as_addresses(param_addresses)
+        center_addresses = as_addresses(center_addresses)
         if self._kind == "cuda":
             with self._on_device():
                 _C.ea_blend_cuda(
@@ -165,9 +179,10 @@ class Plan:
     def center_update(
         self,
         centers: Sequence[torch.Tensor],
-        center_addresses: list[int],
+        center_addresses: Addresses,
         skip_nonfinite: bool = False,
     ) -> None:
+        center_addresses = as_addresses(center_addresses)
         if self._kind == "cpu":
             threads = torch.get_num_threads()
             _C.center_update(self.layout, center_addresses, self._address, threads, skip_nonfinite)

@@ -14,10 +14,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from . import _group, _tree
+from . import _C, _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
 from ._collectives import PendingSum, is_capturing
-from ._plan import Plan, PlanCache, lossless_dtype
+from ._plan import Addresses, Plan, PlanCache, lossless_dtype
 from ._tree import Flat
 from ._validate import (
     DEFAULT_TIMEOUT,
@@ -121,9 +121,10 @@ class AllReduceEA(_group.GroupMember):
         self._delta_plan_cache: Plan | None = None  # for the bound signature
         self._centers: list[torch.Tensor] = []
         self._loaded_center: list[torch.Tensor] | None = None  # from load_state_dict, unbound
-        self._center_addresses: list[int] = []
+        self._center_addresses = _C.Addresses()
         self._rebuild: _tree.Rebuild = list
         self._checked_addresses: list[int] = []
+        self._address_vector = _C.Addresses()  # the same, as the ops take them
         # The last params that passed the checks (hot path; see _bind).
         self._last_flat: Flat | None = None
         self._last_params: Callable[[], object] = _nothing
@@ -281,7 +282,7 @@ class AllReduceEA(_group.GroupMember):
         with contextlib.suppress(CommunicationError):
             self._finish_pending_round()
 
-    def _bind(self, params: Any) -> tuple[Flat, list[int]]:
+    def _bind(self, params: Any) -> tuple[Flat, Addresses]:
         """Validates params against the bound structure (binding it, and
         making the center, on the first call); returns them and their addresses.
 
@@ -302,11 +303,12 @@ class AllReduceEA(_group.GroupMember):
             and all(map(operator.is_, flat.tensors, last.tensors))
         ):
             self._rebuild = flat.rebuild
-            return flat, addresses
+            return flat, self._address_vector
         flat = self._check_and_bind(flat, addresses)
         self._last_flat = flat
         self._last_params = weakref.ref(params) if isinstance(params, nn.Module) else _nothing
-        return flat, addresses
+        self._address_vector = _C.Addresses(addresses)
+        return flat, self._address_vector
 
     def _check_and_bind(self, flat: Flat, addresses: list[int]) -> Flat:
         params_signature = signature(flat, "params", with_strides=True)
@@ -324,7 +326,7 @@ class AllReduceEA(_group.GroupMember):
             if self._loaded_center is not None:
                 torch._foreach_copy_(self._centers, self._loaded_center)
                 self._loaded_center = None
-            self._center_addresses = [t.data_ptr() for t in self._centers]
+            self._center_addresses = _C.Addresses([t.data_ptr() for t in self._centers])
         else:
             check_same_signature(self._signature, params_signature, "params")
             if addresses != self._checked_addresses:
@@ -353,7 +355,7 @@ class AllReduceEA(_group.GroupMember):
         return self._signature
 
     def _round(
-        self, flat: Flat, addresses: list[int], active: bool, asynchronous: bool = False
+        self, flat: Flat, addresses: Addresses, active: bool, asynchronous: bool = False
     ) -> Plan:
         plan = self._delta_plan()
         if is_capturing(plan.buffer.device):
@@ -429,7 +431,7 @@ class AllReduceEA(_group.GroupMember):
         plan.center_update(self._centers, self._center_addresses, skip_nonfinite=skip)
         self._skip_plan = plan if skip else None
 
-    def _wait_for_all_ranks(self, flat: Flat, addresses: list[int]) -> None:
+    def _wait_for_all_ranks(self, flat: Flat, addresses: Addresses) -> None:
         # Rounds of ranks still stepping carry count 1; ours carry count 0.
         # The first round that sums to count 0 has every rank here; its
         # deltas are real and go into the center like any other round's.
@@ -440,7 +442,7 @@ class AllReduceEA(_group.GroupMember):
     def _broadcast_from_first_finite(
         self,
         tensors: list[torch.Tensor],
-        addresses: list[int],
+        addresses: Addresses,
         arg: str,
         carried: CarriedState | None = None,
     ) -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from . import _group, _tree
+from . import _C, _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
 from ._flat_storage import FlatStorage
 from ._module_grads import ModuleGradients
@@ -383,7 +383,8 @@ class AllReduceSGD(_group.GroupMember):
                 list(trainable.tensors),
                 _names(grads),
                 list(flat.tensors),
-                list(map(_DATA_PTR, flat.tensors)),
+                [],
+                _C.Addresses(),
             )
         return flat.tensors
 
