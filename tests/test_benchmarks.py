@@ -69,6 +69,29 @@ def test_bench_cpu_ops_quick_writes_its_reports(tmp_path: Path) -> None:
     assert "| case |" in (tmp_path / "cpu_ops_quick.md").read_text()
 
 
+def test_bench_host_overhead_quick_writes_its_reports(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "benchmarks.bench_host_overhead", "--quick"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "host_overhead_quick.json").read_text())
+    assert {"date", "cpu", "torch", "commit"} <= report["meta"].keys()
+    rows = {row["case"]: row for row in report["rows"]}
+    assert len(rows) == 5 and rows["bare gloo allreduce"]["per_call_us"] > 0
+    for case, row in rows.items():
+        if case != "bare gloo allreduce":
+            # The time outside the allreduces is part of the call's time.
+            assert 0 < row["overhead_us"] <= row["per_call_us"], case
+            assert row["met"] == (row["overhead_us"] <= row["target_us"])
+    assert (tmp_path / "host_overhead_quick.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------------------
 # bench_cuda_ops: everything but the timing runs here, on CPU; the GPU run is
 # the last test, skipped without a GPU.
