@@ -26,7 +26,12 @@ from distlearn_cuda._validate import DTYPE_CODES
 
 pytestmark = needs_gpu
 
-PAIRS = list(itertools.product(DTYPES, DTYPES))
+_SHORT = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+# Every (tensor, buffer) dtype pair, with ids such as "f32_bf16" that
+# scripts/gpu_check.sh selects a representative subset by.
+PAIRS = [
+    pytest.param(t, b, id=f"{_SHORT[t]}_{_SHORT[b]}") for t, b in itertools.product(DTYPES, DTYPES)
+]
 # Many small tensors: more than one launch's parameters hold, for one
 # stream (pack, unpack, center_update) and two (the EA blends), so the
 # list splits into several launches; and views whose data pointer is not
@@ -73,7 +78,11 @@ def written(layout: _C.Layout, buffer: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-CASES = [("odd", ODD_SHAPES, False), ("misaligned", ODD_SHAPES, True), ("many", MANY_SMALL, False)]
+CASES = [
+    pytest.param("odd", ODD_SHAPES, False, id="odd"),
+    pytest.param("misaligned", ODD_SHAPES, True, id="misaligned"),
+    pytest.param("many", MANY_SMALL, False, id="many"),
+]
 
 
 @pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
