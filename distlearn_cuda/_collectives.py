@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C, _nccl
+from ._positions import Positions
 from ._validate import DTYPE_CODES
 from .errors import CommunicationError
 
@@ -98,8 +99,16 @@ class PendingSum:
 class Collectives:
     """Collectives of one algorithm object over a group."""
 
-    def __init__(self, group: Group, timeout: datetime.timedelta, nccl: str | None = None) -> None:
-        """``nccl``: "own" or "group" (see ``_nccl.mode``); None reads DISTLEARN_NCCL."""
+    def __init__(
+        self,
+        group: Group,
+        timeout: datetime.timedelta,
+        nccl: str | None = None,
+        step: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """``nccl``: "own" or "group" (see ``_nccl.mode``); None reads DISTLEARN_NCCL.
+        ``step``: the owner's step count, named with each rank's position
+        when a collective fails."""
         nccl_mode = _nccl.mode(nccl)
         self._group = group
         self._timeout = timeout
@@ -111,6 +120,9 @@ class Collectives:
             self._ranks, backend="gloo", timeout=timeout, use_local_synchronization=True
         )
         self._gloo_ref = weakref.ref(gloo)
+        self._positions = Positions(
+            _store_of(gloo), f"distlearn/{_name_of(gloo)}", group.rank, len(self._ranks), step
+        )
         self._cuda_nccl = uses_cuda_nccl(group.group)
         # CUDA buffers on the extension's communicator, else on the group's own NCCL.
         self._own_nccl = self._cuda_nccl and _C.has_nccl and nccl_mode == "own"
@@ -141,6 +153,7 @@ class Collectives:
         """Destroys the private group and releases the communicators (the last
         user of one closes it); idempotent, local."""
         self._closed = True
+        self._positions.close()
         leases, self._leases = self._leases, {}
         for lease in leases.values():
             lease.release()
@@ -161,6 +174,7 @@ class Collectives:
         about to consume the sum irreversibly never consumes a broken one.
         """
         self.check_usable("all_reduce_sum")
+        self._positions.enter("all_reduce_sum")
         started = time.monotonic()
         try:
             comm = self._communicator(buffer.device)
@@ -187,6 +201,7 @@ class Collectives:
         torch.distributed work, bounded by the private group's deadline.
         """
         self.check_usable("all_reduce_sum")
+        self._positions.enter("all_reduce_sum")
         started = time.monotonic()
         try:
             comm = self._communicator(buffer.device)
@@ -234,6 +249,7 @@ class Collectives:
     def broadcast(self, buffer: torch.Tensor, src: int) -> None:
         """buffer <- group rank ``src``'s buffer, in place."""
         self.check_usable("broadcast")
+        self._positions.enter("broadcast")
         started = time.monotonic()
         try:
             comm = self._communicator(buffer.device)
@@ -256,6 +272,7 @@ class Collectives:
     def broadcast_object(self, value: Any, src: int) -> Any:
         """Group rank ``src``'s picklable ``value``, on every rank (small host-side data)."""
         self.check_usable("broadcast_object")
+        self._positions.enter("broadcast_object")
         started = time.monotonic()
         payload = [value if self._group.rank == src else None]
         try:
@@ -267,6 +284,7 @@ class Collectives:
     def max_int(self, value: int) -> int:
         """The largest ``value`` over the ranks (a small host-side collective)."""
         self.check_usable("max_int")
+        self._positions.enter("max_int")
         started = time.monotonic()
         key = torch.tensor([value], dtype=torch.int64)
         try:
@@ -283,6 +301,7 @@ class Collectives:
         that differs from rank 0 and the first tensor where it does.
         """
         self.check_usable("check_same_structure")
+        self._positions.enter("check_same_structure")
         started = time.monotonic()
         digest = hashlib.blake2b("\n".join(entries).encode(), digest_size=8).digest()
         value = int.from_bytes(digest, "little") >> 2  # 62 bits: it and -it fit int64
@@ -339,14 +358,26 @@ class Collectives:
 
     def _fail(self, operation: str, started: float, error: RuntimeError) -> NoReturn:
         elapsed = time.monotonic() - started
+        where = self._positions.describe()
         self._failure = CommunicationError(
             f"{operation} over ranks {_describe(self._ranks)} failed on rank {self._group.rank} "
-            f"after {elapsed:.1f} s (deadline {self._timeout.total_seconds():g} s): {error}",
+            f"after {elapsed:.1f} s (deadline {self._timeout.total_seconds():g} s): {error}; "
+            f"{where}",
             operation=operation,
             ranks=self._ranks,
             rank=self._group.rank,
         )
         raise self._failure from error
+
+
+def _store_of(group: dist.ProcessGroup) -> Any:
+    """The store the group's ranks met on (torch keeps it with the group)."""
+    return dist.distributed_c10d._world.pg_map[group][1]
+
+
+def _name_of(group: dist.ProcessGroup) -> str:
+    """The group's name: the same on every rank of it."""
+    return dist.distributed_c10d._world.pg_names[group]
 
 
 def _stream(buffer: torch.Tensor) -> int:

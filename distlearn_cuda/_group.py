@@ -100,7 +100,13 @@ class GroupMember:
 
     def __init__(self, group: dist.ProcessGroup | None, timeout: datetime.timedelta) -> None:
         self._group = resolve(group)
-        self._collectives = Collectives(self._group, timeout)
+        owner = weakref.ref(self)  # no cycle through the collectives
+
+        def step() -> int:
+            member = owner()
+            return member._position_step() if member is not None else 0
+
+        self._collectives = Collectives(self._group, timeout, step=step)
         self._closed = False
         # Not released when the object is collected: collection happens at
         # different times on different ranks, and torch names a new group
@@ -151,6 +157,10 @@ class GroupMember:
             self._release()
         finally:
             self._collectives.close()
+
+    def _position_step(self) -> int:
+        """The step count a failure message names with each rank's position."""
+        return 0
 
     def _release(self) -> None:
         """What a subclass must finish before its collectives go (never raises

@@ -276,6 +276,9 @@ class AllReduceEA(_group.GroupMember):
         increment_version(flat.tensors)
         torch._foreach_copy_(self._centers, flat.tensors)
 
+    def _position_step(self) -> int:
+        return self._step
+
     def _release(self) -> None:
         # The round in flight completes (every rank is in it already), so the
         # center stays what state_dict() reports; a failure was recorded.

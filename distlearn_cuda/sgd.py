@@ -322,6 +322,9 @@ class AllReduceSGD(_group.GroupMember):
         params = list(trainable.tensors)
         self._flat = FlatStorage(module, params, self._gradient_plan(grad_signature))
 
+    def _position_step(self) -> int:
+        return self._steps
+
     def _release(self) -> None:
         if self._overlap is not None:
             self._overlap.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -118,6 +119,18 @@ def test_survivors_raise_within_the_deadline(algo: str, fault: str, tmp_path: Pa
         assert report["operation"] in report["message"]
         assert report["checkpoint_ok"]
         assert "not attempted, an earlier collective of this object failed" in report["again"]
+        # The failing rank is named with its last position, the survivors
+        # with the collective they waited in, one further on.
+        print(report["message"])
+        found = re.search(
+            r"rank 1 last reported collective (\d+) \(\w+, step \d+\); "
+            r"ranks 0, 2 waited in collective (\d+) \(\w+, step (\d+)\)",
+            report["message"],
+        )
+        assert found, report["message"]
+        if fault == "stall":  # rank 1 posted its last position long before the deadline
+            assert int(found[2]) == int(found[1]) + 1
+            assert int(found[3]) == (fault_step if algo == "sgd" else fault_step + 1)
 
 
 def _structure(rank: int, world_size: int, algo: str, odd_rank: int) -> dict:
