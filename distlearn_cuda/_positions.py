@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -57,8 +58,13 @@ class Positions:
         self.number += 1
         self._record = f"{self.number} {operation} {self._step()}"
         if self._thread is None:
+            # The thread holds the object weakly: an object dropped without
+            # close() takes its thread along.
             self._thread = threading.Thread(
-                target=self._post_loop, name="distlearn-positions", daemon=True
+                target=_post_loop,
+                args=(weakref.ref(self), self._stop),
+                name="distlearn-positions",
+                daemon=True,
             )
             self._thread.start()
 
@@ -91,15 +97,6 @@ class Positions:
             self._store.set(self._key(self._rank), record)
             self._posted = record
 
-    def _post_loop(self) -> None:
-        while True:
-            try:
-                self._post()
-            except Exception:  # the store went away (group destroyed): stop posting
-                return
-            if self._stop.wait(POST_INTERVAL_S):
-                return
-
     def _read_all(self) -> str:
         positions: dict[int, tuple[int, str, str] | None] = {}
         try:
@@ -113,6 +110,20 @@ class Positions:
         except Exception as error:  # a dead store: say so rather than raise again
             return f"the ranks' positions could not be read ({error})"
         return summarize(positions)
+
+
+def _post_loop(positions: weakref.ref[Positions], stop: threading.Event) -> None:
+    while True:
+        owner = positions()
+        if owner is None:
+            return
+        try:
+            owner._post()
+        except Exception:  # the store went away (group destroyed): stop posting
+            return
+        del owner
+        if stop.wait(POST_INTERVAL_S):
+            return
 
 
 def summarize(positions: dict[int, tuple[int, str, str] | None]) -> str:
