@@ -84,6 +84,7 @@ class OverlappedGradients:
         self._collectives = collectives
         self._count_slot = count_slot
         self._next = 0  # the first bucket not started yet
+        self.paused = False  # set by AllReduceSGD.no_sync()
         self._handles = [
             param.register_post_accumulate_grad_hook(self._hook(index))
             for index, bucket in enumerate(buckets)
@@ -140,12 +141,14 @@ class OverlappedGradients:
 
     def _hook(self, index: int) -> Callable[[nn.Parameter], None]:
         def on_gradient(_: nn.Parameter) -> None:
+            if self.paused:  # inside no_sync(): the gradient only accumulates
+                return
             bucket = self.buckets[index]
             if bucket.started:
                 raise RuntimeError(
                     "AllReduceSGD.attach: a second backward before sum_and_normalize_gradients; "
-                    "overlapped mode takes one backward per step (detach() for gradient "
-                    "accumulation)"
+                    "for gradient accumulation, run the backward passes that only accumulate "
+                    "inside sgd.no_sync()"
                 )
             bucket.ready += 1
             while self._next < len(self.buckets) and self._full(self.buckets[self._next]):

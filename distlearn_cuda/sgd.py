@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -239,7 +240,7 @@ class AllReduceSGD(_group.GroupMember):
         (module)`` (or ``sum_gradients``) then starts what is left, waits and
         normalizes. Same results as without ``attach``, up to the order of
         the floating-point sums; the uneven-steps semantics hold unchanged.
-        One backward per step: for gradient accumulation, ``detach()``.
+        One backward per step, or accumulate with ``no_sync()``.
         Collective: every rank attaches the same module structure.
         """
         if not isinstance(module, nn.Module):
@@ -285,6 +286,32 @@ class AllReduceSGD(_group.GroupMember):
         self._overlap = OverlappedGradients(
             module, buckets, self._collectives, lambda plan: self.rank % plan.count_slots
         )
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation: backward passes inside the block only
+        accumulate gradients locally; with ``attach``, their hooks start no
+        allreduce. The first backward after the block starts the buckets as
+        usual, on the accumulated gradients, and ``sum_*`` finishes the step::
+
+            for micro_batch in batches[:-1]:
+                with sgd.no_sync():
+                    loss_fn(model(micro_batch)).backward()
+            loss_fn(model(batches[-1])).backward()
+            sgd.sum_and_normalize_gradients(model)
+
+        Without ``attach`` nothing is started by backward anyway: the block
+        only documents the intent. Local: no collective.
+        """
+        overlap = self._overlap
+        previous = overlap.paused if overlap is not None else False
+        if overlap is not None:
+            overlap.paused = True
+        try:
+            yield
+        finally:
+            if overlap is not None:
+                overlap.paused = previous
 
     def use_flat_storage(self, module: nn.Module) -> None:
         """Makes ``module``'s trainable parameters and gradients views into two

@@ -156,3 +156,53 @@ def test_a_parameter_without_gradient_is_named() -> None:
     sgd.attach(model, **TINY_BUCKETS)
     with pytest.raises(ValueError, match=r"has no \.grad"):
         sgd.sum_and_normalize_gradients(model)
+
+
+ACCUMULATE = 3  # micro-batches per step: 2 inside no_sync(), the last synced
+
+
+def micro_batch(seed: int, rank: int, step: int, k: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 7919 + rank * 1013 + step * 31 + k)
+    return torch.randn(4, 24, generator=generator)
+
+
+def _accumulate(rank: int, world_size: int, attached: bool, seed: int) -> list[list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    net = Net(reverse=False)
+    sgd = dl.AllReduceSGD()
+    if attached:
+        sgd.attach(net, **TINY_BUCKETS)
+    steps = []
+    for step in range(2):
+        for k in range(ACCUMULATE - 1):
+            with sgd.no_sync():
+                net(micro_batch(seed, rank, step, k)).backward()
+        net(micro_batch(seed, rank, step, ACCUMULATE - 1)).backward()
+        sgd.sum_and_normalize_gradients(net)
+        steps.append([p.grad.clone() for p in net.parameters() if p.requires_grad])
+        net.zero_grad()
+    return steps
+
+
+def test_accumulated_micro_batches_with_no_sync_match_the_plain_mode() -> None:
+    seed, world_size = random.randrange(2**31), 2
+    attached = run_world(_accumulate, world_size, True, seed, timeout=60)
+    plain = run_world(_accumulate, world_size, False, seed, timeout=60)
+    # Independently: each rank's summed micro-batch gradients, mean over ranks
+    # (the weights never change: no optimizer step).
+    torch.manual_seed(seed)
+    net = Net(reverse=False)
+    for step in range(2):
+        per_rank = []
+        for rank in range(world_size):
+            net.zero_grad()
+            for k in range(ACCUMULATE):
+                net(micro_batch(seed, rank, step, k)).backward()
+            per_rank.append([p.grad.double() for p in net.parameters() if p.requires_grad])
+        expected = [sum(g) / world_size for g in zip(*per_rank, strict=True)]
+        for rank in range(world_size):
+            for got_a, got_p, want in zip(
+                attached[rank][step], plain[rank][step], expected, strict=True
+            ):
+                torch.testing.assert_close(got_a.double(), want, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(got_a, got_p, rtol=1e-6, atol=1e-7)
