@@ -43,7 +43,7 @@ class FlatStorage:
         self.param_buffer = torch.zeros_like(plan.buffer)
         self.grad_views = []
         with torch.no_grad():
-            for param, offset in zip(params, layout.offsets, strict=True):
+            for param, offset in zip(params, layout.offsets[: len(params)], strict=True):
                 end = offset + param.numel()
                 data_view = self.param_buffer[offset:end].view(param.shape)
                 data_view.copy_(param)
@@ -55,7 +55,16 @@ class FlatStorage:
                     grad_view.zero_()
                 param.grad = grad_view
                 self.grad_views.append(grad_view)
-        self._view_addresses = _C.Addresses([v.data_ptr() for v in self.grad_views])
+        # allow_unused: the plan's presence segment follows the gradients' (see
+        # _unused); it too is packed and unpacked onto itself.
+        self.presence: torch.Tensor | None = None
+        segments = list(self.grad_views)
+        if layout.num_tensors == len(params) + 1:
+            offset = layout.offsets[len(params)]
+            self.presence = plan.buffer[offset : offset + len(params)]
+            segments.append(self.presence)
+        self._segments = segments
+        self._view_addresses = _C.Addresses([v.data_ptr() for v in segments])
         # Count slots and flag, adjacent at the end of the buffer, and what
         # each rank's slot writes there (its 1, and a clear flag).
         self.tail = plan.buffer[layout.count_offset : layout.flag_offset + 1]
@@ -66,6 +75,9 @@ class FlatStorage:
     def gather_gradients(self) -> None:
         """Puts every gradient back into its view (a copy only where it left it)."""
         grads = list(map(_GRAD, self.params))
+        if self.presence is not None:
+            self._gather_with_presence(grads)
+            return
         if all(map(operator.is_, grads, self.grad_views)):
             return
         for param, grad, view in zip(self.params, grads, self.grad_views, strict=True):
@@ -84,7 +96,7 @@ class FlatStorage:
         if check_nonfinite:
             # The pack of the views onto themselves: the data unchanged, the
             # count slot and the flag written, in one pass.
-            self.plan.pack(self.grad_views, self._view_addresses, count_slot)
+            self.plan.pack(self._segments, self._view_addresses, count_slot)
         else:
             self.tail.copy_(self._tails[count_slot])
 
@@ -92,4 +104,36 @@ class FlatStorage:
         """What the unpack would do, in place: data /= the contributor count
         (read on the device); zeros when skipping a flagged step. The unpack
         of the buffer onto the views, which are its own segments."""
-        self.plan.unpack(self.grad_views, self._view_addresses, normalize, skip_nonfinite)
+        self.plan.unpack(self._segments, self._view_addresses, normalize, skip_nonfinite)
+
+    def _gather_with_presence(self, grads: list[torch.Tensor | None]) -> None:
+        """allow_unused: a missing gradient's view is zeroed and marked absent."""
+        assert self.presence is not None
+        present = []
+        with torch.no_grad():
+            for param, grad, view in zip(self.params, grads, self.grad_views, strict=True):
+                if grad is None:
+                    view.zero_()
+                elif grad is not view:
+                    view.copy_(grad)
+                    param.grad = view
+                present.append(grad is not None)
+            self.presence.copy_(torch.tensor(present, dtype=self.presence.dtype))
+
+    def finish_with_presence(
+        self, counts: list[int], contributors: int, normalize: bool, skip_nonfinite: bool
+    ) -> None:
+        """allow_unused, after the allreduce: every view the mean over the
+        ranks that produced it; ``.grad`` None where no rank did, the view
+        where some did."""
+        partial = {
+            index: view * (1.0 / count)
+            for index, (view, count) in enumerate(zip(self.grad_views, counts, strict=True))
+            if normalize and not skip_nonfinite and 0 < count < contributors
+        }
+        self.scale(normalize, skip_nonfinite)
+        with torch.no_grad():
+            for index, mean in partial.items():
+                self.grad_views[index].copy_(mean)
+        for param, view, count in zip(self.params, self.grad_views, counts, strict=True):
+            param.grad = view if count > 0 else None

@@ -26,7 +26,7 @@ from torch import nn
 from . import _C
 from ._validate import is_dense
 
-__all__ = ["ModuleGradients"]
+__all__ = ["ModuleGradients", "check_gradient"]
 
 _GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
@@ -56,7 +56,7 @@ class ModuleGradients:
         grads = list(map(_GRAD, self.params))
         if not all(map(operator.is_, grads, self.checked)):
             for grad, name in zip(grads, self.names, strict=True):
-                _check(grad, name)
+                check_gradient(grad, name)
             self.checked = grads
         # Read every call: a tensor that got new storage (resize_, set_) must
         # never be written at its old address.
@@ -67,7 +67,7 @@ class ModuleGradients:
         return grads, self.addresses
 
 
-def _check(grad: torch.Tensor | None, name: str) -> None:
+def check_gradient(grad: torch.Tensor | None, name: str) -> None:
     if grad is None:
         raise ValueError(
             f"grads: parameter '{name}' has no .grad; run backward() first, or set "

@@ -25,7 +25,9 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from ._collectives import Collectives, PendingSum
+from ._module_grads import check_gradient
 from ._plan import Plan
+from ._unused import Presence
 from .errors import CommunicationError
 
 __all__ = ["Bucket", "OverlappedGradients", "split_into_buckets"]
@@ -67,6 +69,10 @@ class Bucket:
     pending: PendingSum | None = None
     grads: list[torch.Tensor] = field(default_factory=list)
     addresses: list[int] = field(default_factory=list)
+    # allow_unused: the plan's presence segment, and the gradients as packed
+    # (None where missing), kept for the unpack.
+    presence: Presence | None = None
+    current: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class OverlappedGradients:
@@ -131,11 +137,16 @@ class OverlappedGradients:
             bucket.pending.wait()
         ranks = max(b.plan.nonfinite_ranks() for b in self.buckets) if check else 0
         for bucket in self.buckets:
-            if ranks == 0:
+            if ranks == 0 and bucket.presence is not None:
+                counts, contributors, _ = bucket.presence.read()
+                bucket.grads = bucket.presence.unpack(
+                    bucket.current, counts, contributors, normalize
+                )
+            elif ranks == 0:
                 bucket.plan.unpack(bucket.grads, bucket.addresses, normalize=normalize)
             increment_version(bucket.grads)
             bucket.ready, bucket.started, bucket.pending = 0, False, None
-            bucket.grads, bucket.addresses = [], []
+            bucket.grads, bucket.addresses, bucket.current = [], [], []
         self._next = 0
         return ranks
 
@@ -162,6 +173,9 @@ class OverlappedGradients:
 
     def _start(self, index: int) -> None:
         bucket = self.buckets[index]
+        if bucket.presence is not None:
+            self._start_with_presence(index, bucket, bucket.presence)
+            return
         grads = []
         for param, name in zip(bucket.params, bucket.names, strict=True):
             grad = param.grad
@@ -180,6 +194,20 @@ class OverlappedGradients:
         plan = bucket.plan
         plan.pack(grads, addresses, count_slot=self._count_slot(plan))
         bucket.grads, bucket.addresses = grads, addresses
+        bucket.pending = self._collectives.all_reduce_sum_async(plan.buffer)
+        bucket.started = True
+        self._next = index + 1
+
+    def _start_with_presence(self, index: int, bucket: Bucket, presence: Presence) -> None:
+        """allow_unused: missing gradients travel as zeros, marked absent."""
+        current = [param.grad for param in bucket.params]
+        for grad, name in zip(current, bucket.names, strict=True):
+            if grad is not None:
+                check_gradient(grad, name)
+        tensors = presence.inputs(current)
+        plan = bucket.plan
+        plan.pack(tensors, [t.data_ptr() for t in tensors], count_slot=self._count_slot(plan))
+        bucket.current = current
         bucket.pending = self._collectives.all_reduce_sum_async(plan.buffer)
         bucket.started = True
         self._next = index + 1

@@ -16,11 +16,13 @@ from torch.autograd.graph import increment_version
 from . import _C, _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
 from ._flat_storage import FlatStorage
-from ._module_grads import ModuleGradients
+from ._module_grads import ModuleGradients, check_gradient
 from ._overlap import Bucket, OverlappedGradients, split_into_buckets
 from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
+from ._unused import Presence, read_counts
 from ._validate import (
     DEFAULT_TIMEOUT,
+    EXACT_INTEGER_LIMIT,
     Signature,
     check_comm_dtype,
     check_nonfinite,
@@ -36,6 +38,22 @@ from ._validate import (
 __all__ = ["AllReduceSGD"]
 
 _DATA_PTR = torch.Tensor.data_ptr
+
+
+def _nothing() -> None:
+    return None
+
+
+def _stands_for_parameters(grads: Any) -> bool:
+    """Whether ``grads`` names parameters for their ``.grad`` (a module, or
+    tensors that require grad), the forms in which a gradient can be missing."""
+    if isinstance(grads, nn.Module):
+        return True
+    if isinstance(grads, torch.Tensor):
+        return grads.requires_grad
+    if isinstance(grads, (list, tuple)):
+        return bool(grads) and all(isinstance(t, torch.Tensor) and t.requires_grad for t in grads)
+    return False
 
 
 def _names(module: nn.Module) -> list[str]:
@@ -72,6 +90,17 @@ class AllReduceSGD(_group.GroupMember):
             it. It bounds each wait, including a finished rank's wait for a
             peer's next step in ``synchronize_parameters``.
 
+        allow_unused: a trainable parameter whose ``.grad`` is None on some
+            ranks (a branch, expert or head they did not use) is averaged
+            over the ranks that produced it: in ``sum_*(module)`` (or
+            parameters), each parameter some rank produced a gradient for
+            holds the sum over the producing ranks (normalized: divided by
+            their number) on every rank, created where it was None; one no
+            rank produced keeps ``.grad`` None everywhere. The per-tensor
+            counts travel in the same allreduce; reading them costs one
+            small device read per call. Without it, a missing ``.grad`` is a
+            ValueError.
+
     Constructing one is collective too: it sets up a private gloo group
     (with ``timeout``) over the ranks of ``group``.
     """
@@ -82,7 +111,11 @@ class AllReduceSGD(_group.GroupMember):
         *,
         comm_dtype: torch.dtype | None = None,
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+        allow_unused: bool = False,
     ) -> None:
+        if not isinstance(allow_unused, bool):
+            raise TypeError(f"allow_unused must be a bool, got {type(allow_unused).__name__}")
+        self._allow_unused = allow_unused
         self._comm_dtype = check_comm_dtype(comm_dtype)
         super().__init__(group, check_timeout(timeout))
         self._plans = PlanCache(self._group.world_size)
@@ -99,6 +132,10 @@ class AllReduceSGD(_group.GroupMember):
         self._flat: FlatStorage | None = None
         # The last module given as grads, its trainable parameters bound (hot path).
         self._module_grads: ModuleGradients | None = None
+        # allow_unused: the presence segment of the gradient plan, and what it was made for.
+        self._presence: Presence | None = None
+        self._presence_source: Callable[[], object] = _nothing
+        self._unused_names: dict[int, str] = {}  # parameter id -> name, for errors
         self._count_slot = 0  # this rank's count slot in the gradient plan
 
     @property
@@ -274,13 +311,19 @@ class AllReduceSGD(_group.GroupMember):
                 grad_signature[0],
                 tuple(grad_signature[1][order[i]] for i in group),
             )
+            # Its own plan, never the cache's: buckets of equal shapes are in
+            # flight at once and must not share a buffer.
+            plan = Plan(
+                self._with_presence(bucket_signature, dtype),
+                dtype,
+                count_slots_for(self.world_size, dtype),
+            )
             buckets.append(
                 Bucket(
                     members,
                     [trainable.names[order[i]] for i in group],
-                    # Its own plan, never the cache's: buckets of equal shapes
-                    # are in flight at once and must not share a buffer.
-                    Plan(bucket_signature, dtype, count_slots_for(self.world_size, dtype)),
+                    plan,
+                    presence=Presence(plan, members) if self._allow_unused else None,
                 )
             )
         self._overlap = OverlappedGradients(
@@ -373,6 +416,11 @@ class AllReduceSGD(_group.GroupMember):
         if self._flat is not None and grads is self._flat.module:
             self._allreduce_flat(normalize, mode)
             return
+        if self._allow_unused:
+            grads = _tree.materialize(grads)
+            if _stands_for_parameters(grads):
+                self._allreduce_unused(grads, normalize, mode)
+                return
         bound = self._module_grads
         if bound is not None and bound.is_for(grads):
             tensors, addresses = bound.gather()
@@ -429,7 +477,13 @@ class AllReduceSGD(_group.GroupMember):
             raise self._nonfinite_error(
                 ranks, "its gradients already holding the sum (flat storage)"
             )
-        flat.scale(normalize=normalize, skip_nonfinite=mode == "skip")
+        if flat.presence is not None:
+            counts, contributors, flagged = read_counts(flat.plan, flat.presence)
+            flat.finish_with_presence(
+                counts, contributors, normalize, mode == "skip" and flagged > 0
+            )
+        else:
+            flat.scale(normalize=normalize, skip_nonfinite=mode == "skip")
         if mode == "skip":
             plan = flat.plan
             self._skipped = lambda: plan.nonfinite_ranks() > 0
@@ -452,7 +506,7 @@ class AllReduceSGD(_group.GroupMember):
             if ranks > 0 and mode == "raise":
                 raise self._nonfinite_error(ranks, "with its gradients unchanged")
             if ranks > 0:
-                grads = [p.grad for b in overlap.buckets for p in b.params]
+                grads = [p.grad for b in overlap.buckets for p in b.params if p.grad is not None]
                 torch._foreach_zero_(grads)
             self._skipped = lambda: ranks > 0
         self._steps += 1
@@ -470,8 +524,67 @@ class AllReduceSGD(_group.GroupMember):
         """The plan of the bound gradient signature (callers checked they match)."""
         if self._grad_plan is None:
             dtype = self._comm_dtype or lossless_dtype([e[0] for e in grad_signature[1]])
-            self._grad_plan = self._plans.get(grad_signature, dtype)
+            self._grad_plan = self._plans.get(self._with_presence(grad_signature, dtype), dtype)
         return self._grad_plan
+
+    def _with_presence(self, grad_signature: Signature, dtype: torch.dtype) -> Signature:
+        """With allow_unused, a gradient plan carries a presence segment (see _unused)."""
+        if not self._allow_unused:
+            return grad_signature
+        if self.world_size > EXACT_INTEGER_LIMIT[dtype]:
+            raise ValueError(
+                f"allow_unused counts the ranks per tensor in the {dtype} buffer, exact up to "
+                f"{EXACT_INTEGER_LIMIT[dtype]} ranks; this group has {self.world_size}"
+            )
+        device, entries = grad_signature
+        return device, (*entries, (dtype, (len(entries),)))
+
+    def _allreduce_unused(self, grads: Any, normalize: bool, mode: str) -> None:
+        """A step with allow_unused: missing gradients travel as zeros with
+        a 0 in the presence segment; the host reads the per-tensor counts."""
+        presence = self._bind_unused(grads)
+        plan = self._grad_plan
+        assert plan is not None
+        current = [p.grad for p in presence.params]
+        for grad, param in zip(current, presence.params, strict=True):
+            if grad is not None:
+                check_gradient(grad, self._unused_names.get(id(param), "parameter"))
+        tensors = presence.inputs(current)
+        plan.pack(tensors, list(map(_DATA_PTR, tensors)), count_slot=self._count_slot)
+        self._collectives.all_reduce_sum(plan.buffer)
+        counts, contributors, flagged = presence.read()
+        if mode == "raise" and flagged > 0:
+            raise self._nonfinite_error(flagged, "with its gradients unchanged")
+        skip = mode == "skip" and flagged > 0
+        written = presence.unpack(current, counts, contributors, normalize, skip_nonfinite=skip)
+        if mode == "skip":
+            self._skipped = lambda: skip
+        increment_version(written)
+        self._steps += 1
+
+    def _bind_unused(self, grads: Any) -> Presence:
+        """The presence segment for the parameters ``grads`` stands for, bound
+        (with the gradient structure) by the first call, as by an optimizer."""
+        if self._presence is not None and self._presence_source() is grads:
+            return self._presence
+        grads = _tree.materialize(grads)
+        trainable = _tree.trainable(grads, "grads")
+        grad_signature = signature(trainable, "grads", with_strides=False)
+        if self._grad_signature is None:
+            self._bind_gradients(grad_signature, trainable.names, "grads")
+        else:
+            check_same_signature(self._grad_signature, grad_signature, "grads")
+        plan = self._gradient_plan(grad_signature)
+        self._count_slot = self.rank % plan.count_slots
+        self._presence = Presence(plan, trainable.tensors)
+        self._unused_names = {
+            id(p): name for p, name in zip(trainable.tensors, trainable.names, strict=True)
+        }
+        if isinstance(grads, nn.Module):
+            self._presence_source = weakref.ref(grads)
+        else:
+            self._presence_source = _nothing
+        return self._presence
 
     def _wait_for_all_ranks(self, plans: list[Plan]) -> None:
         # A stepping rank's allreduces (one per bucket when attached, in

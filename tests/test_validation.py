@@ -291,3 +291,17 @@ def test_a_bound_module_still_checks_new_gradients() -> None:
     model[1].weight.grad = torch.ones(2, 4)
     sgd.sum_and_normalize_gradients(model)  # new, valid tensors: taken
     assert torch.equal(model[1].weight.grad, torch.ones(2, 4))
+
+
+def test_allow_unused_must_be_a_bool_and_without_it_a_missing_grad_raises() -> None:
+    with pytest.raises(TypeError, match="allow_unused must be a bool"):
+        dl.AllReduceSGD(allow_unused=1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0](torch.randn(5, 3)).sum().backward()  # the second layer is unused
+    before = snapshot([model[0].weight.grad])
+    with pytest.raises(ValueError, match=r"parameter '1\.weight' has no \.grad"):
+        dl.AllReduceSGD().sum_and_normalize_gradients(model)
+    assert_unchanged([model[0].weight.grad], before)
+    sgd = dl.AllReduceSGD(allow_unused=True)
+    sgd.sum_and_normalize_gradients(model)  # a world of one: its own gradients, None kept
+    assert model[1].weight.grad is None and torch.equal(model[0].weight.grad, before[0])
