@@ -1,12 +1,13 @@
-"""Zero-copy storage for ``AllReduceSGD.use_flat_storage``.
+"""Zero-copy gradients: views of the buffer the allreduce runs on.
 
-A module's trainable parameters and their gradients become views into two
-flat buffers laid out like the gradient plan's (same segments and padding):
-the parameters into a buffer of their own, the gradients into the plan's
-buffer itself. Backward then accumulates straight into the buffer the
-allreduce runs on, so the pack and unpack copies disappear: a step writes the
-count slot, allreduces in place and scales in place, with device-side ops
-only (no host synchronization).
+``GradientViews`` makes parameters' gradients views of a plan's buffer
+segments; ``AllReduceSGD.attach(..., gradient_as_bucket_view=True)`` uses it
+per bucket. ``FlatStorage`` (``AllReduceSGD.use_flat_storage``) adds the
+parameters themselves as views of a second buffer laid out the same way,
+for a module's whole list of trainable parameters. Backward then accumulates
+straight into the buffer the allreduce runs on, so the pack and unpack
+copies disappear: a step writes the count slot, allreduces in place and
+scales in place, with device-side ops only (no host synchronization).
 
 Gradients must stay those views: ``optimizer.zero_grad(set_to_none=False)``.
 A gradient found elsewhere (set to None and made anew by backward) is
@@ -27,28 +28,22 @@ from torch import nn
 from . import _C
 from ._plan import Plan
 
-__all__ = ["FlatStorage"]
+__all__ = ["FlatStorage", "GradientViews"]
 
 _GRAD = operator.attrgetter("grad")
 
 
-class FlatStorage:
-    """The views of one module's trainable parameters and gradients."""
+class GradientViews:
+    """The gradients of ``params`` as views of ``plan``'s buffer segments."""
 
-    def __init__(self, module: nn.Module, params: list[nn.Parameter], plan: Plan) -> None:
-        self.module = module
+    def __init__(self, params: list[nn.Parameter], plan: Plan) -> None:
         self.params = params
         self.plan = plan
         layout = plan.layout
-        self.param_buffer = torch.zeros_like(plan.buffer)
         self.grad_views = []
         with torch.no_grad():
             for param, offset in zip(params, layout.offsets[: len(params)], strict=True):
-                end = offset + param.numel()
-                data_view = self.param_buffer[offset:end].view(param.shape)
-                data_view.copy_(param)
-                param.data = data_view
-                grad_view = plan.buffer[offset:end].view(param.shape)
+                grad_view = plan.buffer[offset : offset + param.numel()].view(param.shape)
                 if param.grad is not None:
                     grad_view.copy_(param.grad)
                 else:
@@ -65,12 +60,19 @@ class FlatStorage:
             segments.append(self.presence)
         self._segments = segments
         self._view_addresses = _C.Addresses([v.data_ptr() for v in segments])
+        self.data = plan.buffer[: layout.count_offset]  # the segments and their zero padding
         # Count slots and flag, adjacent at the end of the buffer, and what
         # each rank's slot writes there (its 1, and a clear flag).
         self.tail = plan.buffer[layout.count_offset : layout.flag_offset + 1]
         self._tails = torch.eye(layout.count_slots, layout.count_slots + 1, dtype=plan.buffer.dtype)
         self._tails = self._tails.to(plan.buffer.device)
         self.copied_steps = 0  # steps where some gradient was not in its view
+
+    def summed_nonfinite(self) -> bool:
+        """After the allreduce, whether the sum holds a NaN or an infinity:
+        the same answer on every rank, as every rank holds the same sum
+        (reads the device; for buckets started before the mode was known)."""
+        return not bool(torch.isfinite(self.data).all())
 
     def gather_gradients(self) -> None:
         """Puts every gradient back into its view (a copy only where it left it)."""
@@ -83,7 +85,8 @@ class FlatStorage:
         for param, grad, view in zip(self.params, grads, self.grad_views, strict=True):
             if grad is None:
                 raise ValueError(
-                    "grads: a parameter of the flat module has no .grad; run backward() first"
+                    "grads: a parameter whose gradient is a buffer view has no .grad; run "
+                    "backward() first (or construct with allow_unused=True)"
                 )
             if grad is not view:
                 with torch.no_grad():
@@ -137,3 +140,17 @@ class FlatStorage:
                 self.grad_views[index].copy_(mean)
         for param, view, count in zip(self.params, self.grad_views, counts, strict=True):
             param.grad = view if count > 0 else None
+
+
+class FlatStorage(GradientViews):
+    """The views of one module's trainable parameters and gradients."""
+
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], plan: Plan) -> None:
+        self.module = module
+        self.param_buffer = torch.zeros_like(plan.buffer)
+        with torch.no_grad():
+            for param, offset in zip(params, plan.layout.offsets[: len(params)], strict=True):
+                data_view = self.param_buffer[offset : offset + param.numel()].view(param.shape)
+                data_view.copy_(param)
+                param.data = data_view
+        super().__init__(params, plan)

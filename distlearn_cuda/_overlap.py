@@ -25,9 +25,10 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from ._collectives import Collectives, PendingSum
+from ._flat_storage import GradientViews
 from ._module_grads import check_gradient
 from ._plan import Plan
-from ._unused import Presence
+from ._unused import Presence, read_counts
 from .errors import CommunicationError
 
 __all__ = ["Bucket", "OverlappedGradients", "split_into_buckets"]
@@ -73,6 +74,8 @@ class Bucket:
     # (None where missing), kept for the unpack.
     presence: Presence | None = None
     current: list[torch.Tensor | None] = field(default_factory=list)
+    # gradient_as_bucket_view: the gradients are views of the plan's buffer.
+    views: GradientViews | None = None
 
 
 class OverlappedGradients:
@@ -135,9 +138,12 @@ class OverlappedGradients:
         for bucket in self.buckets:
             assert bucket.pending is not None
             bucket.pending.wait()
-        ranks = max(b.plan.nonfinite_ranks() for b in self.buckets) if check else 0
+        ranks = max(map(_nonfinite_ranks, self.buckets)) if check else 0
         for bucket in self.buckets:
-            if ranks == 0 and bucket.presence is not None:
+            if bucket.views is not None:
+                if ranks == 0:
+                    bucket.grads = _finish_views(bucket.views, normalize)
+            elif ranks == 0 and bucket.presence is not None:
                 counts, contributors, _ = bucket.presence.read()
                 bucket.grads = bucket.presence.unpack(
                     bucket.current, counts, contributors, normalize
@@ -173,6 +179,15 @@ class OverlappedGradients:
 
     def _start(self, index: int) -> None:
         bucket = self.buckets[index]
+        if bucket.views is not None:
+            # Backward accumulated into the buffer: only the count slot to write.
+            bucket.views.gather_gradients()
+            bucket.views.write_slots(self._count_slot(bucket.plan), check_nonfinite=False)
+            bucket.grads = bucket.views.grad_views
+            bucket.pending = self._collectives.all_reduce_sum_async(bucket.plan.buffer)
+            bucket.started = True
+            self._next = index + 1
+            return
         if bucket.presence is not None:
             self._start_with_presence(index, bucket, bucket.presence)
             return
@@ -211,3 +226,22 @@ class OverlappedGradients:
         bucket.pending = self._collectives.all_reduce_sum_async(plan.buffer)
         bucket.started = True
         self._next = index + 1
+
+
+def _nonfinite_ranks(bucket: Bucket) -> int:
+    """How many ranks packed a non-finite value into the bucket (read on the
+    host). Zero-copy buckets start before the call's mode is known and pack
+    no flag: there, 1 when the sum holds one (the count is not known)."""
+    if bucket.views is not None:
+        return int(bucket.views.summed_nonfinite())
+    return bucket.plan.nonfinite_ranks()
+
+
+def _finish_views(views: GradientViews, normalize: bool) -> list[torch.Tensor]:
+    """Scales a zero-copy bucket in place (per-tensor counts with allow_unused)."""
+    if views.presence is not None:
+        counts, contributors, _ = read_counts(views.plan, views.presence)
+        views.finish_with_presence(counts, contributors, normalize, skip_nonfinite=False)
+    else:
+        views.scale(normalize, skip_nonfinite=False)
+    return views.grad_views

@@ -15,7 +15,7 @@ from torch.autograd.graph import increment_version
 
 from . import _C, _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
-from ._flat_storage import FlatStorage
+from ._flat_storage import FlatStorage, GradientViews
 from ._module_grads import ModuleGradients, check_gradient
 from ._overlap import Bucket, OverlappedGradients, split_into_buckets
 from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
@@ -266,7 +266,12 @@ class AllReduceSGD(_group.GroupMember):
         self._steps = 0
 
     def attach(
-        self, module: nn.Module, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0
+        self,
+        module: nn.Module,
+        bucket_mb: float = 25.0,
+        first_bucket_mb: float = 1.0,
+        *,
+        gradient_as_bucket_view: bool = False,
     ) -> None:
         """Overlaps the gradient allreduce with backward for ``module``.
 
@@ -279,7 +284,21 @@ class AllReduceSGD(_group.GroupMember):
         the floating-point sums; the uneven-steps semantics hold unchanged.
         One backward per step, or accumulate with ``no_sync()``.
         Collective: every rank attaches the same module structure.
+
+        ``gradient_as_bucket_view=True`` (DDP's option of that name) makes
+        the gradients views of their buckets' buffers, so backward
+        accumulates straight into what the allreduce sends: a bucket's pack
+        is its count slot and its unpack an in-place scale. Keep them there
+        with ``optimizer.zero_grad(set_to_none=False)`` (a gradient made anew
+        is copied in: correct, not zero-copy). Needs ``comm_dtype`` None or
+        the dtype of every trainable parameter. Such buckets carry no
+        non-finite flag (they start before the call's ``nonfinite`` mode is
+        known): with "skip" or "raise" the summed gradients are checked
+        instead, the same decision on every rank.
         """
+        if not isinstance(gradient_as_bucket_view, bool):
+            kind = type(gradient_as_bucket_view).__name__
+            raise TypeError(f"gradient_as_bucket_view must be a bool, got {kind}")
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         for name, value in (("bucket_mb", bucket_mb), ("first_bucket_mb", first_bucket_mb)):
@@ -318,12 +337,20 @@ class AllReduceSGD(_group.GroupMember):
                 dtype,
                 count_slots_for(self.world_size, dtype),
             )
+            if gradient_as_bucket_view and any(p.dtype != dtype for p in members):
+                raise ValueError(
+                    f"module: gradient_as_bucket_view needs the buffers' dtype ({dtype}) for every "
+                    f"trainable parameter; got {sorted({str(p.dtype) for p in members})}"
+                )
+            views = GradientViews(members, plan) if gradient_as_bucket_view else None
+            presence = Presence(plan, members) if self._allow_unused and views is None else None
             buckets.append(
                 Bucket(
                     members,
                     [trainable.names[order[i]] for i in group],
                     plan,
-                    presence=Presence(plan, members) if self._allow_unused else None,
+                    presence=presence,
+                    views=views,
                 )
             )
         self._overlap = OverlappedGradients(
@@ -504,7 +531,13 @@ class AllReduceSGD(_group.GroupMember):
         ranks = overlap.finish(normalize=normalize, check=mode != "propagate")
         if mode != "propagate":
             if ranks > 0 and mode == "raise":
-                raise self._nonfinite_error(ranks, "with its gradients unchanged")
+                views = any(b.views is not None for b in overlap.buckets)
+                state = (
+                    "its gradients (bucket views) holding the sums"
+                    if views
+                    else ("with its gradients unchanged")
+                )
+                raise self._nonfinite_error(ranks, state)
             if ranks > 0:
                 grads = [p.grad for b in overlap.buckets for p in b.params if p.grad is not None]
                 torch._foreach_zero_(grads)

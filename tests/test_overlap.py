@@ -36,19 +36,25 @@ class Net(nn.Module):
 
 
 def _train(
-    rank: int, world_size: int, overlapped: bool, reverse: bool, steps: list[int], seed: int
+    rank: int,
+    world_size: int,
+    overlapped: bool,
+    reverse: bool,
+    steps: list[int],
+    seed: int,
+    views: bool = False,
 ) -> dict:
     torch.manual_seed(seed)  # same init everywhere
     model = Net(reverse)
     sgd = dl.AllReduceSGD()
     if overlapped:
-        sgd.attach(model, **TINY_BUCKETS)
+        sgd.attach(model, **TINY_BUCKETS, gradient_as_bucket_view=views)
     sgd.synchronize_parameters(model)
     started_during_backward = []
     generator = torch.Generator().manual_seed(seed * 100 + rank)
     for epoch_steps in steps:
         for _ in range(epoch_steps if rank < world_size - 1 else epoch_steps // 2):
-            model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=not views)  # bucket views stay in place
             model(torch.randn(8, 24, generator=generator)).backward()
             if overlapped:
                 started_during_backward.append(sum(b.started for b in sgd._overlap.buckets))
@@ -58,21 +64,30 @@ def _train(
                     if p.grad is not None:
                         p.sub_(0.1 * p.grad)
         sgd.synchronize_parameters(model)
+    buckets = sgd._overlap.buckets if overlapped else []
     return {
         "params": [p.detach().clone() for p in model.parameters()],
-        "buckets": len(sgd._overlap.buckets) if overlapped else 0,
+        "buckets": len(buckets),
         "started": started_during_backward,
+        # Zero-copy: every gradient is still its bucket's view, never copied in.
+        "in_views": all(
+            b.views is not None
+            and b.views.copied_steps == 0
+            and all(p.grad is v for p, v in zip(b.params, b.views.grad_views, strict=True))
+            for b in buckets
+        ),
     }
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_overlapped_matches_plain_with_uneven_steps(reverse: bool) -> None:
+@pytest.mark.parametrize(("reverse", "views"), [(False, False), (True, False), (True, True)])
+def test_overlapped_matches_plain_with_uneven_steps(reverse: bool, views: bool) -> None:
     seed = random.randrange(2**31)
     steps = [5, 3]  # the last rank takes half: uneven epochs
     plain = run_world(_train, 3, False, reverse, steps, seed, timeout=60)
-    overlapped = run_world(_train, 3, True, reverse, steps, seed, timeout=60)
+    overlapped = run_world(_train, 3, True, reverse, steps, seed, views, timeout=60)
     for rank in range(3):
         assert overlapped[rank]["buckets"] > 2
+        assert overlapped[rank]["in_views"] == views
         # Every bucket started during backward, before the sum call.
         assert all(n == overlapped[rank]["buckets"] for n in overlapped[rank]["started"])
         for a, b in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
@@ -81,11 +96,11 @@ def test_overlapped_matches_plain_with_uneven_steps(reverse: bool) -> None:
             assert torch.equal(a, b)
 
 
-def _nan_overlapped(rank: int, world_size: int, mode: str) -> dict:
+def _nan_overlapped(rank: int, world_size: int, mode: str, views: bool) -> dict:
     torch.manual_seed(0)
     model = Net(reverse=False)
     sgd = dl.AllReduceSGD()
-    sgd.attach(model, **TINY_BUCKETS)
+    sgd.attach(model, **TINY_BUCKETS, gradient_as_bucket_view=views)
     x = torch.ones(2, 24)
     if rank == 1:
         x[0, 0] = float("nan")  # NaN gradients, packed by the hooks during backward
@@ -108,13 +123,16 @@ def _nan_overlapped(rank: int, world_size: int, mode: str) -> dict:
     }
 
 
+@pytest.mark.parametrize("views", [False, True])
 @pytest.mark.parametrize("mode", ["skip", "raise"])
-def test_overlapped_nonfinite_guard_decides_alike_on_every_rank(mode: str) -> None:
-    for report in run_world(_nan_overlapped, 2, mode, timeout=60):
+def test_overlapped_nonfinite_guard_decides_alike_on_every_rank(mode: str, views: bool) -> None:
+    for report in run_world(_nan_overlapped, 2, mode, views, timeout=60):
         if mode == "skip":
             assert report["skipped"] and report["zeros"] and not report["raised"]
         else:
-            assert report["raised"] and report["unchanged"]
+            # Bucket views are the allreduce's buffer: they hold the sum, so
+            # only the plain buckets leave the gradients as they were.
+            assert report["raised"] and (report["unchanged"] or views)
 
 
 @pytest.mark.usefixtures("world_of_one")

@@ -48,8 +48,9 @@ def _train(rank: int, world_size: int, seed: int, mode: str) -> list[dict[str, A
     torch.manual_seed(seed)
     model = Experts()
     sgd = dl.AllReduceSGD(allow_unused=True)
-    if mode == "attach":
-        sgd.attach(model, bucket_mb=0.0002, first_bucket_mb=0.0001)
+    if mode.startswith("attach"):
+        views = mode == "attach-views"
+        sgd.attach(model, bucket_mb=0.0002, first_bucket_mb=0.0001, gradient_as_bucket_view=views)
     elif mode == "flat":
         sgd.use_flat_storage(model)
     results = []
@@ -67,7 +68,7 @@ def _train(rank: int, world_size: int, seed: int, mode: str) -> list[dict[str, A
     return results
 
 
-@pytest.mark.parametrize("mode", ["plain", "attach", "flat"])
+@pytest.mark.parametrize("mode", ["plain", "attach", "attach-views", "flat"])
 def test_unused_parameters_are_averaged_over_the_ranks_that_produced_them(mode: str) -> None:
     seed, world_size = random.randrange(2**31), len(STEPS)
     results = run_world(_train, world_size, seed, mode, timeout=60)
