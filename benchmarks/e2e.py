@@ -176,6 +176,9 @@ class Trainer:
     after_backward: Callable[[], object] | None = None
     after_step: Callable[[], object] | None = None
     steps_taken: int = 0
+    # False for gradients that live in communication buffers (bucket views):
+    # zeroed in place, as those need, instead of made anew.
+    set_to_none: bool = True
 
     @classmethod
     def fresh(cls, spec: ModelSpec, rank: int) -> Trainer:
@@ -191,7 +194,7 @@ class Trainer:
         self.steps_taken += 1
         # First, as in PyTorch's examples: PeriodicModelAverager averages
         # only parameters that have a gradient when it is called.
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
         nn.functional.cross_entropy(self.forward(inputs), labels).backward()
         if self.after_backward is not None:
             self.after_backward()
