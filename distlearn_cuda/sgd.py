@@ -19,6 +19,7 @@ from ._flat_storage import FlatStorage, GradientViews
 from ._module_grads import ModuleGradients, check_gradient
 from ._overlap import Bucket, OverlappedGradients, split_into_buckets
 from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
+from ._tree import Flat
 from ._unused import Presence, read_counts
 from ._validate import (
     DEFAULT_TIMEOUT,
@@ -307,12 +308,7 @@ class AllReduceSGD(_group.GroupMember):
         if self._overlap is not None:
             raise RuntimeError("attach: already attached to a module; detach() first")
         self._collectives.check_usable("attach")
-        trainable = _tree.trainable(module, "module")
-        grad_signature = signature(trainable, "module", with_strides=False)
-        if self._grad_signature is None:
-            self._bind_gradients(grad_signature, trainable.names, "module")
-        else:
-            check_same_signature(self._grad_signature, grad_signature, "module")
+        trainable, grad_signature = self._trainable_gradients(module, "module")
         # Reverse registration order: roughly the order backward produces gradients.
         order = list(reversed(range(len(trainable.tensors))))
         params = [trainable.tensors[i] for i in order]
@@ -544,6 +540,17 @@ class AllReduceSGD(_group.GroupMember):
             self._skipped = lambda: ranks > 0
         self._steps += 1
 
+    def _trainable_gradients(self, structure: Any, arg: str) -> tuple[Flat, Signature]:
+        """The trainable tensors of ``structure`` (what its gradients look like)
+        and their signature, checked against the bound one (binding it first)."""
+        trainable = _tree.trainable(structure, arg)
+        grad_signature = signature(trainable, arg, with_strides=False)
+        if self._grad_signature is None:
+            self._bind_gradients(grad_signature, trainable.names, arg)
+        else:
+            check_same_signature(self._grad_signature, grad_signature, arg)
+        return trainable, grad_signature
+
     def _bind_gradients(self, grad_signature: Signature, names: list[str], arg: str) -> None:
         """Binds the gradient structure once all ranks agree on it.
 
@@ -601,12 +608,7 @@ class AllReduceSGD(_group.GroupMember):
         if self._presence is not None and self._presence_source() is grads:
             return self._presence
         grads = _tree.materialize(grads)
-        trainable = _tree.trainable(grads, "grads")
-        grad_signature = signature(trainable, "grads", with_strides=False)
-        if self._grad_signature is None:
-            self._bind_gradients(grad_signature, trainable.names, "grads")
-        else:
-            check_same_signature(self._grad_signature, grad_signature, "grads")
+        trainable, grad_signature = self._trainable_gradients(grads, "grads")
         plan = self._gradient_plan(grad_signature)
         self._count_slot = self.rank % plan.count_slots
         self._presence = Presence(plan, trainable.tensors)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,21 +31,6 @@ pytestmark = needs_gpu
 
 # Odd sizes across vector widths and chunk boundaries (2^14 elements).
 SHAPES = [(3,), (1023,), (5, 7), (1,), (65537,), (16384, 3)]
-
-
-@pytest.fixture
-def nccl_world_of_one() -> Iterator[None]:
-    dist.init_process_group(
-        "nccl",
-        store=dist.HashStore(),
-        rank=0,
-        world_size=1,
-        device_id=torch.device("cuda", torch.cuda.current_device()),
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def random_list(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:

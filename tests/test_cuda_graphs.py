@@ -10,11 +10,10 @@ replay then repeats the captured step on whatever the static input holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
 from tensor_cases import fresh_seed, needs_gpu
 from torch import nn
 
@@ -22,21 +21,6 @@ import distlearn_cuda as dl
 import distlearn_cuda.ea as ea_module
 
 STEPS = 4
-
-
-@pytest.fixture
-def nccl_world_of_one() -> Iterator[None]:
-    dist.init_process_group(
-        "nccl",
-        store=dist.HashStore(),
-        rank=0,
-        world_size=1,
-        device_id=torch.device("cuda", torch.cuda.current_device()),
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def make_model(seed: int) -> nn.Module:
