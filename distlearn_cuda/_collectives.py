@@ -16,9 +16,10 @@ the extension, they go through that group itself, bounded by its timeout.
 Any failure becomes a ``CommunicationError`` naming the operation, the
 ranks and this rank; the object is unusable afterwards.
 
-The private group is held by weak reference (torch's registry holds it), so
-``dist.destroy_process_group()`` destroys it even while this object lives;
-``close()`` destroys it earlier.
+The private group is a gloo backend this object owns (``_gloo``): released
+by ``close()``, when the object is collected, or at exit. The user's group
+is held by weak reference, so ``dist.destroy_process_group()`` destroys it;
+the object then raises at its next call and lets its backend go.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C, _nccl
+from ._gloo import PrivateGloo
 from ._positions import Positions
 from ._validate import DTYPE_CODES
 from .errors import CommunicationError
@@ -116,12 +118,11 @@ class Collectives:
         self._ranks = dist.get_process_group_ranks(group.group)
         # Collective over the group's ranks only (not the whole world), so
         # objects on subgroups can be made by their members alone.
-        gloo = dist.new_group(
-            self._ranks, backend="gloo", timeout=timeout, use_local_synchronization=True
+        self._gloo: PrivateGloo | None = PrivateGloo(
+            group.group, group.rank, group.world_size, timeout
         )
-        self._gloo_ref = weakref.ref(gloo)
         self._positions = Positions(
-            _store_of(gloo), f"distlearn/{_name_of(gloo)}", group.rank, len(self._ranks), step
+            self._gloo.store, "positions", group.rank, len(self._ranks), step
         )
         self._cuda_nccl = uses_cuda_nccl(group.group)
         # CUDA buffers on the extension's communicator, else on the group's own NCCL.
@@ -146,24 +147,21 @@ class Collectives:
         return self._group.rank
 
     @property
-    def _gloo(self) -> dist.ProcessGroup:
-        return live(self._gloo_ref, "the private gloo group of this object")
+    def gloo(self) -> PrivateGloo:
+        """The private gloo backend (check_usable() first)."""
+        assert self._gloo is not None, "checked by check_usable"
+        return self._gloo
 
     def close(self) -> None:
-        """Destroys the private group and releases the communicators (the last
-        user of one closes it); idempotent, local."""
+        """Releases the private group and the communicators (the last user of
+        one closes it); idempotent, local."""
         self._closed = True
         self._positions.close()
         leases, self._leases = self._leases, {}
         for lease in leases.values():
             lease.release()
         self._side_streams.clear()
-        gloo = self._gloo_ref()
-        if gloo is not None:
-            try:
-                dist.destroy_process_group(gloo)
-            except (ValueError, RuntimeError):
-                pass  # already destroyed with the default group
+        self._gloo = None  # the backend goes with its last reference: this one
 
     def all_reduce_sum(self, buffer: torch.Tensor, verify: bool = False) -> None:
         """buffer <- its sum over the ranks, in place.
@@ -186,8 +184,10 @@ class Collectives:
                 if verify and not is_capturing(buffer.device):
                     torch.cuda.current_stream(buffer.device).synchronize()
                     comm.check()
+            elif self._on_group(buffer):
+                dist.all_reduce(buffer, group=self._group.group)
             else:
-                dist.all_reduce(buffer, group=self._group_for(buffer))
+                self.gloo.all_reduce(buffer).wait()
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
 
@@ -234,7 +234,10 @@ class Collectives:
                     torch.cuda.current_stream(buffer.device).wait_event(done)
 
                 return PendingSum(verified)
-            work = dist.all_reduce(buffer, group=self._group_for(buffer), async_op=True)
+            if self._on_group(buffer):
+                work = dist.all_reduce(buffer, group=self._group.group, async_op=True)
+            else:
+                work = self.gloo.all_reduce(buffer)
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
 
@@ -263,9 +266,10 @@ class Collectives:
                 # whole before the caller unpacks it (not on a hot path).
                 torch.cuda.current_stream(buffer.device).synchronize()
                 comm.check()
+            elif self._on_group(buffer):
+                dist.broadcast(buffer, src=self._ranks[src], group=self._group.group)
             else:
-                group = self._group_for(buffer)
-                dist.broadcast(buffer, src=self._ranks[src], group=group)
+                self.gloo.broadcast(buffer, src)
         except RuntimeError as error:
             self._fail("broadcast", started, error)
 
@@ -274,12 +278,10 @@ class Collectives:
         self.check_usable("broadcast_object")
         self._positions.enter("broadcast_object")
         started = time.monotonic()
-        payload = [value if self._group.rank == src else None]
         try:
-            dist.broadcast_object_list(payload, src=self._ranks[src], group=self._gloo)
+            return self.gloo.broadcast_object(value, src)
         except RuntimeError as error:
             self._fail("broadcast_object", started, error)
-        return payload[0]
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over the ranks (a small host-side collective)."""
@@ -288,7 +290,7 @@ class Collectives:
         started = time.monotonic()
         key = torch.tensor([value], dtype=torch.int64)
         try:
-            dist.all_reduce(key, op=dist.ReduceOp.MAX, group=self._gloo)
+            self.gloo.all_reduce(key, dist.ReduceOp.MAX).wait()
         except RuntimeError as error:
             self._fail("max_int", started, error)
         return int(key.item())
@@ -307,19 +309,18 @@ class Collectives:
         value = int.from_bytes(digest, "little") >> 2  # 62 bits: it and -it fit int64
         extremes = torch.tensor([value, -value], dtype=torch.int64)
         try:
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self._gloo)
+            self.gloo.all_reduce(extremes, dist.ReduceOp.MAX).wait()
             if extremes[0].item() == -extremes[1].item():
                 return
-            gathered: list[tuple[list[str], list[str]] | None] = [None] * len(self._ranks)
-            dist.all_gather_object(gathered, (list(entries), list(names)), group=self._gloo)
+            gathered = self.gloo.all_gather_objects((list(entries), list(names)))
         except RuntimeError as error:
             self._fail("check_same_structure", started, error)
         raise ValueError(f"{arg}: " + _first_difference(gathered))
 
-    def _group_for(self, buffer: torch.Tensor) -> dist.ProcessGroup:
-        if buffer.is_cuda and self._cuda_nccl:
-            return self._group.group  # DISTLEARN_NCCL=group, or the CPU flavor
-        return self._gloo
+    def _on_group(self, buffer: torch.Tensor) -> bool:
+        """Whether the buffer goes through the user's group itself (CUDA
+        buffers on its NCCL: DISTLEARN_NCCL=group, or the CPU flavor)."""
+        return buffer.is_cuda and self._cuda_nccl
 
     def _communicator(self, device: torch.device) -> _C.NcclCommunicator | None:
         if device.type != "cuda" or not self._own_nccl:
@@ -327,7 +328,7 @@ class Collectives:
         index = device.index if device.index is not None else torch.cuda.current_device()
         lease = self._leases.get(index)
         if lease is None:
-            lease = _nccl.acquire(self._group, device, self._gloo, self._timeout_s)
+            lease = _nccl.acquire(self._group, device, self, self._timeout_s)
             self._leases[index] = lease
         return lease.comm
 
@@ -342,7 +343,8 @@ class Collectives:
         RuntimeError once closed, or once its groups were destroyed."""
         if self._closed:
             raise RuntimeError(f"{operation}: this object was closed (close())")
-        if self._gloo_ref() is None or self._group.ref() is None:
+        if self._group.ref() is None:
+            self._gloo = None  # nothing to talk to any more: let the backend go
             raise GroupGoneError(
                 f"{operation}: the process group was destroyed "
                 f"(dist.destroy_process_group); make a new object on a live group"
@@ -368,16 +370,6 @@ class Collectives:
             rank=self._group.rank,
         )
         raise self._failure from error
-
-
-def _store_of(group: dist.ProcessGroup) -> Any:
-    """The store the group's ranks met on (torch keeps it with the group)."""
-    return dist.distributed_c10d._world.pg_map[group][1]
-
-
-def _name_of(group: dist.ProcessGroup) -> str:
-    """The group's name: the same on every rank of it."""
-    return dist.distributed_c10d._world.pg_names[group]
 
 
 def _stream(buffer: torch.Tensor) -> int:

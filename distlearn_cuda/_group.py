@@ -4,15 +4,15 @@ torch.distributed starts and meets the ranks; this module only makes sure it
 is initialized, the way a user launching with torchrun (or plain python)
 expects.
 
-Lifetime invariant: an algorithm object never keeps a process group alive.
-It holds the user's group and its own private gloo group by weak reference
-(torch's registry holds the strong ones), so ``dist.destroy_process_group()``
-really destroys them, joining gloo's worker threads then and there, instead
-of leaving them running into the interpreter's teardown, where a worker that
-releases a tensor must take the GIL of a finalizing interpreter and the
-process aborts. What an object owns besides (its private group's
-registration, NCCL communicators) is released by ``close()`` or at
-interpreter exit.
+Lifetime invariant: an algorithm object never keeps a user's process group
+alive. It holds the group by weak reference (torch's registry holds the
+strong one), so ``dist.destroy_process_group()`` really destroys it, joining
+gloo's worker threads then and there, instead of leaving them running into
+the interpreter's teardown, where a worker that releases a tensor must take
+the GIL of a finalizing interpreter and the process aborts. What an object
+owns (its private gloo backend, NCCL leases, a positions thread) goes with
+``close()``, with the object when it is collected, or in the exit handler,
+which runs before the interpreter's teardown.
 """
 
 from __future__ import annotations
@@ -108,11 +108,6 @@ class GroupMember:
 
         self._collectives = Collectives(self._group, timeout, step=step)
         self._closed = False
-        # Not released when the object is collected: collection happens at
-        # different times on different ranks, and torch names a new group
-        # after the groups that exist, so destroying one there would give
-        # the ranks' next groups different names. Until close() or
-        # destroy_process_group(), torch's registry keeps it.
         _open_members.add(self)
 
     @property
@@ -143,7 +138,7 @@ class GroupMember:
     def close(self) -> None:
         """Releases what this object holds: completes a collective still in
         flight (bounded by the deadline; its failure is not raised again),
-        removes hooks, and destroys the private gloo group and any NCCL
+        removes hooks, and releases the private gloo group and any NCCL
         communicator. Idempotent, local (not collective), safe after a
         ``CommunicationError``. Later calls that communicate raise
         RuntimeError; the state already computed (``state_dict()``, the EA

@@ -45,10 +45,9 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from . import _C
 
@@ -204,17 +203,25 @@ _latest: dict[tuple[int, int], _Shared] = {}
 _group_watchers: dict[int, weakref.finalize] = {}
 
 
+class Bootstrap(Protocol):
+    """The CPU collectives over the group's ranks that meeting on a communicator needs."""
+
+    def broadcast_object(self, value: Any, src: int) -> Any: ...
+
+    def max_int(self, value: int) -> int: ...
+
+
 def acquire(
     group: Group,
     device: torch.device,
-    bootstrap: dist.ProcessGroup,
+    bootstrap: Bootstrap,
     collective_timeout_s: float,
     *,
     factory: Callable[[bytes, int, int, int, float], _C.NcclCommunicator] | None = None,
 ) -> Lease:
     """A lease on the communicator of ``group`` on ``device``, made if the
-    ranks do not all hold it (collective over ``bootstrap``, a CPU group over
-    the same ranks, with rank 0 first).
+    ranks do not all hold it (collective over ``bootstrap``: the object's CPU
+    collectives over the same ranks, rank 0 offering).
 
     ``factory(unique_id, nranks, rank, device, init_timeout)`` makes one;
     default ``_C.NcclCommunicator``. The CPU tests of this bookkeeping pass a
@@ -222,22 +229,20 @@ def acquire(
     index = device.index if device.index is not None else torch.cuda.current_device()
     process_group = group.group
     key = (id(process_group), index)
-    src = group.global_rank(0)
     with _lock:
         found = _latest.get(key)
         token = found.token if found is not None and found.comm.usable else None
-        offered = [token if group.rank == 0 else None]
-        dist.broadcast_object_list(offered, src=src, group=bootstrap)
-        agree = torch.tensor([int(token is not None and token == offered[0])], dtype=torch.int32)
-        dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=bootstrap)
-        if int(agree.item()) == 1:
+        offered = bootstrap.broadcast_object(token if group.rank == 0 else None, 0)
+        # Every rank holds rank 0's communicator: the smallest "yes" is 1.
+        holds = int(token is not None and token == offered)
+        if -bootstrap.max_int(-holds) == 1:
             assert found is not None
             found.users += 1
             return Lease(found)
         load()
-        payload = [_C.NcclCommunicator.unique_id() if group.rank == 0 else None]
-        dist.broadcast_object_list(payload, src=src, group=bootstrap)
-        unique_id = payload[0]
+        unique_id = bootstrap.broadcast_object(
+            _C.NcclCommunicator.unique_id() if group.rank == 0 else None, 0
+        )
         make = factory if factory is not None else _C.NcclCommunicator
         comm = make(
             unique_id, group.world_size, group.rank, index, init_timeout(collective_timeout_s)

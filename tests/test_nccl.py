@@ -9,6 +9,7 @@ tests/test_cuda_api.py.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -308,11 +309,12 @@ def _registry(rank: int, world_size: int) -> dict:
     import gc
     import weakref
 
+    from distlearn_cuda._collectives import Collectives
     from distlearn_cuda._group import Group, resolve
 
     device = torch.device("cuda", 0)  # only its index is used: no GPU is touched
     world = resolve(None)
-    boot = dist.new_group(backend="gloo")
+    boot = Collectives(world, datetime.timedelta(seconds=30))
 
     def acquire(timeout_s: float, group: Group = world) -> _nccl.Lease:
         return _nccl.acquire(group, device, boot, timeout_s, factory=StandInCommunicator)
@@ -331,7 +333,7 @@ def _registry(rank: int, world_size: int) -> dict:
     later = acquire(5.0)  # the ranks disagree, so every rank makes a new one
     report["new_after_disagreement"] = later.comm is not shared
     ids = [None] * world_size
-    dist.all_gather_object(ids, later.comm.unique_id, group=boot)
+    dist.all_gather_object(ids, later.comm.unique_id)
     report["same_new_id"] = len(set(ids)) == 1
     again = acquire(5.0)  # now they agree
     report["reused_after_agreement"] = again.comm is later.comm
