@@ -10,9 +10,10 @@ A gloo allreduce, even in a world of one, hands its work to a worker thread
 and waits for it: 15 to 80 us here from one run to the next, more than the
 library's own work, so subtracting a separately timed bare allreduce (the
 method the targets were first stated with) leaves mostly noise. Instead,
-every ``torch.distributed.all_reduce`` the library makes is timed where it
-happens (the call, and for an asynchronous one its ``wait()``), and the
-host overhead of a call is its wall time minus the time spent inside those.
+every allreduce the library makes (on its private gloo backend, or through
+``torch.distributed.all_reduce``) is timed where it happens (the call, and
+the ``wait()`` of the work it returns), and the host overhead of a call is
+its wall time minus the time spent inside those.
 For each form, the per-call figure is over a block of ``--calls`` calls;
 blocks of all forms alternate round after round and the report gives the
 median over rounds, with a bare allreduce's time for scale. Targets (issue
@@ -28,12 +29,14 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import distlearn_cuda as dl
+from distlearn_cuda._gloo import PrivateGloo
 
 from .harness import machine_info, markdown_table, write_files
 
@@ -83,40 +86,47 @@ def call_forms() -> dict[str, tuple[str, Callable[[], object]]]:
 
 
 class CollectiveClock:
-    """Wraps ``torch.distributed.all_reduce`` to add up the time spent in it
-    (and in the ``wait()`` of the work an asynchronous call returns)."""
+    """Adds up the time spent in the allreduces the library makes: its
+    private gloo backend's (the call, and the ``wait()`` of the work it
+    returns) and ``torch.distributed.all_reduce``'s."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._original = dist.all_reduce
+        self._gloo_all_reduce = PrivateGloo.all_reduce
+        self._dist_all_reduce = dist.all_reduce
 
     def __enter__(self) -> CollectiveClock:
-        clock, original = self, self._original
+        clock = self
 
         class TimedWork:
-            def __init__(self, work: object) -> None:
+            def __init__(self, work: Any) -> None:
                 self._work = work
 
-            def wait(self, *args: object, **kwargs: object) -> object:
+            def wait(self, *args: Any, **kwargs: Any) -> Any:
                 start = time.perf_counter()
                 try:
                     return self._work.wait(*args, **kwargs)
                 finally:
                     clock.seconds += time.perf_counter() - start
 
-        def timed(*args: object, **kwargs: object) -> object:
-            start = time.perf_counter()
-            try:
-                result = original(*args, **kwargs)
-            finally:
-                clock.seconds += time.perf_counter() - start
-            return TimedWork(result) if kwargs.get("async_op") else result
+        def timed(original: Callable[..., Any], returns_work: Callable[..., bool]) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    result = original(*args, **kwargs)
+                finally:
+                    clock.seconds += time.perf_counter() - start
+                return TimedWork(result) if returns_work(*args, **kwargs) else result
 
-        dist.all_reduce = timed
+            return call
+
+        PrivateGloo.all_reduce = timed(self._gloo_all_reduce, lambda *a, **k: True)
+        dist.all_reduce = timed(self._dist_all_reduce, lambda *a, **k: bool(k.get("async_op")))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        dist.all_reduce = self._original
+        PrivateGloo.all_reduce = self._gloo_all_reduce
+        dist.all_reduce = self._dist_all_reduce
 
 
 def baseline(numel: int) -> Callable[[], object]:
