@@ -27,6 +27,7 @@ from torch import nn
 
 from . import _C
 from ._plan import Plan
+from ._unused import read_counts
 
 __all__ = ["FlatStorage", "GradientViews"]
 
@@ -122,6 +123,15 @@ class GradientViews:
                     param.grad = view
                 present.append(grad is not None)
             self.presence.copy_(torch.tensor(present, dtype=self.presence.dtype))
+
+    def finish(self, normalize: bool, skip_nonfinite: bool) -> None:
+        """After the allreduce: the unpack's work, in place (with allow_unused,
+        each view the mean over the ranks that produced it)."""
+        if self.presence is None:
+            self.scale(normalize, skip_nonfinite)
+            return
+        counts, contributors, flagged = read_counts(self.plan, self.presence)
+        self.finish_with_presence(counts, contributors, normalize, skip_nonfinite and flagged > 0)
 
     def finish_with_presence(
         self, counts: list[int], contributors: int, normalize: bool, skip_nonfinite: bool

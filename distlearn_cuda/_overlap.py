@@ -26,9 +26,8 @@ from torch.autograd.graph import increment_version
 
 from ._collectives import Collectives, PendingSum
 from ._flat_storage import GradientViews
-from ._module_grads import check_gradient
 from ._plan import Plan
-from ._unused import Presence, read_counts
+from ._unused import Presence
 from .errors import CommunicationError
 
 __all__ = ["Bucket", "OverlappedGradients", "split_into_buckets"]
@@ -215,11 +214,7 @@ class OverlappedGradients:
 
     def _start_with_presence(self, index: int, bucket: Bucket, presence: Presence) -> None:
         """allow_unused: missing gradients travel as zeros, marked absent."""
-        current = [param.grad for param in bucket.params]
-        for grad, name in zip(current, bucket.names, strict=True):
-            if grad is not None:
-                check_gradient(grad, name)
-        tensors = presence.inputs(current)
+        current, tensors = presence.gather()
         plan = bucket.plan
         plan.pack(tensors, [t.data_ptr() for t in tensors], count_slot=self._count_slot(plan))
         bucket.current = current
@@ -239,9 +234,5 @@ def _nonfinite_ranks(bucket: Bucket) -> int:
 
 def _finish_views(views: GradientViews, normalize: bool) -> list[torch.Tensor]:
     """Scales a zero-copy bucket in place (per-tensor counts with allow_unused)."""
-    if views.presence is not None:
-        counts, contributors, _ = read_counts(views.plan, views.presence)
-        views.finish_with_presence(counts, contributors, normalize, skip_nonfinite=False)
-    else:
-        views.scale(normalize, skip_nonfinite=False)
+    views.finish(normalize, skip_nonfinite=False)
     return views.grad_views

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._module_grads import check_gradient
 from ._plan import Plan
 
 __all__ = ["Presence", "read_counts"]
@@ -32,8 +33,9 @@ __all__ = ["Presence", "read_counts"]
 class Presence:
     """The presence segment of one plan over ``params``' gradients."""
 
-    def __init__(self, plan: Plan, params: Sequence[nn.Parameter]) -> None:
+    def __init__(self, plan: Plan, params: Sequence[nn.Parameter], names: Sequence[str]) -> None:
         self.params = list(params)
+        self.names = list(names)  # for error messages
         count = len(self.params)
         dtype, device = plan.buffer.dtype, plan.buffer.device
         self.packed = torch.zeros(count, dtype=dtype, device=device)  # this rank's 1s and 0s
@@ -43,6 +45,15 @@ class Presence:
         self._plan = plan
         self._pattern: list[bool] | None = None
         self._zeros: dict[int, torch.Tensor] = {}  # stand-ins for missing gradients
+
+    def gather(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+        """The parameters' gradients (None where missing; the present ones
+        checked) and what to pack for them (see ``inputs``)."""
+        current = [param.grad for param in self.params]
+        for grad, name in zip(current, self.names, strict=True):
+            if grad is not None:
+                check_gradient(grad, name)
+        return current, self.inputs(current)
 
     def inputs(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """What to pack: the gradients, zeros where one is missing, the presence vector."""

@@ -282,8 +282,7 @@ class AllReduceEA(_group.GroupMember):
     def _release(self) -> None:
         # The round in flight completes (every rank is in it already), so the
         # center stays what state_dict() reports; a failure was recorded.
-        with contextlib.suppress(CommunicationError):
-            self._finish_pending_round()
+        self._complete_for_reading()
 
     def _bind(self, params: Any) -> tuple[Flat, Addresses]:
         """Validates params against the bound structure (binding it, and

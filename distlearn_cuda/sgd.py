@@ -16,11 +16,11 @@ from torch.autograd.graph import increment_version
 from . import _C, _group, _tree
 from ._carry import CarriedState, check_carry_args, pick_source
 from ._flat_storage import FlatStorage, GradientViews
-from ._module_grads import ModuleGradients, check_gradient
+from ._module_grads import ModuleGradients
 from ._overlap import Bucket, OverlappedGradients, split_into_buckets
 from ._plan import Plan, PlanCache, count_slots_for, lossless_dtype
 from ._tree import Flat
-from ._unused import Presence, read_counts
+from ._unused import Presence
 from ._validate import (
     DEFAULT_TIMEOUT,
     EXACT_INTEGER_LIMIT,
@@ -57,9 +57,9 @@ def _stands_for_parameters(grads: Any) -> bool:
     return False
 
 
-def _names(module: nn.Module) -> list[str]:
-    """The names of a module's trainable parameters, in walk order."""
-    return [name for name, p in module.named_parameters() if p.requires_grad]
+def _parameter_names(trainable: Flat) -> list[str]:
+    """A module's parameter names ("1.bias") from ``_tree.trainable(module, "grads")``."""
+    return [name.removeprefix("grads.") for name in trainable.names]
 
 
 class AllReduceSGD(_group.GroupMember):
@@ -136,7 +136,6 @@ class AllReduceSGD(_group.GroupMember):
         # allow_unused: the presence segment of the gradient plan, and what it was made for.
         self._presence: Presence | None = None
         self._presence_source: Callable[[], object] = _nothing
-        self._unused_names: dict[int, str] = {}  # parameter id -> name, for errors
         self._count_slot = 0  # this rank's count slot in the gradient plan
 
     @property
@@ -322,6 +321,7 @@ class AllReduceSGD(_group.GroupMember):
         buckets = []
         for group in groups:
             members = [params[i] for i in group]
+            names = [trainable.names[order[i]] for i in group]
             bucket_signature = (
                 grad_signature[0],
                 tuple(grad_signature[1][order[i]] for i in group),
@@ -339,11 +339,13 @@ class AllReduceSGD(_group.GroupMember):
                     f"trainable parameter; got {sorted({str(p.dtype) for p in members})}"
                 )
             views = GradientViews(members, plan) if gradient_as_bucket_view else None
-            presence = Presence(plan, members) if self._allow_unused and views is None else None
+            presence = (
+                Presence(plan, members, names) if self._allow_unused and views is None else None
+            )
             buckets.append(
                 Bucket(
                     members,
-                    [trainable.names[order[i]] for i in group],
+                    names,
                     plan,
                     presence=presence,
                     views=views,
@@ -482,7 +484,7 @@ class AllReduceSGD(_group.GroupMember):
             self._module_grads = ModuleGradients(
                 weakref.ref(grads),
                 list(trainable.tensors),
-                _names(grads),
+                _parameter_names(trainable),
                 list(flat.tensors),
                 [],
                 _C.Addresses(),
@@ -500,13 +502,7 @@ class AllReduceSGD(_group.GroupMember):
             raise self._nonfinite_error(
                 ranks, "its gradients already holding the sum (flat storage)"
             )
-        if flat.presence is not None:
-            counts, contributors, flagged = read_counts(flat.plan, flat.presence)
-            flat.finish_with_presence(
-                counts, contributors, normalize, mode == "skip" and flagged > 0
-            )
-        else:
-            flat.scale(normalize=normalize, skip_nonfinite=mode == "skip")
+        flat.finish(normalize, skip_nonfinite=mode == "skip")
         if mode == "skip":
             plan = flat.plan
             self._skipped = lambda: plan.nonfinite_ranks() > 0
@@ -527,13 +523,11 @@ class AllReduceSGD(_group.GroupMember):
         ranks = overlap.finish(normalize=normalize, check=mode != "propagate")
         if mode != "propagate":
             if ranks > 0 and mode == "raise":
-                views = any(b.views is not None for b in overlap.buckets)
-                state = (
-                    "its gradients (bucket views) holding the sums"
-                    if views
-                    else ("with its gradients unchanged")
-                )
-                raise self._nonfinite_error(ranks, state)
+                if any(b.views is not None for b in overlap.buckets):
+                    raise self._nonfinite_error(
+                        ranks, "its gradients (bucket views) holding the sums"
+                    )
+                raise self._nonfinite_error(ranks, "with its gradients unchanged")
             if ranks > 0:
                 grads = [p.grad for b in overlap.buckets for p in b.params if p.grad is not None]
                 torch._foreach_zero_(grads)
@@ -585,11 +579,7 @@ class AllReduceSGD(_group.GroupMember):
         presence = self._bind_unused(grads)
         plan = self._grad_plan
         assert plan is not None
-        current = [p.grad for p in presence.params]
-        for grad, param in zip(current, presence.params, strict=True):
-            if grad is not None:
-                check_gradient(grad, self._unused_names.get(id(param), "parameter"))
-        tensors = presence.inputs(current)
+        current, tensors = presence.gather()
         plan.pack(tensors, list(map(_DATA_PTR, tensors)), count_slot=self._count_slot)
         self._collectives.all_reduce_sum(plan.buffer)
         counts, contributors, flagged = presence.read()
@@ -607,14 +597,10 @@ class AllReduceSGD(_group.GroupMember):
         (with the gradient structure) by the first call, as by an optimizer."""
         if self._presence is not None and self._presence_source() is grads:
             return self._presence
-        grads = _tree.materialize(grads)
         trainable, grad_signature = self._trainable_gradients(grads, "grads")
         plan = self._gradient_plan(grad_signature)
         self._count_slot = self.rank % plan.count_slots
-        self._presence = Presence(plan, trainable.tensors)
-        self._unused_names = {
-            id(p): name for p, name in zip(trainable.tensors, trainable.names, strict=True)
-        }
+        self._presence = Presence(plan, trainable.tensors, _parameter_names(trainable))
         if isinstance(grads, nn.Module):
             self._presence_source = weakref.ref(grads)
         else:
