@@ -5,7 +5,9 @@
 # memcheck on a representative subset of the kernel tests, and a reduced
 # kernel benchmark that still gives the ResNet-50 and GPT-2-small rows.
 #
-# Each step has its own timeout, so one hang cannot eat the run. Results go
+# Each step has its own timeout, and every timeout is cut to what is left of
+# an overall budget (GPU_CHECK_BUDGET_S, default 420 s), so the script ends,
+# and its files can be collected, before the caller's own limit. Results go
 # to ${OUT:-gpu_check_out}/: summary.txt (one line per step: name, status,
 # seconds, key figure), a log per step, build_info.json and the benchmark's
 # JSON/markdown. The exit status is non-zero if any step failed; a step that
@@ -25,6 +27,8 @@ summary="$out/summary.txt"
 : > "$summary"
 status=0
 export PYTHONUNBUFFERED=1
+budget_s="${GPU_CHECK_BUDGET_S:-420}"
+started=$(date +%s)
 
 # The memcheck subset: every op on every dtype pair once (odd sizes), the
 # misaligned and multi-launch lists on one pair, a mixed-dtype multi-launch
@@ -41,9 +45,16 @@ record() {  # record NAME STATUS SECONDS FIGURE
 step() {  # step NAME TIMEOUT_S FIGURE_FN COMMAND...: runs it under a timeout, logs it
   local name="$1" limit="$2" figure_fn="$3"
   shift 3
-  local log="$out/$name.log" start rc state
+  local log="$out/$name.log" start rc state left
   start=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+  left=$((budget_s - (start - started) - 15)) # 15 s: the kill grace and the last lines
+  if [ "$left" -lt 5 ]; then
+    record "$name" "timed-out" 0 "overall budget of ${budget_s}s spent before this step"
+    status=1
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit="$left"
+  timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1
   rc=$?
   if [ "$rc" -eq 0 ]; then
     state=passed
@@ -68,7 +79,8 @@ if "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
   have_gpu=1
   nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 fi
-echo "gpu: $([ $have_gpu = 1 ] && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || echo none)" \
+echo "gpu: $([ $have_gpu = 1 ] && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || echo none);" \
+  "kernel $(uname -r); commit $(git rev-parse --short HEAD 2> /dev/null || echo unknown); $(date -u +%FT%TZ)" \
   | tee -a "$summary"
 
 arch=90
@@ -76,7 +88,7 @@ if [ $have_gpu = 1 ]; then
   arch=$("$python" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
 fi
 if [ -z "${SKIP_BUILD:-}" ]; then
-  step build 240 build_figure env DISTLEARN_CUDA=1 DISTLEARN_CUDA_ARCHS="$arch" \
+  step build 150 build_figure env DISTLEARN_CUDA=1 DISTLEARN_CUDA_ARCHS="$arch" \
     "$python" -m pip install --no-build-isolation --no-deps -e .
   [ "$status" -eq 0 ] || { echo "build failed: $out/build.log"; tail -30 "$out/build.log"; exit 1; }
 fi
@@ -95,10 +107,14 @@ fi
 
 # The GPU tests: kernels, the API on CUDA and NCCL, the CUDA cases of the
 # multi-process tests (gloo over CUDA tensors), NCCL loading and the build.
-step gpu_tests 150 pytest_figure "$python" -m pytest -q -rs -p no:cacheprovider \
+# Spread over 8 workers where pytest-xdist is installed (the GPU machine has
+# 16 cores; the tests' stores take ports the OS picks, so workers cannot clash).
+parallel=()
+"$python" -c "import xdist" 2> /dev/null && parallel=(-n 8)
+step gpu_tests 180 pytest_figure "$python" -m pytest -q -rs -p no:cacheprovider "${parallel[@]}" \
   tests/test_cuda_ops.py tests/test_cuda_api.py tests/test_nccl.py tests/test_build.py \
   tests/test_sgd.py tests/test_ea.py -k "cuda or nccl or Nccl or build or kernel"
-step cuda_graphs 90 pytest_figure "$python" -m pytest -q -rs -p no:cacheprovider \
+step cuda_graphs 60 pytest_figure "$python" -m pytest -q -rs -p no:cacheprovider \
   tests/test_cuda_graphs.py
 
 memcheck_figure() {
@@ -110,7 +126,10 @@ memcheck_figure() {
   fi
 }
 if command -v compute-sanitizer > /dev/null; then
-  step memcheck 150 memcheck_figure compute-sanitizer --tool memcheck --error-exitcode 1 \
+  # Without the caching allocator every tensor is its own cudaMalloc, whose
+  # bounds memcheck knows: an overrun past a tensor then cannot land unseen
+  # in a neighbour from the same pool block.
+  step memcheck 150 memcheck_figure env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py -k "$MEMCHECK_TESTS"
   if grep -q "could not run" <(tail -1 "$summary"); then
     sed -i '$ s/ passed / unavailable/; $ s/ failed / unavailable/' "$summary"
@@ -132,4 +151,8 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   step bench_cuda_ops 150 bench_figure "$python" -m benchmarks.bench_cuda_ops \
     --repeats 10 --warmup 3 --out "$out"
 fi
+# The failures themselves, for a caller that sees only the end of the output.
+grep -h -E "^(FAILED|ERROR) |========= (Invalid|Program hit|ERROR SUMMARY: [1-9])" "$out"/*.log \
+  2> /dev/null | cut -c1-300 | head -60
+cat "$summary"
 exit "$status"
