@@ -2,6 +2,7 @@
 #include "nccl_api.h"
 
 #include <dlfcn.h>
+#include <link.h>
 
 #include <memory>
 #include <mutex>
@@ -33,6 +34,17 @@ std::string bind_symbols(void* handle, NcclApi& api) {
   return "";
 }
 
+// The file a handle was opened from, as the dynamic linker recorded it: for
+// the copy found already loaded, where that copy is.
+std::string loaded_from(void* handle, const std::string& fallback) {
+  link_map* map = nullptr;
+  if (dlinfo(handle, RTLD_DI_LINKMAP, &map) != 0 || map == nullptr || map->l_name == nullptr ||
+      map->l_name[0] == '\0') {
+    return fallback;
+  }
+  return map->l_name;
+}
+
 std::string dl_error() {
   const char* message = dlerror();
   return message != nullptr ? message : "unknown dlopen error";
@@ -60,7 +72,7 @@ const NcclApi& load_nccl(const std::vector<std::string>& candidates) {
       dlclose(handle);
       continue;
     }
-    api->path = label;
+    api->path = already_loaded ? loaded_from(handle, label) : candidate;
     loaded = std::move(api);
     return *loaded;
   }

@@ -103,7 +103,7 @@ struct NcclApi {
   ncclResult_t (*comm_finalize)(ncclComm_t comm);
 
   int version = 0;   // NCCL_VERSION_CODE of the loaded library, e.g. 23203
-  std::string path;  // what was opened ("(already loaded) libnccl.so.2" for torch's copy)
+  std::string path;  // the file opened (for the copy found loaded, where it was loaded from)
 };
 
 // Every member of NcclApi above, as X(member, NCCL's symbol, required): the

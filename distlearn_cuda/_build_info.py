@@ -25,8 +25,8 @@ def build_info() -> dict[str, Any]:
             which calls no NCCL itself.
         nccl_runtime_version: version of the NCCL the extension loaded, or
             None until a CUDA tensor on an NCCL group made it load one.
-        nccl_library: what was loaded (a path, or "(already loaded)
-            libnccl.so.2" for the copy torch had loaded), or None.
+        nccl_library: the path of the NCCL library loaded (for the copy
+            torch had already loaded, the file it was loaded from), or None.
         nccl_mode: which NCCL carries CUDA collectives on NCCL groups by
             default: "own" (the extension's communicator) or "group" (the
             group's own), from ``DISTLEARN_NCCL``; "invalid: ..." when that

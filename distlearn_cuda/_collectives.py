@@ -191,7 +191,7 @@ class Collectives:
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
 
-    def all_reduce_sum_async(self, buffer: torch.Tensor) -> PendingSum:
+    def all_reduce_sum_async(self, buffer: torch.Tensor, *, verify: bool) -> PendingSum:
         """Starts buffer <- its sum over the ranks; the caller must not touch
         the buffer until the returned ``PendingSum`` was waited for.
 
@@ -199,6 +199,13 @@ class Collectives:
         the work already queued on the current stream), so it overlaps what
         the current stream does next; elsewhere it is an asynchronous
         torch.distributed work, bounded by the private group's deadline.
+
+        ``verify``: on NCCL, ``wait()`` first makes sure on the host that the
+        allreduce completed and NCCL was not aborted (waiting for it if it
+        still runs), for a sum about to be consumed irreversibly (the EA
+        center). Without it, ``wait()`` only orders the current stream after
+        the allreduce and the host runs on (SGD's buckets). Inside a CUDA
+        graph capture nothing is verified: the capture runs nothing.
         """
         self.check_usable("all_reduce_sum")
         self._positions.enter("all_reduce_sum")
@@ -220,20 +227,18 @@ class Collectives:
                 done = torch.cuda.Event()
                 done.record(side)
 
-                def verified() -> None:
-                    # The sum is about to be consumed in a way that cannot be
-                    # undone (folded into the EA center): first know that the
-                    # allreduce completed and NCCL was not aborted. The host
-                    # waits only if it is still running, tau steps later.
-                    try:
-                        if not done.query():
-                            done.synchronize()
-                        comm.check()
-                    except RuntimeError as error:
-                        self._fail("all_reduce_sum", started, error)
+                def joined() -> None:
+                    # An event recorded in a capture cannot be queried.
+                    if verify and not is_capturing(buffer.device):
+                        try:
+                            if not done.query():
+                                done.synchronize()
+                            comm.check()
+                        except RuntimeError as error:
+                            self._fail("all_reduce_sum", started, error)
                     torch.cuda.current_stream(buffer.device).wait_event(done)
 
-                return PendingSum(verified)
+                return PendingSum(joined)
             if self._on_group(buffer):
                 work = dist.all_reduce(buffer, group=self._group.group, async_op=True)
             else:

@@ -395,7 +395,7 @@ class AllReduceEA(_group.GroupMember):
                 torch._foreach_copy_(flat.tensors, self._centers)
         increment_version(flat.tensors)
         if asynchronous:
-            self._pending = self._collectives.all_reduce_sum_async(plan.buffer)
+            self._pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
         else:
             # The center update below cannot be undone: know the sum arrived.
             self._collectives.all_reduce_sum(plan.buffer, verify=True)

@@ -30,13 +30,17 @@ export PYTHONUNBUFFERED=1
 budget_s="${GPU_CHECK_BUDGET_S:-420}"
 started=$(date +%s)
 
-# The memcheck subset: every op on every dtype pair once (odd sizes), the
-# misaligned and multi-launch lists on one pair, a mixed-dtype multi-launch
-# list, empty tensors, the non-finite flag and skips, the catch-up blend and
-# a captured launch. Test ids come from tests/test_cuda_ops.py.
-MEMCHECK_TESTS="(reference and odd) or (reference and f32_f32) or (mixed and many) \
-or empty_tensors or skip_when_flagged or (nonfinite and f32_bf16) or (catch_up and f32_f32) \
-or graph"
+# The memcheck subset (about 30 tests; on an H200 memcheck ran 35 of the
+# odd-size cases in 150 s): each dtype pair once, pack/unpack on the pairs
+# with a 32- or 64-bit tensor and the EA blend/center update on those with a
+# 16-bit one; both on misaligned views and on a multi-launch list; a mixed
+# dtype list, one plain and one multi-launch; empty tensors, the non-finite
+# flag, skips, the catch-up blend and a captured launch. Test ids come from
+# tests/test_cuda_ops.py.
+MEMCHECK_TESTS="(pack_then_unpack and odd and (f32_ or f64_)) \
+or (ea_blend and odd and (f16_ or bf16_)) or ((misaligned or many) and f32_f32) \
+or (mixed and (dtype0 or many)) or empty_tensors or skip_when_flagged \
+or (nonfinite and f32_bf16) or (catch_up and f32_f32) or graph"
 
 record() {  # record NAME STATUS SECONDS FIGURE
   printf '%-16s %-12s %6ss  %s\n' "$1" "$2" "$3" "$4" | tee -a "$summary"
@@ -99,7 +103,7 @@ step build_info 30 info_figure sh -c \
    > '$out/build_info.json'"
 
 if [ $have_gpu = 0 ]; then
-  for name in gpu_tests cuda_graphs memcheck bench_cuda_ops; do
+  for name in gpu_tests cuda_graphs bench_cuda_ops host_profile memcheck; do
     record "$name" unavailable 0 "no GPU"
   done
   exit 1
@@ -111,11 +115,27 @@ fi
 # 16 cores; the tests' stores take ports the OS picks, so workers cannot clash).
 parallel=()
 "$python" -c "import xdist" 2> /dev/null && parallel=(-n 8)
-step gpu_tests 180 pytest_figure "$python" -m pytest -q -rs -p no:cacheprovider "${parallel[@]}" \
+step gpu_tests 180 pytest_figure "$python" -m pytest -q -rfEs -p no:cacheprovider "${parallel[@]}" \
   tests/test_cuda_ops.py tests/test_cuda_api.py tests/test_nccl.py tests/test_build.py \
   tests/test_sgd.py tests/test_ea.py -k "cuda or nccl or Nccl or build or kernel"
-step cuda_graphs 60 pytest_figure "$python" -m pytest -q -rs -p no:cacheprovider \
+step cuda_graphs 60 pytest_figure "$python" -m pytest -q -rfEs -p no:cacheprovider \
   tests/test_cuda_graphs.py
+
+bench_figure() {
+  "$python" - "$out/cuda_ops.json" << 'EOF' 2> /dev/null || tail -1 "$1"
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print(f"{len(rows)} rows; see cuda_ops.md")
+EOF
+}
+if [ -z "${SKIP_BENCH:-}" ]; then
+  step bench_cuda_ops 150 bench_figure "$python" -m benchmarks.bench_cuda_ops \
+    --repeats 10 --warmup 3 --out "$out"
+fi
+profile_figure() { grep -m1 "median host time" "$1" | cut -c1-100; }
+if [ -z "${SKIP_BENCH:-}" ]; then
+  step host_profile 60 profile_figure "$python" -m benchmarks.profile_cuda_host --calls 300
+fi
 
 memcheck_figure() {
   if grep -qE "Device not supported|not supported on this|Target application terminated before" "$1" \
@@ -129,7 +149,7 @@ if command -v compute-sanitizer > /dev/null; then
   # Without the caching allocator every tensor is its own cudaMalloc, whose
   # bounds memcheck knows: an overrun past a tensor then cannot land unseen
   # in a neighbour from the same pool block.
-  step memcheck 150 memcheck_figure env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  step memcheck 200 memcheck_figure env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py -k "$MEMCHECK_TESTS"
   if grep -q "could not run" <(tail -1 "$summary"); then
     sed -i '$ s/ passed / unavailable/; $ s/ failed / unavailable/' "$summary"
@@ -140,17 +160,7 @@ else
   status=1
 fi
 
-bench_figure() {
-  "$python" - "$out/cuda_ops.json" << 'EOF' 2> /dev/null || tail -1 "$1"
-import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-print(f"{len(rows)} rows; see cuda_ops.md")
-EOF
-}
-if [ -z "${SKIP_BENCH:-}" ]; then
-  step bench_cuda_ops 150 bench_figure "$python" -m benchmarks.bench_cuda_ops \
-    --repeats 10 --warmup 3 --out "$out"
-fi
+
 # The failures themselves, for a caller that sees only the end of the output.
 grep -h -E "^(FAILED|ERROR) |========= (Invalid|Program hit|ERROR SUMMARY: [1-9])" "$out"/*.log \
   2> /dev/null | cut -c1-300 | head -60

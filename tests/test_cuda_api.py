@@ -97,6 +97,52 @@ def test_a_warm_call_makes_no_host_synchronization(nccl_world_of_one: None) -> N
     torch.cuda.synchronize()
 
 
+# About 0.25 s at an H100's or H200's 1.98 GHz boost clock, far longer than
+# any call's host work: a call that returns while it still runs did not wait.
+SPIN_CYCLES = 500_000_000
+
+
+@pytest.mark.parametrize("form", ["list", "module", "attach", "flat", "ea"])
+def test_a_training_step_returns_while_the_device_is_still_busy(
+    nccl_world_of_one: None, form: str
+) -> None:
+    # Seen on an H200 (issue 9): attach()'s buckets waited on the host for
+    # their allreduce at the end of every step. Sync debug mode does not see
+    # an event wait; a spin queued before the step does.
+    torch.manual_seed(fresh_seed())
+    model = torch.nn.Sequential(
+        torch.nn.Linear(33, 65), torch.nn.ReLU(), torch.nn.Linear(65, 7)
+    ).cuda()
+    x, y = torch.randn(16, 33, device="cuda"), torch.randn(16, 7, device="cuda")
+    sgd = dl.AllReduceSGD()
+    ea = dl.AllReduceEA(tau=1, alpha=0.3)
+    if form == "attach":
+        sgd.attach(model, bucket_mb=0.01, first_bucket_mb=0.005)
+    elif form == "flat":
+        sgd.use_flat_storage(model)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=form != "flat")
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if form == "ea":
+            ea.average_parameters(model)
+        elif form == "list":
+            sgd.sum_and_normalize_gradients([p.grad for p in model.parameters()])
+        else:
+            sgd.sum_and_normalize_gradients(model)
+
+    for _ in range(3):  # plans, tables and the communicator made
+        step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SPIN_CYCLES)
+    step()
+    returned = torch.cuda.Event()
+    returned.record()
+    assert not returned.query(), f"{form}: the host waited for the device"
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_step_is_captured_in_a_cuda_graph_and_replayed(nccl_world_of_one: None) -> None:
     alpha = 0.25
     sgd = dl.AllReduceSGD(comm_dtype=torch.bfloat16)
@@ -379,7 +425,7 @@ def test_a_communicator_on_a_gpu_that_is_not_the_current_one() -> None:
         buffer = torch.arange(1000, dtype=torch.float32, device="cuda:1")
         collectives.all_reduce_sum(buffer)
         collectives.broadcast(buffer, 0)
-        collectives.all_reduce_sum_async(buffer).wait()
+        collectives.all_reduce_sum_async(buffer, verify=True).wait()
         torch.cuda.synchronize(1)
         assert torch.cuda.current_device() == 0
         assert torch.equal(buffer.cpu(), torch.arange(1000, dtype=torch.float32))

@@ -54,6 +54,10 @@ def make_step(
             sync.use_flat_storage(model)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if mode == "sgd-flat":
+            # Gradients stay in the flat buffer and backward adds into
+            # them: each replay must start from zero, as each eager step does.
+            optimizer.zero_grad(set_to_none=False)
         nn.functional.mse_loss(model(x), y).backward()
         if isinstance(sync, dl.AllReduceSGD):
             sync.sum_and_normalize_gradients(model)

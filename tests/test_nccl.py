@@ -144,24 +144,52 @@ def test_nothing_is_loaded_until_asked_then_the_wheel_is() -> None:
         import distlearn_cuda as dl
         from distlearn_cuda import _C, _nccl
         before = dl.build_info()
+        # Where the process already has NCCL (a CUDA build of torch loads it),
+        # that copy is the one to use; read independently of the loader.
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split()[-1] for line in maps if "/libnccl.so" in line}
         version, path = _nccl.load()
         after = dl.build_info()
         print(json.dumps({"before": before, "after": after, "version": version, "path": path,
-                          "again": list(_nccl.load()), "message": _C.nccl_error_string(4)}))
+                          "again": list(_nccl.load()), "message": _C.nccl_error_string(4),
+                          "mapped": sorted(mapped)}))
         """
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["before"]["nccl_runtime_version"] is None
     assert report["before"]["nccl_library"] is None
-    assert report["path"] == wheel_library()
+    # On a CPU build of torch nothing has NCCL loaded: the wheel's copy.
+    expected = report["mapped"] or [wheel_library()]
+    assert len(expected) == 1 and os.path.realpath(report["path"]) == os.path.realpath(expected[0])
     assert report["version"] >= 21200
     major, minor, patch = map(int, report["after"]["nccl_runtime_version"].split("."))
     assert major * 10000 + minor * 100 + patch == report["version"]
-    assert report["after"]["nccl_library"] == wheel_library()
+    assert report["after"]["nccl_library"] == report["path"]
     assert report["again"] == [report["version"], report["path"]]  # loaded once
     # NCCL's own text for ncclInvalidArgument (4), not a message of ours.
     assert "invalid argument" in report["message"].lower()
+
+
+@needs_nccl
+@needs_wheel
+def test_a_copy_already_loaded_is_used_and_reported_by_its_path(tmp_path: Path) -> None:
+    # As a CUDA build of torch does, the process loads NCCL first, here
+    # through a link of our own, so that only the already-loaded candidate
+    # can report that path (the wheel's candidate names the wheel's file).
+    link = tmp_path / "libnccl.so.2"
+    link.symlink_to(wheel_library())
+    done = run_python(
+        f"""
+        import ctypes, json, os
+        ctypes.CDLL({str(link)!r}, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        from distlearn_cuda import _nccl
+        print(json.dumps(list(_nccl.load())))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    version, path = json.loads(done.stdout)
+    assert path == str(link) and version >= 21200
 
 
 @needs_nccl

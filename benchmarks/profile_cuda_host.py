@@ -1,0 +1,131 @@
+"""Where the host's time goes in a call on a GPU: a diagnostic, not a benchmark.
+
+    python -m benchmarks.profile_cuda_host [--calls N] [--out FILE]
+
+An NCCL world of one on cuda:0 and ResNet-50's 161 parameter shapes (fp32),
+gradients in place. For each call form: the median host time per call over
+``--calls`` calls (``perf_counter_ns`` around the call alone; the device is
+drained every 50 calls, outside the timing, so its queue never fills), then
+the same calls under cProfile, whose 15 costliest functions by own time are
+printed. cProfile's overhead inflates every figure; read it for where the
+time goes, and the medians (or ``bench_cuda_ops``' host column) for how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import distlearn_cuda as dl
+
+from .shapes import resnet50_shapes
+
+DRAIN_EVERY = 50  # calls between device drains (NCCL and the kernels queue ~3 launches per call)
+
+
+def resnet50_module() -> nn.Module:
+    """ResNet-50's parameter shapes on the GPU, each with a gradient in place."""
+    module = nn.ParameterList(
+        [nn.Parameter(torch.randn(s, device="cuda")) for s in resnet50_shapes()]
+    )
+    for p in module:
+        p.grad = torch.randn_like(p)
+    return module
+
+
+def call_forms() -> dict[str, Callable[[], object]]:
+    """One call of each form, each on its own object and module."""
+    forms: dict[str, Callable[[], object]] = {}
+    module = resnet50_module()
+    sgd = dl.AllReduceSGD()
+    forms["sgd: sum_and_normalize_gradients(module)"] = lambda: sgd.sum_and_normalize_gradients(
+        module
+    )
+    list_module = resnet50_module()
+    grads = [p.grad for p in list_module]
+    sgd_list = dl.AllReduceSGD()
+    forms["sgd: sum_and_normalize_gradients(list)"] = lambda: sgd_list.sum_and_normalize_gradients(
+        grads
+    )
+    flat_module = resnet50_module()
+    flat = dl.AllReduceSGD()
+    flat.use_flat_storage(flat_module)
+    forms["sgd: flat storage"] = lambda: flat.sum_and_normalize_gradients(flat_module)
+    ea_module = resnet50_module()
+    ea = dl.AllReduceEA(tau=1, alpha=0.2)
+    forms["ea: average_parameters(module), tau=1"] = lambda: ea.average_parameters(ea_module)
+    return forms
+
+
+def host_us(call: Callable[[], object], calls: int) -> float:
+    """Median host time of one call, in microseconds."""
+    times = []
+    for i in range(calls):
+        if i % DRAIN_EVERY == 0:
+            torch.cuda.synchronize()
+        start = time.perf_counter_ns()
+        call()
+        times.append(time.perf_counter_ns() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) / 1000
+
+
+def profile(call: Callable[[], object], calls: int) -> str:
+    """cProfile's 15 costliest functions by own time over ``calls`` calls."""
+    profiler = cProfile.Profile()
+    for i in range(calls):
+        if i % DRAIN_EVERY == 0:
+            torch.cuda.synchronize()
+        profiler.enable()
+        call()
+        profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    return text.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--out", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        print("profile_cuda_host needs a GPU and NCCL", file=sys.stderr)
+        return 2
+    torch.cuda.set_device(0)
+    dist.init_process_group(
+        "nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0)
+    )
+    lines = [f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {args.calls} calls"]
+    try:
+        forms = call_forms()
+        for call in forms.values():
+            for _ in range(20):  # plans, tables, the communicator
+                call()
+        for name, call in forms.items():
+            lines.append(f"{name}: median host time {host_us(call, args.calls):.1f} us")
+        for name, call in forms.items():
+            lines += [f"\n=== cProfile: {name}", profile(call, args.calls)]
+    finally:
+        dist.destroy_process_group()
+    report = "\n".join(lines)
+    print(report)
+    if args.out is not None:
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
