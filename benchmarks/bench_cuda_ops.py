@@ -85,9 +85,6 @@ QUICK_SHRINK = 64  # --quick: every tensor 1/64 the size, as bench_cpu_ops --qui
 
 OPS = ("sgd step", "ea round", "pack", "unpack", "ea_blend", "center_update")
 
-# The ops the composite rows are made of (their collective's bytes not counted).
-_COMPOSITE = {"sgd step": ("pack", "unpack"), "ea round": ("ea_blend", "center_update")}
-
 # rtol/atol of the once-before-timing check that fused and eager computed the
 # same values. Inputs are N(0, 1). In bf16 eager rounds x - c, alpha (x - c)
 # and x - delta to bf16 where the kernel rounds delta and x once each
@@ -105,15 +102,21 @@ def min_bytes_per_element(op: str, param_bytes: int, buffer_bytes: int) -> int:
     pack reads P, writes B; unpack reads B, writes P; ea_blend reads x and c
     (2P), writes x and delta (P + B); center_update reads c and the summed
     delta (P + B), writes c (P). The count slots (a few elements per list)
-    are left out. An SGD step is pack + unpack and an EA round ea_blend +
-    center_update; the allreduce between them is not counted.
+    are left out. An SGD step is pack + unpack; the allreduce between them is
+    not counted. An EA round (asynchronous, the default and what is timed)
+    folds the previous round's center update into its blend: it reads x, c
+    and the previous sum (2P + B) and writes x, c and delta (2P + B), one
+    read of c fewer than ea_blend + center_update. Counting those two
+    (5P + 2B) put the first GPU run's EA rows above the copy bandwidth.
     """
     p, b = param_bytes, buffer_bytes
     kernels = {"pack": p + b, "unpack": b + p, "ea_blend": 3 * p + b, "center_update": 2 * p + b}
     if op in kernels:
         return kernels[op]
-    if op in _COMPOSITE:
-        return sum(kernels[part] for part in _COMPOSITE[op])
+    if op == "sgd step":
+        return kernels["pack"] + kernels["unpack"]
+    if op == "ea round":
+        return 4 * p + 2 * b
     raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
 
 

@@ -115,6 +115,10 @@ def machine_info() -> dict[str, object]:
 
 
 def _git_commit() -> str:
+    """``DISTLEARN_COMMIT`` when set (a copy of the tree whose .git is not its
+    own, as on the lent GPU machine, would name a stale commit), else git's."""
+    if os.environ.get("DISTLEARN_COMMIT"):
+        return os.environ["DISTLEARN_COMMIT"]
     try:
         done = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -9,6 +9,11 @@ drained every 50 calls, outside the timing, so its queue never fills), then
 the same calls under cProfile, whose 15 costliest functions by own time are
 printed. cProfile's overhead inflates every figure; read it for where the
 time goes, and the medians (or ``bench_cuda_ops``' host column) for how much.
+
+Also, for scale: the host time of the extension's NCCL allreduce called
+alone on ResNet-50's element count, of ``torch.distributed.all_reduce`` on
+the same buffer (torch's NCCL), and how many enqueues NCCL answered with
+ncclInProgress (each makes the host poll the communicator).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import math
 import pstats
 import statistics
 import sys
@@ -28,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 import distlearn_cuda as dl
+from distlearn_cuda import _nccl
+from distlearn_cuda._validate import DTYPE_CODES
 
 from .shapes import resnet50_shapes
 
@@ -96,6 +104,35 @@ def profile(call: Callable[[], object], calls: int) -> str:
     return text.getvalue()
 
 
+def in_progress() -> int:
+    """ncclInProgress answers so far, over the extension's communicators."""
+    return sum(comm.enqueues_in_progress for comm in _nccl.open_communicators())
+
+
+def bare_allreduces(calls: int) -> list[str]:
+    """Host time of one allreduce alone: the extension's, then torch's."""
+    buffer = torch.randn(sum(math.prod(s) for s in resnet50_shapes()), device="cuda")
+    comms = _nccl.open_communicators()
+    if not comms:
+        return ["no communicator of the extension is open"]
+    comm, code = comms[0], DTYPE_CODES[buffer.dtype]
+
+    def ours() -> None:
+        comm.all_reduce_sum(
+            buffer.data_ptr(), buffer.numel(), code, torch.cuda.current_stream().cuda_stream, 300.0
+        )
+
+    before = in_progress()
+    ours_us = host_us(ours, calls)
+    answered = in_progress() - before
+    torch_us = host_us(lambda: dist.all_reduce(buffer), calls)
+    return [
+        f"extension's NCCL allreduce alone: median host time {ours_us:.1f} us "
+        f"({answered} of {calls} enqueues answered ncclInProgress)",
+        f"torch.distributed.all_reduce (NCCL): median host time {torch_us:.1f} us",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300)
@@ -115,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(20):  # plans, tables, the communicator
                 call()
         for name, call in forms.items():
-            lines.append(f"{name}: median host time {host_us(call, args.calls):.1f} us")
+            before = in_progress()
+            median = host_us(call, args.calls)
+            lines.append(
+                f"{name}: median host time {median:.1f} us "
+                f"(ncclInProgress answers: {in_progress() - before})"
+            )
+        lines += bare_allreduces(args.calls)
         for name, call in forms.items():
             lines += [f"\n=== cProfile: {name}", profile(call, args.calls)]
     finally:

@@ -176,6 +176,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("closed", &NcclCommunicator::closed)
       .def_property_readonly("usable", &NcclCommunicator::usable)
       .def_property_readonly("in_flight", &NcclCommunicator::in_flight)
+      .def_property_readonly("enqueues_in_progress", &NcclCommunicator::enqueues_in_progress)
       .def_property_readonly("nonblocking", &NcclCommunicator::nonblocking)
       .def_property_readonly("rank", &NcclCommunicator::rank)
       .def_property_readonly("nranks", &NcclCommunicator::nranks)

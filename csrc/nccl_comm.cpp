@@ -192,6 +192,7 @@ void NcclCommunicator::run_collective(const char* operation, const char* nccl_ca
   auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   const ncclResult_t enqueued = enqueue(comm, cuda_stream);
   if (enqueued == ncclInProgress) {
+    ++enqueues_in_progress_;
     // The first collective may set up NCCL's connections (NCCL_RUNTIME_CONNECT,
     // the default since 2.22): part of joining, so bounded like joining.
     wait_ready(nccl_call, connected_ ? timeout : std::max(timeout, init_timeout_));
@@ -248,6 +249,11 @@ bool NcclCommunicator::usable() {
 int64_t NcclCommunicator::in_flight() {
   std::lock_guard<std::mutex> lock(mutex_);
   return static_cast<int64_t>(pending_.size());
+}
+
+int64_t NcclCommunicator::enqueues_in_progress() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return enqueues_in_progress_;
 }
 
 void NcclCommunicator::abort() {

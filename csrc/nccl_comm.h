@@ -90,6 +90,10 @@ class NcclCommunicator {
   bool usable();
   // Collectives enqueued and not yet seen complete by the watchdog.
   int64_t in_flight();
+  // Collectives whose enqueue returned ncclInProgress, so that the host
+  // polled the communicator until NCCL was done with the call (a host cost
+  // per step if it is not only the first).
+  int64_t enqueues_in_progress();
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -134,6 +138,7 @@ class NcclCommunicator {
   int device_;
   std::chrono::nanoseconds init_timeout_;
   bool nonblocking_ = false;
+  int64_t enqueues_in_progress_ = 0;  // guarded by mutex_
 
   std::mutex mutex_;  // guards everything below, and comm_ against a concurrent abort
   std::condition_variable wake_;

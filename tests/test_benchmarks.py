@@ -122,9 +122,9 @@ def test_tensor_lists_quick_keeps_the_tensor_counts() -> None:
         ("ea_blend", 4, 4, 16),  # read x, c; write x, delta
         ("center_update", 4, 4, 12),  # read c, delta; write c
         ("sgd step", 4, 4, 16),  # as bench_cpu_ops' SGD_BYTES_PER_ELEMENT
-        ("ea round", 4, 4, 28),  # as bench_cpu_ops' EA_BYTES_PER_ELEMENT
+        ("ea round", 4, 4, 24),  # folded: read x, c, sum; write x, c, delta
         ("sgd step", 2, 2, 8),  # bf16 params, bf16 buffer
-        ("ea round", 2, 2, 14),  # (3 * 2 + 2) + (2 * 2 + 2)
+        ("ea round", 2, 2, 12),  # (2 * 2 + 2) read, (2 * 2 + 2) written
         ("ea_blend", 2, 4, 10),  # bf16 params, fp32 buffer: 3 * 2 + 4
         ("pack", 2, 4, 6),
     ],

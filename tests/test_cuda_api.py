@@ -289,6 +289,10 @@ def test_one_communicator_serves_objects_whatever_their_timeouts(nccl_world_of_o
     torch.cuda.synchronize()
     comms = {id(communicator_of(obj, device)) for obj in objects}
     assert len(comms) == 1
+    # A diagnostic counter (benchmarks/profile_cuda_host.py): at most one per
+    # collective enqueued, and each first call enqueues at most two (EA's
+    # binding broadcast and its round's allreduce).
+    assert 0 <= communicator_of(objects[0], device).enqueues_in_progress <= 2 * len(objects)
     for obj in objects:
         obj.close()
 
