@@ -23,9 +23,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["PrivateGloo"]
+__all__ = ["PrivateGloo", "restart_numbering"]
 
 _made: Counter[str] = Counter()  # private groups made in this process, by user group name
+
+
+def restart_numbering(group: dist.ProcessGroup) -> None:
+    """Numbers the private groups made on ``group`` from 1 again.
+
+    For a group made on a store namespace never used before (each elastic
+    membership view's): its ranks may have made different numbers of private
+    groups under the same name before (a rank that joined made none), and
+    only a count that restarts is the same on all of them."""
+    _made[dist.distributed_c10d._world.pg_names[group]] = 0
 
 
 class PrivateGloo:

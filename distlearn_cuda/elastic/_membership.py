@@ -1,0 +1,283 @@
+"""Who is in the job: one rank's side of the control process.
+
+A rank sends heartbeats to torchft's Lighthouse from a thread of its own,
+and asks it for a quorum (the next view's members) only when its view must
+change: at start, after a collective failed, or when a join is announced.
+Nothing here runs on a normal training step.
+
+Views. A view's ranks are the quorum's members in the Lighthouse's order
+(by replica id, which starts with this process's start time, so survivors
+keep their order and joiners come last). Its group is made on the control
+store under ``distlearn/elastic/view-<quorum id>-<generation>``, where the
+generation is one more than the largest any member reports (each member's
+count of the views it was in): the Lighthouse's quorum id changes with the
+members, the generation when the same members meet again, so no prefix is
+used twice within a store's life, and a restarted control process starts an
+empty store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch.distributed as dist
+
+from ..errors import CommunicationError
+
+__all__ = ["LIGHTHOUSE_PORT_KEY", "Membership", "View", "import_torchft"]
+
+LIGHTHOUSE_PORT_KEY = "distlearn/elastic/lighthouse_port"
+TIMEOUTS_KEY = "distlearn/elastic/timeouts"  # "<join timeout s> <heartbeat timeout s>"
+JOINS_KEY = "distlearn/elastic/joins"  # joins announced, a counter
+ADMITTED_KEY = "distlearn/elastic/admitted"  # joins admitted (by number), set by rank 0
+JOINER_PREFIX = "distlearn/elastic/joiner"  # /<number>: the joiner's replica id
+REQUESTING_PREFIX = "distlearn/elastic/requesting"  # /<replica id>: set before it asks
+# The control process's quorum tick (control.py) in seconds.
+LIGHTHOUSE_TICK_S = 0.05
+# A quorum request lasts at least this, and three times the Lighthouse's
+# longest timeout: a rank listed as a participant must still be listening
+# when the quorum that lists it forms.
+REQUEST_FLOOR_S = 10.0
+# Quorums a member asks again for when an admitted joiner is missing.
+EXPECTED_TRIES = 3
+EXTRA_HINT = 'pip install "distlearn_cuda[elastic]"'
+# Between two quorum requests of a rank that waits for more ranks at start.
+START_POLL_S = 0.1
+
+
+def import_torchft() -> ModuleType:
+    """torchft's coordination module, or ImportError naming the extra."""
+    # torchft's Rust side logs every request at info; read when it loads.
+    os.environ.setdefault("RUST_LOG", "warn")
+    try:
+        from torchft import coordination
+    except ImportError as error:
+        raise ImportError(f"elastic mode needs torchft: {EXTRA_HINT}", name="torchft") from error
+    return coordination
+
+
+@dataclass(frozen=True)
+class View:
+    """One membership view of the job.
+
+    Attributes:
+        rank: this process's rank in the view.
+        world_size: number of ranks in the view.
+        members: the ranks' replica ids, by rank.
+        prefix: the store prefix of the view's group (never reused).
+        joined: replica ids that were in no earlier view of this process.
+    """
+
+    rank: int
+    world_size: int
+    members: tuple[str, ...]
+    prefix: str
+    joined: tuple[str, ...]
+
+
+def parse_address(control: str) -> tuple[str, int]:
+    """("host", port) from "host:port"; ValueError naming ``control`` otherwise."""
+    if not isinstance(control, str):
+        raise TypeError(f"control must be a 'host:port' string, got {type(control).__name__}")
+    host, _, port = control.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"control must look like 'host:port', got {control!r}")
+    return host.strip("[]"), int(port)
+
+
+class Membership:
+    """This rank's membership: its replica id, its heartbeats, its views."""
+
+    def __init__(
+        self, control: str, *, heartbeat_interval: float, connect_timeout: datetime.timedelta
+    ) -> None:
+        self._coordination = import_torchft()
+        self._host, self._port = parse_address(control)
+        self._connect_timeout = connect_timeout
+        # Start time first: the Lighthouse orders members by replica id.
+        self.replica_id = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}"
+        self.generation = 0  # views this process was in
+        self._known: set[str] = set()
+        self.store = self._connect_store()
+        self._stop = threading.Event()
+        self._beating = threading.Thread(
+            target=self._heartbeats,
+            args=(heartbeat_interval,),
+            daemon=True,
+            name="distlearn-elastic-heartbeat",
+        )
+        self._beating.start()
+
+    def _connect_store(self) -> dist.TCPStore:
+        return dist.TCPStore(
+            self._host,
+            self._port,
+            is_master=False,
+            timeout=self._connect_timeout,
+            use_libuv=True,
+        )
+
+    def _lighthouse(self) -> tuple[object, float, float]:
+        """A client of the Lighthouse, and its join and heartbeat timeouts (s)."""
+        port = int(self.store.get(LIGHTHOUSE_PORT_KEY))
+        join_timeout, heartbeat_timeout = map(float, self.store.get(TIMEOUTS_KEY).split())
+        client = self._coordination.LighthouseClient(
+            f"http://{self._host}:{port}", self._connect_timeout
+        )
+        return client, join_timeout, heartbeat_timeout
+
+    def _heartbeats(self, interval: float) -> None:
+        client = None
+        while not self._stop.wait(interval):
+            try:
+                if client is None:
+                    client = self._lighthouse_from_new_store()
+                client.heartbeat(self.replica_id, timeout=self._connect_timeout)
+            except Exception:  # the control process may be down: keep trying
+                client = None
+
+    def _lighthouse_from_new_store(self) -> object:
+        # Its own store client: TCPStore clients are not shared across threads here.
+        port = int(self._connect_store().get(LIGHTHOUSE_PORT_KEY))
+        return self._coordination.LighthouseClient(
+            f"http://{self._host}:{port}", self._connect_timeout
+        )
+
+    # -- joining ----------------------------------------------------------
+    #
+    # A joiner must not wait in a quorum request while the members train:
+    # the Lighthouse counts its wait from that request, and once it exceeds
+    # the join timeout a quorum may form with the joiner and only some of
+    # the members. So a joiner announces itself, waits in the store until a
+    # synchronization point admits it, marks itself requesting and asks;
+    # the members wait for that mark before they ask, and ask again if the
+    # quorum they got misses an admitted joiner that is still alive.
+
+    def announce_join(self) -> int:
+        """Announces this rank as a joiner; returns its number."""
+        number = self.store.add(JOINS_KEY, 1)
+        self.store.set(f"{JOINER_PREFIX}/{number}", self.replica_id)
+        return number
+
+    def admit_joins(self, handled: int) -> tuple[int, list[str]]:
+        """Admits the joiners announced after the first ``handled`` (rank 0,
+        at a synchronization point): returns the new count handled and the
+        replica ids admitted."""
+        announced = self.store.add(JOINS_KEY, 0)
+        if announced < handled:  # a restarted control process: a new store
+            handled = 0
+        admitted: list[str] = []
+        number = handled
+        while number < announced and self.store.check([f"{JOINER_PREFIX}/{number + 1}"]):
+            number += 1
+            admitted.append(self.store.get(f"{JOINER_PREFIX}/{number}").decode())
+        if number > handled:
+            self.store.set(ADMITTED_KEY, str(number))
+        return number, admitted
+
+    def wait_for_joiners(self, joiners: list[str], bound: float) -> None:
+        """Waits (at most ``bound`` seconds) until each admitted joiner marked
+        itself requesting, plus two Lighthouse ticks for its request to land."""
+        keys = [f"{REQUESTING_PREFIX}/{joiner}" for joiner in joiners]
+        deadline = time.monotonic() + bound
+        while keys and not self.store.check(keys) and time.monotonic() < deadline:
+            time.sleep(START_POLL_S)
+        time.sleep(2 * LIGHTHOUSE_TICK_S)
+
+    def _wait_for_admission(self, number: int, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if int(self.store.get(ADMITTED_KEY)) >= number:
+                self.store.set(f"{REQUESTING_PREFIX}/{self.replica_id}", "1")
+                return
+            time.sleep(START_POLL_S)
+        raise CommunicationError(
+            "elastic membership: this rank's join was not admitted in time (the job's ranks "
+            "add joiners at their synchronization points)",
+            operation="membership",
+            ranks=[],
+            rank=-1,
+        )
+
+    def agree(
+        self,
+        *,
+        progress: int,
+        min_size: int,
+        deadline: float,
+        join: bool = False,
+        expected: tuple[str, ...] = (),
+    ) -> View:
+        """The next view, agreed with the Lighthouse: asks for quorums until
+        one holds this rank, at least ``min_size`` ranks and (for a few
+        tries) every rank of ``expected``. ``join``: this rank joins a
+        running job (see above). A control process that is down is asked
+        again (a new store client each time) until ``deadline``
+        (``time.monotonic()``), then CommunicationError. A rank whose
+        request goes unanswered for long (the others formed a view without
+        it) joins as a new rank."""
+        last_error: Exception | None = None
+        misses = 0
+        while time.monotonic() < deadline:
+            try:
+                if join:
+                    self._wait_for_admission(self.announce_join(), deadline)
+                    join = False
+                client, join_timeout, heartbeat_timeout = self._lighthouse()
+                patience = max(REQUEST_FLOOR_S, 3 * max(join_timeout, heartbeat_timeout))
+                request = max(0.1, min(patience, deadline - time.monotonic()))
+                quorum = client.quorum(
+                    replica_id=self.replica_id,
+                    timeout=datetime.timedelta(seconds=request),
+                    step=progress,
+                    data={"generation": self.generation},
+                )
+            except TimeoutError as error:
+                last_error = error
+                join = True  # left out: ask to be added at the next synchronization point
+                continue
+            except CommunicationError:
+                raise
+            except Exception as error:  # the control process is down
+                last_error = error
+                time.sleep(START_POLL_S)
+                try:
+                    self.store = self._connect_store()
+                except Exception as store_error:
+                    last_error = store_error
+                continue
+            members = tuple(member.replica_id for member in quorum.participants)
+            if self.replica_id not in members or len(members) < min_size:
+                time.sleep(START_POLL_S)
+                continue
+            if any(e not in members for e in expected) and misses < EXPECTED_TRIES:
+                misses += 1  # every member got this quorum: all ask again
+                continue
+            generation = 1 + max(int(m.data["generation"]) for m in quorum.participants)
+            joined = tuple(m for m in members if m not in self._known and m != self.replica_id)
+            self._known.update(members)
+            self.generation = generation
+            return View(
+                rank=members.index(self.replica_id),
+                world_size=len(members),
+                members=members,
+                prefix=f"distlearn/elastic/view-{quorum.quorum_id}-{generation}",
+                joined=joined,
+            )
+        raise CommunicationError(
+            f"elastic membership: no view with this rank and at least {min_size} ranks was "
+            f"agreed in time (last error: {last_error})",
+            operation="membership",
+            ranks=[],
+            rank=-1,
+        )
+
+    def close(self) -> None:
+        """Stops the heartbeats: the Lighthouse counts this rank dead after
+        its heartbeat timeout."""
+        self._stop.set()

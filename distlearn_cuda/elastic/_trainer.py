@@ -1,0 +1,542 @@
+"""ElasticSGD and ElasticEA: the algorithms over a membership that changes.
+
+Each view of the job (see ``_membership``) gets torch's default process group
+anew (gloo for CPU tensors, NCCL for CUDA ones, on the control store under
+the view's prefix) and a new algorithm object on it; the previous ones are
+closed and destroyed first. A normal step is the algorithm's own call and
+nothing else: the control process is consulted only when a collective fails
+(a ``CommunicationError``) or, at a synchronization point, when a join was
+announced.
+
+Changing views. Every member of the new view (survivors and joiners) tells
+the others how far it got; the source is the lowest rank among those that
+got furthest (never a rank that joined with no state), and one broadcast
+gives everyone its state: the model's parameters and buffers and the
+optimizer's state (SGD, and EA joiners), the EA center and step counter, and
+what the user registered (``extra_state``). Failures while changing (a rank
+lost during the change, a joiner that dies before it has the state) start
+the change again, at most ``retries`` times, each step bounded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._gloo import restart_numbering
+from .._validate import DEFAULT_TIMEOUT, check_timeout
+from ..ea import AllReduceEA
+from ..errors import CommunicationError
+from ..sgd import AllReduceSGD
+from ._membership import Membership, View
+
+__all__ = ["ElasticEA", "ElasticSGD"]
+
+STARTED_KEY = "distlearn/elastic/started"  # set once a view trained: later ranks join
+# What joining a view may take beyond the collective deadline: the Lighthouse
+# waits up to its heartbeat or join timeout (seconds) for a lost rank.
+DEFAULT_JOIN_WAIT = datetime.timedelta(minutes=10)
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor moved to the CPU (for one pickled broadcast)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class _ElasticMember:
+    """What both algorithms share: the membership, the views and their groups,
+    the state handed over at each change."""
+
+    def __init__(
+        self,
+        control: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        world_size: int,
+        timeout: float | datetime.timedelta,
+        join_wait: float | datetime.timedelta,
+        retries: int,
+        heartbeat_interval: float,
+        on_change: Callable[[View], None] | None,
+        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if not isinstance(heartbeat_interval, (int, float)) or not heartbeat_interval > 0:
+            raise ValueError(f"heartbeat_interval must be seconds > 0, got {heartbeat_interval!r}")
+        if on_change is not None and not callable(on_change):
+            raise TypeError("on_change must be callable or None")
+        if extra_state is not None and not (
+            isinstance(extra_state, tuple)
+            and len(extra_state) == 2
+            and all(callable(f) for f in extra_state)
+        ):
+            raise TypeError("extra_state must be None or a (get, load) pair of callables")
+        self._timeout = check_timeout(timeout)
+        self._join_wait = check_timeout(join_wait)
+        self._model = model
+        self._optimizer = optimizer
+        self._retries = retries
+        self._on_change = on_change
+        self._extra_state = extra_state
+        if dist.is_initialized():
+            raise RuntimeError(
+                "elastic mode makes torch's default process group for each membership view: "
+                "do not initialize it (dist.init_process_group) in an elastic job"
+            )
+        self._membership = Membership(
+            control, heartbeat_interval=float(heartbeat_interval), connect_timeout=self._timeout
+        )
+        self._algo: AllReduceSGD | AllReduceEA | None = None
+        self._steps = 0  # steps the job took, as this rank knows them (handed over)
+        self._view: View | None = None
+        self._has_state = False  # False until this rank holds the job's state
+        self._joins_handled = 0
+        self._closed = False
+        # A new rank waits for the initial world; one arriving later joins.
+        if self._membership.store.check([STARTED_KEY]):
+            self._change_view(join=True)
+        else:
+            self._change_view(min_size=world_size)
+
+    # -- what the user reads ------------------------------------------------
+
+    @property
+    def view(self) -> View:
+        """The current membership view."""
+        assert self._view is not None
+        return self._view
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the current view."""
+        return self.view.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks in the current view."""
+        return self.view.world_size
+
+    @property
+    def steps(self) -> int:
+        """Steps the job took (completed gradient averagings for SGD,
+        ``average_parameters`` calls for EA), as this rank knows them: a
+        joiner starts from the furthest rank's count. Schedule
+        synchronization points on it, so joiners keep to them."""
+        return self._steps
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The current view's process group (torch's default group)."""
+        return self._current().group
+
+    def close(self) -> None:
+        """Leaves the job: closes the algorithm object and the view's group and
+        stops the heartbeats (the others continue without this rank after
+        their next failed collective). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_view()
+        self._membership.close()
+
+    def __enter__(self) -> _ElasticMember:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- views ----------------------------------------------------------------
+
+    def _current(self) -> AllReduceSGD | AllReduceEA:
+        if self._closed or self._algo is None:
+            raise RuntimeError("this elastic object was closed")
+        return self._algo
+
+    def _progress(self) -> int:
+        """How far this rank got (larger is further); only ranks with state count."""
+        return self._steps
+
+    def _make_algorithm(self) -> AllReduceSGD | AllReduceEA:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Any]:
+        """What the source hands over."""
+        raise NotImplementedError
+
+    def _load_state(self, state: dict[str, Any], had_state: bool) -> None:
+        raise NotImplementedError
+
+    def _keep_state(self) -> None:
+        """Saves what the next view's algorithm object must start from."""
+
+    def _drop_view(self) -> None:
+        """Closes the algorithm object and destroys the view's group. Neither
+        waits on a lost peer: the failed collective already returned, and
+        close() bounds what is still in flight by the deadline."""
+        if self._algo is not None:
+            self._keep_state()
+            self._algo.close()
+            self._algo = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _install(self, view: View) -> None:
+        """The view's group (torch's default group) and algorithm object."""
+        self._drop_view()
+        store = dist.PrefixStore(view.prefix, self._membership.store)
+        cuda = torch.cuda.is_available()
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if cuda else "gloo",
+            store=store,
+            rank=view.rank,
+            world_size=view.world_size,
+            timeout=self._timeout,
+            device_id=torch.device("cuda", torch.cuda.current_device()) if cuda else None,
+        )
+        restart_numbering(dist.group.WORLD)
+        self._algo = self._make_algorithm()
+
+    def _hand_over_state(self) -> bool:
+        """Every member gets the source's state; returns whether this rank was
+        behind the source (its state was replaced by a further one). Three
+        small collectives of the new algorithm object, so a member lost here
+        raises CommunicationError within the deadline."""
+        collectives = self._current()._collectives
+        # -1: no state (a joiner); a new job has none anywhere, and rank 0 gives its model.
+        mine = self._progress() if self._has_state else -1
+        best = collectives.max_int(mine)
+        source = -collectives.max_int(-(self.rank if mine == best else self.world_size))
+        state = _to_cpu(self._state()) if self.rank == source else None
+        state = collectives.broadcast_object(state, source)
+        if self.rank != source:
+            self._load_state(state, self._has_state)
+        behind = self._has_state and mine < best
+        self._has_state = True
+        return behind
+
+    def _change_view(
+        self, *, min_size: int = 1, join: bool = False, expected: tuple[str, ...] = ()
+    ) -> bool:
+        """Agrees on the next view and moves there; returns whether this rank
+        was behind the view's source (see ``_hand_over_state``). ``join``:
+        this rank joins a running job; ``expected``: admitted joiners the
+        view should hold. Retries a change that a failure interrupts;
+        CommunicationError after ``retries`` retries."""
+        last_error: Exception | None = None
+        for _ in range(self._retries + 1):
+            deadline = time.monotonic() + self._join_wait.total_seconds()
+            view = self._membership.agree(
+                progress=max(self._progress(), 0) if self._has_state else 0,
+                min_size=min_size,
+                deadline=deadline,
+                join=join,
+                expected=expected,
+            )
+            join, expected = False, ()
+            try:
+                self._view = view
+                self._install(view)
+                behind = self._hand_over_state()
+                self._membership.store.set(STARTED_KEY, "1")
+            except RuntimeError as error:
+                # A member lost during the change: CommunicationError from a
+                # collective, torch.distributed's errors (DistError, gloo's
+                # RuntimeError) from the group's rendezvous on the store.
+                last_error = error
+                min_size = 1
+                continue
+            if self._on_change is not None:
+                self._on_change(view)
+            return behind
+        self._drop_view()
+        raise CommunicationError(
+            f"elastic: the membership change failed {self._retries + 1} times; last error: "
+            f"{last_error}",
+            operation="change view",
+            ranks=list(range(self._view.world_size if self._view else 0)),
+            rank=self._view.rank if self._view else -1,
+        ) from last_error
+
+    def _add_joiners(self) -> bool:
+        """At a synchronization point: adds the joiners announced since the
+        last one (rank 0 admits them; everyone gets its list). Returns
+        whether the view changed."""
+        admitted = None
+        if self.rank == 0:
+            admitted = self._membership.admit_joins(self._joins_handled)
+        handled, joiners = self._current()._collectives.broadcast_object(admitted, 0)
+        self._joins_handled = handled
+        if not joiners:
+            return False
+        self._membership.wait_for_joiners(joiners, self._timeout.total_seconds())
+        self._change_view(expected=tuple(joiners))
+        return True
+
+    def _extra(self) -> Any:
+        return self._extra_state[0]() if self._extra_state is not None else None
+
+    def _load_extra(self, value: Any) -> None:
+        if self._extra_state is not None:
+            self._extra_state[1](value)
+
+
+class ElasticSGD(_ElasticMember):
+    """AllReduceSGD over a job whose ranks may be lost and may join.
+
+    Start the control process once (``python -m distlearn_cuda.elastic.control
+    --port 29400``) and each rank as its own process (or its own ``torchrun
+    --nproc_per_node 1``) with this object instead of ``AllReduceSGD``::
+
+        sgd = ElasticSGD("ctrl-host:29400", model, optimizer, world_size=4)
+        for x, y in batches(sgd.rank, sgd.world_size):
+            loss_fn(model(x), y).backward()
+            sgd.sum_and_normalize_gradients()
+            if not sgd.last_step_skipped:
+                optimizer.step()
+            optimizer.zero_grad()
+        sgd.synchronize_parameters()  # e.g. each epoch: joiners are added here
+
+    When a rank is lost, the step in progress completes among the survivors
+    (each survivor's gradients are intact until the unpack, so the allreduce
+    runs again on the new view's group) and later steps average over them. A
+    rank that was a step behind the furthest survivor (it failed in a step
+    the others had completed) receives the furthest's parameters and
+    optimizer state, and reports its step skipped (``last_step_skipped``):
+    skip ``optimizer.step()`` then. A joining rank gets the parameters,
+    buffers, optimizer state and ``extra_state`` of the furthest rank.
+
+    Args:
+        control: "host:port" of the control process's store.
+        model: the module trained; its ``.grad`` are averaged, its parameters
+            and buffers handed to joiners.
+        optimizer: its state goes with the parameters (or None).
+        world_size: the ranks a new job waits for before it starts (a rank
+            arriving once the job runs joins it instead).
+        timeout: deadline of every collective (seconds or timedelta); a lost
+            or stalled rank is noticed within it.
+        join_wait: the longest a membership change may wait for the control
+            process's quorum (a joiner waits up to this for the next
+            synchronization point).
+        retries: membership changes a failure may restart before
+            ``CommunicationError``.
+        heartbeat_interval: seconds between this rank's heartbeats (keep it
+            well under the control process's ``--heartbeat-timeout``).
+        on_change: called with the new ``View`` after every change, the first
+            included (to re-split the data by ``rank`` and ``world_size``).
+        extra_state: a (get, load) pair for state of the user's own (an epoch
+            counter, a scheduler's ``state_dict``) handed to joiners.
+        **algorithm_options: passed to ``AllReduceSGD`` (``comm_dtype``,
+            ``allow_unused``).
+    """
+
+    def __init__(
+        self,
+        control: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        world_size: int = 1,
+        timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+        join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
+        retries: int = 3,
+        heartbeat_interval: float = 0.5,
+        on_change: Callable[[View], None] | None = None,
+        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+        **algorithm_options: Any,
+    ) -> None:
+        self._options = algorithm_options
+        self._skipped = False
+        super().__init__(
+            control,
+            model,
+            optimizer,
+            world_size=world_size,
+            timeout=timeout,
+            join_wait=join_wait,
+            retries=retries,
+            heartbeat_interval=heartbeat_interval,
+            on_change=on_change,
+            extra_state=extra_state,
+        )
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``sum_and_normalize_gradients`` left this rank's
+        step out (its parameters were replaced by a further rank's, which
+        already include the step): do not call ``optimizer.step()``."""
+        return self._skipped
+
+    def sum_and_normalize_gradients(self) -> None:
+        """The model's gradients <- their mean over the current view's ranks.
+        After a lost rank, completes among the survivors (see the class)."""
+        self._skipped = False
+        try:
+            self._current().sum_and_normalize_gradients(self._model)
+        except CommunicationError:
+            if self._change_view():
+                self._skipped = True
+                return
+            self._current().sum_and_normalize_gradients(self._model)
+        self._steps += 1
+
+    def synchronize_parameters(self) -> None:
+        """Every rank gets the parameters, buffers and optimizer state of the
+        rank that took the most steps; ranks whose join was announced are
+        added first."""
+        try:
+            if self._add_joiners():
+                return
+            self._current().synchronize_parameters(
+                self._model, optimizer=self._optimizer, buffers=True
+            )
+        except CommunicationError:
+            self._change_view()
+
+    def _make_algorithm(self) -> AllReduceSGD:
+        return AllReduceSGD(timeout=self._timeout, **self._options)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "steps": self._steps,
+            "model": self._model.state_dict(),
+            "optimizer": self._optimizer.state_dict() if self._optimizer else None,
+            "extra": self._extra(),
+        }
+
+    def _load_state(self, state: dict[str, Any], had_state: bool) -> None:
+        self._steps = state["steps"]
+        self._model.load_state_dict(state["model"])
+        if self._optimizer is not None and state["optimizer"] is not None:
+            self._optimizer.load_state_dict(state["optimizer"])
+        if not had_state:
+            self._load_extra(state["extra"])
+
+
+class ElasticEA(_ElasticMember):
+    """AllReduceEA over a job whose ranks may be lost and may join.
+
+    Used like ``ElasticSGD`` (same control process, launch and arguments),
+    with ``average_parameters()`` after each ``optimizer.step()``. A round
+    completes only when its sum is complete: a round whose allreduce fails
+    leaves the center as it was on every survivor, and the call runs again
+    on the new view (each survivor keeps its own parameters: a lost rank's
+    are lost, the center is not). Every member of a new view takes the
+    center and step counter of the furthest rank; a joiner also takes its
+    parameters, buffers, optimizer state and ``extra_state``.
+
+    Args: as ``ElasticSGD``, with ``tau``, ``alpha`` and the other
+    ``AllReduceEA`` options passed through ``**algorithm_options``.
+    """
+
+    def __init__(
+        self,
+        control: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        world_size: int = 1,
+        timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+        join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
+        retries: int = 3,
+        heartbeat_interval: float = 0.5,
+        on_change: Callable[[View], None] | None = None,
+        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+        **algorithm_options: Any,
+    ) -> None:
+        self._options = algorithm_options
+        self._handed_state: dict[str, Any] | None = None
+        super().__init__(
+            control,
+            model,
+            optimizer,
+            world_size=world_size,
+            timeout=timeout,
+            join_wait=join_wait,
+            retries=retries,
+            heartbeat_interval=heartbeat_interval,
+            on_change=on_change,
+            extra_state=extra_state,
+        )
+
+    @property
+    def center(self) -> dict[str, torch.Tensor]:
+        """The center, by parameter name (as ``AllReduceEA.center``)."""
+        return self._current().center
+
+    def average_parameters(self) -> None:
+        """One EA step of the model's parameters (a round every ``tau`` steps)."""
+        try:
+            self._current().average_parameters(self._model)
+        except CommunicationError:
+            self._change_view()
+            self._current().average_parameters(self._model)
+        self._steps += 1
+
+    def synchronize_center(self) -> None:
+        """Every rank gets rank 0's center, after adding announced joins."""
+        try:
+            if self._add_joiners():
+                return
+            self._current().synchronize_center(self._model)
+        except CommunicationError:
+            self._change_view()
+
+    def _keep_state(self) -> None:
+        # state_dict() never raises after a failure: the last complete round.
+        if self._algo is not None:
+            self._handed_state = self._algo.state_dict()
+
+    def _ea_state(self) -> dict[str, Any]:
+        self._keep_state()
+        assert self._handed_state is not None
+        return self._handed_state
+
+    def _make_algorithm(self) -> AllReduceEA:
+        algo = AllReduceEA(timeout=self._timeout, **self._options)
+        if self._handed_state is not None:
+            algo.load_state_dict(self._handed_state)
+        # Bound now (the center made, or taken from the handed state), so
+        # that its state_dict() holds the center before any round.
+        algo._bind(self._model)
+        return algo
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "steps": self._steps,
+            "ea": self._ea_state(),
+            "model": self._model.state_dict(),
+            "optimizer": self._optimizer.state_dict() if self._optimizer else None,
+            "extra": self._extra(),
+        }
+
+    def _load_state(self, state: dict[str, Any], had_state: bool) -> None:
+        self._steps = state["steps"]
+        self._handed_state = state["ea"]
+        self._current().load_state_dict(state["ea"])
+        if not had_state:
+            self._model.load_state_dict(state["model"])
+            if self._optimizer is not None and state["optimizer"] is not None:
+                self._optimizer.load_state_dict(state["optimizer"])
+            self._load_extra(state["extra"])

@@ -1,0 +1,105 @@
+"""The control process of an elastic job: where ranks meet, and who is in it.
+
+    python -m distlearn_cuda.elastic.control --port 29400 [--min-ranks 1]
+        [--heartbeat-timeout 2] [--join-timeout 2] [--lighthouse-port 0]
+
+It hosts two things and nothing else (it holds no model state, and training
+goes on while it is down until membership changes):
+
+- the TCPStore the ranks meet on (``--port``): each membership view's gloo
+  group is made on it under a prefix never used before;
+- torchft's Lighthouse (``--lighthouse-port``, any free port by default),
+  the authority on membership: it hears every rank's heartbeat and computes
+  the quorum (the ranks of the next view) when ranks ask for one. Its port
+  is published in the store, so ranks need only the store's address.
+
+Lighthouse rules that decide timings (torchft 0.2): a rank that has not
+sent a heartbeat for ``--heartbeat-timeout`` seconds is dead; a quorum
+forms when at least ``--min-ranks`` ranks ask, more than half of the live
+ones, and either every live rank asked or ``--join-timeout`` seconds passed
+since the first asked; when every member of the previous view asks again,
+it forms at once. Prints one line, ``distlearn_cuda elastic control: store
+HOST:PORT lighthouse PORT``, once both listen; runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import signal
+import sys
+import threading
+
+import torch.distributed as dist
+
+from ._membership import (
+    ADMITTED_KEY,
+    LIGHTHOUSE_PORT_KEY,
+    LIGHTHOUSE_TICK_S,
+    TIMEOUTS_KEY,
+    import_torchft,
+)
+
+__all__ = ["main"]
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="0.0.0.0", help="address the store listens on")
+    parser.add_argument("--port", type=int, default=29400, help="the store's port (0: any)")
+    parser.add_argument("--lighthouse-port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--min-ranks", type=int, default=1, help="smallest world that trains")
+    parser.add_argument("--heartbeat-timeout", type=positive_seconds, default=2.0)
+    parser.add_argument("--join-timeout", type=positive_seconds, default=2.0)
+    args = parser.parse_args(argv)
+    if args.min_ranks < 1:
+        parser.error("--min-ranks must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    lighthouse_server = import_torchft().LighthouseServer
+    store = dist.TCPStore(
+        args.host,
+        args.port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=60),
+        use_libuv=True,
+    )
+    lighthouse = lighthouse_server(
+        bind=f"[::]:{args.lighthouse_port}",
+        min_replicas=args.min_ranks,
+        join_timeout_ms=round(args.join_timeout * 1000),
+        quorum_tick_ms=round(LIGHTHOUSE_TICK_S * 1000),
+        heartbeat_timeout_ms=round(args.heartbeat_timeout * 1000),
+    )
+    lighthouse_port = int(lighthouse.address().rsplit(":", 1)[1])
+    store.set(LIGHTHOUSE_PORT_KEY, str(lighthouse_port))
+    store.set(TIMEOUTS_KEY, f"{args.join_timeout} {args.heartbeat_timeout}")
+    if not store.check([ADMITTED_KEY]):
+        store.set(ADMITTED_KEY, "0")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(
+        f"distlearn_cuda elastic control: store {args.host}:{store.port} "
+        f"lighthouse {lighthouse_port}",
+        flush=True,
+    )
+    while not stop.wait(0.5):  # wakes for the signal handler
+        pass
+    lighthouse.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
