@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._gloo import restart_numbering
-from .._validate import DEFAULT_TIMEOUT, check_timeout
+from .._validate import check_timeout
 from ..ea import AllReduceEA
 from ..errors import CommunicationError
 from ..sgd import AllReduceSGD
@@ -39,6 +39,8 @@ from ._membership import Membership, View
 __all__ = ["ElasticEA", "ElasticSGD"]
 
 STARTED_KEY = "distlearn/elastic/started"  # set once a view trained: later ranks join
+# The collective deadline: a lost or stalled rank is noticed within it.
+DEFAULT_ELASTIC_TIMEOUT = datetime.timedelta(seconds=30)
 # What joining a view may take beyond the collective deadline: the Lighthouse
 # waits up to its heartbeat or join timeout (seconds) for a lost rank.
 DEFAULT_JOIN_WAIT = datetime.timedelta(minutes=10)
@@ -358,7 +360,7 @@ class ElasticSGD(_ElasticMember):
         optimizer: torch.optim.Optimizer | None = None,
         *,
         world_size: int = 1,
-        timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+        timeout: float | datetime.timedelta = DEFAULT_ELASTIC_TIMEOUT,
         join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
         retries: int = 3,
         heartbeat_interval: float = 0.5,
@@ -457,7 +459,7 @@ class ElasticEA(_ElasticMember):
         optimizer: torch.optim.Optimizer | None = None,
         *,
         world_size: int = 1,
-        timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+        timeout: float | datetime.timedelta = DEFAULT_ELASTIC_TIMEOUT,
         join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
         retries: int = 3,
         heartbeat_interval: float = 0.5,

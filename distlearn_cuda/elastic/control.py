@@ -18,7 +18,12 @@ sent a heartbeat for ``--heartbeat-timeout`` seconds is dead; a quorum
 forms when at least ``--min-ranks`` ranks ask, more than half of the live
 ones, and either every live rank asked or ``--join-timeout`` seconds passed
 since the first asked; when every member of the previous view asks again,
-it forms at once. Prints one line, ``distlearn_cuda elastic control: store
+it forms at once. After a loss, a survivor that learns of it from its
+collective deadline (a peer stalled, or the collective's ring broke beyond
+its neighbours) asks up to that deadline later than the others: keep
+``--join-timeout`` above the ranks' ``timeout``, or it may be left out of
+the next view (it then joins again at the next synchronization point). The
+cost of a long join timeout is paid only while a live rank does not ask. Prints one line, ``distlearn_cuda elastic control: store
 HOST:PORT lighthouse PORT``, once both listen; runs until SIGTERM or SIGINT.
 """
 
@@ -56,8 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=29400, help="the store's port (0: any)")
     parser.add_argument("--lighthouse-port", type=int, default=0, help="0: any free port")
     parser.add_argument("--min-ranks", type=int, default=1, help="smallest world that trains")
-    parser.add_argument("--heartbeat-timeout", type=positive_seconds, default=2.0)
-    parser.add_argument("--join-timeout", type=positive_seconds, default=2.0)
+    parser.add_argument("--heartbeat-timeout", type=positive_seconds, default=5.0)
+    parser.add_argument(
+        "--join-timeout",
+        type=positive_seconds,
+        default=60.0,
+        help="longer than the ranks' collective timeout (see the module's doc)",
+    )
     args = parser.parse_args(argv)
     if args.min_ranks < 1:
         parser.error("--min-ranks must be >= 1")

@@ -1,0 +1,152 @@
+"""One rank of an elastic job, for tests/test_elastic.py (run as a process).
+
+    python tests/elastic_worker.py CONTROL OUT --algo sgd|ea --world N --stop FILE
+        [--sync-every N] [--pause S] [--timeout S] [--die-in-view]
+
+Trains a small linear model on data drawn from this process's own seed and
+the job's step count until the job's step count reaches the number the
+test writes to the --stop file (the same for every rank, written well
+ahead of all of them), and writes one JSON line per event to OUT: "view"
+(after each membership change: rank, world size, steps, parameters, EA
+center), "step" (the step's number; for SGD this rank's own gradient and
+the averaged one),
+"done" (final parameters and center). ``--die-in-view``: exits as soon as
+its first quorum is agreed, before it has the job's state (a joiner lost
+during the change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import distlearn_cuda.elastic as elastic
+from distlearn_cuda.elastic import _membership
+
+
+def flat(tensors: object) -> list[float]:
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("control")
+    parser.add_argument("out")
+    parser.add_argument("--algo", choices=("sgd", "ea"), required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--stop", required=True)
+    parser.add_argument("--sync-every", type=int, default=10)
+    parser.add_argument("--pause", type=float, default=0.02)
+    parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--die-in-view", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = open(args.out, "a", buffering=1)  # noqa: SIM115 - line-buffered for the test to poll
+
+    def emit(event: str, **fields: object) -> None:
+        out.write(json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields}))
+        out.write("\n")
+
+    if args.die_in_view:
+        agree = _membership.Membership.agree
+
+        def agree_then_die(self: _membership.Membership, **kwargs: object) -> object:
+            view = agree(self, **kwargs)
+            emit("dying", world=view.world_size)
+            os._exit(3)
+
+        _membership.Membership.agree = agree_then_die
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    epoch = {"value": 0}
+    holder: dict[str, object] = {}
+
+    def on_change(view: elastic.View) -> None:
+        obj = holder.get("obj")
+        emit(
+            "view",
+            rank=view.rank,
+            world=view.world_size,
+            prefix=view.prefix,
+            params=flat(model.parameters()),
+            steps=None if obj is None else obj.steps,
+            center=None if obj is None or args.algo == "sgd" else flat(obj.center.values()),
+        )
+
+    kind = elastic.ElasticSGD if args.algo == "sgd" else elastic.ElasticEA
+    options = {} if args.algo == "sgd" else {"tau": 2, "alpha": 0.3}
+    obj = kind(
+        args.control,
+        model,
+        optimizer,
+        world_size=args.world,
+        timeout=args.timeout,
+        join_wait=60,
+        on_change=on_change,
+        extra_state=(lambda: dict(epoch), epoch.update),
+        **options,
+    )
+    holder["obj"] = obj
+    emit(
+        "started",
+        rank=obj.rank,
+        world=obj.world_size,
+        steps=obj.steps,
+        epoch=epoch["value"],
+        params=flat(model.parameters()),
+        center=None if args.algo == "sgd" else flat(obj.center.values()),
+    )
+    stop = Path(args.stop)
+    while not (stop.exists() and obj.steps >= int(stop.read_text() or "0")):
+        generator = torch.Generator().manual_seed(os.getpid() * 100_003 + obj.steps)
+        x = torch.randn(16, 5, generator=generator)
+        y = torch.randn(16, 3, generator=generator)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if args.algo == "sgd":
+            local = flat(p.grad for p in model.parameters())
+            step = obj.steps
+            obj.sum_and_normalize_gradients()
+            emit(
+                "step",
+                steps=step,
+                world=obj.world_size,
+                rank=obj.rank,
+                skipped=obj.last_step_skipped,
+                local=local,
+                mean=flat(p.grad for p in model.parameters()),
+            )
+            if not obj.last_step_skipped:
+                optimizer.step()
+        else:
+            optimizer.step()
+            obj.average_parameters()
+            emit("step", steps=obj.steps - 1, world=obj.world_size, rank=obj.rank)
+        optimizer.zero_grad()
+        time.sleep(args.pause)
+        if obj.steps % args.sync_every == 0:
+            epoch["value"] += 1
+            if args.algo == "sgd":
+                obj.synchronize_parameters()
+            else:
+                obj.synchronize_center()
+    emit(
+        "done",
+        rank=obj.rank,
+        world=obj.world_size,
+        steps=obj.steps,
+        epoch=epoch["value"],
+        params=flat(model.parameters()),
+        center=None if args.algo == "sgd" else flat(obj.center.values()),
+    )
+    obj.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Elastic mode: real processes, a real control process (TCPStore and
+torchft's Lighthouse), gloo on 127.0.0.1, ranks killed with SIGKILL and
+stalled with SIGSTOP, ranks joining a running job.
+
+Each rank runs tests/elastic_worker.py and writes its events as JSON lines;
+the tests read them back and check them against references computed here in
+float64. Every wait has its own bound, and every process is killed at the
+end of its test, so a bug fails a test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
+
+WORKER = Path(__file__).with_name("elastic_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+# Lighthouse timeouts of the tests' control process (seconds): a lost rank
+# is dropped from the next quorum one heartbeat timeout after its last beat.
+HEARTBEAT_TIMEOUT = 2.0
+# Longer than the ranks' collective deadline (3 s, elastic_worker.py): a
+# survivor that learns of the loss only from its deadline is still waited for.
+JOIN_TIMEOUT = 5.0
+WAIT = 60.0  # the longest any single wait of a test may take
+
+
+def python_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+class Job:
+    """A control process and the ranks of one elastic job."""
+
+    def __init__(self, tmp_path: Path, algo: str, world: int) -> None:
+        self.tmp_path, self.algo, self.world = tmp_path, algo, world
+        self.stop_file = tmp_path / "stop"
+        self.ranks: dict[str, subprocess.Popen] = {}
+        self.control: subprocess.Popen | None = None
+        self.port = 0
+        self.start_control()
+
+    def start_control(self) -> None:
+        log = open(self.tmp_path / "control.log", "a")  # noqa: SIM115 - the process owns it
+        self.control = subprocess.Popen(
+            [
+                sys.executable, "-m", "distlearn_cuda.elastic.control",
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT),
+                "--join-timeout", str(JOIN_TIMEOUT),
+            ],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=python_env(),
+        )  # fmt: skip
+        line = self.control.stdout.readline()  # the process prints it once it listens
+        assert "distlearn_cuda elastic control" in line, line
+        self.port = int(line.split("store ")[1].split()[0].rsplit(":", 1)[1])
+
+    def start(self, name: str, *extra: str, pause: float = 0.02) -> None:
+        with open(self.tmp_path / f"{name}.log", "w") as log:
+            self.ranks[name] = subprocess.Popen(
+                [
+                    sys.executable, str(WORKER), f"127.0.0.1:{self.port}",
+                    str(self.tmp_path / f"{name}.jsonl"), "--algo", self.algo,
+                    "--world", str(self.world), "--stop", str(self.stop_file),
+                    "--pause", str(pause), *extra,
+                ],
+                stdout=log, stderr=subprocess.STDOUT, env=python_env(),
+            )  # fmt: skip
+
+    def events(self, name: str, kind: str | None = None) -> list[dict]:
+        path = self.tmp_path / f"{name}.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines()
+        parsed = [json.loads(line) for line in lines if line.endswith("}")]
+        return [e for e in parsed if kind is None or e["event"] == kind]
+
+    def wait_until(self, what: str, condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+            time.sleep(0.05)
+
+    def steps_of(self, name: str) -> int:
+        steps = [e["steps"] for e in self.events(name, "step")] or [
+            e["steps"] for e in self.events(name, "view") if e["steps"] is not None
+        ]
+        return max(steps, default=-1)
+
+    def views(self, name: str) -> list[int]:
+        return [e["world"] for e in self.events(name, "view")]
+
+    def finish(self, names: list[str], margin: int = 30) -> dict[str, dict]:
+        """Stops the job ``margin`` steps past the furthest rank; waits for
+        ``names`` to exit 0; returns their "done" events."""
+        self.stop_file.write_text(str(max(self.steps_of(n) for n in names) + margin))
+        for name in names:
+            try:
+                code = self.ranks[name].wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{name} did not finish\n{self.logs()}") from None
+            assert code == 0, f"{name} exited {code}\n{self.logs()}"
+        return {name: self.events(name, "done")[-1] for name in names}
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted(self.tmp_path.glob("*.log")):
+            parts.append(f"--- {path.name}\n{path.read_text()[-3000:]}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        for process in [*self.ranks.values(), self.control]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def make_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
+    jobs: list[Job] = []
+
+    def make(algo: str, world: int) -> Job:
+        jobs.append(Job(tmp_path, algo, world))
+        return jobs[-1]
+
+    yield make
+    for job in jobs:
+        job.close()
+
+
+def mean64(vectors: list[list[float]]) -> list[float]:
+    return [math.fsum(column) / len(vectors) for column in zip(*vectors, strict=True)]
+
+
+def assert_close(got: list[float], want: list[float], tol: float = 2e-6) -> None:
+    worst = max(abs(g - w) / max(1.0, abs(w)) for g, w in zip(got, want, strict=True))
+    assert worst <= tol, f"off by {worst:.3g} (relative)"
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(make_job, algo: str) -> None:
+    job = make_job(algo, world=4)
+    names = ["r0", "r1", "r2", "r3"]
+    for name in names:
+        job.start(name)
+    job.wait_until("the job to train", lambda: all(job.steps_of(n) >= 15 for n in names))
+    killed = names[2]
+    job.ranks[killed].send_signal(signal.SIGKILL)
+    survivors = [n for n in names if n != killed]
+    job.wait_until(
+        "the survivors to agree on 3 ranks and train on",
+        lambda: all(3 in job.views(n) and job.steps_of(n) >= 45 for n in survivors),
+    )
+    job.start("joiner")
+    job.wait_until("the joiner to join", lambda: 4 in job.views("joiner"))
+    done = job.finish([*survivors, "joiner"])
+    last_step = done["joiner"]["steps"]
+
+    for name in survivors:
+        assert job.views(name)[:2] == [4, 3], job.views(name)
+        assert job.views(name)[-1] == 4  # the joiner made it 4 again
+    assert all(d["world"] == 4 and d["steps"] == last_step for d in done.values())
+    joiner_view = job.events("joiner", "view")[0]
+    joiner_start = job.events("joiner", "started")[0]
+    assert joiner_view["world"] == 4
+    source = next(
+        e for n in survivors for e in job.events(n, "view")
+        if e["prefix"] == joiner_view["prefix"] and e["rank"] == 0
+    )  # fmt: skip
+    # The joiner starts from the furthest rank's state, bitwise, and at its step.
+    assert joiner_start["params"] == source["params"]
+    assert joiner_start["steps"] == source["steps"]
+    if algo == "ea":
+        assert joiner_start["center"] == source["center"]
+    # The extra state (an epoch counter) came along.
+    assert joiner_start["epoch"] >= 4
+
+    final = [d["params"] if algo == "sgd" else d["center"] for d in done.values()]
+    assert all(f == final[0] for f in final), "ranks disagree at the end"
+    if algo == "sgd":
+        # After the loss: the averaged gradient is the mean of the three
+        # survivors' own gradients, computed here in float64.
+        by_step: dict[int, dict[str, dict]] = {}
+        for name in survivors:
+            for e in job.events(name, "step"):
+                if e["world"] == 3 and not e["skipped"]:
+                    by_step.setdefault(e["steps"], {})[name] = e
+        complete = [s for s, ranks in by_step.items() if len(ranks) == 3]
+        assert len(complete) >= 10
+        for step in complete:
+            events = by_step[step]
+            want = mean64([e["local"] for e in events.values()])
+            for e in events.values():
+                assert_close(e["mean"], want)
