@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--die-in-view", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out = open(args.out, "a", buffering=1)  # noqa: SIM115 - line-buffered for the test to poll
+    out = open(args.out, "a", buffering=1)
 
     def emit(event: str, **fields: object) -> None:
         out.write(json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields}))

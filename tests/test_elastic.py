@@ -51,7 +51,7 @@ class Job:
         self.start_control()
 
     def start_control(self) -> None:
-        log = open(self.tmp_path / "control.log", "a")  # noqa: SIM115 - the process owns it
+        log = open(self.tmp_path / "control.log", "a")
         self.control = subprocess.Popen(
             [
                 sys.executable, "-m", "distlearn_cuda.elastic.control",
@@ -203,3 +203,47 @@ def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(make_job, algo: st
             want = mean64([e["local"] for e in events.values()])
             for e in events.values():
                 assert_close(e["mean"], want)
+
+
+def test_a_stall_a_control_restart_and_a_joiner_lost_mid_change(make_job) -> None:
+    job = make_job("sgd", world=3)
+    names = ["r0", "r1", "r2"]
+    for name in names:
+        job.start(name)
+    job.wait_until("the job to train", lambda: all(job.steps_of(n) >= 15 for n in names))
+
+    # A stalled rank is lost once its peers' deadline passes (3 s).
+    job.ranks["r2"].send_signal(signal.SIGSTOP)
+    survivors = ["r0", "r1"]
+    job.wait_until(
+        "the survivors to drop the stalled rank",
+        lambda: all(job.views(n)[-1:] == [2] for n in survivors),
+    )
+    job.ranks["r2"].kill()
+
+    # Without its control process the job trains on.
+    job.control.kill()
+    job.control.wait(timeout=10)
+    before = min(job.steps_of(n) for n in survivors)
+    job.wait_until(
+        "training without the control process",
+        lambda: all(job.steps_of(n) >= before + 20 for n in survivors),
+    )
+    job.start_control()  # on the same port: an empty store, a new Lighthouse
+
+    # A joiner lost after the quorum and before it has the state: the
+    # change is retried without it.
+    job.start("lost", "--die-in-view")
+    job.wait_until("the joiner to die mid-change", lambda: job.events("lost", "dying"))
+    assert job.ranks["lost"].wait(timeout=WAIT) == 3
+    views_before = {n: len(job.views(n)) for n in survivors}
+    job.start("joiner")
+    job.wait_until("the next joiner to join", lambda: 3 in job.views("joiner"))
+    done = job.finish([*survivors, "joiner"])
+
+    assert all(d["world"] == 3 for d in done.values())
+    final = [d["params"] for d in done.values()]
+    assert all(f == final[0] for f in final)
+    for name in survivors:
+        assert job.views(name)[:2] == [3, 2]
+        assert len(job.views(name)) > views_before[name]

@@ -18,6 +18,7 @@ empty store.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -30,10 +31,11 @@ import torch.distributed as dist
 
 from ..errors import CommunicationError
 
-__all__ = ["LIGHTHOUSE_PORT_KEY", "Membership", "View", "import_torchft"]
+__all__ = ["LIGHTHOUSE_PORT_KEY", "STARTED_KEY", "Membership", "View", "import_torchft"]
 
 LIGHTHOUSE_PORT_KEY = "distlearn/elastic/lighthouse_port"
 TIMEOUTS_KEY = "distlearn/elastic/timeouts"  # "<join timeout s> <heartbeat timeout s>"
+STARTED_KEY = "distlearn/elastic/started"  # set while a job runs: new ranks join it
 JOINS_KEY = "distlearn/elastic/joins"  # joins announced, a counter
 ADMITTED_KEY = "distlearn/elastic/admitted"  # joins admitted (by number), set by rank 0
 JOINER_PREFIX = "distlearn/elastic/joiner"  # /<number>: the joiner's replica id
@@ -103,6 +105,8 @@ class Membership:
         # Start time first: the Lighthouse orders members by replica id.
         self.replica_id = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}"
         self.generation = 0  # views this process was in
+        self.in_job = False  # set once this rank trained in a view
+        self._reconnecting: threading.Thread | None = None
         self._known: set[str] = set()
         self._previous: tuple[str, ...] = ()  # the members of this rank's last view
         self.store = self._connect_store()
@@ -114,6 +118,20 @@ class Membership:
             name="distlearn-elastic-heartbeat",
         )
         self._beating.start()
+
+    def live_store(self) -> dist.TCPStore:
+        """The store client, connected anew if the control process restarted
+        (bounded by the connect timeout)."""
+        try:
+            self.store.check([LIGHTHOUSE_PORT_KEY])
+        except Exception:
+            self.store = self._connect_store()
+        return self.store
+
+    def mark_started(self) -> None:
+        """Records that a job runs (new ranks then join it)."""
+        self.in_job = True
+        self.live_store().set(STARTED_KEY, "1")
 
     def _connect_store(self) -> dist.TCPStore:
         return dist.TCPStore(
@@ -144,8 +162,13 @@ class Membership:
                 client = None
 
     def _lighthouse_from_new_store(self) -> object:
-        # Its own store client: TCPStore clients are not shared across threads here.
-        port = int(self._connect_store().get(LIGHTHOUSE_PORT_KEY))
+        # Its own store client: TCPStore clients are not shared across threads
+        # here. A restarted control process has an empty store: say again
+        # that a job runs, so a new rank joins it instead of starting one.
+        store = self._connect_store()
+        if self.in_job:
+            store.set(STARTED_KEY, "1")
+        port = int(store.get(LIGHTHOUSE_PORT_KEY))
         return self._coordination.LighthouseClient(
             f"http://{self._host}:{port}", self._connect_timeout
         )
@@ -170,24 +193,44 @@ class Membership:
         """Admits the joiners announced after the first ``handled`` (rank 0,
         at a synchronization point): returns the new count handled and the
         replica ids admitted."""
-        announced = self.store.add(JOINS_KEY, 0)
-        if announced < handled:  # a restarted control process: a new store
-            handled = 0
-        admitted: list[str] = []
-        number = handled
-        while number < announced and self.store.check([f"{JOINER_PREFIX}/{number + 1}"]):
-            number += 1
-            admitted.append(self.store.get(f"{JOINER_PREFIX}/{number}").decode())
-        if number > handled:
-            self.store.set(ADMITTED_KEY, str(number))
+        try:
+            announced = self.store.add(JOINS_KEY, 0)
+            if announced < handled:  # a restarted control process: a new store
+                handled = 0
+            admitted: list[str] = []
+            number = handled
+            while number < announced and self.store.check([f"{JOINER_PREFIX}/{number + 1}"]):
+                number += 1
+                admitted.append(self.store.get(f"{JOINER_PREFIX}/{number}").decode())
+            if number > handled:
+                self.store.set(ADMITTED_KEY, str(number))
+        except Exception:  # the control process is down: training goes on
+            self._reconnect_in_background()
+            return handled, []
         return number, admitted
+
+    def _reconnect_in_background(self) -> None:
+        """A new store client for the next synchronization point, made on a
+        thread: connecting retries up to its timeout, which must not hold
+        up the other ranks at this one."""
+        if self._reconnecting is not None and self._reconnecting.is_alive():
+            return
+
+        def reconnect() -> None:
+            with contextlib.suppress(Exception):
+                self.store = self._connect_store()
+
+        self._reconnecting = threading.Thread(
+            target=reconnect, daemon=True, name="distlearn-elastic-reconnect"
+        )
+        self._reconnecting.start()
 
     def wait_for_joiners(self, joiners: list[str], bound: float) -> None:
         """Waits (at most ``bound`` seconds) until each admitted joiner marked
         itself requesting, plus two Lighthouse ticks for its request to land."""
         keys = [f"{REQUESTING_PREFIX}/{joiner}" for joiner in joiners]
         deadline = time.monotonic() + bound
-        while keys and not self.store.check(keys) and time.monotonic() < deadline:
+        while keys and not self.live_store().check(keys) and time.monotonic() < deadline:
             time.sleep(START_POLL_S)
         time.sleep(2 * LIGHTHOUSE_TICK_S)
 
@@ -226,6 +269,7 @@ class Membership:
         misses = 0
         while time.monotonic() < deadline:
             try:
+                self.live_store()
                 if join:
                     self._wait_for_admission(self.announce_join(), deadline)
                     join = False

@@ -34,11 +34,10 @@ from .._validate import check_timeout
 from ..ea import AllReduceEA
 from ..errors import CommunicationError
 from ..sgd import AllReduceSGD
-from ._membership import Membership, View
+from ._membership import STARTED_KEY, Membership, View
 
 __all__ = ["ElasticEA", "ElasticSGD"]
 
-STARTED_KEY = "distlearn/elastic/started"  # set once a view trained: later ranks join
 # The collective deadline: a lost or stalled rank is noticed within it.
 DEFAULT_ELASTIC_TIMEOUT = datetime.timedelta(seconds=30)
 # What joining a view may take beyond the collective deadline: the Lighthouse
@@ -117,7 +116,7 @@ class _ElasticMember:
         self._joins_handled = 0
         self._closed = False
         # A new rank waits for the initial world; one arriving later joins.
-        if self._membership.store.check([STARTED_KEY]):
+        if self._membership.live_store().check([STARTED_KEY]):
             self._change_view(join=True)
         else:
             self._change_view(min_size=world_size)
@@ -261,7 +260,7 @@ class _ElasticMember:
                 self._view = view
                 self._install(view)
                 behind = self._hand_over_state()
-                self._membership.store.set(STARTED_KEY, "1")
+                self._membership.mark_started()
             except RuntimeError as error:
                 # A member lost during the change: CommunicationError from a
                 # collective, torch.distributed's errors (DistError, gloo's

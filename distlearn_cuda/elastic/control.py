@@ -23,8 +23,10 @@ collective deadline (a peer stalled, or the collective's ring broke beyond
 its neighbours) asks up to that deadline later than the others: keep
 ``--join-timeout`` above the ranks' ``timeout``, or it may be left out of
 the next view (it then joins again at the next synchronization point). The
-cost of a long join timeout is paid only while a live rank does not ask. Prints one line, ``distlearn_cuda elastic control: store
-HOST:PORT lighthouse PORT``, once both listen; runs until SIGTERM or SIGINT.
+cost of a long join timeout is paid only while a live rank does not ask.
+
+Prints one line, ``distlearn_cuda elastic control: store HOST:PORT
+lighthouse PORT``, once both listen; runs until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
