@@ -247,3 +247,57 @@ def test_a_stall_a_control_restart_and_a_joiner_lost_mid_change(make_job) -> Non
     for name in survivors:
         assert job.views(name)[:2] == [3, 2]
         assert len(job.views(name)) > views_before[name]
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(child) for child in text]
+    return found
+
+
+def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: Path) -> None:
+    # The launch the README gives: a control process, then one process per
+    # rank; the third under torchrun --nproc_per_node 1 --max-restarts 1,
+    # which starts it again after it is killed, and it joins again.
+    job = Job(tmp_path, "sgd", world=3)
+    try:
+        common = [
+            "-m", "distlearn_cuda.examples.digits", "--elastic", f"127.0.0.1:{job.port}",
+            "--world", "3", "--elastic-timeout", "3", "--epochs", "12",
+        ]  # fmt: skip
+        torchrun = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", "1", "--max-restarts", "1",
+        ]  # fmt: skip
+        commands = {
+            "d0": [sys.executable, *common],
+            "d1": [sys.executable, *common],
+            "d2": [*torchrun, *common],
+        }
+        for name, command in commands.items():
+            with open(tmp_path / f"{name}.log", "w") as log:
+                job.ranks[name] = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=python_env()
+                )
+        logs = [tmp_path / f"{name}.log" for name in commands]
+        # Rank 0 prints; the ranks are ordered by start time, whoever that is.
+        job.wait_until("epoch 2", lambda: any("epoch 2 " in p.read_text() for p in logs))
+        (worker,) = children(job.ranks["d2"].pid)
+        os.kill(worker, signal.SIGKILL)
+        for name in commands:
+            assert job.ranks[name].wait(timeout=WAIT) == 0, job.logs()
+        lines = [line for p in logs for line in p.read_text().splitlines()]
+        # Lost, then back after torchrun's restart, in the log of one rank 0.
+        sizes = [
+            [int(line.split("ranks ")[1].split()[0]) for line in p.read_text().splitlines()
+             if line.startswith("epoch ")]
+            for p in logs
+        ]  # fmt: skip
+        assert any(2 in s and s[-1] == 3 and 3 in s[s.index(2) :] for s in sizes), sizes
+        final = [line for line in lines if line.startswith("final test accuracy")]
+        assert final and all(float(f.split()[-1].rstrip("%")) >= 95.0 for f in final), final
+    finally:
+        job.close()

@@ -280,20 +280,17 @@ class _ElasticMember:
             rank=self._view.rank if self._view else -1,
         ) from last_error
 
-    def _add_joiners(self) -> bool:
+    def _add_joiners(self) -> None:
         """At a synchronization point: adds the joiners announced since the
-        last one (rank 0 admits them; everyone gets its list). Returns
-        whether the view changed."""
+        last one (rank 0 admits them; everyone gets its list)."""
         admitted = None
         if self.rank == 0:
             admitted = self._membership.admit_joins(self._joins_handled)
         handled, joiners = self._current()._collectives.broadcast_object(admitted, 0)
         self._joins_handled = handled
-        if not joiners:
-            return False
-        self._membership.wait_for_joiners(joiners, self._timeout.total_seconds())
-        self._change_view(expected=tuple(joiners))
-        return True
+        if joiners:
+            self._membership.wait_for_joiners(joiners, self._timeout.total_seconds())
+            self._change_view(expected=tuple(joiners))
 
     def _extra(self) -> Any:
         return self._extra_state[0]() if self._extra_state is not None else None
@@ -404,14 +401,17 @@ class ElasticSGD(_ElasticMember):
 
     def synchronize_parameters(self) -> None:
         """Every rank gets the parameters, buffers and optimizer state of the
-        rank that took the most steps; ranks whose join was announced are
-        added first."""
+        rank that took the most steps (ranks may take different numbers of
+        steps between synchronizations, as with ``AllReduceSGD``); then the
+        ranks whose join was announced are added."""
         try:
-            if self._add_joiners():
-                return
+            # First the algorithm's own synchronization, which lets ranks that
+            # took fewer steps join the others' allreduces until all arrive;
+            # then, with every rank at the same point, the joiners.
             self._current().synchronize_parameters(
                 self._model, optimizer=self._optimizer, buffers=True
             )
+            self._add_joiners()
         except CommunicationError:
             self._change_view()
 
@@ -496,11 +496,11 @@ class ElasticEA(_ElasticMember):
         self._steps += 1
 
     def synchronize_center(self) -> None:
-        """Every rank gets rank 0's center, after adding announced joins."""
+        """Every rank gets rank 0's center; then the ranks whose join was
+        announced are added."""
         try:
-            if self._add_joiners():
-                return
             self._current().synchronize_center(self._model)
+            self._add_joiners()
         except CommunicationError:
             self._change_view()
 

@@ -11,12 +11,15 @@ set.
     torchrun --nproc_per_node 2 -m distlearn_cuda.examples.digits --algo ea
     torchrun --nproc_per_node 4 -m distlearn_cuda.examples.digits --uneven
     python -m distlearn_cuda.examples.digits --data-dir ~/mnist  # MNIST IDX files
+    python -m distlearn_cuda.examples.digits --elastic 127.0.0.1:29400 --world 3  # each rank
 
 By default it trains on scikit-learn's bundled 8x8 digits, so it needs no
 download.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch import nn
@@ -31,6 +34,7 @@ from distlearn_cuda.examples.common import (
     share_cores,
     train_and_evaluate,
 )
+from distlearn_cuda.examples.elastic_train import add_elastic_options
 
 with exit_on_missing_extra(__name__):
     from distlearn_cuda.examples.data import NUM_CLASSES, load_digits, load_mnist, partition
@@ -53,7 +57,10 @@ def main(argv: list[str] | None = None) -> float:
     """Trains and evaluates; returns the final test accuracy (a fraction)."""
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="MNIST IDX files (default: scikit-learn's digits)")
+    add_elastic_options(parser)
     args = parser.parse_args(argv)
+    if args.elastic:
+        return main_elastic(args)
     algo = make_algorithm(args)
     device = pick_device(args.device)
     if device.type == "cpu":
@@ -65,6 +72,21 @@ def main(argv: list[str] | None = None) -> float:
     torch.manual_seed(args.seed)
     with algo:
         return train_and_evaluate(args, algo, build_model(), train, test, TrainSettings(device))
+
+
+def main_elastic(args: argparse.Namespace) -> float:
+    """Elastic mode: every rank holds the whole data set and takes its part
+    of it anew each epoch (see ``elastic_train``)."""
+    from distlearn_cuda.examples.elastic_train import train_and_evaluate_elastic
+
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        share_cores(args.world)
+    train, test = load_mnist(args.data_dir) if args.data_dir else load_digits(args.seed)
+    torch.manual_seed(args.seed)
+    return train_and_evaluate_elastic(
+        args, build_model(), train.to(device), test.to(device), TrainSettings(device)
+    )
 
 
 if __name__ == "__main__":
