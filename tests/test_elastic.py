@@ -266,7 +266,7 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
     try:
         common = [
             "-m", "distlearn_cuda.examples.digits", "--elastic", f"127.0.0.1:{job.port}",
-            "--world", "3", "--elastic-timeout", "3", "--epochs", "12",
+            "--world", "3", "--elastic-timeout", "3", "--epochs", "20",
         ]  # fmt: skip
         torchrun = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -284,7 +284,7 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
                 )
         logs = [tmp_path / f"{name}.log" for name in commands]
         # Rank 0 prints; the ranks are ordered by start time, whoever that is.
-        job.wait_until("epoch 2", lambda: any("epoch 2 " in p.read_text() for p in logs))
+        job.wait_until("epoch 1", lambda: any("epoch 1 " in p.read_text() for p in logs))
         (worker,) = children(job.ranks["d2"].pid)
         os.kill(worker, signal.SIGKILL)
         for name in commands:
