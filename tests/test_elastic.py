@@ -301,3 +301,45 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
         assert final and all(float(f.split()[-1].rstrip("%")) >= 95.0 for f in final), final
     finally:
         job.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"control": "no-port"}, ValueError, "control"),
+        ({"control": 29400}, TypeError, "control"),
+        ({"model": [1.0]}, TypeError, "model"),
+        ({"optimizer": "sgd"}, TypeError, "optimizer"),
+        ({"world_size": 0}, ValueError, "world_size"),
+        ({"world_size": True}, ValueError, "world_size"),
+        ({"retries": -1}, ValueError, "retries"),
+        ({"heartbeat_interval": 0}, ValueError, "heartbeat_interval"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"join_wait": "long"}, TypeError, "timeout"),
+        ({"on_change": 3}, TypeError, "on_change"),
+        ({"extra_state": (dict,)}, TypeError, "extra_state"),
+    ],
+)
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_bad_arguments_are_refused_before_anything_connects(
+    algo: str, kwargs: dict, error: type, names: str
+) -> None:
+    import torch
+
+    from distlearn_cuda import elastic
+
+    model = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    arguments = {"control": "127.0.0.1:1", "model": model, **kwargs}
+    kind = elastic.ElasticSGD if algo == "sgd" else elastic.ElasticEA
+    with pytest.raises(error, match=names):
+        kind(arguments.pop("control"), arguments.pop("model"), **arguments)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_control_rejects_bad_options() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "distlearn_cuda.elastic.control", "--min-ranks", "0"],
+        capture_output=True, text=True, timeout=60, env=python_env(),
+    )  # fmt: skip
+    assert done.returncode == 2 and "--min-ranks" in done.stderr

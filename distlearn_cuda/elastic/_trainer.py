@@ -246,6 +246,10 @@ class _ElasticMember:
         view should hold. Retries a change that a failure interrupts;
         CommunicationError after ``retries`` retries."""
         last_error: Exception | None = None
+        # Dropped first: closing this rank's connections fails the peers
+        # still waiting on it in the broken collective at once, instead of at
+        # their deadline (gloo cannot be aborted, but a closed pair errors).
+        self._drop_view()
         for _ in range(self._retries + 1):
             deadline = time.monotonic() + self._join_wait.total_seconds()
             view = self._membership.agree(
