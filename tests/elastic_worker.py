@@ -1,7 +1,7 @@
 """One rank of an elastic job, for tests/test_elastic.py (run as a process).
 
     python tests/elastic_worker.py CONTROL OUT --algo sgd|ea --world N --stop FILE
-        [--sync-every N] [--pause S] [--timeout S] [--die-in-view]
+        [--sync-every N] [--pause S] [--timeout S] [--die-in-view] [--wait-for FILE]
 
 Trains a small linear model on data drawn from this process's own seed and
 the job's step count until the job's step count reaches the number the
@@ -12,7 +12,8 @@ center), "step" (the step's number; for SGD this rank's own gradient and
 the averaged one),
 "done" (final parameters and center). ``--die-in-view``: exits as soon as
 its first quorum is agreed, before it has the job's state (a joiner lost
-during the change).
+during the change). ``--wait-for``: joins only once FILE exists, so a test
+can start a joiner early and have it join without the wait for imports.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.02)
     parser.add_argument("--timeout", type=float, default=3.0)
     parser.add_argument("--die-in-view", action="store_true")
+    parser.add_argument("--wait-for", help="a file to wait for before joining (imports done)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = open(args.out, "a", buffering=1)
@@ -80,6 +82,8 @@ def main() -> None:
             center=None if obj is None or args.algo == "sgd" else flat(obj.center.values()),
         )
 
+    while args.wait_for and not Path(args.wait_for).exists():
+        time.sleep(0.02)
     kind = elastic.ElasticSGD if args.algo == "sgd" else elastic.ElasticEA
     options = {} if args.algo == "sgd" else {"tau": 2, "alpha": 0.3}
     obj = kind(

@@ -65,6 +65,14 @@ class Job:
         assert "distlearn_cuda elastic control" in line, line
         self.port = int(line.split("store ")[1].split()[0].rsplit(":", 1)[1])
 
+    def hold(self, name: str, *extra: str) -> None:
+        """Starts ``name`` now (its imports take seconds here) and has it
+        join the job only at ``release(name)``."""
+        self.start(name, *extra, "--wait-for", str(self.tmp_path / f"{name}.go"))
+
+    def release(self, name: str) -> None:
+        (self.tmp_path / f"{name}.go").touch()
+
     def start(self, name: str, *extra: str, pause: float = 0.02) -> None:
         with open(self.tmp_path / f"{name}.log", "w") as log:
             self.ranks[name] = subprocess.Popen(
@@ -154,6 +162,7 @@ def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(make_job, algo: st
     names = ["r0", "r1", "r2", "r3"]
     for name in names:
         job.start(name)
+    job.hold("joiner")
     job.wait_until("the job to train", lambda: all(job.steps_of(n) >= 15 for n in names))
     killed = names[2]
     job.ranks[killed].send_signal(signal.SIGKILL)
@@ -162,7 +171,7 @@ def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(make_job, algo: st
         "the survivors to agree on 3 ranks and train on",
         lambda: all(3 in job.views(n) and job.steps_of(n) >= 45 for n in survivors),
     )
-    job.start("joiner")
+    job.release("joiner")
     job.wait_until("the joiner to join", lambda: 4 in job.views("joiner"))
     done = job.finish([*survivors, "joiner"])
     last_step = done["joiner"]["steps"]
@@ -210,6 +219,8 @@ def test_a_stall_a_control_restart_and_a_joiner_lost_mid_change(make_job) -> Non
     names = ["r0", "r1", "r2"]
     for name in names:
         job.start(name)
+    job.hold("lost", "--die-in-view")
+    job.hold("joiner")
     job.wait_until("the job to train", lambda: all(job.steps_of(n) >= 15 for n in names))
 
     # A stalled rank is lost once its peers' deadline passes (3 s).
@@ -233,11 +244,11 @@ def test_a_stall_a_control_restart_and_a_joiner_lost_mid_change(make_job) -> Non
 
     # A joiner lost after the quorum and before it has the state: the
     # change is retried without it.
-    job.start("lost", "--die-in-view")
+    job.release("lost")
     job.wait_until("the joiner to die mid-change", lambda: job.events("lost", "dying"))
     assert job.ranks["lost"].wait(timeout=WAIT) == 3
     views_before = {n: len(job.views(n)) for n in survivors}
-    job.start("joiner")
+    job.release("joiner")
     job.wait_until("the next joiner to join", lambda: 3 in job.views("joiner"))
     done = job.finish([*survivors, "joiner"])
 

@@ -255,12 +255,16 @@ class Membership:
         min_size: int,
         deadline: float,
         join: bool = False,
+        newcomer: bool = False,
         expected: tuple[str, ...] = (),
     ) -> View:
         """The next view, agreed with the Lighthouse: asks for quorums until
         one holds this rank, at least ``min_size`` ranks and (for a few
         tries) every rank of ``expected``. ``join``: this rank joins a
-        running job (see above). A control process that is down is asked
+        running job (see above); ``newcomer``: it starts a new job, or joins
+        the job once one runs (another rank may have started it, or a
+        restarted control process not have heard of it yet in its first
+        moments). A control process that is down is asked
         again (a new store client each time) until ``deadline``
         (``time.monotonic()``), then CommunicationError. A rank whose
         request goes unanswered for long (the others formed a view without
@@ -269,6 +273,8 @@ class Membership:
         misses = 0
         while time.monotonic() < deadline:
             try:
+                if newcomer and self.live_store().check([STARTED_KEY]):
+                    join, newcomer, min_size = True, False, 1
                 self.live_store()
                 if join:
                     self._wait_for_admission(self.announce_join(), deadline)
@@ -300,6 +306,8 @@ class Membership:
             if self.replica_id not in members or len(members) < min_size:
                 time.sleep(START_POLL_S)
                 continue
+            if newcomer and self.live_store().check([STARTED_KEY]):
+                continue  # a job runs: join it (at the loop's top) rather than start one
             if any(e not in members for e in expected) and misses < EXPECTED_TRIES:
                 misses += 1  # every member got this quorum: all ask again
                 continue

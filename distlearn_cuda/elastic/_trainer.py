@@ -119,7 +119,7 @@ class _ElasticMember:
         if self._membership.live_store().check([STARTED_KEY]):
             self._change_view(join=True)
         else:
-            self._change_view(min_size=world_size)
+            self._change_view(min_size=world_size, newcomer=True)
 
     # -- what the user reads ------------------------------------------------
 
@@ -238,7 +238,12 @@ class _ElasticMember:
         return behind
 
     def _change_view(
-        self, *, min_size: int = 1, join: bool = False, expected: tuple[str, ...] = ()
+        self,
+        *,
+        min_size: int = 1,
+        join: bool = False,
+        newcomer: bool = False,
+        expected: tuple[str, ...] = (),
     ) -> bool:
         """Agrees on the next view and moves there; returns whether this rank
         was behind the view's source (see ``_hand_over_state``). ``join``:
@@ -257,9 +262,10 @@ class _ElasticMember:
                 min_size=min_size,
                 deadline=deadline,
                 join=join,
+                newcomer=newcomer,
                 expected=expected,
             )
-            join, expected = False, ()
+            join, newcomer, expected = False, False, ()
             try:
                 self._view = view
                 self._install(view)
