@@ -115,11 +115,15 @@ class _ElasticMember:
         self._has_state = False  # False until this rank holds the job's state
         self._joins_handled = 0
         self._closed = False
-        # A new rank waits for the initial world; one arriving later joins.
-        if self._membership.live_store().check([STARTED_KEY]):
-            self._change_view(join=True)
-        else:
-            self._change_view(min_size=world_size, newcomer=True)
+        try:
+            # A new rank waits for the initial world; one arriving later joins.
+            if self._membership.live_store().check([STARTED_KEY]):
+                self._change_view(join=True)
+            else:
+                self._change_view(min_size=world_size, newcomer=True)
+        except BaseException:
+            self._membership.close()  # no heartbeats from a rank that never joined
+            raise
 
     # -- what the user reads ------------------------------------------------
 
@@ -400,13 +404,16 @@ class ElasticSGD(_ElasticMember):
         """The model's gradients <- their mean over the current view's ranks.
         After a lost rank, completes among the survivors (see the class)."""
         self._skipped = False
-        try:
-            self._current().sum_and_normalize_gradients(self._model)
-        except CommunicationError:
-            if self._change_view():
-                self._skipped = True
-                return
-            self._current().sum_and_normalize_gradients(self._model)
+        for attempt in range(self._retries + 1):
+            try:
+                self._current().sum_and_normalize_gradients(self._model)
+                break
+            except CommunicationError:
+                if attempt == self._retries:
+                    raise
+                if self._change_view():
+                    self._skipped = True
+                    return
         self._steps += 1
 
     def synchronize_parameters(self) -> None:
@@ -498,11 +505,14 @@ class ElasticEA(_ElasticMember):
 
     def average_parameters(self) -> None:
         """One EA step of the model's parameters (a round every ``tau`` steps)."""
-        try:
-            self._current().average_parameters(self._model)
-        except CommunicationError:
-            self._change_view()
-            self._current().average_parameters(self._model)
+        for attempt in range(self._retries + 1):
+            try:
+                self._current().average_parameters(self._model)
+                break
+            except CommunicationError:
+                if attempt == self._retries:
+                    raise
+                self._change_view()
         self._steps += 1
 
     def synchronize_center(self) -> None:
