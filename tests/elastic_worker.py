@@ -98,15 +98,19 @@ def main() -> None:
         **options,
     )
     holder["obj"] = obj
-    emit(
-        "started",
-        rank=obj.rank,
-        world=obj.world_size,
-        steps=obj.steps,
-        epoch=epoch["value"],
-        params=flat(model.parameters()),
-        center=None if args.algo == "sgd" else flat(obj.center.values()),
-    )
+
+    def emit_state(event: str) -> None:
+        emit(
+            event,
+            rank=obj.rank,
+            world=obj.world_size,
+            steps=obj.steps,
+            epoch=epoch["value"],
+            params=flat(model.parameters()),
+            center=None if args.algo == "sgd" else flat(obj.center.values()),
+        )
+
+    emit_state("started")
     stop = Path(args.stop)
     while not (stop.exists() and obj.steps >= int(stop.read_text() or "0")):
         generator = torch.Generator().manual_seed(os.getpid() * 100_003 + obj.steps)
@@ -140,15 +144,7 @@ def main() -> None:
                 obj.synchronize_parameters()
             else:
                 obj.synchronize_center()
-    emit(
-        "done",
-        rank=obj.rank,
-        world=obj.world_size,
-        steps=obj.steps,
-        epoch=epoch["value"],
-        params=flat(model.parameters()),
-        center=None if args.algo == "sgd" else flat(obj.center.values()),
-    )
+    emit_state("done")
     obj.close()
 
 

@@ -64,15 +64,16 @@ class _ElasticMember:
         self,
         control: str,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
-        world_size: int,
-        timeout: float | datetime.timedelta,
-        join_wait: float | datetime.timedelta,
-        retries: int,
-        heartbeat_interval: float,
-        on_change: Callable[[View], None] | None,
-        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None,
+        world_size: int = 1,
+        timeout: float | datetime.timedelta = DEFAULT_ELASTIC_TIMEOUT,
+        join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
+        retries: int = 3,
+        heartbeat_interval: float = 0.5,
+        on_change: Callable[[View], None] | None = None,
+        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+        **algorithm_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -96,6 +97,7 @@ class _ElasticMember:
             raise TypeError("extra_state must be None or a (get, load) pair of callables")
         self._timeout = check_timeout(timeout)
         self._join_wait = check_timeout(join_wait)
+        self._options = algorithm_options  # for each view's algorithm object
         self._model = model
         self._optimizer = optimizer
         self._retries = retries
@@ -363,35 +365,7 @@ class ElasticSGD(_ElasticMember):
             ``allow_unused``).
     """
 
-    def __init__(
-        self,
-        control: str,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        *,
-        world_size: int = 1,
-        timeout: float | datetime.timedelta = DEFAULT_ELASTIC_TIMEOUT,
-        join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
-        retries: int = 3,
-        heartbeat_interval: float = 0.5,
-        on_change: Callable[[View], None] | None = None,
-        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
-        **algorithm_options: Any,
-    ) -> None:
-        self._options = algorithm_options
-        self._skipped = False
-        super().__init__(
-            control,
-            model,
-            optimizer,
-            world_size=world_size,
-            timeout=timeout,
-            join_wait=join_wait,
-            retries=retries,
-            heartbeat_interval=heartbeat_interval,
-            on_change=on_change,
-            extra_state=extra_state,
-        )
+    _skipped = False  # whether the last step was left out (see last_step_skipped)
 
     @property
     def last_step_skipped(self) -> bool:
@@ -468,35 +442,8 @@ class ElasticEA(_ElasticMember):
     ``AllReduceEA`` options passed through ``**algorithm_options``.
     """
 
-    def __init__(
-        self,
-        control: str,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        *,
-        world_size: int = 1,
-        timeout: float | datetime.timedelta = DEFAULT_ELASTIC_TIMEOUT,
-        join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
-        retries: int = 3,
-        heartbeat_interval: float = 0.5,
-        on_change: Callable[[View], None] | None = None,
-        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
-        **algorithm_options: Any,
-    ) -> None:
-        self._options = algorithm_options
-        self._handed_state: dict[str, Any] | None = None
-        super().__init__(
-            control,
-            model,
-            optimizer,
-            world_size=world_size,
-            timeout=timeout,
-            join_wait=join_wait,
-            retries=retries,
-            heartbeat_interval=heartbeat_interval,
-            on_change=on_change,
-            extra_state=extra_state,
-        )
+    # The EA state (center, round counter) the next view's object starts from.
+    _handed_state: dict[str, Any] | None = None
 
     @property
     def center(self) -> dict[str, torch.Tensor]:
