@@ -4,7 +4,8 @@
 # in 150 s): build for the device's own architecture, build_info(), the
 # GPU tests, whole training steps captured in CUDA graphs, compute-sanitizer
 # memcheck on a representative subset of the kernel tests, and a reduced
-# kernel benchmark that still gives the ResNet-50 and GPT-2-small rows.
+# kernel benchmark that still gives the ResNet-50 and GPT-2-small rows, the
+# host-time profile and Nsight Compute on the kernels short of the target.
 #
 # Each step has its own timeout, and every timeout is cut to what is left of
 # an overall budget (GPU_CHECK_BUDGET_S, default 480 s), so the script ends,
@@ -109,7 +110,7 @@ step build_info 30 info_figure sh -c \
    > '$out/build_info.json'"
 
 if [ $have_gpu = 0 ]; then
-  for name in gpu_tests cuda_graphs bench_cuda_ops host_profile memcheck; do
+  for name in gpu_tests cuda_graphs bench_cuda_ops host_profile ncu memcheck; do
     record "$name" unavailable 0 "no GPU"
   done
   exit 1
@@ -141,6 +142,18 @@ fi
 profile_figure() { grep -m1 "median host time" "$1" | cut -c1-100; }
 if [ -z "${SKIP_BENCH:-}" ]; then
   step host_profile 60 profile_figure "$python" -m benchmarks.profile_cuda_host --calls 300
+fi
+
+# Nsight Compute on the kernels that missed the bandwidth target (and one
+# that met it): achieved DRAM throughput, waves, occupancy, per launch.
+ncu_figure() { grep -E "^ +DRAM Throughput" "$1" | awk '{print $NF "%"}' | tr '\n' ' ' | cut -c1-120; }
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+if [ -n "$ncu_bin" ] && [ -z "${SKIP_BENCH:-}" ]; then
+  step ncu 120 ncu_figure "$ncu_bin" --clock-control none -k regex:multi_tensor_kernel \
+    --launch-count 24 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section LaunchStats --section Occupancy "$python" -m benchmarks.ncu_kernels
+elif [ -z "${SKIP_BENCH:-}" ]; then
+  record ncu unavailable 0 "ncu not found"
 fi
 
 memcheck_figure() {

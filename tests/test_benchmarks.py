@@ -613,3 +613,13 @@ def test_launch_kills_ranks_that_outlast_its_timeout() -> None:
     with pytest.raises(RuntimeError, match=r"no result within the 3 s timeout from ranks \[0, 1\]"):
         e2e.launch(f"{__name__}:sleep_for", (60.0,), timeout=3)
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
+def test_gpu_diagnostics_without_a_gpu_say_so_and_exit_2(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import ncu_kernels, profile_cuda_host
+
+    assert ncu_kernels.main() == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    assert profile_cuda_host.main([]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
