@@ -142,14 +142,17 @@ class Membership:
             use_libuv=True,
         )
 
-    def _lighthouse(self) -> tuple[object, float, float]:
-        """A client of the Lighthouse, and its join and heartbeat timeouts (s)."""
-        port = int(self.store.get(LIGHTHOUSE_PORT_KEY))
-        join_timeout, heartbeat_timeout = map(float, self.store.get(TIMEOUTS_KEY).split())
-        client = self._coordination.LighthouseClient(
+    def _client(self, store: dist.TCPStore) -> object:
+        """A client of the Lighthouse whose port the control process put in ``store``."""
+        port = int(store.get(LIGHTHOUSE_PORT_KEY))
+        return self._coordination.LighthouseClient(
             f"http://{self._host}:{port}", self._connect_timeout
         )
-        return client, join_timeout, heartbeat_timeout
+
+    def _lighthouse(self) -> tuple[object, float, float]:
+        """A client of the Lighthouse, and its join and heartbeat timeouts (s)."""
+        join_timeout, heartbeat_timeout = map(float, self.store.get(TIMEOUTS_KEY).split())
+        return self._client(self.store), join_timeout, heartbeat_timeout
 
     def _heartbeats(self, interval: float) -> None:
         client = None
@@ -168,10 +171,7 @@ class Membership:
         store = self._connect_store()
         if self.in_job:
             store.set(STARTED_KEY, "1")
-        port = int(store.get(LIGHTHOUSE_PORT_KEY))
-        return self._coordination.LighthouseClient(
-            f"http://{self._host}:{port}", self._connect_timeout
-        )
+        return self._client(store)
 
     # -- joining ----------------------------------------------------------
     #
@@ -273,9 +273,9 @@ class Membership:
         misses = 0
         while time.monotonic() < deadline:
             try:
-                if newcomer and self.live_store().check([STARTED_KEY]):
+                store = self.live_store()
+                if newcomer and store.check([STARTED_KEY]):
                     join, newcomer, min_size = True, False, 1
-                self.live_store()
                 if join:
                     self._wait_for_admission(self.announce_join(), deadline)
                     join = False
