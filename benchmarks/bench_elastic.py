@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from distlearn_cuda.elastic.control import store_port
+
 from .harness import machine_info, markdown_table, write_files
 
 DEFAULT_OUT = Path(__file__).parent / "results"
@@ -128,8 +130,7 @@ class Run:
              "--join-timeout", "30"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env(),
         )  # fmt: skip
-        line = self.control.stdout.readline()
-        return "127.0.0.1:" + line.split("store ")[1].split()[0].rsplit(":", 1)[1]
+        return f"127.0.0.1:{store_port(self.control.stdout.readline())}"
 
     def start(self, name: str, *args: str) -> None:
         self.started[name] = time.time()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from distlearn_cuda.elastic.control import store_port  # needs no torchft until it runs
+
 pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
 
 WORKER = Path(__file__).with_name("elastic_worker.py")
@@ -61,9 +63,8 @@ class Job:
             ],
             stdout=subprocess.PIPE, stderr=log, text=True, env=python_env(),
         )  # fmt: skip
-        line = self.control.stdout.readline()  # the process prints it once it listens
-        assert "distlearn_cuda elastic control" in line, line
-        self.port = int(line.split("store ")[1].split()[0].rsplit(":", 1)[1])
+        # The process prints it once it listens.
+        self.port = store_port(self.control.stdout.readline())
 
     def hold(self, name: str, *extra: str) -> None:
         """Starts ``name`` now (its imports take seconds here) and has it

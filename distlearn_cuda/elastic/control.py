@@ -47,7 +47,19 @@ from ._membership import (
     import_torchft,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "store_port"]
+
+
+# The first words of the line printed once the control process listens.
+READY = "distlearn_cuda elastic control:"
+
+
+def store_port(line: str) -> int:
+    """The store's port in the line the control process prints once it
+    listens; ValueError for any other line."""
+    if not line.startswith(READY):
+        raise ValueError(f"not the control process's ready line: {line!r}")
+    return int(line.split(" store ")[1].split()[0].rsplit(":", 1)[1])
 
 
 def positive_seconds(text: str) -> float:
@@ -102,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    print(
-        f"distlearn_cuda elastic control: store {args.host}:{store.port} "
-        f"lighthouse {lighthouse_port}",
-        flush=True,
-    )
+    print(f"{READY} store {args.host}:{store.port} lighthouse {lighthouse_port}", flush=True)
     while not stop.wait(0.5):  # wakes for the signal handler
         pass
     lighthouse.shutdown()
