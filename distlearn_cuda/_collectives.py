@@ -131,6 +131,8 @@ class Collectives:
         self._side_streams: dict[int | None, torch.cuda.Stream] = {}
         self._failure: CommunicationError | None = None
         self._closed = False
+        # Every all_reduce_sum as if verify=True (elastic SGD redoes a failed step).
+        self.verify_sums = False
 
     @property
     def timeout(self) -> datetime.timedelta:
@@ -181,7 +183,7 @@ class Collectives:
                 comm.all_reduce_sum(
                     buffer.data_ptr(), buffer.numel(), code, _stream(buffer), self._timeout_s
                 )
-                if verify and not is_capturing(buffer.device):
+                if (verify or self.verify_sums) and not is_capturing(buffer.device):
                     torch.cuda.current_stream(buffer.device).synchronize()
                     comm.check()
             elif self._on_group(buffer):

@@ -2,6 +2,7 @@
 
     python tests/elastic_worker.py CONTROL OUT --algo sgd|ea --world N --stop FILE
         [--sync-every N] [--pause S] [--timeout S] [--die-in-view] [--wait-for FILE]
+        [--device cpu|cuda]
 
 Trains a small linear model on data drawn from this process's own seed and
 the job's step count until the job's step count reaches the number the
@@ -14,6 +15,8 @@ the averaged one),
 its first quorum is agreed, before it has the job's state (a joiner lost
 during the change). ``--wait-for``: joins only once FILE exists, so a test
 can start a joiner early and have it join without the wait for imports.
+``--device cuda``: the model and data on the GPU, every rank on the same
+one, over gloo (NCCL refuses two ranks on one device).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3.0)
     parser.add_argument("--die-in-view", action="store_true")
     parser.add_argument("--wait-for", help="a file to wait for before joining (imports done)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = open(args.out, "a", buffering=1)
@@ -65,7 +69,7 @@ def main() -> None:
         _membership.Membership.agree = agree_then_die
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(5, 3)
+    model = torch.nn.Linear(5, 3).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     epoch = {"value": 0}
     holder: dict[str, object] = {}
@@ -95,6 +99,7 @@ def main() -> None:
         join_wait=60,
         on_change=on_change,
         extra_state=(lambda: dict(epoch), epoch.update),
+        backend="gloo",
         **options,
     )
     holder["obj"] = obj
@@ -114,8 +119,8 @@ def main() -> None:
     stop = Path(args.stop)
     while not (stop.exists() and obj.steps >= int(stop.read_text() or "0")):
         generator = torch.Generator().manual_seed(os.getpid() * 100_003 + obj.steps)
-        x = torch.randn(16, 5, generator=generator)
-        y = torch.randn(16, 3, generator=generator)
+        x = torch.randn(16, 5, generator=generator).to(args.device)
+        y = torch.randn(16, 3, generator=generator).to(args.device)
         torch.nn.functional.mse_loss(model(x), y).backward()
         if args.algo == "sgd":
             local = flat(p.grad for p in model.parameters())

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tensor_cases import needs_gpu
 
 from distlearn_cuda.elastic.control import store_port  # needs no torchft until it runs
 
@@ -38,14 +39,16 @@ WAIT = 60.0  # the longest any single wait of a test may take
 
 
 def python_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # The caller's PYTHONPATH stays: the GPU machine's torchft is carried there.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 class Job:
     """A control process and the ranks of one elastic job."""
 
-    def __init__(self, tmp_path: Path, algo: str, world: int) -> None:
-        self.tmp_path, self.algo, self.world = tmp_path, algo, world
+    def __init__(self, tmp_path: Path, algo: str, world: int, device: str = "cpu") -> None:
+        self.tmp_path, self.algo, self.world, self.device = tmp_path, algo, world, device
         self.stop_file = tmp_path / "stop"
         self.ranks: dict[str, subprocess.Popen] = {}
         self.control: subprocess.Popen | None = None
@@ -81,7 +84,7 @@ class Job:
                     sys.executable, str(WORKER), f"127.0.0.1:{self.port}",
                     str(self.tmp_path / f"{name}.jsonl"), "--algo", self.algo,
                     "--world", str(self.world), "--stop", str(self.stop_file),
-                    "--pause", str(pause), *extra,
+                    "--pause", str(pause), "--device", self.device, *extra,
                 ],
                 stdout=log, stderr=subprocess.STDOUT, env=python_env(),
             )  # fmt: skip
@@ -139,8 +142,8 @@ class Job:
 def make_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
     jobs: list[Job] = []
 
-    def make(algo: str, world: int) -> Job:
-        jobs.append(Job(tmp_path, algo, world))
+    def make(algo: str, world: int, device: str = "cpu") -> Job:
+        jobs.append(Job(tmp_path, algo, world, device))
         return jobs[-1]
 
     yield make
@@ -157,9 +160,15 @@ def assert_close(got: list[float], want: list[float], tol: float = 2e-6) -> None
     assert worst <= tol, f"off by {worst:.3g} (relative)"
 
 
+# On a GPU every rank shares the one device, over gloo (NCCL refuses two
+# ranks on one device): the CUDA kernels, and the state handed over from and
+# to CUDA tensors.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 @pytest.mark.parametrize("algo", ["sgd", "ea"])
-def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(make_job, algo: str) -> None:
-    job = make_job(algo, world=4)
+def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(
+    make_job, algo: str, device: str
+) -> None:
+    job = make_job(algo, world=4, device=device)
     names = ["r0", "r1", "r2", "r3"]
     for name in names:
         job.start(name)
@@ -315,6 +324,43 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
         job.close()
 
 
+@needs_gpu
+def test_nccl_views_are_made_aborted_and_made_again_in_a_loop(tmp_path: Path) -> None:
+    """Issue 14's GPU check: each pass aborts the view's NCCL communicator
+    (a collective past its deadline), and the step completes on a new view
+    with a new communicator; nothing hangs, nothing accumulates."""
+    import torch
+
+    if not torch.distributed.is_nccl_available():
+        pytest.skip("torch has no NCCL")
+    job = Job(tmp_path, "sgd", world=1)
+    loops = 6
+    try:
+        done = subprocess.run(
+            [sys.executable, str(WORKER.with_name("elastic_nccl_loop.py")),
+             f"127.0.0.1:{job.port}", str(loops)],
+            capture_output=True, text=True, timeout=120, env=python_env(),
+        )  # fmt: skip
+    finally:
+        job.close()
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    passes, closed = records[:-1], records[-1]
+    assert len(passes) == loops + 1, done.stdout
+    prefixes = [p["prefix"] for p in passes]
+    assert len(set(prefixes)) == loops + 1, prefixes  # a new view (group, communicator) each pass
+    assert all(p["prefix_before"] != p["prefix"] for p in passes[1:])
+    assert all(p["gradients_intact"] for p in passes)  # the failed step ran again, whole
+    assert [p["steps"] for p in passes] == list(range(1, loops + 2))
+    assert all(p["open_communicators"] == 1 for p in passes)
+    assert closed == {"closed": True, "open_communicators": 0}
+    # From the first re-made view on, the same threads and device memory
+    # (a communicator holds several MiB; 6 leaked would show).
+    assert passes[-1]["threads"] == passes[1]["threads"], [p["threads"] for p in passes]
+    drop = passes[1]["free_bytes"] - passes[-1]["free_bytes"]
+    assert drop <= 4 << 20, [p["free_bytes"] for p in passes]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "names"),
     [
@@ -330,6 +376,8 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
         ({"join_wait": "long"}, TypeError, "timeout"),
         ({"on_change": 3}, TypeError, "on_change"),
         ({"extra_state": (dict,)}, TypeError, "extra_state"),
+        ({"backend": "mpi"}, ValueError, "backend"),
+        ({"backend": 1}, TypeError, "backend"),
     ],
 )
 @pytest.mark.parametrize("algo", ["sgd", "ea"])

@@ -1,9 +1,12 @@
 """ElasticSGD and ElasticEA: the algorithms over a membership that changes.
 
 Each view of the job (see ``_membership``) gets torch's default process group
-anew (gloo for CPU tensors, NCCL for CUDA ones, on the control store under
-the view's prefix) and a new algorithm object on it; the previous ones are
-closed and destroyed first. A normal step is the algorithm's own call and
+anew (gloo for CPU tensors, NCCL for CUDA ones unless ``backend="gloo"``, on
+the control store under the view's prefix) and a new algorithm object on it,
+whose first CUDA collective makes the view's own NCCL communicator (its
+unique id broadcast over the view's gloo group, its init bounded); the
+previous ones are closed and destroyed first (a communicator the watchdog
+aborted is only freed). A normal step is the algorithm's own call and
 nothing else: the control process is consulted only when a collective fails
 (a ``CommunicationError``) or, at a synchronization point, when a join was
 announced.
@@ -43,6 +46,22 @@ DEFAULT_ELASTIC_TIMEOUT = datetime.timedelta(seconds=30)
 # What joining a view may take beyond the collective deadline: the Lighthouse
 # waits up to its heartbeat or join timeout (seconds) for a lost rank.
 DEFAULT_JOIN_WAIT = datetime.timedelta(minutes=10)
+BACKENDS = ("nccl", "gloo")
+
+
+def _check_backend(backend: str | None) -> str:
+    """The views' backend: "nccl" (CUDA tensors over NCCL, CPU ones over
+    gloo) or "gloo" (every tensor over gloo); None picks "nccl" where torch
+    has CUDA and NCCL."""
+    if backend is None:
+        return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be 'nccl', 'gloo' or None, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
+    if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise ValueError("backend='nccl' needs CUDA and a torch built with NCCL")
+    return backend
 
 
 def _to_cpu(value: Any) -> Any:
@@ -71,6 +90,7 @@ class _ElasticMember:
         join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
         retries: int = 3,
         heartbeat_interval: float = 0.5,
+        backend: str | None = None,
         on_change: Callable[[View], None] | None = None,
         extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
         **algorithm_options: Any,
@@ -95,6 +115,7 @@ class _ElasticMember:
             and all(callable(f) for f in extra_state)
         ):
             raise TypeError("extra_state must be None or a (get, load) pair of callables")
+        self._backend = _check_backend(backend)
         self._timeout = check_timeout(timeout)
         self._join_wait = check_timeout(join_wait)
         self._options = algorithm_options  # for each view's algorithm object
@@ -213,14 +234,14 @@ class _ElasticMember:
         """The view's group (torch's default group) and algorithm object."""
         self._drop_view()
         store = dist.PrefixStore(view.prefix, self._membership.store)
-        cuda = torch.cuda.is_available()
+        # No device_id: torch would make its own NCCL communicator at once,
+        # a second one per view that the extension's collectives never use.
         dist.init_process_group(
-            "cpu:gloo,cuda:nccl" if cuda else "gloo",
+            "cpu:gloo,cuda:nccl" if self._backend == "nccl" else "gloo",
             store=store,
             rank=view.rank,
             world_size=view.world_size,
             timeout=self._timeout,
-            device_id=torch.device("cuda", torch.cuda.current_device()) if cuda else None,
         )
         restart_numbering(dist.group.WORLD)
         self._algo = self._make_algorithm()
@@ -357,6 +378,9 @@ class ElasticSGD(_ElasticMember):
             ``CommunicationError``.
         heartbeat_interval: seconds between this rank's heartbeats (keep it
             well under the control process's ``--heartbeat-timeout``).
+        backend: "nccl" (CUDA tensors over NCCL, the default where torch has
+            CUDA and NCCL) or "gloo" (every tensor over gloo, e.g. several
+            ranks sharing a GPU, which NCCL refuses).
         on_change: called with the new ``View`` after every change, the first
             included (to re-split the data by ``rank`` and ``world_size``).
         extra_state: a (get, load) pair for state of the user's own (an epoch
@@ -407,7 +431,12 @@ class ElasticSGD(_ElasticMember):
             self._change_view()
 
     def _make_algorithm(self) -> AllReduceSGD:
-        return AllReduceSGD(timeout=self._timeout, **self._options)
+        algo = AllReduceSGD(timeout=self._timeout, **self._options)
+        # On NCCL a failed allreduce is known on the host only later; the
+        # gradients must stay intact until the sum is known to be whole, so
+        # that the step can run again on the next view.
+        algo._collectives.verify_sums = True
+        return algo
 
     def _state(self) -> dict[str, Any]:
         return {
