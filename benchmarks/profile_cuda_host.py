@@ -5,7 +5,9 @@
 An NCCL world of one on cuda:0 and ResNet-50's 161 parameter shapes (fp32),
 gradients in place. For each call form: the median host time per call over
 ``--calls`` calls (``perf_counter_ns`` around the call alone; the device is
-drained every 50 calls, outside the timing, so its queue never fills), then
+drained before each call, outside the timing, so the figure is the host's
+own work: an EA round otherwise waits for the previous round's sum, which
+with tau=1 back to back is device time), then
 the same calls under cProfile, whose 15 costliest functions by own time are
 printed. cProfile's overhead inflates every figure; read it for where the
 time goes, and the medians (or ``bench_cuda_ops``' host column) for how much.
@@ -38,8 +40,6 @@ from distlearn_cuda import _nccl
 from distlearn_cuda._validate import DTYPE_CODES
 
 from .shapes import resnet50_shapes
-
-DRAIN_EVERY = 50  # calls between device drains (NCCL and the kernels queue ~3 launches per call)
 
 
 def resnet50_module() -> nn.Module:
@@ -79,9 +79,8 @@ def call_forms() -> dict[str, Callable[[], object]]:
 def host_us(call: Callable[[], object], calls: int) -> float:
     """Median host time of one call, in microseconds."""
     times = []
-    for i in range(calls):
-        if i % DRAIN_EVERY == 0:
-            torch.cuda.synchronize()
+    for _ in range(calls):
+        torch.cuda.synchronize()
         start = time.perf_counter_ns()
         call()
         times.append(time.perf_counter_ns() - start)
@@ -92,9 +91,8 @@ def host_us(call: Callable[[], object], calls: int) -> float:
 def profile(call: Callable[[], object], calls: int) -> str:
     """cProfile's 15 costliest functions by own time over ``calls`` calls."""
     profiler = cProfile.Profile()
-    for i in range(calls):
-        if i % DRAIN_EVERY == 0:
-            torch.cuda.synchronize()
+    for _ in range(calls):
+        torch.cuda.synchronize()
         profiler.enable()
         call()
         profiler.disable()

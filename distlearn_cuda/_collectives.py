@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from . import _C, _nccl
 from ._gloo import PrivateGloo
+from ._plan import current_stream_handle
 from ._positions import Positions
 from ._validate import DTYPE_CODES
 from .errors import CommunicationError
@@ -380,7 +381,7 @@ class Collectives:
 
 
 def _stream(buffer: torch.Tensor) -> int:
-    return torch.cuda.current_stream(buffer.device).cuda_stream
+    return current_stream_handle(buffer.get_device())
 
 
 def _describe(ranks: list[int]) -> str:

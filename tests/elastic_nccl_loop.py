@@ -8,8 +8,9 @@ past its 0.25 s deadline: the watchdog aborts the view's communicator, the
 step raises inside ``ElasticSGD``, which drops the view, agrees on the next
 one with the control process, makes a new group and a new communicator
 (init) and runs the step again. Each pass prints one JSON line: the view's
-prefix, the gradient check, the free device memory, this process's threads
-and the communicators still open.
+prefix, the gradient check, the device memory outside torch's caching
+allocator (NCCL's own allocations among it) and inside it, this process's
+threads and the communicators still open.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from distlearn_cuda.elastic import ElasticSGD
 
 SPIN_CYCLES = 2_000_000_000  # ~1 s at the H100's and H200's ~1.98 GHz
 DEADLINE_S = 0.25
+
+
+def outside_torch_bytes() -> int:
+    """Device memory in use that torch's caching allocator does not hold."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
 
 
 def main() -> None:
@@ -58,7 +65,8 @@ def main() -> None:
             "prefix": sgd.view.prefix,
             "gradients_intact": same,
             "steps": sgd.steps,
-            "free_bytes": torch.cuda.mem_get_info()[0],
+            "outside_torch_bytes": outside_torch_bytes(),
+            "allocated_bytes": torch.cuda.memory_allocated(),
             "threads": len(os.listdir("/proc/self/task")),
             "open_communicators": len(_nccl.open_communicators()),
         }

@@ -29,7 +29,7 @@ from distlearn_cuda import _C, _nccl
 
 pytestmark = needs_gpu
 
-# Odd sizes across vector widths and chunk boundaries (2^14 elements).
+# Odd sizes across vector widths and chunk boundaries (_C.kChunkElements).
 SHAPES = [(3,), (1023,), (5, 7), (1,), (65537,), (16384, 3)]
 
 

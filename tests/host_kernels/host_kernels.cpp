@@ -715,8 +715,9 @@ class Runner {
 
 // Odd sizes: one element, short tails for every vector width, empty
 // tensors, one chunk exactly and one element more (two chunks).
-const std::vector<int64_t> kOddSizes = {1, 3, 1023, 0, 35, 33, 221, 16, 0, 16384, 16385, 7, 2, 100};
-constexpr int kTwoChunkTensor = 10;  // 16385 elements
+const std::vector<int64_t> kOddSizes = {
+    1, 3, 1023, 0, 35, 33, 221, 16, 0, dl::kChunkElements, dl::kChunkElements + 1, 7, 2, 100};
+constexpr int kTwoChunkTensor = 10;  // kChunkElements + 1 elements
 
 Case uniform_case(const std::string& name, DType t, DType b, bool misaligned) {
   Case c{name, kOddSizes, {}, {}, b};
@@ -753,7 +754,7 @@ std::vector<Case> cases_for(DType t, DType b) {
 Case mixed_case(DType b) {
   Case c{std::string("mixed dtypes [") + dtype_name(b) + "]", {}, {}, {}, b};
   std::vector<int64_t> sizes = kOddSizes;
-  sizes.push_back(33000);
+  sizes.push_back(2 * dl::kChunkElements + 232);
   for (size_t i = 0; i < sizes.size(); ++i) {
     c.numels.push_back(sizes[i]);
     c.dtypes.push_back(kDtypes[i % 4]);
@@ -773,7 +774,7 @@ Case many_case(DType t, DType b) {
   Case c{std::string("many tensors ") + dtype_name(t) + "/" + dtype_name(b), {}, {}, {}, b};
   const int64_t count = dl::TensorList<1>::kCapacity + 85;
   for (int64_t i = 0; i < count; ++i) {
-    c.numels.push_back(i % 97 == 0 ? 0 : (i % 400 == 1 ? 16390 : i % 37 + 1));
+    c.numels.push_back(i % 97 == 0 ? 0 : (i % 400 == 1 ? dl::kChunkElements + 6 : i % 37 + 1));
     c.dtypes.push_back(i % 300 == 7 ? DType::kFloat64 : t);
     c.misaligned.push_back(i % 5 == 0);
   }
@@ -793,7 +794,7 @@ Case empty_case(DType b) {
 }
 
 // Planning alone (nothing runs) for sizes past 32 bits: a 2^33-element
-// tensor is 2^19 chunks in one launch of kMaxBlocks blocks.
+// tensor is 2^33 / kChunkElements chunks in one launch of kMaxBlocks blocks.
 void check_large_planning() {
   const int64_t big = int64_t{1} << 33;
   const dl::Layout layout = dl::make_layout({big, 5, big + 1}, {0, 0, 0}, 0, 1);
@@ -804,8 +805,9 @@ void check_large_planning() {
                       ++launches;
                       const auto& list = params.list;
                       CHECK(list.num_tensors == 3, "large: tensors");
-                      CHECK(list.chunk_end[0] == (int64_t{1} << 19), "large: chunks of 2^33");
-                      CHECK(list.chunk_end[2] == 2 * (int64_t{1} << 19) + 2, "large: chunks");
+                      const int64_t chunks = big / dl::kChunkElements;
+                      CHECK(list.chunk_end[0] == chunks, "large: chunks of 2^33");
+                      CHECK(list.chunk_end[2] == 2 * chunks + 2, "large: chunks");
                       CHECK(list.numel[2] == big + 1, "large: numel");
                       CHECK(blocks == dl::kMaxBlocks, "large: grid");
                       const auto segment =
