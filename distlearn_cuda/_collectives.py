@@ -369,15 +369,23 @@ class Collectives:
     def _fail(self, operation: str, started: float, error: RuntimeError) -> NoReturn:
         elapsed = time.monotonic() - started
         where = self._positions.describe()
-        self._failure = CommunicationError(
+        message = (
             f"{operation} over ranks {_describe(self._ranks)} failed on rank {self._group.rank} "
             f"after {elapsed:.1f} s (deadline {self._timeout.total_seconds():g} s): {error}; "
-            f"{where}",
-            operation=operation,
-            ranks=self._ranks,
-            rank=self._group.rank,
+            f"{where}"
         )
-        raise self._failure from error
+
+        def failure() -> CommunicationError:
+            return CommunicationError(
+                message, operation=operation, ranks=self._ranks, rank=self._group.rank
+            )
+
+        # The record is never raised: a raised exception's traceback holds
+        # the frames of the call (the owner, its buffers), and kept here it
+        # would tie them to this object in a cycle only the garbage
+        # collector breaks, holding device buffers past close().
+        self._failure = failure()
+        raise failure() from error
 
 
 def _stream(buffer: torch.Tensor) -> int:

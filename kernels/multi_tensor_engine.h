@@ -54,20 +54,21 @@
 namespace distlearn {
 
 // ---------------------------------------------------------------------------
-// Tuned constants, all in one place. The values are the design's starting
-// point, not yet measured on a GPU: the GPU-run issue tunes them on an H100.
+// Tuned constants, all in one place. The chunk size was measured against
+// another on an H100 (below); the others are the design's starting point.
 
-// Elements per chunk, the unit of work a block takes at a time: 4K
-// elements (16 KB of fp32), one pass of a block's 256 threads with four
-// 16-byte fp32 vectors each in flight. Larger chunks amortize a block's
-// per-chunk cost (the chunk-to-tensor search, the alignment test, the
-// scalar tail) over more bytes; smaller ones shorten the last wave. On an
-// H100 (2026-11-26, benchmarks/RESULTS.md) 16K-element chunks left ResNet-50's
-// fp32 pack at 2.53 waves of resident blocks (ncu): the third wave ran a
-// half-empty GPU, and the pack reached 87% of the copy bandwidth against
-// 96% for GPT-2 small (11.5 waves); 4K-element chunks give ResNet-50 some
-// ten waves.
-constexpr int64_t kChunkElements = int64_t{1} << 12;
+// Elements per chunk, the unit of work a block takes at a time: 16K
+// elements (64 KB of fp32). Larger chunks amortize a block's per-chunk cost
+// (the chunk-to-tensor search, the alignment test, the scalar tail) and
+// keep every group of run_chunk in flight; smaller ones shorten the last
+// wave. Measured on an H100 (2026-11-26, benchmarks/RESULTS.md): at 16K,
+// ResNet-50's fp32 pack is 2.53 waves of resident blocks (ncu) and reaches
+// 87% of the copy bandwidth, GPT-2 small's 96% (11.5 waves); at 4K, ResNet-50's
+// fp32 ops reach 90-97% but GPT-2's bf16 pack falls from 95% to 71%, since
+// a 4K chunk of 16-bit elements gives each thread two of its four groups.
+// A chunk of one full pass of the block per dtype pair would serve both;
+// it is not measured yet.
+constexpr int64_t kChunkElements = int64_t{1} << 14;
 
 // Threads per block. 256 gives 8 warps per block and, at 64 registers per
 // thread, 4 resident blocks (half of the 2048 threads) per SM on sm_80 and
@@ -77,7 +78,7 @@ constexpr int64_t kChunkElements = int64_t{1} << 12;
 constexpr int kThreadsPerBlock = 256;
 
 // Most blocks a launch starts; beyond, blocks loop over chunks
-// (grid-stride). 2^16 blocks of 4K-element chunks cover 2^28 elements per
+// (grid-stride). 2^16 blocks of 16K-element chunks cover 2^30 elements per
 // pass, so a launch rarely loops. Fewer blocks amortize each block's setup
 // (the op's prepare, which may read the count slots) over more chunks; more
 // blocks spread the last chunks over more SMs.

@@ -10,10 +10,12 @@ test writes to the --stop file (the same for every rank, written well
 ahead of all of them), and writes one JSON line per event to OUT: "view"
 (after each membership change: rank, world size, steps, parameters, EA
 center), "step" (the step's number; for SGD this rank's own gradient and
-the averaged one),
-"done" (final parameters and center). ``--die-in-view``: exits as soon as
-its first quorum is agreed, before it has the job's state (a joiner lost
-during the change). ``--wait-for``: joins only once FILE exists, so a test
+the averaged one; the algorithm objects of this rank still alive, with the
+garbage collector off: a dropped view's object must go with its last
+reference, buffers and all), "done" (final parameters and center).
+``--die-in-view``: exits as soon as its first quorum is agreed, before it
+has the job's state (a joiner lost during the change). ``--wait-for``:
+joins only once FILE exists, so a test
 can start a joiner early and have it join without the wait for imports.
 ``--device cuda``: the model and data on the GPU, every rank on the same
 one, over gloo (NCCL refuses two ranks on one device).
@@ -22,9 +24,11 @@ one, over gloo (NCCL refuses two ranks on one device).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -52,6 +56,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    gc.disable()
     out = open(args.out, "a", buffering=1)
 
     def emit(event: str, **fields: object) -> None:
@@ -115,6 +120,13 @@ def main() -> None:
             center=None if args.algo == "sgd" else flat(obj.center.values()),
         )
 
+    algorithms: list[weakref.ref] = []
+
+    def alive_algorithms() -> int:
+        if not any(r() is obj._algo for r in algorithms):
+            algorithms.append(weakref.ref(obj._algo))
+        return sum(r() is not None for r in algorithms)
+
     emit_state("started")
     stop = Path(args.stop)
     while not (stop.exists() and obj.steps >= int(stop.read_text() or "0")):
@@ -132,6 +144,7 @@ def main() -> None:
                 world=obj.world_size,
                 rank=obj.rank,
                 skipped=obj.last_step_skipped,
+                alive=alive_algorithms(),
                 local=local,
                 mean=flat(p.grad for p in model.parameters()),
             )
@@ -140,7 +153,13 @@ def main() -> None:
         else:
             optimizer.step()
             obj.average_parameters()
-            emit("step", steps=obj.steps - 1, world=obj.world_size, rank=obj.rank)
+            emit(
+                "step",
+                steps=obj.steps - 1,
+                world=obj.world_size,
+                rank=obj.rank,
+                alive=alive_algorithms(),
+            )
         optimizer.zero_grad()
         time.sleep(args.pause)
         if obj.steps % args.sync_every == 0:

@@ -205,6 +205,10 @@ def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(
     # The extra state (an epoch counter) came along.
     assert joiner_start["epoch"] >= 4
 
+    # Each dropped view's algorithm object was freed (no cycle kept it).
+    for name in [*survivors, "joiner"]:
+        assert {e["alive"] for e in job.events(name, "step")} == {1}, name
+
     final = [d["params"] if algo == "sgd" else d["center"] for d in done.values()]
     assert all(f == final[0] for f in final), "ranks disagree at the end"
     if algo == "sgd":

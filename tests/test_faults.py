@@ -6,10 +6,12 @@ survivors must raise within the library's own deadline plus a margin.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import signal
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,10 @@ def _train_until_a_peer_fails(
     rank: int, world_size: int, algo: str, fault: str, fault_step: int, scratch: str
 ) -> dict:
     """Trains; the faulty rank (1) dies or stalls at fault_step; the others
-    report how their failure surfaced and that a checkpoint still works."""
+    report how their failure surfaced, that a checkpoint still works, and
+    that the closed object is freed once dropped, with the garbage collector
+    off (no reference cycle keeps its buffers, e.g. through the failure)."""
+    gc.disable()
     params = params_of(rank)
     if algo == "sgd":
         sync = dl.AllReduceSGD(timeout=DEADLINE_S)
@@ -71,7 +76,7 @@ def _train_until_a_peer_fails(
                 again = str(second)
             sync.close()  # safe after the failure: raises nothing, releases the group
             sync.close()
-            return {
+            report = {
                 "step": step,
                 "call_seconds": raised - started,
                 "raised_at": raised,
@@ -83,7 +88,14 @@ def _train_until_a_peer_fails(
                 ),
                 "again": again,
             }
-    return {"step": None}
+            break
+    else:
+        return {"step": None}
+    # Out of the except blocks, which held the raised errors and their frames.
+    alive = weakref.ref(sync)
+    del sync
+    report["freed_without_gc"] = alive() is None
+    return report
 
 
 @pytest.mark.parametrize(
@@ -119,6 +131,7 @@ def test_survivors_raise_within_the_deadline(algo: str, fault: str, tmp_path: Pa
         assert report["operation"] in report["message"]
         assert report["checkpoint_ok"]
         assert "not attempted, an earlier collective of this object failed" in report["again"]
+        assert report["freed_without_gc"]
         # The failing rank is named with its last position, the survivors
         # with the collective they waited in, one further on.
         print(report["message"])

@@ -362,6 +362,11 @@ class ElasticSGD(_ElasticMember):
     skip ``optimizer.step()`` then. A joining rank gets the parameters,
     buffers, optimizer state and ``extra_state`` of the furthest rank.
 
+    On NCCL (CUDA tensors, ``backend="nccl"``) each step's allreduce is
+    waited for on the host before its sum is unpacked, so that a failed one
+    leaves the gradients intact for the redo: the host does not run ahead of
+    the device past a step, as it would with ``AllReduceSGD``.
+
     Args:
         control: "host:port" of the control process's store.
         model: the module trained; its ``.grad`` are averaged, its parameters
