@@ -129,7 +129,7 @@ step cuda_graphs 60 pytest_figure "$python" -m pytest -q -rfEs -p no:cacheprovid
 
 # Elastic mode on the GPU (issue 14): ranks sharing the GPU over gloo, killed
 # and joined; NCCL views aborted and made again in a loop. torchft is not on
-# the lent machine's image: carry its wheels and put them on PYTHONPATH.
+# the lent machine's image: scripts/gpu_wheels.sh fetches its wheels to carry.
 if "$python" -c "import torchft" 2> /dev/null; then
   step elastic 120 pytest_figure "$python" -m pytest -q -rfEs -p no:cacheprovider \
     tests/test_elastic.py -k "cuda or nccl"

@@ -403,6 +403,17 @@ def test_bad_arguments_are_refused_before_anything_connects(
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
+def test_nccl_backend_without_cuda_is_refused_naming_the_argument() -> None:
+    import torch
+
+    from distlearn_cuda import elastic
+
+    if torch.cuda.is_available() and torch.distributed.is_nccl_available():
+        pytest.skip("this machine has CUDA and NCCL: backend='nccl' is valid here")
+    with pytest.raises(ValueError, match="backend='nccl' needs CUDA"):
+        elastic.ElasticSGD("127.0.0.1:1", torch.nn.Linear(2, 2), backend="nccl")
+
+
 def test_control_rejects_bad_options() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "distlearn_cuda.elastic.control", "--min-ranks", "0"],
