@@ -13,8 +13,10 @@ Four comparisons, each timed against its eager baseline in the same run:
 
 The eager baselines are PyTorch best practice: ``torch._foreach_*`` ops and
 ``torch._utils._flatten_dense_tensors``. Minimal bytes per fp32 parameter:
-SGD 16 (pack reads 4 and writes 4; unpack the same), EA 28 (blend reads x and
-c, writes x and delta; center update reads c and the sum, writes c).
+SGD 16 (pack reads 4 and writes 4; unpack the same); EA ops 28 (blend reads
+x and c, writes x and delta; center update reads c and the sum, writes c);
+an EA round 24 (asynchronous, it folds the previous round's center update
+into its blend: reads x, c and the sum, writes x, c and delta).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .shapes import resnet50_shapes
 
 SGD_BYTES_PER_ELEMENT = 16  # fp32: pack 4 + 4, unpack 4 + 4
 EA_BYTES_PER_ELEMENT = 28  # fp32: blend 4 * 4, center update 3 * 4
+EA_ROUND_BYTES_PER_ELEMENT = 24  # fp32: the folded blend, 6 * 4
 ALPHA = 0.2
 DEFAULT_OUT = Path(__file__).parent / "results"
 
@@ -244,7 +247,7 @@ def run(quick: bool, repeats: int, warmup: int) -> tuple[list[Comparison], dict[
         lambda: eager_ea_round(
             eager_x, eager_c, allreduce=lambda t: dist.all_reduce(t, group=group)
         ),
-        EA_BYTES_PER_ELEMENT,
+        EA_ROUND_BYTES_PER_ELEMENT,
         reset=reset_params,
     )
     check_same("EA round (params)", params, eager_x)
