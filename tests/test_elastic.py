@@ -292,6 +292,7 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
         common = [
             "-m", "distlearn_cuda.examples.digits", "--elastic", f"127.0.0.1:{job.port}",
             "--world", "3", "--elastic-timeout", "3", "--epochs", "20",
+            "--elastic-backend", "gloo",
         ]  # fmt: skip
         torchrun = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -39,6 +39,12 @@ def add_elastic_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--elastic-timeout", type=float, default=30.0, help="elastic: collective deadline (s)"
     )
+    parser.add_argument(
+        "--elastic-backend",
+        choices=("nccl", "gloo"),
+        help="elastic: nccl for CUDA tensors (the default with a GPU; one GPU per rank), "
+        "gloo for all (ranks may share a GPU)",
+    )
 
 
 def train_and_evaluate_elastic(
@@ -63,6 +69,7 @@ def train_and_evaluate_elastic(
         optimizer,
         world_size=args.world,
         timeout=args.elastic_timeout,
+        backend=args.elastic_backend,
         extra_state=(lambda: dict(epoch), epoch.update),
         **options,
     )
