@@ -69,6 +69,11 @@ def _worker(
             world_size=world_size,
             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
+        # gloo's init returns on a rank once its own connections are up: a
+        # rank whose fn ends at once (a non-member of a subgroup) could
+        # otherwise destroy the group while a peer still connects to it
+        # ("Connection closed by peer" in that peer's init, seen in CI).
+        dist.barrier()
         try:
             # Plain pickle copies tensors into the message; the queue's own
             # pickler would share memory that dies with this process.
