@@ -4,7 +4,10 @@
 
 A world of one over gloo, one torch thread, a module of 161 one-element fp32
 parameters (ResNet-50's tensor count with no data to move), gradients kept
-in place between calls (``zero_grad(set_to_none=False)``'s steady state).
+in place between calls (``zero_grad(set_to_none=False)``'s steady state);
+one form gets new gradient tensors before each call instead (what the
+default ``zero_grad()`` and the next backward make), put in place outside
+the timing.
 
 A gloo allreduce, even in a world of one, hands its work to a worker thread
 and waits for it: 15 to 80 us here from one run to the next, more than the
@@ -53,14 +56,34 @@ def tiny_module() -> nn.Module:
     return module
 
 
-def call_forms() -> dict[str, tuple[str, Callable[[], object]]]:
-    """Each form: (target key, one call)."""
-    forms: dict[str, tuple[str, Callable[[], object]]] = {}
+Form = tuple[str, Callable[[], object], Callable[[], object] | None]
+
+
+def call_forms() -> dict[str, Form]:
+    """Each form: (target key, one call, what to do before each call untimed)."""
+    forms: dict[str, Form] = {}
     sgd_module = tiny_module()
     sgd = dl.AllReduceSGD()
     forms["sum_and_normalize_gradients(module)"] = (
         "default",
         lambda: sgd.sum_and_normalize_gradients(sgd_module),
+        None,
+    )
+    fresh_module = tiny_module()
+    fresh = dl.AllReduceSGD()
+    # Two sets of gradient tensors taking turns: each call sees new tensors.
+    grad_sets = [[torch.randn(1) for _ in fresh_module] for _ in range(2)]
+    turn = [0]
+
+    def new_gradients() -> None:
+        turn[0] ^= 1
+        for p, g in zip(fresh_module, grad_sets[turn[0]], strict=True):
+            p.grad = g
+
+    forms["sum_and_normalize_gradients(module), new gradients each call"] = (
+        "default",
+        lambda: fresh.sum_and_normalize_gradients(fresh_module),
+        new_gradients,
     )
     list_module = tiny_module()
     grads = [p.grad for p in list_module]
@@ -68,12 +91,14 @@ def call_forms() -> dict[str, tuple[str, Callable[[], object]]]:
     forms["sum_and_normalize_gradients(list of grads)"] = (
         "default",
         lambda: sgd_list.sum_and_normalize_gradients(grads),
+        None,
     )
     ea_module = tiny_module()
     ea = dl.AllReduceEA(tau=1, alpha=0.2)
     forms["average_parameters(module), tau=1"] = (
         "default",
         lambda: ea.average_parameters(ea_module),
+        None,
     )
     flat_module = tiny_module()
     flat = dl.AllReduceSGD()
@@ -81,6 +106,7 @@ def call_forms() -> dict[str, tuple[str, Callable[[], object]]]:
     forms["flat storage: sum_and_normalize_gradients(module)"] = (
         "flat storage",
         lambda: flat.sum_and_normalize_gradients(flat_module),
+        None,
     )
     return forms
 
@@ -137,14 +163,26 @@ def baseline(numel: int) -> Callable[[], object]:
 
 
 def per_call_us(
-    fn: Callable[[], object], calls: int, clock: CollectiveClock
+    fn: Callable[[], object],
+    calls: int,
+    clock: CollectiveClock,
+    prepare: Callable[[], object] | None = None,
 ) -> tuple[float, float]:
-    """(wall, wall outside the allreduces), microseconds per call."""
+    """(wall, wall outside the allreduces), microseconds per call; ``prepare``
+    runs before each call, outside the timing."""
     inside = clock.seconds
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    wall = time.perf_counter() - start
+    if prepare is None:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        wall = time.perf_counter() - start
+    else:
+        wall = 0.0
+        for _ in range(calls):
+            prepare()
+            start = time.perf_counter()
+            fn()
+            wall += time.perf_counter() - start
     outside = wall - (clock.seconds - inside)
     return wall / calls * 1e6, outside / calls * 1e6
 
@@ -158,16 +196,19 @@ def measure(
     # The plans' buffers: the data, its padding, count slots and flag; the
     # baseline moves a buffer of that size.
     numel = NUM_TENSORS * 4 + 8
-    runs: dict[str, Callable[[], object]] = {"bare gloo allreduce": baseline(numel)}
-    runs.update({name: fn for name, (_, fn) in forms.items()})
+    runs: dict[str, tuple[Callable[[], object], Callable[[], object] | None]] = {
+        "bare gloo allreduce": (baseline(numel), None)
+    }
+    runs.update({name: (fn, prepare) for name, (_, fn, prepare) in forms.items()})
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     with CollectiveClock() as clock:
-        for fn in runs.values():
-            per_call_us(fn, warmup, clock)
+        for fn, prepare in runs.values():
+            per_call_us(fn, warmup, clock, prepare)
         for round_index in range(rounds):
             order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
             for name in order:
-                samples[name].append(per_call_us(runs[name], calls, clock))
+                fn, prepare = runs[name]
+                samples[name].append(per_call_us(fn, calls, clock, prepare))
     medians = {
         name: (
             statistics.median(wall for wall, _ in values),
@@ -175,7 +216,7 @@ def measure(
         )
         for name, values in samples.items()
     }
-    return medians, {name: target for name, (target, _) in forms.items()}
+    return medians, {name: target for name, (target, _, _) in forms.items()}
 
 
 def rows_of(

@@ -73,7 +73,7 @@ def test_bench_host_overhead_quick_writes_its_reports(tmp_path: Path) -> None:
     report = run_quick("bench_host_overhead", tmp_path, "| call |")
     assert {"date", "cpu", "torch", "commit"} <= report["meta"].keys()
     rows = {row["case"]: row for row in report["rows"]}
-    assert len(rows) == 5 and rows["bare gloo allreduce"]["per_call_us"] > 0
+    assert len(rows) == 6 and rows["bare gloo allreduce"]["per_call_us"] > 0
     for case, row in rows.items():
         if case != "bare gloo allreduce":
             # The time outside the allreduces is part of the call's time.

@@ -293,6 +293,29 @@ def test_a_bound_module_still_checks_new_gradients() -> None:
     assert torch.equal(model[1].weight.grad, torch.ones(2, 4))
 
 
+def test_a_bound_module_takes_dense_gradients_and_refuses_sparse_ones() -> None:
+    """New gradients each call (zero_grad's default) take a batch check: the
+    contiguous ones pass it, a channels_last one passes the slow check, a
+    sparse one is refused by it, naming the parameter, nothing modified."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(2, 2))
+    sgd = dl.AllReduceSGD()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    sgd.sum_and_normalize_gradients(model)  # binds
+    weight = model[0].weight
+    dense = torch.randn_like(weight).to(memory_format=torch.channels_last)
+    assert not dense.is_contiguous()
+    weight.grad = dense
+    expected = dense.clone()
+    sgd.sum_and_normalize_gradients(model)  # a world of one: the mean is the gradient
+    assert torch.equal(weight.grad, expected)
+    model[1].bias.grad = torch.randn(2).to_sparse()
+    before = snapshot([weight.grad])
+    with pytest.raises(TypeError, match=r"grads\.1\.bias\.grad: torch\.sparse_coo tensors"):
+        sgd.sum_and_normalize_gradients(model)
+    assert_unchanged([weight.grad], before)
+
+
 def test_allow_unused_must_be_a_bool_and_without_it_a_missing_grad_raises() -> None:
     with pytest.raises(TypeError, match="allow_unused must be a bool"):
         dl.AllReduceSGD(allow_unused=1)
