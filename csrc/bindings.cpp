@@ -173,6 +173,15 @@ PYBIND11_MODULE(_C, m) {
            "Stops the watchdog, waits for the collectives in flight and ncclCommFinalize "
            "(timeout: its bound; 0: the longest collective timeout given), destroys; aborts "
            "on failure. Returns how it ended.")
+      .def("keep_for_shrink", &NcclCommunicator::keep_for_shrink,
+           "On a failure the watchdog revokes (where NCCL has ncclCommRevoke) instead of "
+           "aborting, so that the remaining ranks can shrink this communicator.")
+      .def("shrink", &NcclCommunicator::shrink, py::arg("excluded"), py::arg("init_timeout"),
+           release,
+           "A communicator over the ranks not in `excluded`, by ncclCommShrink (collective over "
+           "them, bounded by init_timeout); this one ends, whether or not it succeeds.")
+      .def_property_readonly("can_shrink", &NcclCommunicator::can_shrink)
+      .def_property_readonly("revoked", &NcclCommunicator::revoked)
       .def_property_readonly("closed", &NcclCommunicator::closed)
       .def_property_readonly("usable", &NcclCommunicator::usable)
       .def_property_readonly("in_flight", &NcclCommunicator::in_flight)

@@ -9,7 +9,8 @@
 //
 // The declarations below are written from NCCL's documented C API (nccl.h
 // and the API reference). They are those of NCCL 2.14.0, the first version
-// with ncclConfig_t, and each one has kept its value, layout and signature in
+// with ncclConfig_t, plus two optional later functions (ncclCommShrink,
+// ncclCommRevoke), and each one has kept its value, layout and signature in
 // every release since: NCCL only appends enumerators, appends fields to the
 // versioned ncclConfig_t and adds functions. tests/nccl_abi_check.cpp
 // static_asserts every declaration against the real nccl.h where one is
@@ -69,6 +70,13 @@ enum ncclRedOp_t : int {
   ncclSum = 0,
 };
 
+// NCCL_SHRINK_DEFAULT and NCCL_SHRINK_ABORT (ncclCommShrink's flags: the
+// latter first stops the parent's operations in flight, for a parent that
+// lost ranks), and NCCL_REVOKE_DEFAULT (ncclCommRevoke's only flag).
+constexpr int kNcclShrinkDefault = 0;
+constexpr int kNcclShrinkAbort = 1;
+constexpr int kNcclRevokeDefault = 0;
+
 // NCCL_API_MAGIC: ncclConfig_t.magic of a struct made by NCCL_CONFIG_INITIALIZER.
 constexpr unsigned int kNcclConfigMagic = 0xcafebeef;
 
@@ -101,6 +109,9 @@ struct NcclApi {
   ncclResult_t (*comm_init_rank_config)(ncclComm_t* comm, int nranks, ncclUniqueId comm_id,
                                         int rank, ncclConfigPrefix* config);
   ncclResult_t (*comm_finalize)(ncclComm_t comm);
+  ncclResult_t (*comm_shrink)(ncclComm_t comm, int* exclude_ranks, int exclude_count,
+                              ncclComm_t* newcomm, ncclConfigPrefix* config, int shrink_flags);
+  ncclResult_t (*comm_revoke)(ncclComm_t comm, int revoke_flags);
 
   int version = 0;   // NCCL_VERSION_CODE of the loaded library, e.g. 23203
   std::string path;  // the file opened (for the copy found loaded, where it was loaded from)
@@ -122,7 +133,9 @@ struct NcclApi {
   X(broadcast, ncclBroadcast, true)                                          \
   X(get_last_error, ncclGetLastError, false)              /* NCCL >= 2.13 */ \
   X(comm_init_rank_config, ncclCommInitRankConfig, false) /* NCCL >= 2.14 */ \
-  X(comm_finalize, ncclCommFinalize, false)               /* NCCL >= 2.14 */
+  X(comm_finalize, ncclCommFinalize, false)               /* NCCL >= 2.14 */ \
+  X(comm_shrink, ncclCommShrink, false)                   /* NCCL >= 2.27 */ \
+  X(comm_revoke, ncclCommRevoke, false)                   /* NCCL >= 2.28 */
 
 // The oldest NCCL accepted: 2.12 has everything required above and bf16.
 constexpr int kMinNcclVersion = 21200;

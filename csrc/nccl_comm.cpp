@@ -64,6 +64,17 @@ std::string seconds_text(std::chrono::nanoseconds duration) {
   return std::to_string(std::chrono::duration<double>(duration).count()) + " s";
 }
 
+// A config of NCCL 2.14's fields (see ncclConfigPrefix) for a non-blocking
+// communicator; NCCL gives every later field its default.
+ncclConfigPrefix nonblocking_config() {
+  ncclConfigPrefix config{};
+  config.size = sizeof(config);
+  config.magic = kNcclConfigMagic;
+  config.version = kNcclAbiVersion;
+  config.blocking = 0;
+  return config;
+}
+
 }  // namespace
 
 std::string NcclCommunicator::unique_id() {
@@ -94,11 +105,7 @@ NcclCommunicator::NcclCommunicator(const std::string& unique_id, int nranks, int
   spare_events_.reserve(kReservedEvents);
   CudaDeviceGuard guard(device);  // NCCL joins on the current device
   if (api_.comm_init_rank_config != nullptr) {
-    ncclConfigPrefix config{};
-    config.size = sizeof(config);
-    config.magic = kNcclConfigMagic;
-    config.version = kNcclAbiVersion;
-    config.blocking = 0;
+    ncclConfigPrefix config = nonblocking_config();
     const ncclResult_t started = api_.comm_init_rank_config(&comm_, nranks, id, rank, &config);
     if (started != ncclSuccess && started != ncclInProgress) {
       const std::string message =
@@ -113,6 +120,25 @@ NcclCommunicator::NcclCommunicator(const std::string& unique_id, int nranks, int
     // NCCL < 2.14: a blocking join, bounded only by NCCL's own bootstrap timeout.
     DL_NCCL_CHECK(api_, nullptr, comm_init_rank(&comm_, nranks, id, rank));
   }
+  start_watchdog();
+}
+
+NcclCommunicator::NcclCommunicator(const NcclApi& api, ncclComm_t comm, int nranks, int rank,
+                                   int device, std::chrono::nanoseconds init_timeout)
+    : api_(api),
+      nranks_(nranks),
+      rank_(rank),
+      device_(device),
+      init_timeout_(init_timeout),
+      nonblocking_(true) {
+  pending_.reserve(kReservedEvents);
+  spare_events_.reserve(kReservedEvents);
+  comm_ = comm;
+  keep_for_shrink_ = true;  // a shrunk view's communicator may lose ranks again
+  start_watchdog();
+}
+
+void NcclCommunicator::start_watchdog() {
   try {
     watchdog_ = std::thread([this] { watchdog_loop(); });
   } catch (const std::system_error&) {
@@ -273,6 +299,136 @@ void NcclCommunicator::abort_locked(const std::string& failure) {
   destroy_events_locked();
 }
 
+void NcclCommunicator::fail_locked(const std::string& failure) {
+  if (keep_for_shrink_ && nonblocking_ && api_.comm_revoke != nullptr && comm_ != nullptr) {
+    const ncclResult_t revoked = api_.comm_revoke(comm_, kNcclRevokeDefault);
+    if (revoked == ncclSuccess || revoked == ncclInProgress) {
+      if (failure_.empty()) failure_ = failure + "; NCCL was revoked (kept for a shrink)";
+      revoked_ = true;
+      // The revoke stops the collectives in flight; their events complete
+      // with them, and no collective is enqueued any more.
+      destroy_events_locked();
+      return;
+    }
+  }
+  abort_locked(failure + "; NCCL was aborted");
+}
+
+void NcclCommunicator::keep_for_shrink() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  keep_for_shrink_ = true;
+}
+
+bool NcclCommunicator::revoked() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return revoked_;
+}
+
+bool NcclCommunicator::can_shrink() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return shrink_refusal_locked().empty();
+}
+
+std::string NcclCommunicator::shrink_refusal_locked() const {
+  if (api_.comm_shrink == nullptr) {
+    return "the loaded NCCL (" + std::to_string(api_.version) + ") has no ncclCommShrink (2.27+)";
+  }
+  if (!nonblocking_) return "the communicator is blocking (NCCL < 2.14)";
+  if (closed_) return "the communicator was closed";
+  if (comm_ == nullptr) return "the communicator was aborted: " + failure_;
+  if (!failure_.empty() && !revoked_) return "the communicator failed: " + failure_;
+  return "";
+}
+
+std::shared_ptr<NcclCommunicator> NcclCommunicator::shrink(std::vector<int> excluded,
+                                                           double init_timeout_s) {
+  const std::chrono::nanoseconds bound = checked_timeout(init_timeout_s, "init_timeout");
+  std::sort(excluded.begin(), excluded.end());
+  if (excluded.empty()) throw std::invalid_argument("excluded must name at least one rank");
+  if (std::adjacent_find(excluded.begin(), excluded.end()) != excluded.end()) {
+    throw std::invalid_argument("excluded names a rank twice");
+  }
+  if (excluded.front() < 0 || excluded.back() >= nranks_) {
+    throw std::invalid_argument(
+        "excluded: rank " +
+        std::to_string(excluded.front() < 0 ? excluded.front() : excluded.back()) +
+        " is not in a world of " + std::to_string(nranks_));
+  }
+  if (std::binary_search(excluded.begin(), excluded.end(), rank_)) {
+    throw std::invalid_argument("excluded holds this rank (" + std::to_string(rank_) +
+                                "): only the remaining ranks shrink");
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::string refusal = shrink_refusal_locked();
+    if (!refusal.empty()) throw std::runtime_error("ncclCommShrink not tried: " + refusal);
+  }
+  // From here this communicator ends, whatever happens; its watchdog must
+  // not call NCCL on it during the shrink.
+  stop_watchdog();
+  std::lock_guard<std::mutex> lock(mutex_);
+  CudaDeviceGuard guard(device_);
+  const std::string refusal = shrink_refusal_locked();  // the watchdog may have acted since
+  closed_ = true;                                       // from here on, collectives throw
+  if (!refusal.empty()) {
+    abort_locked("ncclCommShrink not tried: " + refusal);
+    throw std::runtime_error("ncclCommShrink not tried: " + refusal);
+  }
+  // A revoked communicator is quiescent once its state is ncclSuccess again.
+  if (revoked_) wait_ready("ncclCommRevoke", bound);  // aborts and throws on failure
+  const int flags = revoked_ ? kNcclShrinkDefault : kNcclShrinkAbort;
+  // NCCL writes the new handle when its (asynchronous) init ends, so the
+  // slot must outlive that: it is leaked if the wait gives up first.
+  auto slot = std::make_unique<ncclComm_t>(nullptr);
+  ncclConfigPrefix config = nonblocking_config();
+  const ncclResult_t started = api_.comm_shrink(
+      comm_, excluded.data(), static_cast<int>(excluded.size()), slot.get(), &config, flags);
+  const bool launched = started == ncclSuccess || started == ncclInProgress;
+  const std::string failure = launched ? wait_for_shrunk(slot.get(), bound)
+                                       : nccl_error_message(api_, started, comm_, "ncclCommShrink");
+  const ncclComm_t child = __atomic_load_n(slot.get(), __ATOMIC_ACQUIRE);
+  if (!failure.empty()) {
+    if (child != nullptr) {
+      api_.comm_abort(child);
+    } else if (launched) {
+      slot.release();  // NCCL may still write it
+    }
+    abort_locked(failure);
+    throw std::runtime_error(failure);
+  }
+  const auto below = std::lower_bound(excluded.begin(), excluded.end(), rank_) - excluded.begin();
+  std::shared_ptr<NcclCommunicator> shrunk(
+      new NcclCommunicator(api_, child, nranks_ - static_cast<int>(excluded.size()),
+                           rank_ - static_cast<int>(below), device_, init_timeout_));
+  // The parent's part is done; ncclCommFinalize is invalid after a revoke,
+  // and nothing of it is in flight: an abort frees it.
+  abort_locked("the NCCL communicator was shrunk into a new one");
+  return shrunk;
+}
+
+std::string NcclCommunicator::wait_for_shrunk(const ncclComm_t* slot,
+                                              std::chrono::nanoseconds bound) {
+  const Clock::time_point deadline = Clock::now() + bound;
+  while (true) {
+    // Until NCCL writes the new handle, the parent's state tells how the
+    // shrink goes (NCCL links the job to it).
+    const ncclComm_t child = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    const ncclComm_t polled = child != nullptr ? child : comm_;
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t queried = api_.comm_get_async_error(polled, &state);
+    if (queried != ncclSuccess) state = queried;
+    if (state == ncclSuccess && child != nullptr) return "";
+    if (state != ncclSuccess && state != ncclInProgress) {
+      return nccl_error_message(api_, state, polled, "ncclCommShrink");
+    }
+    if (Clock::now() > deadline) {
+      return "ncclCommShrink did not finish within " + seconds_text(bound) +
+             " (a peer died or stalled?)";
+    }
+    std::this_thread::sleep_for(kStatePoll);
+  }
+}
+
 void NcclCommunicator::destroy_events_locked() {
   // Errors are ignored: an event that cannot be destroyed is leaked, and
   // this runs on failure and teardown paths that must not throw.
@@ -297,7 +453,7 @@ std::string NcclCommunicator::sweep_locked(Clock::time_point now) {
             std::string(pending.operation) + " failed on the device: " + cudaGetErrorString(state);
       } else if (now > pending.deadline) {
         failure = std::string(pending.operation) + " did not complete within " +
-                  seconds_text(pending.timeout) + " (a peer died or stalled?); NCCL was aborted";
+                  seconds_text(pending.timeout) + " (a peer died or stalled?)";
       }
     }
     pending_[kept++] = pending;
@@ -321,15 +477,16 @@ void NcclCommunicator::watchdog_loop() {
     return;
   }
   while (!stopping_) {
-    if (comm_ != nullptr) {
+    // Once failed (aborted, or revoked and kept for a shrink), nothing is watched.
+    if (comm_ != nullptr && failure_.empty()) {
       const std::string failure = sweep_locked(Clock::now());
-      if (!failure.empty()) abort_locked(failure);
+      if (!failure.empty()) fail_locked(failure);
     }
-    if (comm_ != nullptr) {
+    if (comm_ != nullptr && failure_.empty()) {
       ncclResult_t state = ncclSuccess;
       if (api_.comm_get_async_error(comm_, &state) == ncclSuccess && state != ncclSuccess &&
           state != ncclInProgress) {
-        abort_locked(
+        fail_locked(
             nccl_error_message(api_, state, comm_, "a collective (NCCL's asynchronous error)"));
       }
     }
@@ -380,6 +537,12 @@ std::string NcclCommunicator::release_locked(std::chrono::nanoseconds finalize_b
            (failure_.empty() ? std::string("the communicator was aborted") : failure_);
   }
   CudaDeviceGuard guard(device_);
+  if (revoked_) {
+    // Kept for a shrink that did not come. Nothing is in flight, and
+    // ncclCommFinalize is invalid after a revoke.
+    abort_locked(failure_);
+    return "aborted: " + failure_;
+  }
   // The collectives in flight, each until its own deadline.
   while (!pending_.empty()) {
     const std::string failure = sweep_locked(Clock::now());

@@ -23,6 +23,15 @@
 // stuck waiting for a dead peer) and record the failure, which the next call
 // (or check()) raises.
 //
+// Kept for a shrink (keep_for_shrink(), elastic views): where the loaded
+// NCCL has ncclCommRevoke (>= 2.28), a failure makes the watchdog revoke the
+// communicator instead of aborting it. Revoking stops the collectives in
+// flight just as aborting does (nothing stays stuck on the device), but
+// keeps what ncclCommShrink reuses, so that the surviving ranks can shrink
+// it into a communicator without the lost ones (shrink()) instead of
+// meeting on a new unique id. A revoked communicator that is not shrunk is
+// aborted at close().
+//
 // Teardown (close(), or the destructor if close() was never called): the
 // watchdog is stopped and joined first, so no thread of this object calls
 // CUDA afterwards; then the collectives in flight are waited for, each until
@@ -36,6 +45,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -81,6 +91,24 @@ class NcclCommunicator {
   // before", or the message of a failed ncclCommDestroy. Later calls throw.
   std::string close(double finalize_timeout_s);
 
+  // Makes the watchdog revoke this communicator on a failure instead of
+  // aborting it, where NCCL has ncclCommRevoke (see above).
+  void keep_for_shrink();
+  // Whether shrink() can be tried: NCCL has ncclCommShrink (>= 2.27), the
+  // communicator is non-blocking, neither closed nor aborted, and either
+  // healthy or revoked.
+  bool can_shrink();
+  // Whether the watchdog revoked this communicator (it failed, kept for a shrink).
+  bool revoked();
+  // A communicator over this one's ranks without `excluded` (ranks of this
+  // communicator, at least one, not this rank; every remaining rank must
+  // pass the same list), made by ncclCommShrink: collective over the
+  // remaining ranks, bounded by init_timeout_s; ranks keep their order. Bad
+  // arguments throw std::invalid_argument and change nothing; otherwise this
+  // communicator ends here (watchdog joined, NCCL aborted after the shrink,
+  // later calls throw), whether or not the shrink succeeds.
+  std::shared_ptr<NcclCommunicator> shrink(std::vector<int> excluded, double init_timeout_s);
+
   int rank() const { return rank_; }
   int nranks() const { return nranks_; }
   int device() const { return device_; }
@@ -104,6 +132,10 @@ class NcclCommunicator {
     const char* operation;
   };
 
+  // A shrunk communicator around `comm` (ready), its watchdog started.
+  NcclCommunicator(const NcclApi& api, ncclComm_t comm, int nranks, int rank, int device,
+                   std::chrono::nanoseconds init_timeout);
+  void start_watchdog();
   // Enqueues one collective (`enqueue` calls NCCL) on stream with its
   // deadline, and hands it to the watchdog.
   template <typename Enqueue>
@@ -128,6 +160,14 @@ class NcclCommunicator {
   // Records failure, aborts NCCL, frees the events. With mutex_ held and
   // device_ current.
   void abort_locked(const std::string& failure);
+  // The watchdog's response to a failure: revoke (kept for a shrink, where
+  // NCCL has it) or abort. With mutex_ held and device_ current.
+  void fail_locked(const std::string& failure);
+  // Why shrink() cannot be tried, or "". With mutex_ held.
+  std::string shrink_refusal_locked() const;
+  // Polls ncclCommShrink's new communicator (written to *slot when NCCL is
+  // done) until it is ready; "" or why not. With mutex_ held and device_ current.
+  std::string wait_for_shrunk(const ncclComm_t* slot, std::chrono::nanoseconds bound);
   // close() once the watchdog is joined. With mutex_ held.
   std::string release_locked(std::chrono::nanoseconds finalize_bound);
   void destroy_events_locked();
@@ -149,6 +189,8 @@ class NcclCommunicator {
   std::vector<cudaEvent_t> spare_events_;
   std::chrono::nanoseconds longest_timeout_{0};
   bool connected_ = false;  // a collective was enqueued (connections are set up)
+  bool keep_for_shrink_ = false;
+  bool revoked_ = false;
   std::string failure_;
   bool stopping_ = false;
   bool closed_ = false;

@@ -30,6 +30,13 @@ rank 0 holds; if one does not (its objects were closed earlier than rank 0's),
 all ranks make a new one. So ranks whose objects' lifetimes differ never
 disagree on which communicator a collective runs on.
 
+Shrinking (elastic views). A group marked shrinkable (``mark_shrinkable``)
+gets communicators that the watchdog revokes rather than aborts on a failure
+(where NCCL has ncclCommRevoke). The elastic layer takes a dropped view's
+communicators out of the registry (``detach``), and, when the next view only
+lost ranks, shrinks one into the next view's (``adopt``); whatever it does
+not shrink it closes (``discard``).
+
 Joining is bounded by ``init_timeout``, not by the collective deadline: NCCL's
 initialization (bootstrap, topology search, connection setup) often takes
 0.2 to 2 s on one node and longer on many, which a 0.5 s collective deadline
@@ -62,10 +69,14 @@ __all__ = [
     "MODE_ENV",
     "Lease",
     "acquire",
+    "adopt",
     "close_all",
+    "detach",
+    "discard",
     "init_timeout",
     "library_candidates",
     "load",
+    "mark_shrinkable",
     "mode",
     "open_communicators",
     "runtime_version",
@@ -201,6 +212,8 @@ _lock = threading.RLock()
 _open: set[_Shared] = set()
 _latest: dict[tuple[int, int], _Shared] = {}
 _group_watchers: dict[int, weakref.finalize] = {}
+# Groups whose communicators are kept for a shrink when they fail (elastic views).
+_shrinkable: weakref.WeakSet = weakref.WeakSet()
 
 
 class Bootstrap(Protocol):
@@ -247,13 +260,54 @@ def acquire(
         comm = make(
             unique_id, group.world_size, group.rank, index, init_timeout(collective_timeout_s)
         )
-        shared = _Shared(comm, key, unique_id)
+        if process_group in _shrinkable:
+            comm.keep_for_shrink()
+        shared = _register(process_group, key, comm, unique_id)
         shared.users = 1
-        _open.add(shared)
-        _latest[key] = shared  # a previous one stays open for its own leases
-        if key[0] not in _group_watchers:
-            _group_watchers[key[0]] = weakref.finalize(process_group, _group_gone, key[0])
         return Lease(shared)
+
+
+def _register(
+    process_group: Any, key: tuple[int, int], comm: _C.NcclCommunicator, token: bytes
+) -> _Shared:
+    """Adds a communicator as the one new objects on ``key`` agree on. With _lock held."""
+    shared = _Shared(comm, key, token)
+    _open.add(shared)
+    _latest[key] = shared  # a previous one stays open for its own leases
+    if key[0] not in _group_watchers:
+        _group_watchers[key[0]] = weakref.finalize(process_group, _group_gone, key[0])
+    return shared
+
+
+def mark_shrinkable(process_group: Any) -> None:
+    """Communicators made from now on for ``process_group`` are kept for a
+    shrink when they fail (``keep_for_shrink``)."""
+    _shrinkable.add(process_group)
+
+
+def detach(process_group: Any) -> list[_Shared]:
+    """Takes the communicators of ``process_group`` out of the registry: its
+    objects' leases no longer close them, nor does the group's end. The
+    caller shrinks them or ``discard``s them."""
+    with _lock:
+        taken = [shared for shared in _open if shared.group_id == id(process_group)]
+        for shared in taken:
+            _forget(shared)
+    return taken
+
+
+def adopt(process_group: Any, device_index: int, comm: _C.NcclCommunicator, token: bytes) -> None:
+    """Registers ``comm`` (shrunk from a detached communicator, every rank of
+    ``process_group`` holding its own with the same ``token``) as the one the
+    group's objects agree on for ``device_index``."""
+    with _lock:
+        _register(process_group, (id(process_group), device_index), comm, token)
+
+
+def discard(shared: _Shared) -> None:
+    """Closes a detached communicator that was not shrunk. A failed one
+    ends aborted, which is expected here: no warning."""
+    shared.comm.close()
 
 
 def open_communicators() -> list[_C.NcclCommunicator]:

@@ -4,9 +4,11 @@
 
 A world of one (NCCL refuses two ranks on one GPU), so the loss of a peer is
 stood in for by a step whose allreduce is queued behind ~1 s of GPU work,
-past its 0.25 s deadline: the watchdog aborts the view's communicator, the
-step raises inside ``ElasticSGD``, which drops the view, agrees on the next
-one with the control process, makes a new group and a new communicator
+past its 0.25 s deadline: the watchdog revokes the view's communicator
+(kept for a shrink; aborted where NCCL has no ncclCommRevoke), the step
+raises inside ``ElasticSGD``, which drops the view, agrees on the next one
+with the control process (the same single member: nothing to shrink, so the
+revoked communicator is closed), makes a new group and a new communicator
 (init) and runs the step again. Each pass prints one JSON line: the view's
 prefix, the gradient check, the device memory outside torch's caching
 allocator (NCCL's own allocations among it) and inside it, this process's
@@ -55,8 +57,13 @@ def main() -> None:
         optimizer.zero_grad()
         return same
 
+    def view_communicator() -> object:
+        (lease,) = sgd._algo._collectives._leases.values()
+        return lease.comm
+
     for index in range(loops + 1):
         before = sgd.view.prefix
+        failing = view_communicator() if index > 0 else None
         same = step(delayed=index > 0)
         torch.cuda.synchronize()
         record = {
@@ -69,6 +76,10 @@ def main() -> None:
             "allocated_bytes": torch.cuda.memory_allocated(),
             "threads": len(os.listdir("/proc/self/task")),
             "open_communicators": len(_nccl.open_communicators()),
+            # The failed view's communicator: revoked (kept for a shrink), then closed.
+            "failed_revoked": failing.revoked if failing is not None else None,
+            "failed_closed": failing.closed if failing is not None else None,
+            "nccl_version": _nccl.runtime_version(),
         }
         print(json.dumps(record), flush=True)
     sgd.close()

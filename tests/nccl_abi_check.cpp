@@ -95,6 +95,9 @@ DL_SAME_VALUE(ncclFloat32);
 DL_SAME_VALUE(ncclFloat64);
 DL_SAME_VALUE(ncclBfloat16);
 DL_SAME_VALUE(ncclSum);
+static_assert(distlearn::kNcclShrinkDefault == NCCL_SHRINK_DEFAULT, "NCCL_SHRINK_DEFAULT");
+static_assert(distlearn::kNcclShrinkAbort == NCCL_SHRINK_ABORT, "NCCL_SHRINK_ABORT");
+static_assert(distlearn::kNcclRevokeDefault == NCCL_REVOKE_DEFAULT, "NCCL_REVOKE_DEFAULT");
 
 // ncclConfig_t: our prefix is a prefix of NCCL's struct, field for field,
 // and the magic is the one NCCL_CONFIG_INITIALIZER writes.

@@ -324,6 +324,66 @@ def test_each_collective_keeps_its_objects_deadline(nccl_world_of_one: None) -> 
         patient.sum_and_normalize_gradients(grads)
 
 
+def test_a_communicator_kept_for_shrink_is_revoked_at_its_deadline(
+    nccl_world_of_one: None,
+) -> None:
+    # Elastic views keep their communicators for a shrink: past the deadline
+    # the watchdog revokes (NCCL >= 2.28) rather than aborts, which frees the
+    # queued collective the same way and keeps the communicator shrinkable.
+    sgd = dl.AllReduceSGD(timeout=0.5)
+    grads = random_list()
+    sgd.sum_and_normalize_gradients(grads)
+    torch.cuda.synchronize()
+    comm = communicator_of(sgd, torch.cuda.current_device())
+    comm.keep_for_shrink()
+    torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU time ahead of the allreduce
+    sgd.sum_and_normalize_gradients(grads)
+    started = time.monotonic()
+    torch.cuda.synchronize()  # returns: the revoke (or abort) stopped the allreduce
+    time.sleep(0.1)  # the watchdog's poll
+    with pytest.raises(dl.CommunicationError, match="did not complete within") as failure:
+        sgd.sum_and_normalize_gradients(grads)
+    assert time.monotonic() - started < 10
+    version = _nccl.runtime_version()
+    assert version is not None
+    if version >= 22900:  # revoke is in every NCCL since 2.29 (2.28.7 at the latest)
+        assert comm.revoked
+    if comm.revoked:
+        assert "NCCL was revoked" in str(failure.value)
+        assert comm.can_shrink and not comm.usable
+    else:
+        assert "NCCL was aborted" in str(failure.value)
+    outcome = comm.close()
+    assert outcome.startswith("aborted: all_reduce_sum did not complete within"), outcome
+    assert time.monotonic() - started < 10
+    sgd.close()
+
+
+def test_shrink_refuses_bad_ranks_and_changes_nothing(nccl_world_of_one: None) -> None:
+    sgd = dl.AllReduceSGD()
+    grads = random_list()
+    sgd.sum_and_normalize_gradients(grads)
+    comm = communicator_of(sgd, torch.cuda.current_device())
+    version = _nccl.runtime_version()
+    assert version is not None
+    assert comm.can_shrink == (version >= 22700)
+    for excluded, message in [
+        ([], "at least one rank"),
+        ([0], "holds this rank"),  # a world of one has no other rank to lose
+        ([1], "not in a world of 1"),
+        ([-1], "not in a world of 1"),
+        ([0, 0], "names a rank twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            comm.shrink(excluded, 10.0)
+    assert comm.usable
+    expected = [g.clone() for g in grads]
+    sgd.sum_and_normalize_gradients(grads)  # a world of one: the mean is the gradient
+    torch.cuda.synchronize()
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected, strict=True))
+    sgd.close()
+
+
 def test_joining_has_its_own_bound(nccl_world_of_one: None) -> None:
     _nccl.load()
     device = torch.cuda.current_device()

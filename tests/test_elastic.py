@@ -331,9 +331,10 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
 
 @needs_gpu
 def test_nccl_views_are_made_aborted_and_made_again_in_a_loop(tmp_path: Path) -> None:
-    """Issue 14's GPU check: each pass aborts the view's NCCL communicator
-    (a collective past its deadline), and the step completes on a new view
-    with a new communicator; nothing hangs, nothing accumulates."""
+    """Issue 14's GPU check: each pass fails the view's NCCL communicator
+    (a collective past its deadline: revoked, or aborted where NCCL has no
+    ncclCommRevoke), and the step completes on a new view with a new
+    communicator; nothing hangs, nothing accumulates."""
     import torch
 
     if not torch.distributed.is_nccl_available():
@@ -358,6 +359,9 @@ def test_nccl_views_are_made_aborted_and_made_again_in_a_loop(tmp_path: Path) ->
     assert all(p["gradients_intact"] for p in passes)  # the failed step ran again, whole
     assert [p["steps"] for p in passes] == list(range(1, loops + 2))
     assert all(p["open_communicators"] == 1 for p in passes)
+    assert all(p["failed_closed"] for p in passes[1:])
+    if passes[0]["nccl_version"] >= 22900:  # ncclCommRevoke is in every NCCL since 2.29
+        assert all(p["failed_revoked"] for p in passes[1:])
     assert closed == {"closed": True, "open_communicators": 0}
     # From the first re-made view on, the same threads, the same tensors, and
     # no growth of the device memory outside torch's allocator (NCCL's

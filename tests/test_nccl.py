@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiproc import run_world
+from nccl_stand_in import StandInCommunicator
 
 import distlearn_cuda as dl
 from distlearn_cuda import _C, _collectives, _nccl
@@ -305,32 +306,6 @@ def test_joining_has_its_own_bound_not_shorter_than_a_minute(
         monkeypatch.setenv(_nccl.INIT_TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match="DISTLEARN_NCCL_INIT_TIMEOUT must be"):
             _nccl.init_timeout(1.0)
-
-
-class StandInCommunicator:
-    """What ``_nccl`` uses of ``_C.NcclCommunicator`` (made by the same
-    arguments, closed, asked whether usable), without a GPU: these tests are
-    of the registry's bookkeeping and of the ranks' agreement, which runs
-    over real gloo groups."""
-
-    def __init__(
-        self, unique_id: bytes, nranks: int, rank: int, device: int, init_timeout: float
-    ) -> None:
-        self.unique_id = unique_id
-        self.init_timeout = init_timeout
-        self.closes = 0
-
-    @property
-    def closed(self) -> bool:
-        return self.closes > 0
-
-    @property
-    def usable(self) -> bool:
-        return not self.closed
-
-    def close(self, timeout: float = 0.0) -> str:
-        self.closes += 1
-        return "destroyed" if self.closes == 1 else "closed before"
 
 
 def _registry(rank: int, world_size: int) -> dict:

@@ -5,11 +5,13 @@ anew (gloo for CPU tensors, NCCL for CUDA ones unless ``backend="gloo"``, on
 the control store under the view's prefix) and a new algorithm object on it,
 whose first CUDA collective makes the view's own NCCL communicator (its
 unique id broadcast over the view's gloo group, its init bounded); the
-previous ones are closed and destroyed first (a communicator the watchdog
-aborted is only freed). A normal step is the algorithm's own call and
-nothing else: the control process is consulted only when a collective fails
-(a ``CommunicationError``) or, at a synchronization point, when a join was
-announced.
+previous ones are closed and destroyed first. When the new view only lost
+ranks, its communicator is shrunk from the last view's instead (see
+``_shrink``: the last view's communicators are set aside when it is dropped,
+and closed once the new view is made). A normal step is the algorithm's own
+call and nothing else: the control process is consulted only when a
+collective fails (a ``CommunicationError``) or, at a synchronization point,
+when a join was announced.
 
 Changing views. Every member of the new view (survivors and joiners) tells
 the others how far it got; the source is the lowest rank among those that
@@ -32,12 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _nccl
 from .._gloo import restart_numbering
 from .._validate import check_timeout
 from ..ea import AllReduceEA
 from ..errors import CommunicationError
 from ..sgd import AllReduceSGD
 from ._membership import STARTED_KEY, Membership, View
+from ._shrink import Parent, shrink_into
 
 __all__ = ["ElasticEA", "ElasticSGD"]
 
@@ -138,6 +142,7 @@ class _ElasticMember:
         self._has_state = False  # False until this rank holds the job's state
         self._joins_handled = 0
         self._closed = False
+        self._parent: Parent | None = None  # the dropped view's NCCL communicators
         try:
             # A new rank waits for the initial world; one arriving later joins.
             if self._membership.live_store().check([STARTED_KEY]):
@@ -187,6 +192,7 @@ class _ElasticMember:
             return
         self._closed = True
         self._drop_view()
+        self._discard_parent()
         self._membership.close()
 
     def __enter__(self) -> _ElasticMember:
@@ -225,10 +231,24 @@ class _ElasticMember:
         close() bounds what is still in flight by the deadline."""
         if self._algo is not None:
             self._keep_state()
+            self._keep_parent()  # before close(), whose leases would close them
             self._algo.close()
             self._algo = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def _keep_parent(self) -> None:
+        """Takes the view's NCCL communicators out of the registry, for the
+        next view to shrink (see ``_shrink``)."""
+        if self._backend != "nccl" or not dist.is_initialized() or self._view is None:
+            return
+        self._discard_parent()  # an older one: the next view is not shrunk from it
+        self._parent = Parent(self._view.members, _nccl.detach(dist.group.WORLD))
+
+    def _discard_parent(self) -> None:
+        parent, self._parent = self._parent, None
+        if parent is not None:
+            parent.discard()
 
     def _install(self, view: View) -> None:
         """The view's group (torch's default group) and algorithm object."""
@@ -244,7 +264,18 @@ class _ElasticMember:
             timeout=self._timeout,
         )
         restart_numbering(dist.group.WORLD)
+        if self._backend == "nccl":
+            _nccl.mark_shrinkable(dist.group.WORLD)
         self._algo = self._make_algorithm()
+        if self._backend == "nccl":
+            parent, self._parent = self._parent, None
+            shrink_into(
+                parent,
+                view,
+                dist.group.WORLD,
+                self._algo._collectives,
+                _nccl.init_timeout(self._timeout.total_seconds()),
+            )
 
     def _hand_over_state(self) -> bool:
         """Every member gets the source's state; returns whether this rank was
@@ -301,14 +332,18 @@ class _ElasticMember:
             except RuntimeError as error:
                 # A member lost during the change: CommunicationError from a
                 # collective, torch.distributed's errors (DistError, gloo's
-                # RuntimeError) from the group's rendezvous on the store.
+                # RuntimeError) from the group's rendezvous on the store,
+                # or a failed shrink. Dropped now, while self._view is still
+                # the view its communicators belong to.
                 last_error = error
                 min_size = 1
+                self._drop_view()
                 continue
             if self._on_change is not None:
                 self._on_change(view)
             return behind
         self._drop_view()
+        self._discard_parent()
         raise CommunicationError(
             f"elastic: the membership change failed {self._retries + 1} times; last error: "
             f"{last_error}",
