@@ -305,8 +305,11 @@ def adopt(process_group: Any, device_index: int, comm: _C.NcclCommunicator, toke
 
 
 def discard(shared: _Shared) -> None:
-    """Closes a detached communicator that was not shrunk. A failed one
-    ends aborted, which is expected here: no warning."""
+    """Aborts and closes a detached communicator that was not shrunk. It
+    belongs to a dropped view whose peers may be gone, so nothing is waited
+    for (a graceful close would wait for ncclCommFinalize with them, up to
+    its bound); the abort is expected here, so no warning."""
+    shared.comm.abort()
     shared.comm.close()
 
 

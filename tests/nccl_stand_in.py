@@ -21,6 +21,7 @@ class StandInCommunicator:
         self.shrinkable = True  # what can_shrink answers while usable
         self.shrunk_with: tuple[list[int], float] | None = None
         self.kept_for_shrink = False
+        self.aborted = False
 
     @property
     def closed(self) -> bool:
@@ -37,9 +38,14 @@ class StandInCommunicator:
     def keep_for_shrink(self) -> None:
         self.kept_for_shrink = True
 
+    def abort(self) -> None:
+        self.aborted = True
+
     def close(self, timeout: float = 0.0) -> str:
         self.closes += 1
-        return "destroyed" if self.closes == 1 else "closed before"
+        if self.closes > 1:
+            return "closed before"
+        return "aborted: by the caller" if self.aborted else "destroyed"
 
     def shrink(self, excluded: list[int], init_timeout: float) -> StandInCommunicator:
         """As the real one: this communicator ends; the new one has the

@@ -68,6 +68,8 @@ def _shrink_case(rank: int, world_size: int, case: str) -> dict:
         "shrunk": shrunk,
         "shrunk_with": comm.shrunk_with,
         "parent_ended_once": comm.closes == 1 or not held,
+        # A parent not shrunk belongs to a view whose peers may be gone: aborted, not finalized.
+        "parent_aborted_unless_shrunk": comm.aborted != shrunk or not held,
         "parent_emptied": parent.communicators == [],
     }
     open_now = _nccl.open_communicators()
@@ -100,6 +102,7 @@ def test_the_survivors_of_one_view_shrink_its_communicator_into_the_next() -> No
         # Old rank 1 ("b") was lost; every survivor names it, with the bound given.
         assert report["shrunk_with"] == ([1], 12.5), (rank, report)
         assert report["parent_ended_once"] and report["parent_emptied"], (rank, report)
+        assert report["parent_aborted_unless_shrunk"], (rank, report)
         assert report["open"] == 1
         assert report["child"] == (3, rank, 12.5), (rank, report)
         assert report["same_token"] and report["used_by_the_next_collective"], (rank, report)
@@ -116,4 +119,5 @@ def test_no_rank_shrinks_unless_every_rank_can(case: str) -> None:
         assert not report["shrunk"], (case, rank, report)
         assert report["shrunk_with"] is None, (case, rank, report)
         assert report["parent_ended_once"] and report["parent_emptied"], (case, rank, report)
+        assert report["parent_aborted_unless_shrunk"], (case, rank, report)
         assert report["open"] == 0, (case, rank, report)
