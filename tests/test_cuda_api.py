@@ -203,23 +203,46 @@ def test_a_call_on_another_stream_waits_for_the_previous_call(nccl_world_of_one:
         assert torch.equal(got, want)
 
 
-def test_a_collective_past_its_deadline_aborts_nccl_and_the_next_call_raises(
-    nccl_world_of_one: None,
+@pytest.mark.parametrize("kept_for_shrink", [False, True])
+def test_a_collective_past_its_deadline_fails_nccl_and_the_next_call_raises(
+    nccl_world_of_one: None, kept_for_shrink: bool
 ) -> None:
     # One GPU cannot host a second NCCL rank to kill, so the collective is
-    # held back by queued work instead: the watchdog counts from enqueue.
+    # held back by queued work instead: the watchdog counts from enqueue. It
+    # aborts NCCL, or revokes it (NCCL >= 2.28) where the communicator is
+    # kept for a shrink (elastic views): that frees the queued collective the
+    # same way and keeps the communicator shrinkable.
     sgd = dl.AllReduceSGD(timeout=0.5)
     grads = random_list()
     sgd.sum_and_normalize_gradients(grads)
     torch.cuda.synchronize()
+    comm = communicator_of(sgd, torch.cuda.current_device())
+    if kept_for_shrink:
+        comm.keep_for_shrink()
     torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU time ahead of the allreduce
     sgd.sum_and_normalize_gradients(grads)
     started = time.monotonic()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize()  # returns: the abort (or revoke) stopped the allreduce
     time.sleep(0.1)  # the watchdog's poll
-    with pytest.raises(dl.CommunicationError, match="did not complete within"):
+    with pytest.raises(dl.CommunicationError, match="did not complete within") as failure:
         sgd.sum_and_normalize_gradients(grads)
     assert time.monotonic() - started < 10
+    version = _nccl.runtime_version()
+    assert version is not None
+    if kept_for_shrink and version >= 22900:  # revoke is in every NCCL since 2.29
+        assert comm.revoked
+    if not kept_for_shrink:
+        assert not comm.revoked
+    if comm.revoked:
+        assert "NCCL was revoked" in str(failure.value)
+        assert comm.can_shrink and not comm.usable
+    else:
+        assert "NCCL was aborted" in str(failure.value)
+        assert not comm.can_shrink
+    outcome = comm.close()
+    assert outcome.startswith("aborted: all_reduce_sum did not complete within"), outcome
+    assert time.monotonic() - started < 10
+    sgd.close()
 
 
 def test_an_aborted_ea_round_never_joins_the_center(nccl_world_of_one: None) -> None:
@@ -322,41 +345,6 @@ def test_each_collective_keeps_its_objects_deadline(nccl_world_of_one: None) -> 
     # The communicator was aborted: every object on it fails from now on.
     with pytest.raises(dl.CommunicationError, match="did not complete within"):
         patient.sum_and_normalize_gradients(grads)
-
-
-def test_a_communicator_kept_for_shrink_is_revoked_at_its_deadline(
-    nccl_world_of_one: None,
-) -> None:
-    # Elastic views keep their communicators for a shrink: past the deadline
-    # the watchdog revokes (NCCL >= 2.28) rather than aborts, which frees the
-    # queued collective the same way and keeps the communicator shrinkable.
-    sgd = dl.AllReduceSGD(timeout=0.5)
-    grads = random_list()
-    sgd.sum_and_normalize_gradients(grads)
-    torch.cuda.synchronize()
-    comm = communicator_of(sgd, torch.cuda.current_device())
-    comm.keep_for_shrink()
-    torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU time ahead of the allreduce
-    sgd.sum_and_normalize_gradients(grads)
-    started = time.monotonic()
-    torch.cuda.synchronize()  # returns: the revoke (or abort) stopped the allreduce
-    time.sleep(0.1)  # the watchdog's poll
-    with pytest.raises(dl.CommunicationError, match="did not complete within") as failure:
-        sgd.sum_and_normalize_gradients(grads)
-    assert time.monotonic() - started < 10
-    version = _nccl.runtime_version()
-    assert version is not None
-    if version >= 22900:  # revoke is in every NCCL since 2.29 (2.28.7 at the latest)
-        assert comm.revoked
-    if comm.revoked:
-        assert "NCCL was revoked" in str(failure.value)
-        assert comm.can_shrink and not comm.usable
-    else:
-        assert "NCCL was aborted" in str(failure.value)
-    outcome = comm.close()
-    assert outcome.startswith("aborted: all_reduce_sum did not complete within"), outcome
-    assert time.monotonic() - started < 10
-    sgd.close()
 
 
 def test_shrink_refuses_bad_ranks_and_changes_nothing(nccl_world_of_one: None) -> None:
