@@ -191,7 +191,7 @@ class _ElasticMember:
         if self._closed:
             return
         self._closed = True
-        self._drop_view()
+        self._drop_view(keep_parent=False)  # its communicators close as usual
         self._discard_parent()
         self._membership.close()
 
@@ -225,13 +225,16 @@ class _ElasticMember:
     def _keep_state(self) -> None:
         """Saves what the next view's algorithm object must start from."""
 
-    def _drop_view(self) -> None:
+    def _drop_view(self, keep_parent: bool = True) -> None:
         """Closes the algorithm object and destroys the view's group. Neither
         waits on a lost peer: the failed collective already returned, and
-        close() bounds what is still in flight by the deadline."""
+        close() bounds what is still in flight by the deadline. With
+        ``keep_parent``, the view's NCCL communicators are set aside for the
+        next view (see ``_keep_parent``)."""
         if self._algo is not None:
             self._keep_state()
-            self._keep_parent()  # before close(), whose leases would close them
+            if keep_parent:
+                self._keep_parent()  # before close(), whose leases would close them
             self._algo.close()
             self._algo = None
         if dist.is_initialized():
