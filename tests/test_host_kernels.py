@@ -9,11 +9,9 @@ does, GPU or not: a missing compiler fails this test rather than skipping it.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
+from host_build import SANITIZERS, compile_all, compiler, link, run_sanitized
 from tensor_cases import fresh_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,9 +25,7 @@ FLAGS = [
     "-std=c++17",
     "-O0",
     "-g1",
-    "-fsanitize=address,undefined",
-    "-fno-sanitize-recover=all",
-    "-fno-omit-frame-pointer",
+    *SANITIZERS,
     "-ffp-contract=off",
     "-Wall",
     "-Wextra",
@@ -39,54 +35,18 @@ FLAGS = [
 ]
 
 
-def compiler() -> str:
-    found = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    assert found, "no C++ compiler (g++ or c++ on PATH, or CXX): the host kernel tests need one"
-    return found
-
-
 def build(out_dir: Path) -> Path:
     """Compiles the harness and the CPU flavor in parallel, then links."""
-    cxx = compiler()
     objects = [out_dir / "host_kernels.o", out_dir / "ops_cpu.o"]
-    jobs = [
-        subprocess.Popen(
-            [cxx, *FLAGS, "-c", str(source), "-o", str(obj)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for source, obj in zip([HARNESS, CPU_FLAVOR], objects, strict=True)
-    ]
-    for job in jobs:
-        output, _ = job.communicate(timeout=300)
-        assert job.returncode == 0, output
-    binary = out_dir / "host_kernels"
-    link = subprocess.run(
-        [cxx, "-fsanitize=address,undefined", *map(str, objects), "-o", str(binary), "-pthread"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    compile_all(
+        [
+            [compiler(), *FLAGS, "-c", str(source), "-o", str(obj)]
+            for source, obj in zip([HARNESS, CPU_FLAVOR], objects, strict=True)
+        ]
     )
-    assert link.returncode == 0, link.stdout + link.stderr
-    return binary
+    return link(objects, out_dir / "host_kernels")
 
 
 def test_kernels_run_on_the_host_match_the_reference_and_the_cpu_flavor(tmp_path: Path) -> None:
-    binary = build(tmp_path)
-    env = dict(
-        os.environ,
-        ASAN_OPTIONS="halt_on_error=1:detect_leaks=1",
-        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
-    )
-    done = subprocess.run(
-        [str(binary), str(fresh_seed())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    print(done.stdout)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stderr == "", done.stderr  # a sanitizer report that did not halt
-    assert "ok" in done.stdout.splitlines()[-1]
+    output = run_sanitized([str(build(tmp_path)), str(fresh_seed())], timeout=300)
+    assert "ok" in output.splitlines()[-1]

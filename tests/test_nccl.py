@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from host_build import cuda_include
 from multiproc import run_world
 from nccl_stand_in import StandInCommunicator
 
@@ -46,20 +47,6 @@ def wheel_file(relative: str) -> str | None:
 
 def wheel_library() -> str | None:
     return wheel_file(os.path.join("lib", "libnccl.so.2"))
-
-
-def cuda_include() -> Path | None:
-    """The CUDA toolkit's include directory (nccl.h includes cuda_runtime.h)."""
-    nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if nvcc is not None:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates.append("/usr/local/cuda")
-    for candidate in filter(None, candidates):
-        include = Path(candidate) / "include"
-        if (include / "cuda_runtime.h").exists():
-            return include
-    return None
 
 
 needs_wheel = pytest.mark.skipif(wheel_library() is None, reason="nvidia-nccl-cu13 not installed")

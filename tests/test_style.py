@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CPP_SOURCES = sorted(
     str(p)
-    for d in ("csrc", "kernels", "tests/host_kernels")
+    for d in ("csrc", "kernels", "tests/host_kernels", "tests/host_nccl", "tests/host_common")
     for p in (ROOT / d).iterdir()
     if p.suffix in {".h", ".cpp", ".cu", ".cuh"}
 )

@@ -41,24 +41,12 @@
 
 #include "../../csrc/multi_tensor_ops.h"
 #include "../../csrc/ops.h"
+#include "../host_common/check.h"
 
 namespace dl = distlearn;
 using dl::DType;
 
 namespace {
-
-// ---------------------------------------------------------------------------
-// Failures
-
-struct Failure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// Throws with the message, which is only built when cond is false.
-#define CHECK(cond, message)                               \
-  do {                                                     \
-    if (!(cond)) throw Failure(std::string() + (message)); \
-  } while (0)
 
 // ---------------------------------------------------------------------------
 // Dtypes, decoded and rounded independently of scalar_types.h

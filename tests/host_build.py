@@ -1,0 +1,76 @@
+"""Building and running the host harnesses (tests/host_kernels, tests/host_nccl):
+C++ programs built by the host compiler under AddressSanitizer and
+UndefinedBehaviorSanitizer, whose every failure, sanitizer reports included,
+fails the test that runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SANITIZERS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+]
+
+
+def compiler() -> str:
+    """The host C++ compiler: a missing one fails the harness tests, not skips them."""
+    found = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    assert found, "no C++ compiler (g++ or c++ on PATH, or CXX): the host harnesses need one"
+    return found
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (cuda_runtime.h), if there is one."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc is not None:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for candidate in filter(None, candidates):
+        include = Path(candidate) / "include"
+        if (include / "cuda_runtime.h").exists():
+            return include
+    return None
+
+
+def compile_all(commands: list[list[str]]) -> None:
+    """Runs the compiler commands in parallel; each must succeed."""
+    jobs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for command in commands
+    ]
+    for job in jobs:
+        output, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, output
+
+
+def link(inputs: list[Path], binary: Path) -> Path:
+    """Links a sanitized harness."""
+    done = subprocess.run(
+        [compiler(), *SANITIZERS, "-pthread", *map(str, inputs), "-ldl", "-o", str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return binary
+
+
+def run_sanitized(command: list[str], timeout: float) -> str:
+    """Runs a harness, halting at the first sanitizer report (leaks included);
+    returns its output once it exited 0 with nothing on stderr."""
+    env = dict(
+        os.environ,
+        ASAN_OPTIONS="halt_on_error=1:detect_leaks=1",
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == "", done.stderr  # a sanitizer report that did not halt
+    return done.stdout

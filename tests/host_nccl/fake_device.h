@@ -1,0 +1,71 @@
+// A scripted stand-in for the slice of the CUDA runtime and of NCCL that
+// csrc/nccl_comm.cpp calls, so that the communicator's own logic (its
+// watchdog, deadlines, abort or revoke, close and shrink) runs on a machine
+// without a GPU. Built as a shared library (fake_device.cpp): the harness
+// (host_comm.cpp) links its CUDA functions in place of libcudart, and the
+// real loader (csrc/nccl_api.cpp) dlopens it as "NCCL".
+//
+// What it models. A stream is a queue that a collective on a communicator
+// whose peer is dead blocks ("stuck") until that communicator is aborted or
+// revoked (NCCL's abort flags make its kernels exit); an event recorded on a
+// stuck stream completes once the stream is freed. A non-blocking call
+// (init, finalize, revoke, shrink) reports ncclInProgress for a scripted
+// number of ncclCommGetAsyncError polls; ncclCommShrink writes the new
+// handle when its job ends, as NCCL does. Nothing is transferred: the
+// harness checks which calls were made, with which arguments, in which
+// state, not any data.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "../../csrc/nccl_api.h"
+
+struct CUstream_st {
+  bool stuck = false;
+};
+
+struct CUevent_st {
+  CUstream_st* stream = nullptr;
+  bool done = false;
+};
+
+namespace distlearn {
+
+struct ncclComm {
+  int nranks = 0;
+  int rank = 0;
+  bool peer_dead = false;  // its collectives block their stream
+  // ncclCommGetAsyncError answers ncclInProgress this many more times, then `state`.
+  int polls_in_progress = 0;
+  ncclResult_t state = ncclSuccess;
+  bool revoked = false;
+  bool aborted = false;
+  bool finalized = false;
+  bool destroyed = false;
+  int collectives = 0;
+  std::vector<CUstream_st*> streams;  // where its collectives were enqueued
+  // ncclCommShrink: the arguments, and the job until it writes *shrink_slot.
+  std::vector<int> shrink_excluded;
+  int shrink_flags = -1;
+  int shrink_blocking = -1;
+  ncclComm_t* shrink_slot = nullptr;
+  ncclComm* shrink_child = nullptr;
+  int shrink_polls_left = 0;  // < 0: the job never ends
+};
+
+}  // namespace distlearn
+
+extern "C" {
+// Forgets every communicator, stream and event made so far (frees them).
+void fake_reset();
+// The communicators made, oldest first (by init or shrink).
+const std::vector<distlearn::ncclComm*>& fake_comms();
+CUstream_st* fake_new_stream();
+// The next shrink's job: ncclCommGetAsyncError polls before it ends (< 0:
+// never), and the state the new communicator reports once made.
+void fake_script_shrink(int polls, distlearn::ncclResult_t child_state);
+// Ends a shrink job that the caller gave up on: writes its slot now.
+void fake_finish_abandoned_shrink(distlearn::ncclComm* parent);
+}
