@@ -15,6 +15,8 @@ SANITIZERS = [
     "-fno-sanitize-recover=all",
     "-fno-omit-frame-pointer",
 ]
+# For harnesses that run threads (it cannot be combined with AddressSanitizer).
+THREAD_SANITIZER = ["-fsanitize=thread", "-fno-omit-frame-pointer"]
 
 
 def compiler() -> str:
@@ -49,10 +51,10 @@ def compile_all(commands: list[list[str]]) -> None:
         assert job.returncode == 0, output
 
 
-def link(inputs: list[Path], binary: Path) -> Path:
+def link(inputs: list[Path], binary: Path, sanitizers: list[str] = SANITIZERS) -> Path:
     """Links a sanitized harness."""
     done = subprocess.run(
-        [compiler(), *SANITIZERS, "-pthread", *map(str, inputs), "-ldl", "-o", str(binary)],
+        [compiler(), *sanitizers, "-pthread", *map(str, inputs), "-ldl", "-o", str(binary)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -62,12 +64,13 @@ def link(inputs: list[Path], binary: Path) -> Path:
 
 
 def run_sanitized(command: list[str], timeout: float) -> str:
-    """Runs a harness, halting at the first sanitizer report (leaks included);
-    returns its output once it exited 0 with nothing on stderr."""
+    """Runs a harness, halting at the first sanitizer report (leaks and data
+    races included); returns its output once it exited 0 with nothing on stderr."""
     env = dict(
         os.environ,
         ASAN_OPTIONS="halt_on_error=1:detect_leaks=1",
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+        TSAN_OPTIONS="halt_on_error=1",
     )
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     print(done.stdout)
