@@ -35,6 +35,7 @@ std::vector<std::unique_ptr<CUstream_st>> streams;
 // purpose (the job may still write it), and stays reachable from here (never
 // destroyed, so still at exit, when LeakSanitizer looks).
 auto* written_slots = new std::vector<ncclComm_t*>();
+int init_polls = kPollsInProgress;
 int shrink_polls = 2;
 ncclResult_t shrink_child_state = distlearn::ncclSuccess;
 thread_local int current_device = 0;
@@ -161,7 +162,7 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId, 
   if (config->magic != distlearn::kNcclConfigMagic || config->blocking != 0) {
     return distlearn::ncclInvalidArgument;
   }
-  *comm = make_comm(nranks, rank, kPollsInProgress);
+  *comm = make_comm(nranks, rank, init_polls);
   return distlearn::ncclInProgress;
 }
 
@@ -171,8 +172,8 @@ ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* state) {
   if (comm->shrink_slot != nullptr && comm->shrink_polls_left >= 0) {
     if (comm->shrink_polls_left-- == 0) write_slot(comm);
   }
-  if (comm->polls_in_progress > 0) {
-    --comm->polls_in_progress;
+  if (comm->polls_in_progress != 0) {
+    if (comm->polls_in_progress > 0) --comm->polls_in_progress;
     *state = distlearn::ncclInProgress;
   } else if (comm->shrink_slot != nullptr) {
     *state = distlearn::ncclInProgress;  // the parent, while its shrink job runs
@@ -254,8 +255,14 @@ void fake_reset() {
   comms.clear();
   comm_list.clear();
   streams.clear();
+  init_polls = kPollsInProgress;
   shrink_polls = 2;
   shrink_child_state = distlearn::ncclSuccess;
+}
+
+void fake_script_init(int polls) {
+  std::lock_guard<std::mutex> lock(mutex);
+  init_polls = polls;
 }
 
 const std::vector<ncclComm*>& fake_comms() { return comm_list; }
@@ -270,6 +277,11 @@ void fake_script_shrink(int polls, ncclResult_t child_state) {
   std::lock_guard<std::mutex> lock(mutex);
   shrink_polls = polls;
   shrink_child_state = child_state;
+}
+
+void fake_set_state(ncclComm* comm, ncclResult_t state) {
+  std::lock_guard<std::mutex> lock(mutex);
+  comm->state = state;
 }
 
 void fake_finish_abandoned_shrink(ncclComm* parent) {

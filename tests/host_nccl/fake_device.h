@@ -66,6 +66,12 @@ CUstream_st* fake_new_stream();
 // The next shrink's job: ncclCommGetAsyncError polls before it ends (< 0:
 // never), and the state the new communicator reports once made.
 void fake_script_shrink(int polls, distlearn::ncclResult_t child_state);
+// Polls a non-blocking init of the communicators made from now on stays in
+// progress (< 0: it never ends, as when a peer never joins).
+void fake_script_init(int polls);
+// Makes ncclCommGetAsyncError report `state` for `comm` from now on (an
+// error NCCL found by itself, e.g. a dead peer's closed connection).
+void fake_set_state(distlearn::ncclComm* comm, distlearn::ncclResult_t state);
 // Ends a shrink job that the caller gave up on: writes its slot now.
 void fake_finish_abandoned_shrink(distlearn::ncclComm* parent);
 }

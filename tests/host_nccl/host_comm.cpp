@@ -125,6 +125,48 @@ void a_collective_past_its_deadline_fails_the_communicator(bool kept) {
   CHECK(comm->close(0) == "closed before", "close() is not idempotent");
 }
 
+void a_join_that_never_ends_is_bounded() {
+  fake_reset();
+  fake_script_init(-1);  // a peer never joins
+  const Clock::time_point start = Clock::now();
+  const std::string message = thrown<std::runtime_error>(
+      [] { dl::NcclCommunicator(dl::NcclCommunicator::unique_id(), 2, 0, 0, 0.2); },
+      "a join that never ends");
+  CHECK(contains(message, "ncclCommInitRankConfig did not finish within"), message);
+  CHECK(seconds_since(start) >= 0.2 && seconds_since(start) < kBound, "not bounded");
+  CHECK(fake_comms().back()->aborted, "the half-made communicator was not aborted");
+}
+
+void an_asynchronous_error_fails_the_communicator(bool kept) {
+  // NCCL reports a dead peer by itself (ncclRemoteError) while nothing is in
+  // flight: the watchdog's idle poll finds it.
+  fake_reset();
+  dl::ncclComm* raw = nullptr;
+  auto comm = make(2, 1, &raw);
+  if (kept) comm->keep_for_shrink();
+  fake_set_state(raw, dl::ncclRemoteError);
+  CHECK(eventually([&] { return !comm->usable(); }), "the watchdog missed NCCL's error");
+  CHECK(raw->revoked == (kept && with_revoke) && raw->aborted == !(kept && with_revoke),
+        "neither revoked nor aborted as it should be");
+  const std::string failure = thrown<std::runtime_error>([&] { comm->check(); }, "check()");
+  CHECK(contains(failure, "fake: remote process exited"), failure);
+  comm->close(0);
+  CHECK(raw->aborted, "close() did not abort it");
+}
+
+void close_waits_for_a_collective_until_its_deadline() {
+  fake_reset();
+  dl::ncclComm* raw = nullptr;
+  auto comm = make(2, 0, &raw);
+  CUstream_st* stream = fake_new_stream();
+  const Clock::time_point enqueued = Clock::now();
+  run_then_stick(*comm, raw, stream, 0.3);
+  const std::string outcome = comm->close(0);
+  CHECK(seconds_since(enqueued) >= 0.3, "close() gave up before the collective's deadline");
+  CHECK(outcome.rfind("aborted: all_reduce_sum did not complete within", 0) == 0, outcome);
+  CHECK(raw->aborted && !raw->finalized && !stream->stuck, "the stuck collective was left");
+}
+
 void a_healthy_close_finalizes_and_destroys() {
   fake_reset();
   dl::ncclComm* raw = nullptr;
@@ -283,6 +325,12 @@ int main(int argc, char** argv) {
        [] { a_collective_past_its_deadline_fails_the_communicator(false); }},
       {"kept for a shrink: revoked at the deadline where NCCL can",
        [] { a_collective_past_its_deadline_fails_the_communicator(true); }},
+      {"a join that never ends is bounded", a_join_that_never_ends_is_bounded},
+      {"an asynchronous error aborts", [] { an_asynchronous_error_fails_the_communicator(false); }},
+      {"kept for a shrink: an asynchronous error revokes where NCCL can",
+       [] { an_asynchronous_error_fails_the_communicator(true); }},
+      {"close waits for a collective until its deadline",
+       close_waits_for_a_collective_until_its_deadline},
       {"a healthy close finalizes", a_healthy_close_finalizes_and_destroys},
       {"a healthy communicator shrinks",
        a_healthy_communicator_shrinks_stopping_its_operations_first},
