@@ -104,9 +104,10 @@ class NcclCommunicator {
   // communicator, at least one, not this rank; every remaining rank must
   // pass the same list), made by ncclCommShrink: collective over the
   // remaining ranks, bounded by init_timeout_s; ranks keep their order. Bad
-  // arguments throw std::invalid_argument and change nothing; otherwise this
-  // communicator ends here (watchdog joined, NCCL aborted after the shrink,
-  // later calls throw), whether or not the shrink succeeds.
+  // arguments throw std::invalid_argument, and a communicator that cannot
+  // shrink (can_shrink()) std::runtime_error, both changing nothing;
+  // otherwise this communicator ends here (watchdog joined, NCCL aborted
+  // after the shrink, later calls throw), whether or not the shrink succeeds.
   std::shared_ptr<NcclCommunicator> shrink(std::vector<int> excluded, double init_timeout_s);
 
   int rank() const { return rank_; }
