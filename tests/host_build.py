@@ -63,17 +63,30 @@ def link(inputs: list[Path], binary: Path, sanitizers: list[str] = SANITIZERS) -
     return binary
 
 
-def run_sanitized(command: list[str], timeout: float) -> str:
-    """Runs a harness, halting at the first sanitizer report (leaks and data
-    races included); returns its output once it exited 0 with nothing on stderr."""
+def run_sanitized(commands: list[list[str]], timeout: float) -> list[str]:
+    """Runs harnesses in parallel, each halting at its first sanitizer report
+    (leaks and data races included); returns their outputs once each exited
+    0 with nothing on stderr."""
     env = dict(
         os.environ,
         ASAN_OPTIONS="halt_on_error=1:detect_leaks=1",
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
         TSAN_OPTIONS="halt_on_error=1",
     )
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    print(done.stdout)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stderr == "", done.stderr  # a sanitizer report that did not halt
-    return done.stdout
+    jobs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for c in commands
+    ]
+    outputs = []
+    for job in jobs:
+        try:
+            stdout, stderr = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in jobs:
+                other.kill()
+            raise
+        print(stdout)
+        assert job.returncode == 0, stdout + stderr
+        assert stderr == "", stderr  # a sanitizer report that did not halt
+        outputs.append(stdout)
+    return outputs

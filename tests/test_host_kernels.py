@@ -47,6 +47,18 @@ def build(out_dir: Path) -> Path:
     return link(objects, out_dir / "host_kernels")
 
 
+# Processes the cases are spread over (one per core of CI's machine).
+SHARDS = 2
+
+
 def test_kernels_run_on_the_host_match_the_reference_and_the_cpu_flavor(tmp_path: Path) -> None:
-    output = run_sanitized([str(build(tmp_path)), str(fresh_seed())], timeout=300)
-    assert "ok" in output.splitlines()[-1]
+    binary, seed = str(build(tmp_path)), str(fresh_seed())
+    outputs = run_sanitized(
+        [[binary, seed, str(shard), str(SHARDS)] for shard in range(SHARDS)], timeout=300
+    )
+    cases = 0
+    for output in outputs:
+        last = output.splitlines()[-1]
+        assert last.startswith("host kernels: ") and last.endswith(": ok"), output
+        cases += int(last.split()[2])
+    assert cases == 39  # every case ran, in one shard or the other

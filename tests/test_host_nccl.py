@@ -70,8 +70,10 @@ def fake(out: Path, sanitizer: str, variant: str) -> Path:
 
 
 def test_the_communicator_runs_on_the_host_against_a_scripted_nccl(tmp_path: Path) -> None:
-    for (sanitizer, variant), binary in build(tmp_path).items():
-        command = [str(binary), str(fake(tmp_path, sanitizer, variant)), variant]
-        output = run_sanitized(command, timeout=120)
+    binaries = build(tmp_path)
+    commands = [
+        [str(binary), str(fake(tmp_path, *run)), run[1]] for run, binary in binaries.items()
+    ]
+    for (sanitizer, variant), output in zip(binaries, run_sanitized(commands, 120), strict=True):
         expected = f"ok: {FAKES[variant][1]} cases ({variant})"
         assert output.splitlines()[-1] == expected, (sanitizer, output)

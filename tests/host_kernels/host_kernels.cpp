@@ -22,7 +22,7 @@
 // floating-point contraction (the device build disables FMA contraction;
 // this build uses -ffp-contract=off).
 //
-// Usage: host_kernels SEED
+// Usage: host_kernels SEED [SHARD SHARDS]
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -808,13 +808,19 @@ void check_large_planning() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s SEED\n", argv[0]);
+  if (argc != 2 && argc != 4) {
+    std::fprintf(stderr, "usage: %s SEED [SHARD SHARDS]\n", argv[0]);
     return 2;
   }
   const uint64_t seed = std::strtoull(argv[1], nullptr, 10);
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  std::mt19937_64 rng(seed);
+  // Shard SHARD of SHARDS runs every SHARDS-th case (processes in parallel).
+  const int shard = argc == 4 ? std::atoi(argv[2]) : 0;
+  const int shards = argc == 4 ? std::atoi(argv[3]) : 1;
+  if (shards < 1 || shard < 0 || shard >= shards) {
+    std::fprintf(stderr, "SHARD must be in [0, SHARDS)\n");
+    return 2;
+  }
+  std::printf("seed %llu, shard %d of %d\n", static_cast<unsigned long long>(seed), shard, shards);
   Totals totals;
   std::string current;
   try {
@@ -828,12 +834,17 @@ int main(int argc, char** argv) {
     cases.push_back(many_case(DType::kBFloat16, DType::kFloat32));
     cases.push_back(empty_case(DType::kFloat32));
     cases.push_back(empty_case(DType::kBFloat16));
-    for (const Case& c : cases) {
-      current = c.name;
-      Runner(c, rng, totals).run_all();
+    for (std::size_t i = shard; i < cases.size(); i += shards) {
+      current = cases[i].name;
+      // Each case's data from (seed, case): the same whatever the sharding.
+      std::seed_seq case_seed{seed, static_cast<uint64_t>(i)};
+      std::mt19937_64 rng(case_seed);
+      Runner(cases[i], rng, totals).run_all();
     }
-    current = "large planning";
-    check_large_planning();
+    if (shard == 0) {
+      current = "large planning";
+      check_large_planning();
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAILED (%s): %s\n", current.c_str(), e.what());
     return 1;
