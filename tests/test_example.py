@@ -249,26 +249,41 @@ def test_cifar10_example_trains_a_short_run(tmp_path: Path) -> None:
     assert accuracies[0] == accuracies[1] and 0.0 <= accuracies[0] <= 1.0
 
 
-def run_example(module: str, *args: str, hide: str | None = None) -> subprocess.CompletedProcess:
-    """Runs an example as a script; ``hide`` makes an installed package unimportable."""
+def start_example(module: str, *args: str, hide: str | None = None) -> subprocess.Popen:
+    """Starts an example as a script; ``hide`` makes an installed package unimportable."""
     code = "import runpy, sys\n"
     if hide:
         code += f"sys.modules[{hide!r}] = None\n"
     code += f"sys.argv = [{module!r}, *{list(args)!r}]\n"
     code += f"runpy.run_module({module!r}, run_name='__main__')\n"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    """The exit status and stderr of a started example (killed after 60 s)."""
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, stderr
 
 
 def test_examples_without_their_data_or_extras_say_so_in_one_line(tmp_path: Path) -> None:
-    done = run_example("distlearn_cuda.examples.cifar10", "--data-dir", str(tmp_path))
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "cifar-10-python.tar.gz" in done.stderr
-    for module, hidden in [
-        ("distlearn_cuda.examples.digits", "tqdm"),
-        ("distlearn_cuda.examples.digits", "sklearn"),
-    ]:
-        done = run_example(module, "--epochs", "1", hide=hidden)
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.strip().splitlines() == [
+    # Started together: each spends its time importing torch.
+    cifar = start_example("distlearn_cuda.examples.cifar10", "--data-dir", str(tmp_path))
+    extras = ["tqdm", "sklearn"]
+    digits = [
+        start_example("distlearn_cuda.examples.digits", "--epochs", "1", hide=h) for h in extras
+    ]
+    code, stderr = finish(cifar)
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and "cifar-10-python.tar.gz" in stderr
+    for hidden, process in zip(extras, digits, strict=True):
+        code, stderr = finish(process)
+        assert code == 2, stderr
+        assert stderr.strip().splitlines() == [
             f'this example needs {hidden}: pip install "distlearn_cuda[example]"'
-        ], done.stderr
+        ], stderr
