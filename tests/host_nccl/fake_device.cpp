@@ -67,6 +67,10 @@ ncclResult_t enqueue(ncclComm* comm, cudaStream_t stream) {
   ++comm->collectives;
   comm->streams.push_back(stream);
   if (comm->peer_dead) stream->stuck = true;
+  if (comm->enqueue_polls > 0) {  // NCCL still setting the call up (e.g. its connections)
+    comm->polls_in_progress = comm->enqueue_polls;
+    return distlearn::ncclInProgress;
+  }
   return distlearn::ncclSuccess;
 }
 
@@ -107,6 +111,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 
 cudaError_t cudaEventQuery(cudaEvent_t event) {
   std::lock_guard<std::mutex> lock(mutex);
+  if (event->stream->faulted) return cudaErrorLaunchFailure;
   if (!event->done && !event->stream->stuck) event->done = true;
   return event->done ? cudaSuccess : cudaErrorNotReady;
 }
@@ -277,6 +282,11 @@ void fake_script_shrink(int polls, ncclResult_t child_state) {
   std::lock_guard<std::mutex> lock(mutex);
   shrink_polls = polls;
   shrink_child_state = child_state;
+}
+
+void fake_fault(CUstream_st* stream) {
+  std::lock_guard<std::mutex> lock(mutex);
+  stream->faulted = true;
 }
 
 void fake_set_state(ncclComm* comm, ncclResult_t state) {

@@ -24,6 +24,7 @@
 
 struct CUstream_st {
   bool stuck = false;
+  bool faulted = false;  // its events report a device error (a kernel faulted)
 };
 
 struct CUevent_st {
@@ -37,6 +38,8 @@ struct ncclComm {
   int nranks = 0;
   int rank = 0;
   bool peer_dead = false;  // its collectives block their stream
+  // Its collectives' enqueue answers ncclInProgress, then needs this many polls.
+  int enqueue_polls = 0;
   // ncclCommGetAsyncError answers ncclInProgress this many more times, then `state`.
   int polls_in_progress = 0;
   ncclResult_t state = ncclSuccess;
@@ -69,6 +72,8 @@ void fake_script_shrink(int polls, distlearn::ncclResult_t child_state);
 // Polls a non-blocking init of the communicators made from now on stays in
 // progress (< 0: it never ends, as when a peer never joins).
 void fake_script_init(int polls);
+// Makes the events of `stream` report a device error from now on.
+void fake_fault(CUstream_st* stream);
 // Makes ncclCommGetAsyncError report `state` for `comm` from now on (an
 // error NCCL found by itself, e.g. a dead peer's closed connection).
 void fake_set_state(distlearn::ncclComm* comm, distlearn::ncclResult_t state);

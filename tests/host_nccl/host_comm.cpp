@@ -167,6 +167,54 @@ void close_waits_for_a_collective_until_its_deadline() {
   CHECK(raw->aborted && !raw->finalized && !stream->stuck, "the stuck collective was left");
 }
 
+void an_enqueue_in_progress_is_waited_for_and_counted() {
+  // A non-blocking enqueue may answer ncclInProgress (the first one sets up
+  // NCCL's connections): the call returns once NCCL is done with it.
+  fake_reset();
+  dl::ncclComm* raw = nullptr;
+  auto comm = make(2, 0, &raw);
+  raw->enqueue_polls = 4;
+  comm->all_reduce_sum(kBuffer, 9, dl::DType::kFloat32, handle(fake_new_stream()), kBound);
+  CHECK(raw->polls_in_progress == 0, "the call returned while NCCL was still on it");
+  CHECK(comm->enqueues_in_progress() == 1, "the enqueue in progress was not counted");
+  CHECK(eventually([&] { return comm->in_flight() == 0; }) && comm->usable(), "it stayed");
+}
+
+void a_device_error_fails_the_communicator() {
+  fake_reset();
+  dl::ncclComm* raw = nullptr;
+  auto comm = make(2, 0, &raw);
+  CUstream_st* stream = fake_new_stream();
+  raw->peer_dead = true;  // in flight until the fault shows
+  comm->all_reduce_sum(kBuffer, 4, dl::DType::kFloat32, handle(stream), kBound);
+  fake_fault(stream);
+  CHECK(eventually([&] { return !comm->usable(); }), "the watchdog missed the device error");
+  const std::string failure = thrown<std::runtime_error>([&] { comm->check(); }, "check()");
+  CHECK(contains(failure, "all_reduce_sum failed on the device"), failure);
+  CHECK(raw->aborted, "not aborted");
+}
+
+void bad_collective_arguments_are_refused_before_nccl() {
+  fake_reset();
+  dl::ncclComm* raw = nullptr;
+  auto comm = make(3, 1, &raw);
+  const uintptr_t stream = handle(fake_new_stream());
+  const std::vector<std::pair<std::function<void()>, const char*>> cases = {
+      {[&] { comm->all_reduce_sum(kBuffer, -1, dl::DType::kFloat32, stream, kBound); },
+       "count must be >= 0"},
+      {[&] { comm->all_reduce_sum(0, 4, dl::DType::kFloat32, stream, kBound); }, "null address"},
+      {[&] { comm->broadcast(kBuffer, 4, dl::DType::kFloat32, 3, stream, kBound); },
+       "root 3 is not in a world of 3"},
+      {[&] { comm->all_reduce_sum(kBuffer, 4, dl::DType::kFloat32, stream, 0.0); },
+       "timeout must be a finite number of seconds > 0"},
+  };
+  for (const auto& [call, expected] : cases) {
+    const std::string message = thrown<std::invalid_argument>(call, expected);
+    CHECK(contains(message, expected), message);
+  }
+  CHECK(raw->collectives == 0 && comm->usable(), "a refused call reached NCCL or failed it");
+}
+
 void a_healthy_close_finalizes_and_destroys() {
   fake_reset();
   dl::ncclComm* raw = nullptr;
@@ -331,6 +379,9 @@ int main(int argc, char** argv) {
        [] { an_asynchronous_error_fails_the_communicator(true); }},
       {"close waits for a collective until its deadline",
        close_waits_for_a_collective_until_its_deadline},
+      {"an enqueue in progress is waited for", an_enqueue_in_progress_is_waited_for_and_counted},
+      {"a device error aborts", a_device_error_fails_the_communicator},
+      {"bad collective arguments are refused", bad_collective_arguments_are_refused_before_nccl},
       {"a healthy close finalizes", a_healthy_close_finalizes_and_destroys},
       {"a healthy communicator shrinks",
        a_healthy_communicator_shrinks_stopping_its_operations_first},
