@@ -267,10 +267,10 @@ class _ElasticMember:
             timeout=self._timeout,
         )
         restart_numbering(dist.group.WORLD)
-        if self._backend == "nccl":
-            _nccl.mark_shrinkable(dist.group.WORLD)
         self._algo = self._make_algorithm()
         if self._backend == "nccl":
+            # Before the view's first CUDA collective, which makes its communicator.
+            _nccl.mark_shrinkable(dist.group.WORLD)
             parent, self._parent = self._parent, None
             shrink_into(
                 parent,
