@@ -32,6 +32,15 @@ namespace py = pybind11;
 using distlearn::Addresses;
 using distlearn::Layout;
 
+namespace {
+
+// An unpack's agreement from its Python arguments (slots 0: none).
+distlearn::Agreement agreement(uintptr_t slots, int64_t first, int64_t count) {
+  return {reinterpret_cast<const void*>(slots), first, count};
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Fused multi-tensor ops of distlearn_cuda.";
   m.attr("kSegmentAlign") = distlearn::kSegmentAlign;
@@ -78,10 +87,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("count_slot"), py::arg("num_threads"), release,
         "buffer <- tensors (cast to the buffer type); count slot `count_slot` <- 1, others 0; "
         "flag <- 1 if a packed value is a NaN or an infinity, else 0.");
-  m.def("unpack", &distlearn::unpack_cpu, py::arg("layout"), py::arg("tensors"), py::arg("buffer"),
-        py::arg("normalize"), py::arg("num_threads"), py::arg("skip_nonfinite") = false, release,
-        "tensors <- buffer * (1 / sum of count slots if normalize else 1); zeros instead when "
-        "skip_nonfinite and the flag is set.");
+  m.def(
+      "unpack",
+      [](const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
+         int num_threads, bool skip_nonfinite, uintptr_t agree_slots, int64_t agree_first,
+         int64_t agree_count) {
+        distlearn::unpack_cpu(layout, tensors, buffer, normalize, num_threads, skip_nonfinite,
+                              agreement(agree_slots, agree_first, agree_count));
+      },
+      py::arg("layout"), py::arg("tensors"), py::arg("buffer"), py::arg("normalize"),
+      py::arg("num_threads"), py::arg("skip_nonfinite") = false, py::arg("agree_slots") = 0,
+      py::arg("agree_first") = 0, py::arg("agree_count") = 0, release,
+      "tensors <- buffer * (1 / sum of count slots if normalize else 1); zeros instead when "
+      "skip_nonfinite and the flag is set, or when agree_slots (the count slots of a buffer of "
+      "the same layout; 0: none) do not hold every contributor in slots "
+      "[agree_first, agree_first + agree_count).");
   m.def("ea_blend", &distlearn::ea_blend_cpu, py::arg("layout"), py::arg("params"),
         py::arg("centers"), py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"),
         py::arg("num_threads"), py::arg("catch_up") = false, release,
@@ -98,10 +118,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("buffer"), py::arg("count_slot"), py::arg("stream"), release,
         "pack on CUDA tensors of the current device, enqueued on stream (a cudaStream_t "
         "address); one launch per tensor dtype (more for very long lists).");
-  m.def("unpack_cuda", &distlearn::unpack_cuda, py::arg("layout"), py::arg("tensors"),
-        py::arg("buffer"), py::arg("normalize"), py::arg("stream"),
-        py::arg("skip_nonfinite") = false, release,
-        "unpack on CUDA tensors; the count and the flag are read on the device.");
+  m.def(
+      "unpack_cuda",
+      [](const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
+         uintptr_t stream, bool skip_nonfinite, uintptr_t agree_slots, int64_t agree_first,
+         int64_t agree_count) {
+        distlearn::unpack_cuda(layout, tensors, buffer, normalize, stream, skip_nonfinite,
+                               agreement(agree_slots, agree_first, agree_count));
+      },
+      py::arg("layout"), py::arg("tensors"), py::arg("buffer"), py::arg("normalize"),
+      py::arg("stream"), py::arg("skip_nonfinite") = false, py::arg("agree_slots") = 0,
+      py::arg("agree_first") = 0, py::arg("agree_count") = 0, release,
+      "unpack on CUDA tensors; the count, the flag and the agreement are read on the device.");
   m.def("ea_blend_cuda", &distlearn::ea_blend_cuda, py::arg("layout"), py::arg("params"),
         py::arg("centers"), py::arg("buffer"), py::arg("alpha"), py::arg("count_slot"),
         py::arg("stream"), py::arg("catch_up") = false, release, "ea_blend on CUDA tensors.");

@@ -43,11 +43,16 @@ void pack_multi_tensor(Launcher& launcher, const Layout& layout,
 template <typename Launcher>
 void unpack_multi_tensor(Launcher& launcher, const Layout& layout,
                          const std::vector<uintptr_t>& tensors, uintptr_t buffer, bool normalize,
-                         bool skip_nonfinite) {
+                         bool skip_nonfinite, const Agreement& agreement = kNoAgreement) {
   check_addresses(layout, tensors, "tensors");
   check_buffer(buffer);
-  const UnpackOp op{buffer_element(layout, buffer, layout.count_offset), layout.count_slots,
-                    buffer_element(layout, buffer, layout.flag_offset), normalize, skip_nonfinite};
+  check_agreement(layout, agreement);
+  const UnpackOp op{buffer_element(layout, buffer, layout.count_offset),
+                    layout.count_slots,
+                    buffer_element(layout, buffer, layout.flag_offset),
+                    normalize,
+                    skip_nonfinite,
+                    agreement};
   run_multi_tensor(launcher, layout, {&tensors}, buffer, kNoCountSlots, op);
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "../kernels/fused_ops.h"
 #include "../kernels/layout.h"
 
 namespace distlearn {
@@ -30,6 +31,19 @@ inline void check_addresses(const Layout& layout, const std::vector<uintptr_t>& 
 
 inline void check_buffer(uintptr_t buffer) {
   if (buffer == 0) throw std::invalid_argument("buffer is a null address");
+}
+
+// An agreement's code slots lie within the layout's count slots (its slots
+// pointer is a buffer of the same layout: checked by the caller).
+inline void check_agreement(const Layout& layout, const Agreement& agreement) {
+  if (agreement.slots == nullptr) return;
+  if (agreement.first < 0 || agreement.count < 1 ||
+      agreement.first + agreement.count > layout.count_slots) {
+    throw std::invalid_argument("agreement: code slots [" + std::to_string(agreement.first) +
+                                ", " + std::to_string(agreement.first + agreement.count) +
+                                ") are out of range: the layout has " +
+                                std::to_string(layout.count_slots) + " count slots");
+  }
 }
 
 inline void check_count_slot(const Layout& layout, int64_t count_slot) {

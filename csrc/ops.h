@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../kernels/fused_ops.h"
 #include "../kernels/layout.h"
 
 namespace distlearn {
@@ -21,9 +22,10 @@ void pack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, 
 
 // tensors[i] = buffer[segment i] * scale, where scale = 1 / (sum of the count
 // slots) when normalize is true and 1 otherwise; with skip_nonfinite, zeros
-// instead when the (allreduced) flag is not 0.
+// instead when the (allreduced) flag is not 0; with an agreement, zeros
+// instead unless its code slots hold every contributor (codes_agree).
 void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
-                int num_threads, bool skip_nonfinite);
+                int num_threads, bool skip_nonfinite, const Agreement& agreement);
 
 // delta = alpha * (x - center) into buffer, x -= delta; count slots and flag
 // (of the deltas) as pack. With catch_up, first center += buffer (the
@@ -52,7 +54,7 @@ int cuda_build_version();
 void pack_cuda(const Layout& layout, const Addresses& tensors, uintptr_t buffer, int64_t count_slot,
                uintptr_t stream);
 void unpack_cuda(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
-                 uintptr_t stream, bool skip_nonfinite);
+                 uintptr_t stream, bool skip_nonfinite, const Agreement& agreement);
 void ea_blend_cuda(const Layout& layout, const Addresses& params, const Addresses& centers,
                    uintptr_t buffer, double alpha, int64_t count_slot, uintptr_t stream,
                    bool catch_up);

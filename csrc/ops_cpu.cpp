@@ -90,12 +90,25 @@ void pack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, 
   write_flag(layout, buffer, nonfinite.load());
 }
 
+// Whether an agreement's code slots hold every contributor (none: true).
+bool agreed(const Layout& layout, const Agreement& agreement) {
+  if (agreement.slots == nullptr) return true;
+  bool result = true;
+  dispatch_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+    using B = typename decltype(buffer_tag)::type;
+    result = codes_agree(static_cast<const B*>(agreement.slots), layout.count_slots,
+                         agreement.first, agreement.count);
+  });
+  return result;
+}
+
 void unpack_cpu(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
-                int num_threads, bool skip_nonfinite) {
+                int num_threads, bool skip_nonfinite, const Agreement& agreement) {
   check_addresses(layout, tensors, "tensors");
   check_buffer(buffer);
   check_threads(num_threads);
-  if (skip_nonfinite && flag_raised(layout, buffer)) {
+  check_agreement(layout, agreement);
+  if ((skip_nonfinite && flag_raised(layout, buffer)) || !agreed(layout, agreement)) {
     parallel_for_typed_ranges(layout, num_threads,
                               [&](auto tensor_tag, auto, int64_t t, int64_t begin, int64_t end) {
                                 using T = typename decltype(tensor_tag)::type;

@@ -24,9 +24,9 @@ void pack_cuda(const Layout& layout, const Addresses& tensors, uintptr_t buffer,
 }
 
 void unpack_cuda(const Layout& layout, const Addresses& tensors, uintptr_t buffer, bool normalize,
-                 uintptr_t stream, bool skip_nonfinite) {
+                 uintptr_t stream, bool skip_nonfinite, const Agreement& agreement) {
   CudaLauncher launcher = on_stream(stream);
-  unpack_multi_tensor(launcher, layout, tensors, buffer, normalize, skip_nonfinite);
+  unpack_multi_tensor(launcher, layout, tensors, buffer, normalize, skip_nonfinite, agreement);
 }
 
 void ea_blend_cuda(const Layout& layout, const Addresses& params, const Addresses& centers,

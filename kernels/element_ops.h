@@ -77,6 +77,17 @@ DL_INLINE double contributor_count(const B* count_slots, int64_t num_slots) {
   return count;
 }
 
+// Whether every contributor of a step wrote the code whose count slots are
+// [first, first + count) (see distlearn_cuda/_agreement.py, "Call codes"):
+// the slots of that code hold the whole contributor count. Each slot holds
+// a small integer, so both sums are exact (see contributor_count).
+template <typename B>
+DL_INLINE bool codes_agree(const B* count_slots, int64_t num_slots, int64_t first, int64_t count) {
+  double mine = 0.0;
+  for (int64_t i = first; i < first + count; ++i) mine += to_acc<double>(count_slots[i]);
+  return mine == contributor_count(count_slots, num_slots);
+}
+
 // Scale that normalizes a summed gradient. A count of zero happens only when
 // no rank contributed, the buffer then holds zeros, and 1 keeps them zero.
 DL_INLINE double normalization_scale(double count) { return count > 0.0 ? 1.0 / count : 1.0; }

@@ -29,9 +29,19 @@ struct PackOp {
   }
 };
 
-// Reads the contributor count (and, when skipping, the non-finite flag)
-// from the buffer on the device, once per thread: the host never waits for
-// the allreduce to learn them.
+// The count slots of the step's agreement (see codes_agree): `slots`
+// (nullptr: none, unpack as asked), and this rank's code's slots.
+struct Agreement {
+  const void* slots;
+  int64_t first;
+  int64_t count;
+};
+
+constexpr Agreement kNoAgreement{nullptr, 0, 0};
+
+// Reads the contributor count (and, when skipping, the non-finite flag;
+// with an agreement, its count slots) from the buffer on the device, once
+// per thread: the host never waits for the allreduce to learn them.
 struct UnpackOp {
   static constexpr bool kReadsPrimary = false, kWritesPrimary = true, kReadsSecondary = false,
                         kWritesSecondary = false, kReadsBuffer = true, kWritesBuffer = false;
@@ -40,8 +50,9 @@ struct UnpackOp {
   const void* flag;
   bool normalize;
   bool skip_nonfinite;
+  Agreement agreement;
   double scale = 1.0;  // set by prepare
-  bool zeros = false;  // set by prepare: a rank packed a non-finite value
+  bool zeros = false;  // set by prepare: a rank packed a non-finite value, or the ranks disagree
 
   template <typename B>
   DL_HOST_DEVICE void prepare() {
@@ -49,6 +60,10 @@ struct UnpackOp {
       scale = normalization_scale(contributor_count(static_cast<const B*>(count_slots), num_slots));
     }
     zeros = skip_nonfinite && flag_raised<B>(flag);
+    if (agreement.slots != nullptr) {
+      zeros = zeros || !codes_agree(static_cast<const B*>(agreement.slots), num_slots,
+                                    agreement.first, agreement.count);
+    }
   }
   template <typename T, typename B>
   DL_HOST_DEVICE void operator()(T& tensor, T&, B& buffer) const {

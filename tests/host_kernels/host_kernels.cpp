@@ -333,6 +333,8 @@ class Runner {
     pack();
     unpack();
     unpack_skipped();
+    unpack_with_agreement(true);
+    unpack_with_agreement(false);
     ea_blend(false);
     ea_blend(true);
     center_update(false);
@@ -571,7 +573,8 @@ class Runner {
     HostLauncher launcher(c_.max_blocks, rng_);
     const auto oa = addresses(out);
     dl::unpack_multi_tensor(launcher, layout_, oa, buffer->address(), true, false);
-    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, false);
+    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, false,
+                   dl::kNoAgreement);
     check_launches(launcher, false, 1, oa, op);
     CHECK(launcher.zeroed == 0, where(op) + ": zeroed a flag it does not write");
     record(launcher);
@@ -602,7 +605,8 @@ class Runner {
     HostLauncher launcher(c_.max_blocks, rng_);
     const auto oa = addresses(out);
     dl::unpack_multi_tensor(launcher, layout_, oa, buffer->address(), true, true);
-    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, true);
+    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, true,
+                   dl::kNoAgreement);
     check_launches(launcher, false, 1, oa, op);
     record(launcher);
     check_same_bits(out, out_cpu, op);
@@ -611,6 +615,46 @@ class Runner {
         CHECK(out[i]->get(e) == 0.0, where(op) + ": tensor " + std::to_string(i) + " not zero");
       }
     }
+  }
+
+  // unpack with an agreement read from another buffer of the layout (the
+  // step's decision bucket), whose two count slots are two codes of one
+  // slot each: when this rank's code (slot 0) holds the 3 contributors, as
+  // unpack; when a rank wrote the other code, zeros everywhere.
+  void unpack_with_agreement(bool holds) {
+    const std::string op = holds ? "unpack (agreed)" : "unpack (ranks disagree)";
+    auto buffer = new_buffer();
+    buffer->copy_from(*packed_);
+    buffer->set(layout_.count_offset, 2.0);
+    buffer->set(layout_.count_offset + 1, 1.0);
+    buffer->set(layout_.flag_offset, 0.0);
+    auto decision = new_buffer();
+    decision->set(layout_.count_offset, holds ? 3.0 : 2.0);
+    decision->set(layout_.count_offset + 1, holds ? 0.0 : 1.0);
+    const dl::Agreement agreement{decision->data + layout_.count_offset * dtype_bytes(b_), 0, 1};
+    Tensors out = make_tensors();
+    Tensors out_cpu = make_tensors();
+    for (int64_t i = 0; i < n(); ++i) {
+      out[i]->poison();
+      out_cpu[i]->poison();
+    }
+    HostLauncher launcher(c_.max_blocks, rng_);
+    const auto oa = addresses(out);
+    dl::unpack_multi_tensor(launcher, layout_, oa, buffer->address(), true, false, agreement);
+    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, false, agreement);
+    check_launches(launcher, false, 1, oa, op);
+    record(launcher);
+    check_same_bits(out, out_cpu, op);
+    for (int64_t i = 0; i < n(); ++i) {
+      const double tol = tolerance(c_.dtypes[i], b_);
+      for (int64_t e = 0; e < layout_.numels[i]; ++e) {
+        const double want =
+            holds ? round_to(c_.dtypes[i], buffer->get(layout_.offsets[i] + e) / 3.0) : 0.0;
+        CHECK(close(out[i]->get(e), want, tol),
+              where(op) + ": tensor " + std::to_string(i) + " element " + std::to_string(e));
+      }
+    }
+    check_sentinels(out, op);
   }
 
   // The EA blend: delta = alpha * (x - center) into the buffer, x -= delta;
