@@ -39,8 +39,8 @@ inline void check_agreement(const Layout& layout, const Agreement& agreement) {
   if (agreement.slots == nullptr) return;
   if (agreement.first < 0 || agreement.count < 1 ||
       agreement.first + agreement.count > layout.count_slots) {
-    throw std::invalid_argument("agreement: code slots [" + std::to_string(agreement.first) +
-                                ", " + std::to_string(agreement.first + agreement.count) +
+    throw std::invalid_argument("agreement: code slots [" + std::to_string(agreement.first) + ", " +
+                                std::to_string(agreement.first + agreement.count) +
                                 ") are out of range: the layout has " +
                                 std::to_string(layout.count_slots) + " count slots");
   }

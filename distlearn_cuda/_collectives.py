@@ -108,10 +108,14 @@ class Collectives:
         timeout: datetime.timedelta,
         nccl: str | None = None,
         step: Callable[[], int] = lambda: 0,
+        what: str = "an object",
     ) -> None:
         """``nccl``: "own" or "group" (see ``_nccl.mode``); None reads DISTLEARN_NCCL.
         ``step``: the owner's step count, named with each rank's position
-        when a collective fails."""
+        when a collective fails. ``what``: the owner, as error messages name it.
+
+        Collective: see ``PrivateGloo`` (CommunicationError when not every
+        rank of the group makes one)."""
         nccl_mode = _nccl.mode(nccl)
         self._group = group
         self._timeout = timeout
@@ -120,7 +124,7 @@ class Collectives:
         # Collective over the group's ranks only (not the whole world), so
         # objects on subgroups can be made by their members alone.
         self._gloo: PrivateGloo | None = PrivateGloo(
-            group.group, group.rank, group.world_size, timeout
+            group.group, group.rank, group.world_size, timeout, what
         )
         self._positions = Positions(
             self._gloo.store, "positions", group.rank, len(self._ranks), step
@@ -189,8 +193,10 @@ class Collectives:
                     comm.check()
             elif self._on_group(buffer):
                 dist.all_reduce(buffer, group=self._group.group)
+                self._positions.completed_by_all()
             else:
                 self.gloo.all_reduce(buffer).wait()
+                self._positions.completed_by_all()
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
 
@@ -254,6 +260,7 @@ class Collectives:
                 work.wait()
             except RuntimeError as error:
                 self._fail("all_reduce_sum", started, error)
+            self._positions.completed_by_all()
 
         return PendingSum(finish)
 
@@ -301,14 +308,30 @@ class Collectives:
             self.gloo.all_reduce(key, dist.ReduceOp.MAX).wait()
         except RuntimeError as error:
             self._fail("max_int", started, error)
+        self._positions.completed_by_all()
         return int(key.item())
 
-    def check_same_structure(self, entries: Sequence[str], names: Sequence[str], arg: str) -> None:
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (tensors, numbers, strings, containers; see
+        ``_gloo.encode``), by group rank (small host-side data)."""
+        self.check_usable("gather_objects")
+        self._positions.enter("gather_objects")
+        started = time.monotonic()
+        try:
+            gathered = self.gloo.all_gather_objects(value)
+        except RuntimeError as error:
+            self._fail("gather_objects", started, error)
+        self._positions.completed_by_all()
+        return gathered
+
+    def check_same_structure(
+        self, entries: Sequence[str], names: Sequence[str], arg: str, noun: str = "tensor"
+    ) -> None:
         """ValueError on every rank unless all ranks pass the same ``entries``.
 
         One allreduce of a 62-bit digest (its max and its min); only on a
         mismatch do the ranks exchange their entries, to name the first rank
-        that differs from rank 0 and the first tensor where it does.
+        that differs from rank 0 and the first entry (a ``noun``) where it does.
         """
         self.check_usable("check_same_structure")
         self._positions.enter("check_same_structure")
@@ -318,12 +341,13 @@ class Collectives:
         extremes = torch.tensor([value, -value], dtype=torch.int64)
         try:
             self.gloo.all_reduce(extremes, dist.ReduceOp.MAX).wait()
+            self._positions.completed_by_all()
             if extremes[0].item() == -extremes[1].item():
                 return
             gathered = self.gloo.all_gather_objects((list(entries), list(names)))
         except RuntimeError as error:
             self._fail("check_same_structure", started, error)
-        raise ValueError(f"{arg}: " + _first_difference(gathered))
+        raise ValueError(f"{arg}: " + _first_difference(gathered, noun))
 
     def _on_group(self, buffer: torch.Tensor) -> bool:
         """Whether the buffer goes through the user's group itself (CUDA
@@ -398,7 +422,7 @@ def _describe(ranks: list[int]) -> str:
     return f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}] ({len(ranks)} ranks)"
 
 
-def _first_difference(gathered: Sequence[tuple[list[str], list[str]] | None]) -> str:
+def _first_difference(gathered: Sequence[tuple[list[str], list[str]] | None], noun: str) -> str:
     """Names the first rank whose entries differ from rank 0's, and where."""
     assert gathered[0] is not None
     reference, reference_names = gathered[0]
@@ -410,12 +434,12 @@ def _first_difference(gathered: Sequence[tuple[list[str], list[str]] | None]) ->
         for index, (mine, theirs) in enumerate(zip(entries, reference, strict=False)):
             if mine != theirs:
                 return (
-                    f"the ranks disagree on the structure: rank {rank} differs from rank 0 at "
-                    f"tensor {index} ({names[index]}): {mine} on rank {rank}, {theirs} "
+                    f"the ranks disagree: rank {rank} differs from rank 0 at "
+                    f"{noun} {index} ({names[index]}): {mine} on rank {rank}, {theirs} "
                     f"({reference_names[index]}) on rank 0"
                 )
         return (
-            f"the ranks disagree on the structure: rank {rank} has {len(entries)} tensors, "
+            f"the ranks disagree: rank {rank} has {len(entries)} {noun}s, "
             f"rank 0 has {len(reference)}"
         )
-    return "the ranks disagree on the structure"  # a digest collision, 2^-62
+    return "the ranks disagree"  # a digest collision, 2^-62

@@ -23,7 +23,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -93,21 +93,48 @@ def _close_at_exit() -> None:
         member._collectives.close()
 
 
+_Member = TypeVar("_Member", bound="GroupMember")
+
+
 class GroupMember:
     """Base of the algorithm classes: the group they talk over, this rank in
     it, the collectives they issue on it, and their lifetime (``close()``,
     or a ``with`` block)."""
 
     def __init__(self, group: dist.ProcessGroup | None, timeout: datetime.timedelta) -> None:
+        """Collective over the ranks of ``group``: every rank makes the same
+        objects, in the same order, with the same settings (``_settings``).
+
+        Raises:
+            CommunicationError: not every rank constructed one within
+                ``timeout`` (nothing is left behind: later objects made by
+                every rank work).
+            ValueError: on every rank, when the ranks' settings differ.
+        """
         self._group = resolve(group)
         owner = weakref.ref(self)  # no cycle through the collectives
 
         def step() -> int:
             member = owner()
-            return member._position_step() if member is not None else 0
+            try:
+                return member._position_step() if member is not None else 0
+            except AttributeError:  # still being constructed
+                return 0
 
-        self._collectives = Collectives(self._group, timeout, step=step)
+        what = f"{type(self).__name__}()"
+        self._collectives = Collectives(self._group, timeout, step=step, what=what)
         self._closed = False
+        settings = self._settings()
+        try:
+            self._collectives.check_same_structure(
+                [f"{name}={value}" for name, value in settings],
+                [name for name, _ in settings],
+                f"{what}: settings",
+                noun="setting",
+            )
+        except BaseException:
+            self._collectives.close()
+            raise
         _open_members.add(self)
 
     @property
@@ -157,11 +184,16 @@ class GroupMember:
         """The step count a failure message names with each rank's position."""
         return 0
 
+    def _settings(self) -> list[tuple[str, object]]:
+        """(name, value) of each setting every rank's object must share,
+        compared when the objects are made."""
+        return [("class", type(self).__name__)]
+
     def _release(self) -> None:
         """What a subclass must finish before its collectives go (never raises
         CommunicationError)."""
 
-    def __enter__(self) -> Self:
+    def __enter__(self: _Member) -> _Member:
         return self
 
     def __exit__(

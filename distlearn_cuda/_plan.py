@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from . import _C, reference
+from ._layouts import segment_view
 from ._validate import DTYPE_CODES, EXACT_INTEGER_LIMIT, Signature
 
 # Tensor addresses as the ops take them: a list, or an _C.Addresses made
@@ -53,14 +54,33 @@ def lossless_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 
 
 class Plan:
-    """Layout, buffer and fused ops for tensors of one signature."""
+    """Layout, buffer and fused ops for tensors of one signature.
 
-    def __init__(self, signature: Signature, buffer_dtype: torch.dtype, count_slots: int) -> None:
+    The count slots come in ``codes`` groups of ``slots_per_code`` (see
+    ``count_slots_for``, and the note "Call codes" in ``_agreement``): a
+    rank writes its 1 into ``count_slot(rank, code)``. Each tensor's segment
+    holds its elements in the memory order its signature entry names (see
+    the note "Segment order" in ``_layouts``)."""
+
+    def __init__(
+        self,
+        signature: Signature,
+        buffer_dtype: torch.dtype,
+        slots_per_code: int,
+        codes: int = 1,
+    ) -> None:
         device, entries = signature
         dtypes = [entry[0] for entry in entries]
         numels = [math.prod(entry[1]) for entry in entries]
+        self.shapes = [entry[1] for entry in entries]
+        self.strides = [entry[2] for entry in entries]
+        self.codes = codes
+        self.slots_per_code = slots_per_code
         self.layout = _C.Layout(
-            numels, [DTYPE_CODES[d] for d in dtypes], DTYPE_CODES[buffer_dtype], count_slots
+            numels,
+            [DTYPE_CODES[d] for d in dtypes],
+            DTYPE_CODES[buffer_dtype],
+            codes * slots_per_code,
         )
         # Zeros: padding between segments is never written and must stay 0.
         self.buffer = torch.zeros(self.layout.buffer_numel, dtype=buffer_dtype, device=device)
@@ -80,9 +100,30 @@ class Plan:
     def count_slots(self) -> int:
         return self.layout.count_slots
 
+    def count_slot(self, rank: int, code: int = 0) -> int:
+        """The slot rank ``rank`` writes its 1 into for ``code``."""
+        return code * self.slots_per_code + rank % self.slots_per_code
+
+    def code_slots(self, code: int) -> tuple[int, int]:
+        """(first, count) of the count slots of ``code``."""
+        return code * self.slots_per_code, self.slots_per_code
+
+    def code_counts(self) -> list[int]:
+        """After an allreduce, how many ranks wrote each code (reads the
+        device: not for the hot path)."""
+        per_slot = self._counts.double().view(self.codes, self.slots_per_code).sum(1)
+        return [round(v) for v in per_slot.tolist()]
+
     def contributor_count(self) -> int:
         """Sum of the count slots (reads the device: not for the hot path)."""
         return round(float(self._counts.double().sum()))
+
+    def segment(self, index: int) -> torch.Tensor:
+        """Tensor ``index``'s segment of the buffer, a view in its shape and
+        memory order."""
+        return segment_view(
+            self.buffer, self._offsets[index], self.shapes[index], self.strides[index]
+        )
 
     def nonfinite_ranks(self) -> int:
         """After an allreduce, how many ranks packed a NaN or an infinity
@@ -107,16 +148,27 @@ class Plan:
         addresses: Addresses,
         normalize: bool,
         skip_nonfinite: bool = False,
+        agreement: tuple[Plan, int] | None = None,
     ) -> None:
+        """``agreement``: (a plan of the same count slots, a code): zeros
+        instead unless every contributor wrote that code into its slots (the
+        step's decision, read on the device; see ``_agreement``)."""
         addresses = as_addresses(addresses)
+        agree = (0, 0, 0)
+        if agreement is not None:
+            decision, code = agreement
+            counts = decision._counts
+            agree = (counts.data_ptr(), *decision.code_slots(code))
         if self._kind == "cpu":
             threads = torch.get_num_threads()
-            _C.unpack(self.layout, addresses, self._address, normalize, threads, skip_nonfinite)
+            _C.unpack(
+                self.layout, addresses, self._address, normalize, threads, skip_nonfinite, *agree
+            )
         elif self._kind == "cuda":
             with self._on_device():
                 stream = self._stream()
                 _C.unpack_cuda(
-                    self.layout, addresses, self._address, normalize, stream, skip_nonfinite
+                    self.layout, addresses, self._address, normalize, stream, skip_nonfinite, *agree
                 )
         else:
             reference.unpack(
@@ -127,6 +179,7 @@ class Plan:
                 normalize,
                 self._flag_at,
                 skip_nonfinite,
+                None if agreement is None else (agreement[0]._counts, *agree[1:]),
             )
 
     def ea_blend(
@@ -249,16 +302,21 @@ def _kind_of(device: torch.device) -> str:
 
 
 class PlanCache:
-    """Plans by (signature, buffer dtype); count slots follow from the world size."""
+    """Plans by (purpose, signature, buffer dtype, codes); count slots follow
+    from the world size. Plans of different purposes never share a buffer:
+    a synchronization's plan is never a gradient plan, whose buffer may be
+    the gradients themselves (flat storage, bucket views)."""
 
     def __init__(self, world_size: int) -> None:
         self._world_size = world_size
-        self._plans: dict[tuple[Signature, torch.dtype], Plan] = {}
+        self._plans: dict[tuple[str, Signature, torch.dtype, int], Plan] = {}
 
-    def get(self, signature: Signature, buffer_dtype: torch.dtype) -> Plan:
-        key = (signature, buffer_dtype)
+    def get(
+        self, purpose: str, signature: Signature, buffer_dtype: torch.dtype, codes: int = 1
+    ) -> Plan:
+        key = (purpose, signature, buffer_dtype, codes)
         plan = self._plans.get(key)
         if plan is None:
             slots = count_slots_for(self._world_size, buffer_dtype)
-            plan = self._plans[key] = Plan(signature, buffer_dtype, slots)
+            plan = self._plans[key] = Plan(signature, buffer_dtype, slots, codes)
         return plan

@@ -8,11 +8,25 @@ the group's store when it changed, at most every ``POST_INTERVAL_S``, so the
 store sees each rank's position up to that lag, and a rank stuck outside the
 library (or killed) leaves its last position there.
 
+Two facts make a failure's message exact without relying on that lag:
+
+- A collective that needs every rank's contribution (an allreduce, an
+  allgather) completed on this rank only if every rank entered it. The last
+  such collective is the floor of every rank's position: a rank killed
+  between two collectives is named with exactly the last one it took part
+  in, whatever its posting thread managed to post (a rank killed inside a
+  collective is named with the one before: at most one collective old).
+- The posted positions are also read back now and then (every
+  ``refresh_interval``, which grows with the world so that the store's load
+  does not), so a survivor still names the ranks that fell behind when the
+  store itself is gone by the time it fails (it lived in a rank that raised
+  and exited first); the message then says how old that reading is.
+
 When a collective misses its deadline, the survivors post their own position
 at once, give the others ``GRACE_S`` to do the same, and read every rank's,
 all within ``READ_BOUND_S`` in a helper thread, so a dead store cannot hang
 the error path: "rank 2 last reported collective 1043 (sum_gradients, step
-17); ranks 0, 1, 3 waited in 1044 (sum_gradients, step 18)".
+17); ranks 0, 1, 3 waited in collective 1044 (sum_gradients, step 18)".
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Positions"]
+__all__ = ["Positions", "refresh_interval", "summarize"]
 
 # Lag of a posted position behind the rank's real one: small next to any
 # deadline, and at most 2 store writes per second per rank while it trains.
@@ -34,6 +48,19 @@ GRACE_S = 0.6
 # Bound on reading the positions from the store: past it, the message says
 # the store did not answer.
 READ_BOUND_S = 3.0
+# Reading every rank's position back (one multi_get of world_size keys) at
+# least this far apart, and further apart on large worlds: the store then
+# answers about REFRESH_READS_PER_S such reads per second, whatever the size.
+REFRESH_MIN_S = 2.0
+REFRESH_READS_PER_S = 32.0
+
+# (collective number, operation, step) as a rank recorded it.
+Record = tuple[int, str, int]
+
+
+def refresh_interval(world_size: int) -> float:
+    """Seconds between two readings of every rank's position by one rank."""
+    return max(REFRESH_MIN_S, world_size / REFRESH_READS_PER_S)
 
 
 class Positions:
@@ -48,15 +75,21 @@ class Positions:
         self._world_size = world_size
         self._step = step
         self.number = 0
-        self._record = ""  # "number operation step" of the last collective entered
-        self._posted = ""
+        self._entered: Record | None = None  # the last collective this rank entered
+        self._posted: Record | None = None
+        # The last collective that every rank entered (see the module).
+        self._floor: Record | None = None
+        # Every rank's position as last read back, and when.
+        self._snapshot: dict[int, Record | None] | None = None
+        self._snapshot_at = 0.0
+        self._refresh_s = refresh_interval(world_size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def enter(self, operation: str) -> None:
         """Counts a collective this rank enters (hot path: no store access)."""
         self.number += 1
-        self._record = f"{self.number} {operation} {self._step()}"
+        self._entered = (self.number, operation, self._step())
         if self._thread is None:
             # The thread holds the object weakly: an object dropped without
             # close() takes its thread along.
@@ -67,6 +100,11 @@ class Positions:
                 daemon=True,
             )
             self._thread.start()
+
+    def completed_by_all(self) -> None:
+        """The collective entered last completed, and needed every rank to:
+        every rank has entered it (hot path: no store access)."""
+        self._floor = self._entered
 
     def close(self) -> None:
         """Stops the posting thread (bounded)."""
@@ -79,37 +117,69 @@ class Positions:
         found: list[str] = []
 
         def read() -> None:
-            self._post()
+            early = self._try_read()  # before the grace: the store may go meanwhile
+            try:
+                self._post()
+            except Exception:  # the store is gone: what was read still counts
+                pass
             time.sleep(GRACE_S)
-            found.append(self._read_all())
+            late = self._try_read()
+            found.append(self._summary(late if isinstance(late, dict) else early))
 
         reader = threading.Thread(target=read, name="distlearn-positions-read", daemon=True)
         reader.start()
         reader.join(timeout=READ_BOUND_S)
-        return found[0] if found else "the ranks' positions: the store did not answer in time"
+        if found:
+            return found[0]
+        return self._summary("the store did not answer in time")
 
     def _key(self, rank: int) -> str:
         return f"{self._prefix}/position/{rank}"
 
     def _post(self) -> None:
-        record = self._record
-        if record and record != self._posted:
-            self._store.set(self._key(self._rank), record)
-            self._posted = record
+        entered = self._entered
+        if entered is not None and entered != self._posted:
+            self._store.set(self._key(self._rank), " ".join(map(str, entered)))
+            self._posted = entered
 
-    def _read_all(self) -> str:
-        positions: dict[int, tuple[int, str, str] | None] = {}
+    def _try_read(self) -> dict[int, Record | None] | str:
+        """Every rank's posted position, or why it could not be read."""
         try:
-            for rank in range(self._world_size):
-                key = self._key(rank)
-                if self._store.check([key]):
-                    number, operation, step = self._store.get(key).decode().split(" ")
-                    positions[rank] = (int(number), operation, step)
-                else:
-                    positions[rank] = None
+            return self._read_all()
         except Exception as error:  # a dead store: say so rather than raise again
-            return f"the ranks' positions could not be read ({error})"
-        return summarize(positions)
+            return f"could not be read ({error})"
+
+    def _read_all(self) -> dict[int, Record | None]:
+        keys = [self._key(rank) for rank in range(self._world_size)]
+        present = [rank for rank, key in enumerate(keys) if self._store.check([key])]
+        values = self._store.multi_get([keys[rank] for rank in present]) if present else []
+        positions: dict[int, Record | None] = dict.fromkeys(range(self._world_size))
+        for rank, value in zip(present, values, strict=True):
+            number, operation, step = value.decode().split(" ")
+            positions[rank] = (int(number), operation, int(step))
+        return positions
+
+    def refresh(self) -> None:
+        """Reads every rank's position back, if the last reading is old enough
+        (called by the posting thread)."""
+        now = time.monotonic()
+        if now - self._snapshot_at >= self._refresh_s:
+            self._snapshot = self._read_all()
+            self._snapshot_at = now
+
+    def _summary(self, read: dict[int, Record | None] | str) -> str:
+        """The sentence for what was read now, or (the store failing) the
+        last reading, each position raised to the floor."""
+        note = ""
+        positions = read if isinstance(read, dict) else self._snapshot
+        if not isinstance(read, dict):
+            if positions is None:
+                positions = dict.fromkeys(range(self._world_size))
+                note = f"; the ranks' positions {read}"
+            else:
+                age = time.monotonic() - self._snapshot_at
+                note = f" (as read {age:.1f} s before; the ranks' positions now {read})"
+        return summarize(positions, self._floor, self._rank, self._entered) + note
 
 
 def _post_loop(positions: weakref.ref[Positions], stop: threading.Event) -> None:
@@ -119,6 +189,7 @@ def _post_loop(positions: weakref.ref[Positions], stop: threading.Event) -> None
             return
         try:
             owner._post()
+            owner.refresh()
         except Exception:  # the store went away (group destroyed): stop posting
             return
         del owner
@@ -126,30 +197,48 @@ def _post_loop(positions: weakref.ref[Positions], stop: threading.Event) -> None
             return
 
 
-def summarize(positions: dict[int, tuple[int, str, str] | None]) -> str:
+def summarize(
+    positions: dict[int, Record | None],
+    floor: Record | None = None,
+    rank: int | None = None,
+    entered: Record | None = None,
+) -> str:
     """ "rank 2 last reported collective 9 (...); ranks 0, 1 waited in 10 (...)":
     the ranks furthest ahead waited there; every other rank is named with
-    where it last was."""
+    where it last was. ``floor``: the last collective every rank entered (a
+    rank that reported less, or nothing, took part in it); ``rank`` and
+    ``entered``: this rank's own position, which it knows whatever the store
+    holds."""
+    positions = dict(positions)
+    if rank is not None and entered is not None:
+        positions[rank] = entered
+    reached: set[int] = set()
+    if floor is not None:
+        for other, position in positions.items():
+            if position is None or position[0] < floor[0]:
+                positions[other] = floor
+                reached.add(other)
     reported = {r: p for r, p in positions.items() if p is not None}
     silent = sorted(r for r, p in positions.items() if p is None)
     if not reported:
         return "no rank reported its position"
     ahead = max(number for number, _, _ in reported.values())
-    groups: dict[tuple[int, str, str], list[int]] = {}
-    for rank, position in sorted(reported.items()):
-        groups.setdefault(position, []).append(rank)
-    parts = []
-    for (number, operation, step), ranks in sorted(groups.items()):
-        where = f"{number} ({operation}, step {step})"
+    groups: dict[tuple[Record, bool], list[int]] = {}
+    for other, position in sorted(reported.items()):
+        groups.setdefault((position, other in reached), []).append(other)
+    behind, waited = [], []
+    for ((number, operation, step), from_floor), ranks in sorted(groups.items()):
         who = _ranks(ranks)
         if number == ahead:
-            parts.append(f"{who} waited in collective {where}")
+            waited.append(f"{who} waited in collective {number} ({operation}, step {step})")
+        elif from_floor:
+            behind.append(
+                f"{who} took part in collective {number} ({operation}) and reported no later one"
+            )
         else:
-            parts.append(f"{who} last reported collective {where}")
+            behind.append(f"{who} last reported collective {number} ({operation}, step {step})")
     if silent:
-        parts.append(f"{_ranks(silent)} reported no position")
-    behind = [p for p in parts if "last reported" in p or "no position" in p]
-    waited = [p for p in parts if p not in behind]
+        behind.append(f"{_ranks(silent)} reported no position")
     return "; ".join(behind + waited)
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import datetime
 import itertools
 import math
-import operator
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
 import torch
 
+from ._layouts import canonical_strides, describe_layout, is_dense
 from ._tree import Flat
 
 # Storage types the kernels handle; codes match kernels/scalar_types.h.
@@ -32,25 +32,34 @@ EXACT_INTEGER_LIMIT: dict[torch.dtype, int] = {
     torch.bfloat16: 2**8,
 }
 
-# (device, per-tensor entries): what must stay the same between calls.
+# (device, per-tensor entries (dtype, shape, strides)): what must stay the
+# same between calls and across ranks. The strides are the tensor's memory
+# order (``_layouts.canonical_strides``; see the note "Segment order").
 Signature = tuple[torch.device, tuple[tuple[Any, ...], ...]]
 
 
-def is_dense(tensor: torch.Tensor) -> bool:
-    """True when the elements fill one memory block without gaps or overlap
-    (contiguous, channels_last, or any other permutation of dims)."""
-    if tensor.numel() == 0 or tensor.is_contiguous():
-        return True
-    expected = 1
-    dims = sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride(), strict=True) if sz != 1)
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+def tensor_problem(tensor: torch.Tensor, name: str) -> TypeError | ValueError | None:
+    """Why a tensor cannot be averaged, or None (dtype, layout, density)."""
+    if tensor.layout is not torch.strided:
+        return TypeError(f"{name}: {tensor.layout} tensors are not supported")
+    if tensor.dtype not in DTYPE_CODES:
+        return TypeError(
+            f"{name}: dtype {tensor.dtype} is not supported; expected float32, "
+            f"float64, float16 or bfloat16"
+        )
+    if not is_dense(tensor):
+        return ValueError(
+            f"{name}: is not dense (a strided view with gaps); pass a contiguous tensor"
+        )
+    return None
 
 
-def signature(flat: Flat, arg: str, with_strides: bool) -> Signature:
+def entry(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """A tensor's signature entry: dtype, shape and memory order."""
+    return (tensor.dtype, tuple(tensor.shape), canonical_strides(tensor))
+
+
+def signature(flat: Flat, arg: str) -> Signature:
     """Validates a flattened structure and returns its signature.
 
     Raises TypeError for non-tensors and unsupported dtypes, ValueError for
@@ -61,48 +70,32 @@ def signature(flat: Flat, arg: str, with_strides: bool) -> Signature:
     device = flat.tensors[0].device
     entries = []
     for tensor, name in zip(flat.tensors, flat.names, strict=True):
-        if tensor.layout is not torch.strided:
-            raise TypeError(f"{name}: {tensor.layout} tensors are not supported")
-        if tensor.dtype not in DTYPE_CODES:
-            raise TypeError(
-                f"{name}: dtype {tensor.dtype} is not supported; expected float32, "
-                f"float64, float16 or bfloat16"
-            )
+        problem = tensor_problem(tensor, name)
+        if problem is not None:
+            raise problem
         if tensor.device != device:
             raise ValueError(
                 f"{name}: is on {tensor.device} but {flat.names[0]} is on {device}; all "
                 f"tensors of {arg} must be on one device"
             )
-        if not is_dense(tensor):
-            raise ValueError(
-                f"{name}: is not dense (a strided view with gaps); pass a contiguous tensor"
-            )
-        if with_strides:
-            entries.append((tensor.dtype, tuple(tensor.shape), tensor.stride()))
-        else:
-            entries.append((tensor.dtype, tuple(tensor.shape)))
+        entries.append(entry(tensor))
     return device, tuple(entries)
+
+
+def describe_entry(entry: tuple[Any, ...]) -> str:
+    """ "torch.float32 (64, 3, 7, 7) channels_last": an entry as messages and
+    the ranks' structure comparison show it."""
+    dtype, shape, strides = entry
+    if not strides and shape:
+        return f"{dtype} {shape}"
+    return f"{dtype} {shape} {describe_layout(shape, strides)}"
 
 
 def structure_entries(sig: Signature) -> list[str]:
     """One line per tensor of a signature, as the ranks compare them (device
     type, not index: ranks may use different GPUs)."""
     device, entries = sig
-    return [f"{device.type} " + " ".join(str(part) for part in entry) for entry in entries]
-
-
-# What the hot path compares between calls: if every tensor has the dtype,
-# shape, device and layout of the last validated call and is contiguous,
-# signature() would pass and return the same value, so it can be skipped.
-tensor_metadata = operator.attrgetter("dtype", "shape", "device", "layout")
-
-
-def unchanged_since(flat: Flat, metadata: tuple[Any, ...] | None) -> bool:
-    """Whether the tensors' metadata equals ``metadata`` (from a validated
-    call) and every tensor is contiguous; False: a full check is needed."""
-    return tuple(map(tensor_metadata, flat.tensors)) == metadata and all(
-        map(torch.Tensor.is_contiguous, flat.tensors)
-    )
+    return [f"{device.type} {describe_entry(e)}" for e in entries]
 
 
 def check_same_signature(expected: Signature, got: Signature, arg: str) -> None:
@@ -119,10 +112,13 @@ def check_same_signature(expected: Signature, got: Signature, arg: str) -> None:
         index = next(
             i for i, (e, g) in enumerate(zip(exp_entries, got_entries, strict=True)) if e != g
         )
-        detail = f"tensor {index} is {got_entries[index]}, expected {exp_entries[index]}"
+        detail = (
+            f"tensor {index} is {describe_entry(got_entries[index])}, "
+            f"expected {describe_entry(exp_entries[index])}"
+        )
     raise ValueError(
         f"{arg}: structure changed since the first call ({detail}); every call must pass "
-        f"tensors of the same dtypes, shapes and order, as all ranks must"
+        f"tensors of the same dtypes, shapes, memory layouts and order, as all ranks must"
     )
 
 
@@ -146,13 +142,57 @@ def check_tau(tau: Any) -> int:
     return tau
 
 
-def check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, Real):
-        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-    alpha = float(alpha)
-    if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    return alpha
+# The elastic-averaging paper's beta = p * alpha (arXiv 1412.6651, section 3:
+# "beta = 0.9" in its experiments), the default of AllReduceEA: stable at any
+# number of ranks p (see check_ea_rate).
+DEFAULT_BETA = 0.9
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_ea_rate(alpha: Any, beta: Any, world_size: int) -> float:
+    """AllReduceEA's moving rate alpha, given as ``alpha`` (torch-distlearn's)
+    or as ``beta`` (the paper's p * alpha), or neither (beta = DEFAULT_BETA).
+
+    NOTE: [EA stability]. A round moves each rank by delta_i = alpha * (x_i - c)
+    and the center by the sum of the p deltas, so the distance between the
+    ranks' mean and the center, m - c, becomes (1 - alpha * (p + 1)) * (m - c)
+    (the ranks' spread around their mean only shrinks, by 1 - alpha). Rounds
+    converge only when |1 - alpha * (p + 1)| < 1, that is alpha < 2 / (p + 1);
+    at alpha = 2 / (p + 1) and above they oscillate or diverge (seen: the
+    digits example at 10 ranks and alpha 0.2 fell from 88% to 27.5%).
+    beta = p * alpha keeps the center's step fixed as p grows, which the
+    paper recommends: beta < 2p / (p + 1) is stable, so beta = 0.9 is at any p.
+    """
+    if alpha is not None and beta is not None:
+        raise ValueError("give alpha or beta, not both (beta = world size * alpha)")
+    if beta is not None:
+        beta = _real(beta, "beta")
+        if not (math.isfinite(beta) and beta > 0.0):
+            raise ValueError(f"beta must be > 0, got {beta}")
+        rate, given = beta / world_size, f"beta={beta:g} (alpha = beta / {world_size} ranks"
+    elif alpha is not None:
+        rate = _real(alpha, "alpha")
+        if not (math.isfinite(rate) and 0.0 < rate <= 1.0):
+            raise ValueError(f"alpha must be in (0, 1], got {rate}")
+        given = f"alpha={rate:g} ({world_size} ranks"
+    else:
+        return DEFAULT_BETA / world_size
+    bound = 2.0 / (world_size + 1)
+    if rate >= bound:
+        raise ValueError(
+            f"{given}) cannot be stable: each averaging round multiplies the distance between "
+            f"the ranks' mean and the center by 1 - alpha * (ranks + 1) = "
+            f"{1.0 - rate * (world_size + 1):.3g}, which converges only for alpha < "
+            f"2 / (ranks + 1) = {bound:.4g}. Pass beta (the elastic-averaging paper's "
+            f"ranks * alpha; {DEFAULT_BETA} in its experiments, the default here, is stable "
+            f"at any number of ranks) or a smaller alpha"
+        )
+    return rate
 
 
 def check_comm_dtype(comm_dtype: Any) -> torch.dtype | None:

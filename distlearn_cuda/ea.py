@@ -22,8 +22,8 @@ from ._tree import Flat
 from ._validate import (
     DEFAULT_TIMEOUT,
     Signature,
-    check_alpha,
     check_comm_dtype,
+    check_ea_rate,
     check_no_overlap,
     check_nonfinite,
     check_same_signature,
@@ -66,7 +66,12 @@ class AllReduceEA(_group.GroupMember):
         group: a ``torch.distributed`` process group, or None for the default
             group (initialized on demand, see ``AllReduceSGD``).
         tau: communication period: average on every tau-th call (int >= 1).
-        alpha: moving rate of the elastic force, in (0, 1].
+        alpha: moving rate of the elastic force (torch-distlearn's alpha),
+            below 2 / (p + 1) for p ranks: above, the rounds cannot converge
+            (ValueError saying why; see the README's "EA stability").
+        beta: the elastic-averaging paper's way to set it: alpha = beta / p,
+            stable at any p for beta < 2p / (p + 1). Give alpha or beta; with
+            neither, beta = 0.9 (the paper's).
         comm_dtype: dtype in which deltas travel; default: the parameters'
             own dtype (their promotion when they differ).
         nonfinite: what a round does when some rank's delta holds a NaN or
@@ -101,8 +106,9 @@ class AllReduceEA(_group.GroupMember):
         self,
         group: dist.ProcessGroup | None = None,
         tau: int = 10,
-        alpha: float = 0.2,
+        alpha: float | None = None,
         *,
+        beta: float | None = None,
         comm_dtype: torch.dtype | None = None,
         nonfinite: str = "propagate",
         asynchronous: bool = True,
@@ -113,9 +119,10 @@ class AllReduceEA(_group.GroupMember):
         self._nonfinite = check_nonfinite(nonfinite)
         self._asynchronous = asynchronous and self._nonfinite != "raise"
         self._tau = check_tau(tau)
-        self._alpha = check_alpha(alpha)
         self._comm_dtype = check_comm_dtype(comm_dtype)
-        super().__init__(group, check_timeout(timeout))
+        timeout = check_timeout(timeout)
+        self._alpha = check_ea_rate(alpha, beta, _group.resolve(group).world_size)
+        super().__init__(group, timeout)
         self._plans = PlanCache(self._group.world_size)
         self._signature: Signature | None = None
         self._delta_plan_cache: Plan | None = None  # for the bound signature
@@ -165,7 +172,23 @@ class AllReduceEA(_group.GroupMember):
 
     @property
     def alpha(self) -> float:
+        """The moving rate: each round moves a rank by alpha * (x - center)."""
         return self._alpha
+
+    @property
+    def beta(self) -> float:
+        """world_size * alpha: each round moves the center by beta * (mean x - center)."""
+        return self._alpha * self.world_size
+
+    def _settings(self) -> list[tuple[str, object]]:
+        return [
+            *super()._settings(),
+            ("tau", self._tau),
+            ("alpha", repr(self._alpha)),
+            ("comm_dtype", self._comm_dtype),
+            ("nonfinite", self._nonfinite),
+            ("asynchronous", self._asynchronous),
+        ]
 
     @property
     def center(self) -> Any:
@@ -202,7 +225,8 @@ class AllReduceEA(_group.GroupMember):
                 raise TypeError("state['center'] must be None or a list of tensors")
             if self._centers:
                 check_center_matches(center, self._centers)
-                torch._foreach_copy_(self._centers, list(center))
+                with torch.no_grad():
+                    torch._foreach_copy_(self._centers, list(center))
             else:
                 self._loaded_center = [t.detach().clone() for t in center]
         self._step = step
@@ -274,7 +298,8 @@ class AllReduceEA(_group.GroupMember):
         self._check_ranks_agree(flat, carried)
         self._broadcast_from_first_finite(flat.tensors, addresses, "params", carried)
         increment_version(flat.tensors)
-        torch._foreach_copy_(self._centers, flat.tensors)
+        with torch.no_grad():
+            torch._foreach_copy_(self._centers, flat.tensors)
 
     def _position_step(self) -> int:
         return self._step
@@ -313,7 +338,7 @@ class AllReduceEA(_group.GroupMember):
         return flat, self._address_vector
 
     def _check_and_bind(self, flat: Flat, addresses: list[int]) -> Flat:
-        params_signature = signature(flat, "params", with_strides=True)
+        params_signature = signature(flat, "params")
         if self._signature is None:
             check_no_overlap(flat, "params")
             if self._loaded_center is not None:
@@ -326,7 +351,8 @@ class AllReduceEA(_group.GroupMember):
             self._signature = params_signature
             self._centers = [t.detach().clone() for t in flat.tensors]
             if self._loaded_center is not None:
-                torch._foreach_copy_(self._centers, self._loaded_center)
+                with torch.no_grad():
+                    torch._foreach_copy_(self._centers, self._loaded_center)
                 self._loaded_center = None
             self._center_addresses = _C.Addresses([t.data_ptr() for t in self._centers])
         else:
@@ -346,7 +372,7 @@ class AllReduceEA(_group.GroupMember):
     def _delta_plan(self) -> Plan:
         if self._delta_plan_cache is None:
             dtype = self._comm_dtype or self._lossless_dtype()
-            self._delta_plan_cache = self._plans.get(self._bound_signature(), dtype)
+            self._delta_plan_cache = self._plans.get("delta", self._bound_signature(), dtype)
         return self._delta_plan_cache
 
     def _lossless_dtype(self) -> torch.dtype:
@@ -392,7 +418,8 @@ class AllReduceEA(_group.GroupMember):
             # as it is (the flag travels on and every rank skips the update).
             self._rejoined = plan.nonfinite_ranks() > 0
             if self._rejoined:
-                torch._foreach_copy_(flat.tensors, self._centers)
+                with torch.no_grad():  # the params are leaves that require grad
+                    torch._foreach_copy_(flat.tensors, self._centers)
         increment_version(flat.tensors)
         if asynchronous:
             self._pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
@@ -451,7 +478,7 @@ class AllReduceEA(_group.GroupMember):
         """Copies ``tensors`` (and ``carried``) from the lowest rank whose are
         all finite to every rank."""
         assert self._signature is not None
-        plan = self._plans.get(self._signature, self._lossless_dtype())
+        plan = self._plans.get("synchronize", self._signature, self._lossless_dtype())
         # Every rank packs: the pack's flag says whether its tensors are finite.
         plan.pack(tensors, addresses, count_slot=-1)
         finite = plan.nonfinite_ranks() == 0 and (carried is None or carried.finite())

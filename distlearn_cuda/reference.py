@@ -78,10 +78,18 @@ def unpack(
     normalize: bool,
     flag_offset: int | None = None,
     skip_nonfinite: bool = False,
+    agreement: tuple[torch.Tensor, int, int] | None = None,
 ) -> None:
     """tensors <- buffer segments * (1 / contributor count if normalize else 1);
-    zeros when ``skip_nonfinite`` and the flag is set."""
-    if skip_nonfinite and _flag_raised(buffer, flag_offset):
+    zeros when ``skip_nonfinite`` and the flag is set, or when ``agreement``
+    (count slots, first, count) does not hold every contributor in slots
+    [first, first + count)."""
+    disagree = False
+    if agreement is not None:
+        slots, first, count = agreement
+        values = slots.double()
+        disagree = float(values[first : first + count].sum()) != float(values.sum())
+    if disagree or (skip_nonfinite and _flag_raised(buffer, flag_offset)):
         for tensor in tensors:
             tensor.zero_()
         return

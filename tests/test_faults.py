@@ -45,7 +45,7 @@ def _train_until_a_peer_fails(
         sync = dl.AllReduceSGD(timeout=DEADLINE_S)
         sync.synchronize_parameters(params)
     else:
-        sync = dl.AllReduceEA(tau=2, alpha=0.5, timeout=datetime.timedelta(seconds=DEADLINE_S))
+        sync = dl.AllReduceEA(tau=2, alpha=0.4, timeout=datetime.timedelta(seconds=DEADLINE_S))
         sync.synchronize_parameters(params)
     for step in range(100):
         if rank == 1 and step == fault_step:
@@ -132,17 +132,19 @@ def test_survivors_raise_within_the_deadline(algo: str, fault: str, tmp_path: Pa
         assert report["checkpoint_ok"]
         assert "not attempted, an earlier collective of this object failed" in report["again"]
         assert report["freed_without_gc"]
-        # The failing rank is named with its last position, the survivors
-        # with the collective they waited in, one further on.
+        # The failing rank is named with its last position, exactly: it took
+        # part in the collective before the one the survivors waited in,
+        # whether or not its own report reached the store (every rank took
+        # part in a collective that completed; see _positions).
         print(report["message"])
         found = re.search(
-            r"rank 1 last reported collective (\d+) \(\w+, step \d+\); "
+            r"rank 1 (?:last reported|took part in) collective (\d+) \(\w+[,)].*; "
             r"ranks 0, 2 waited in collective (\d+) \(\w+, step (\d+)\)",
             report["message"],
         )
         assert found, report["message"]
-        if fault == "stall":  # rank 1 posted its last position long before the deadline
-            assert int(found[2]) == int(found[1]) + 1
+        assert int(found[2]) == int(found[1]) + 1, report["message"]
+        if fault == "stall":  # a killed rank's last asynchronous EA round may fail first
             assert int(found[3]) == (fault_step if algo == "sgd" else fault_step + 1)
 
 
@@ -220,7 +222,7 @@ def _nan_on_one_rank(rank: int, world_size: int, algo: str, mode: str) -> dict:
                 }
             )
     else:
-        ea = dl.AllReduceEA(tau=1, alpha=0.5, nonfinite=mode)
+        ea = dl.AllReduceEA(tau=1, alpha=0.4, nonfinite=mode)
         params = [torch.full(s, float(rank)) for s in SHAPES]
         for step in range(3):
             if step == 1 and rank == 1:
@@ -281,7 +283,7 @@ def test_a_nan_on_one_rank_gets_the_same_decision_on_every_rank(algo: str, mode:
 def _ea_state_after_a_failed_round(rank: int, world_size: int) -> dict:
     """Asynchronous EA, tau=1: rank 1 dies with a round in flight on the others."""
     params = params_of(rank)
-    ea = dl.AllReduceEA(tau=1, alpha=0.5, timeout=DEADLINE_S)
+    ea = dl.AllReduceEA(tau=1, alpha=0.4, timeout=DEADLINE_S)
     ea.synchronize_parameters(params)
     good = None
     for step in range(50):

@@ -40,15 +40,15 @@ def _train(
             sgd.sum_and_normalize_gradients(model)
             optimizer.step()
             if flat:
-                views = sgd._flat.grad_views
+                bucket = sgd._reducer.buckets[0]
                 in_place.append(
-                    all(p.grad is v for p, v in zip(sgd._flat.params, views, strict=True))
+                    all(p.grad is v for p, v in zip(bucket.params, bucket.views, strict=True))
                 )
         sgd.synchronize_parameters(model)
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "in_place": in_place,
-        "copied_steps": sgd._flat.copied_steps if flat else None,
+        "copied_steps": sgd._reducer.buckets[0].copied_steps if flat else None,
     }
 
 
@@ -80,14 +80,14 @@ def test_parameters_and_gradients_are_views_of_the_buffers() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # made before: still works
     sgd = dl.AllReduceSGD()
     sgd.use_flat_storage(model)
-    storage = sgd._flat
+    bucket, param_buffer = sgd._reducer.buckets[0], sgd._reducer.flat_params.buffer
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     model(torch.ones(2, 13)).sum().backward()
     sgd.sum_and_normalize_gradients(model)
     optimizer.step()
-    for p in storage.params:
-        assert inside(p, storage.param_buffer) and inside(p.grad, storage.plan.buffer)
-    assert not model[2].bias.requires_grad and not inside(model[2].bias, storage.param_buffer)
+    for p in bucket.params:
+        assert inside(p, param_buffer) and inside(p.grad, bucket.plan.buffer)
+    assert not model[2].bias.requires_grad and not inside(model[2].bias, param_buffer)
     assert all(
         not torch.equal(p, b)
         for p, b in zip(model.parameters(), before, strict=True)
@@ -123,7 +123,7 @@ def test_flat_storage_nonfinite_guard(mode: str) -> None:
             sgd.sum_and_normalize_gradients(model, nonfinite=mode)
         return
     sgd.sum_and_normalize_gradients(model, nonfinite=mode)
-    grads = [p.grad for p in sgd._flat.params]
+    grads = [p.grad for p in sgd._reducer.buckets[0].params]
     if mode == "skip":
         assert sgd.last_step_skipped and all(bool((g == 0).all()) for g in grads)
     else:

@@ -72,9 +72,16 @@ def test_timeout_in_seconds_or_timedelta(cls: type) -> None:
     assert cls().timeout == datetime.timedelta(minutes=5)
 
 
-def test_alpha_one_and_positional_order() -> None:
-    ea = dl.AllReduceEA(None, 3, 1)
-    assert (ea.tau, ea.alpha) == (3, 1.0)
+def test_positional_order_and_alpha_or_beta() -> None:
+    ea = dl.AllReduceEA(None, 3, 0.5)
+    assert (ea.tau, ea.alpha, ea.beta) == (3, 0.5, 0.5)  # a world of one: beta = alpha
+    assert dl.AllReduceEA(beta=0.6).alpha == 0.6
+    assert dl.AllReduceEA().beta == 0.9  # the paper's, by default
+    with pytest.raises(ValueError, match="give alpha or beta, not both"):
+        dl.AllReduceEA(alpha=0.1, beta=0.1)
+    # alpha = 1 swaps x and the center every round, whatever the world size.
+    with pytest.raises(ValueError, match=r"alpha=1 \(1 ranks\) cannot be stable"):
+        dl.AllReduceEA(alpha=1)
 
 
 def test_sgd_rejects_bad_group_and_comm_dtype() -> None:
@@ -174,11 +181,11 @@ def test_sgd_structure_change_is_rejected_and_nothing_changes() -> None:
     sgd.sum_gradients(grads)
     for changed in ([grads[0]], [grads[0], torch.randn(5)], [grads[0], grads[1].half()]):
         before = snapshot(changed)
-        with pytest.raises(ValueError, match="grads: structure changed"):
+        with pytest.raises(ValueError, match="grads: rank 0: structure changed"):
             sgd.sum_and_normalize_gradients(changed)
         assert_unchanged(changed, before)
-    with pytest.raises(ValueError, match=r"params \(as gradients\): structure changed"):
-        sgd.synchronize_parameters([torch.randn(4)])
+    # The parameters a synchronization gives are not the gradients bound by the
+    # first call: any structure, compared across ranks, and then kept.
     params = [torch.randn(4), torch.randn(3)]
     sgd.synchronize_parameters(params)
     before = snapshot(params)
@@ -192,7 +199,7 @@ def test_missing_grad_on_a_module_parameter() -> None:
     model(torch.randn(1, 3)).sum().backward()
     model[1].bias.grad = None
     before = snapshot([p.grad for p in model.parameters() if p.grad is not None])
-    with pytest.raises(ValueError, match=r"grads: parameter '1.bias' has no .grad"):
+    with pytest.raises(ValueError, match=r"grads: rank 0: parameter '1.bias' has no .grad"):
         dl.AllReduceSGD().sum_and_normalize_gradients(model)
     assert_unchanged([p.grad for p in model.parameters() if p.grad is not None], before)
 

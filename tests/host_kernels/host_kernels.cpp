@@ -605,8 +605,7 @@ class Runner {
     HostLauncher launcher(c_.max_blocks, rng_);
     const auto oa = addresses(out);
     dl::unpack_multi_tensor(launcher, layout_, oa, buffer->address(), true, true);
-    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, true,
-                   dl::kNoAgreement);
+    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, true, dl::kNoAgreement);
     check_launches(launcher, false, 1, oa, op);
     record(launcher);
     check_same_bits(out, out_cpu, op);

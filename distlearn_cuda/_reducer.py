@@ -1,0 +1,538 @@
+"""The one gradient reducer of AllReduceSGD, for every mode.
+
+A step is the same whatever the mode: the bound gradients (``_grad_source``)
+are cut into buckets (``_buckets``), each bucket is filled (packed, or in
+place) with this rank's count slot under its call code and allreduced, and
+once every bucket arrived the ranks' codes decide (see ``_agreement``):
+agreed, the buckets are unpacked (normalized, with the non-finite guard and
+the partial means of ``allow_unused``); not agreed, every rank raises the
+same error, or all bind a changed trainable set together. Modes differ only
+in their buckets, chosen once at bind time:
+
+- plain: one packed bucket, filled and allreduced by the ``sum_*`` call;
+- ``use_flat_storage``: one in-place bucket, the parameters views of a
+  buffer laid out the same way;
+- ``attach``: the module's trainable parameters in reverse order cut into
+  buckets (packed, or in place with ``gradient_as_bucket_view``), each filled
+  and started by a backward hook once its gradients are ready, the last one
+  always by the ``sum_*`` call, so that it carries the call's code.
+
+Invariant: between two steps each bucket starts at most once, in index
+order, so every rank issues the same collectives in the same order whatever
+order its gradients arrive in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import increment_version
+
+from . import _agreement
+from ._agreement import CHANGED, PROBLEM, SGD_CODES, Description, Problem
+from ._buckets import Bucket, FlatParameters
+from ._collectives import Collectives, is_capturing
+from ._grad_source import Gathered, GradientSource
+from ._plan import Plan, lossless_dtype
+from ._validate import EXACT_INTEGER_LIMIT, Signature
+from .errors import CommunicationError
+
+__all__ = ["GradientReducer", "Modes", "split_into_buckets"]
+
+_MB = 2**20
+
+
+def split_into_buckets(
+    params: Sequence[torch.Tensor], first_bucket_mb: float, bucket_mb: float
+) -> list[list[int]]:
+    """Indices of ``params`` per bucket, in order: the first bucket up to
+    ``first_bucket_mb``, the others up to ``bucket_mb`` (a parameter larger
+    than a bucket gets a bucket of its own)."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for index, param in enumerate(params):
+        nbytes = param.numel() * param.element_size()
+        cap = (first_bucket_mb if not buckets else bucket_mb) * _MB
+        if current and size + nbytes > cap:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(index)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@dataclass(frozen=True)
+class Modes:
+    """How the buckets are made: ``attach`` (None: not attached) and
+    ``flat`` (use_flat_storage)."""
+
+    attach: tuple[float, float, bool] | None = None  # first_bucket_mb, bucket_mb, views
+    flat: bool = False
+
+
+@dataclass
+class _Deferred:
+    """A step whose codes the host reads at the next call (see ``_agreement``)."""
+
+    counts: torch.Tensor  # the decision plan's code counts, copied off the device
+    event: Any  # a torch.cuda.Event recorded after the copy, or None
+    code: int
+    description: Description
+
+
+class GradientReducer:
+    """Averages the gradients of one bound source over a group."""
+
+    def __init__(
+        self,
+        collectives: Collectives,
+        rank: int,
+        world_size: int,
+        comm_dtype: torch.dtype | None,
+        allow_unused: bool,
+    ) -> None:
+        self._collectives = collectives
+        self._rank = rank
+        self._world_size = world_size
+        self._comm_dtype = comm_dtype
+        self._allow_unused = allow_unused
+        self.source: GradientSource | None = None
+        self.modes = Modes()
+        self.buckets: list[Bucket] = []
+        self.flat_params: FlatParameters | None = None
+        self._hooks: list[Any] = []
+        self._next = 0  # the first bucket not started yet
+        self.paused = False  # set by no_sync()
+        self.steps = 0
+        # Whether the last step, made with "skip", zeroed the gradients.
+        self.skipped: Callable[[], bool] | None = None
+        # Steps whose codes the host reads at the next call (CUDA buffers).
+        self._deferred: _Deferred | None = None
+        # Reads the codes at the next call on every device, as on CUDA (tests).
+        self.defer_reads = False
+        self._hook_problems: list[Problem] = []
+
+    # -- binding ---------------------------------------------------------------
+
+    @property
+    def bound(self) -> bool:
+        return self.source is not None
+
+    def bind(self, grads: Any, arg: str) -> None:
+        """Binds the gradient structure once all ranks agree on it (collective).
+
+        Each rank binds exactly once, in its first call of any kind, so the
+        ranks' structure checks pair up even when some take no step. A rank
+        whose argument cannot be bound still takes part, so that every rank
+        raises (a ValueError naming the difference, or the same error)."""
+        try:
+            source = GradientSource.bind(grads, arg)
+            entries, names, error = source.entries(), source.names, None
+        except (TypeError, ValueError) as local:
+            source, error = None, local
+            entries, names = [f"cannot be bound: {local}"], ["the argument"]
+        self._collectives.check_same_structure(entries, names, arg)
+        if error is not None:
+            raise error
+        assert source is not None
+        self._install(source)
+
+    def _install(self, source: GradientSource) -> None:
+        """Makes the buckets of ``source`` for the current modes (local)."""
+        self._remove_hooks()
+        self.source = source
+        device, entries = source.signature
+        dtype = self._comm_dtype or lossless_dtype([e[0] for e in entries])
+        if self._allow_unused and self._world_size > EXACT_INTEGER_LIMIT[dtype]:
+            raise ValueError(
+                f"allow_unused counts the ranks per tensor in the {dtype} buffer, exact up to "
+                f"{EXACT_INTEGER_LIMIT[dtype]} ranks; this group has {self._world_size}"
+            )
+        params, names = source.trainable, source.names
+        if self.modes.attach is None:
+            groups = [list(range(len(params)))]
+            in_place = self.modes.flat
+        else:
+            first_mb, bucket_mb, in_place = self.modes.attach
+            order = list(reversed(range(len(params))))  # the order backward produces them
+            groups = [
+                [order[i] for i in group]
+                for group in split_into_buckets([params[i] for i in order], first_mb, bucket_mb)
+            ]
+        if in_place and any(e[0] != dtype for e in entries):
+            raise ValueError(
+                f"{source.arg}: gradients in place (flat storage, bucket views) need the "
+                f"buffers' dtype ({dtype}) for every trainable parameter; got "
+                f"{sorted({str(e[0]) for e in entries})}"
+            )
+        if self.modes.flat:
+            # Its own plan, never a cache's: its buffer is the gradients.
+            plan = self._plan((device, entries), dtype)
+            self.flat_params = FlatParameters(source.module, params, plan)
+        self.buckets = []
+        for group in groups:
+            signature_ = (device, tuple(entries[i] for i in group))
+            self.buckets.append(
+                Bucket(
+                    [params[i] for i in group],
+                    [names[i] for i in group],
+                    group,
+                    plan if self.modes.flat else self._plan(signature_, dtype),
+                    in_place,
+                )
+            )
+        if self.modes.attach is not None:
+            # The last bucket's hooks only count: the call starts it.
+            self._hooks = [
+                param.register_post_accumulate_grad_hook(self._hook(index))
+                for index, bucket in enumerate(self.buckets)
+                for param in bucket.params
+            ]
+        self._next = 0
+
+    def _plan(self, signature_: Signature, dtype: torch.dtype) -> Plan:
+        """A bucket's plan, with the presence segment (see ``_buckets``);
+        its own, so buckets in flight together never share a buffer."""
+        from ._plan import count_slots_for
+
+        device, entries = signature_
+        presence = (dtype, (len(entries),), (1,) if len(entries) > 1 else (0,))
+        return Plan(
+            (device, (*entries, presence)),
+            dtype,
+            count_slots_for(self._world_size, dtype),
+            SGD_CODES,
+        )
+
+    def set_modes(self, modes: Modes) -> None:
+        """Rebuilds the buckets for ``modes`` (attach, detach, flat storage)."""
+        assert self.source is not None
+        self.modes = modes
+        self._install(self.source)
+
+    @property
+    def plans(self) -> list[Plan]:
+        return [bucket.plan for bucket in self.buckets]
+
+    def rebind_if_changed(self, params: Any) -> None:
+        """At a synchronization (every rank checked it has the same trainable
+        parameters): binds the source's new trainable set when ``params`` is
+        the bound argument and its trainable set changed."""
+        source = self.source
+        if source is not None and source.trainable_changed(params):
+            self._install(source.rebound())
+
+    # -- hooks (attach) --------------------------------------------------------
+
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def on_gradient(_: torch.Tensor) -> None:
+            if self.paused:  # inside no_sync(): the gradient only accumulates
+                return
+            bucket = self.buckets[index]
+            if bucket.started or bucket.ready == len(bucket.params):
+                raise RuntimeError(
+                    "AllReduceSGD.attach: a second backward before sum_and_normalize_gradients; "
+                    "for gradient accumulation, run the backward passes that only accumulate "
+                    "inside sgd.no_sync()"
+                )
+            bucket.ready += 1
+            last = len(self.buckets) - 1
+            while self._next < last and self.buckets[self._next].ready == len(
+                self.buckets[self._next].params
+            ):
+                self._start_by_hook(self._next)
+
+        return on_gradient
+
+    def _start_by_hook(self, index: int) -> None:
+        """Fills a bucket whose gradients backward produced, before the call
+        (and its code) is known, and starts its allreduce."""
+        bucket = self.buckets[index]
+        assert self.source is not None
+        grads = [p.grad for p in bucket.params]
+        checked = self.source.check_some(bucket.indices, bucket.params, grads)
+        self._hook_problems += checked.problems
+        slot = bucket.plan.count_slot(self._rank, _agreement.HOOK)
+        bucket.fill(checked.grads, checked.reordered, slot, check_nonfinite=bucket.views is None)
+        bucket.started = bucket.started_by_hook = True
+        bucket.pending = self._collectives.all_reduce_sum_async(bucket.plan.buffer, verify=False)
+        self._next = index + 1
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def in_step(self) -> bool:
+        """Whether a backward started buckets that no call finished yet."""
+        return any(b.started or b.ready for b in self.buckets)
+
+    def close(self) -> None:
+        """Waits for the allreduces in flight (their failures were recorded
+        already and are not raised again), then removes the hooks."""
+        for bucket in self.buckets:
+            if bucket.pending is not None:
+                with contextlib.suppress(CommunicationError):
+                    bucket.pending.wait()
+            bucket.reset()
+        self._remove_hooks()
+
+    # -- a step ------------------------------------------------------------------
+
+    def step(self, grads: Any, normalize: bool, nonfinite: str, arg: str = "grads") -> None:
+        """The gradients of ``grads`` <- their sum (mean when ``normalize``)
+        over the ranks that contributed, in place (the ``sum_*`` calls)."""
+        self.settle()
+        self.skipped = None
+        source = self.source
+        assert source is not None
+        call = Description(_agreement.call_name(normalize), nonfinite)
+        if source.module is not None and not source.is_for(grads):
+            gathered = self._other_module(grads, source)
+        else:
+            gathered = source.gather(grads, self._allow_unused)
+        # A problem a hook found is found again here: each counts once.
+        gathered.problems = list(dict.fromkeys(self._hook_problems + gathered.problems))
+        self._hook_problems = []
+        call.problems, call.added, call.removed = (
+            gathered.problems,
+            gathered.added,
+            gathered.removed,
+        )
+        if call.problems:
+            code = PROBLEM
+        elif call.changed:
+            code = CHANGED
+        else:
+            code = _agreement.call_code(normalize, nonfinite)
+        check_nonfinite = nonfinite != "propagate"
+        try:
+            self._start_remaining(gathered, code, check_nonfinite)
+            for bucket in self.buckets:
+                if bucket.pending is not None:
+                    bucket.pending.wait()
+        except BaseException:
+            self._reset_buckets()
+            raise
+        decision = self.buckets[-1].plan
+        # The host reads the codes now unless the device can decide alone
+        # (see _agreement): a CUDA step with nothing else to read.
+        defer = (
+            (decision.buffer.is_cuda or self.defer_reads)
+            and code < len(_agreement.CALLS)
+            and not self._allow_unused
+            and nonfinite == "propagate"
+        )
+        try:
+            if is_capturing(decision.buffer.device):
+                self._finish(normalize, nonfinite, (decision, code), host_reads=False)
+            elif defer:
+                self._finish(normalize, nonfinite, (decision, code), host_reads=False)
+                self._defer(decision, code, call)
+            else:
+                verdict = _agreement.verdict(decision.code_counts())
+                if verdict != code:
+                    self._disagree(call, normalize, nonfinite, grads, arg)
+                else:
+                    self._finish(normalize, nonfinite, None, host_reads=True)
+        finally:
+            self._reset_buckets()
+
+    def _other_module(self, module: Any, source: GradientSource) -> Gathered:
+        """A module other than the bound one: the same structure rebinds
+        locally (plain mode only), anything else is this rank's problem."""
+        problem = Problem(
+            "ValueError",
+            f"{source.arg}: not the module bound by the first call "
+            + (
+                "(attach and use_flat_storage bind a module's parameters)"
+                if self.modes != Modes()
+                else "(its structure differs)"
+            ),
+        )
+        if isinstance(module, nn.Module) and self.modes == Modes():
+            try:
+                other = GradientSource.bind(module, source.arg)
+            except (TypeError, ValueError):
+                other = None
+            if other is not None and other.signature == source.signature:
+                self._install(other)
+                return other.gather(module, self._allow_unused)
+        return Gathered([None] * len(source.trainable), [problem])
+
+    def _start_remaining(self, gathered: Gathered, code: int, check_nonfinite: bool) -> None:
+        """Fills and starts every bucket backward did not start, with ``code``."""
+        reordered = set(gathered.reordered)
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            grads = [gathered.grads[i] for i in bucket.indices]
+            local = [j for j, i in enumerate(bucket.indices) if i in reordered]
+            slot = bucket.plan.count_slot(self._rank, code)
+            bucket.fill(grads, local, slot, check_nonfinite or bucket.views is None)
+            bucket.started = True
+            if len(self.buckets) == 1:
+                self._collectives.all_reduce_sum(bucket.plan.buffer)
+            else:
+                bucket.pending = self._collectives.all_reduce_sum_async(
+                    bucket.plan.buffer, verify=False
+                )
+            self._next += 1
+
+    def _reset_buckets(self) -> None:
+        for bucket in self.buckets:
+            bucket.reset()
+        self._next = 0
+
+    def _finish(
+        self,
+        normalize: bool,
+        nonfinite: str,
+        agreement: tuple[Plan, int] | None,
+        host_reads: bool,
+    ) -> None:
+        """The agreed step: the non-finite guard, then every bucket unpacked."""
+        buckets = self.buckets
+        skip_on_device = nonfinite == "skip" and len(buckets) == 1 and buckets[0].views is None
+        ranks = 0
+        if host_reads and nonfinite != "propagate" and not skip_on_device:
+            ranks = max(b.nonfinite_ranks(b.started_by_hook) for b in buckets)
+            if ranks > 0 and nonfinite == "raise":
+                in_place = any(b.views is not None for b in buckets)
+                raise FloatingPointError(
+                    f"grads: NaN or infinite values on {ranks} of {self._world_size} ranks in "
+                    f"this step; every rank raises, "
+                    + (
+                        "its gradients (in place) already holding the sum"
+                        if in_place
+                        else "with its gradients unchanged"
+                    )
+                )
+        written: list[torch.Tensor] = []
+        if ranks > 0:  # skip, read on the host
+            for bucket in buckets:
+                torch._foreach_zero_(bucket.present_gradients())
+            self.skipped = lambda: True
+        else:
+            for bucket in buckets:
+                if self._allow_unused:
+                    counts, contributors, flagged = bucket.read_counts()
+                    skip = nonfinite == "skip" and flagged > 0
+                    written += bucket.unpack(normalize, skip, agreement, counts, contributors)
+                else:
+                    written += bucket.unpack(normalize, skip_on_device, agreement)
+            if nonfinite == "skip":
+                plan = buckets[0].plan
+                self.skipped = (
+                    (lambda: plan.nonfinite_ranks() > 0) if skip_on_device else (lambda: False)
+                )
+        increment_version(written)
+        self.steps += 1
+
+    # -- when the ranks do not agree ---------------------------------------------
+
+    def _disagree(
+        self, call: Description, normalize: bool, nonfinite: str, grads: Any, arg: str
+    ) -> None:
+        """Every rank exchanges its description and takes the same decision:
+        raise, or bind the changed trainable set together and complete the step."""
+        in_place = any(b.views is not None for b in self.buckets)
+        state = (
+            "its gradients (in place) holding the sums" if in_place else "its gradients unchanged"
+        )
+        decision = self._exchange(call, arg, state)
+        if decision.error is not None:
+            raise decision.error
+        assert self.source is not None
+        source = self.source
+        # Every rank found the same change: the old set's sums are whole (every
+        # rank packed it), the new parameters are averaged in a step of their
+        # own, then the buckets are made for the new set.
+        try:
+            if decision.added:
+                added = source.items_named(grads, list(decision.added))
+                top_up = GradientReducer(
+                    self._collectives,
+                    self._rank,
+                    self._world_size,
+                    self._comm_dtype,
+                    self._allow_unused,
+                )
+                top_up.bind(added, f"{arg} (now trainable)")
+                top_up.step(added, normalize, nonfinite, f"{arg} (now trainable)")
+            self._finish(normalize, nonfinite, None, host_reads=True)
+        finally:
+            self._reset_buckets()
+            self._install(source.rebound())
+
+    def _exchange(self, mine: Description, arg: str, state: str) -> _agreement.Decision:
+        """Every rank's description (one gather), and the decision from them."""
+        gathered = self._collectives.gather_objects(mine.as_data())
+        return _agreement.decide([Description.from_data(d) for d in gathered], arg, state)
+
+    # -- the device's decision, read later (CUDA) -------------------------------
+
+    def _defer(self, decision: Plan, code: int, call: Description) -> None:
+        """Copies the decision's code counts off the device for the next call."""
+        counts = decision._counts
+        if counts.is_cuda:
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = counts.clone(), None
+        self._deferred = _Deferred(host, event, code, call)
+
+    def settle(self) -> None:
+        """Reads the codes of a step the device decided alone (see
+        ``_agreement``): when the ranks did not agree, every rank raises now
+        (that step's gradients were zeros on every rank)."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return
+        if deferred.event is not None:
+            deferred.event.synchronize()
+        plan = self.buckets[-1].plan
+        per_code = deferred.counts.double().view(plan.codes, plan.slots_per_code).sum(1)
+        counts = [round(v) for v in per_code.tolist()]
+        if _agreement.verdict(counts) == deferred.code:
+            return
+        state = "the gradients of that step zeros on every rank (decided on the device)"
+        decision = self._exchange(deferred.description, "grads (previous step)", state)
+        if decision.error is not None:
+            raise decision.error
+
+    # -- synchronize_parameters -----------------------------------------------
+
+    def wait_for_all_ranks(self, problems: list[Problem], call: str) -> None:
+        """Joins the other ranks' steps with uncounted zeros until every rank
+        is here. A rank whose own input is bad (``problems``) writes PROBLEM
+        instead, so that every rank raises with it."""
+        self.settle()
+        mine = Description(call, waiting=True, problems=problems)
+        buckets = self.buckets
+        while True:
+            for bucket in buckets:
+                bucket.plan.buffer.zero_()
+            if problems:
+                plan = buckets[-1].plan
+                plan.buffer[plan.layout.count_offset + plan.count_slot(self._rank, PROBLEM)] = 1
+            for bucket in buckets:
+                self._collectives.all_reduce_sum(bucket.plan.buffer)
+            verdict = _agreement.verdict(buckets[-1].plan.code_counts())
+            if verdict == -1:
+                return
+            if verdict is None:
+                decision = self._exchange(mine, call, "nothing changed")
+                if decision.error is not None:
+                    raise decision.error
+                # The others bound a changed set: this rank waits, so it cannot be.
+                raise AssertionError("decide() refuses a change while a rank waits")
