@@ -177,7 +177,8 @@ def decide(descriptions: Sequence[Description], arg: str, state: str) -> Decisio
         rank, first = problems[0]
         others = sorted({r for r, _ in problems} - {rank})
         also = f" (and problems on {_ranks(others)})" if others else ""
-        message = f"{arg}: rank {rank}: {first.message}{also}; every rank raises, with {state}"
+        text = first.message.removeprefix(f"{arg}: ")
+        message = f"{arg}: rank {rank}: {text}{also}; every rank raises, with {state}"
         return Decision(_ERRORS.get(first.kind, ValueError)(message))
     calls: dict[str, list[int]] = {}
     for rank, description in stepping.items():

@@ -171,21 +171,25 @@ class Bucket:
         self.grads = list(self.views)
 
     def _zero(self, index: int) -> torch.Tensor:
+        """Zeros standing in for a missing gradient (packed, and unpacked into)."""
         zero = self._zeros.get(index)
         if zero is None:
-            zero = torch.zeros_like(self.plan.segment(index), memory_format=torch.preserve_format)
-            self._zeros[index] = zero
+            zero = self._zeros[index] = self._like(index).zero_()
         return zero
 
     def _stage(self, index: int) -> torch.Tensor:
         stage = self._stages.get(index)
         if stage is None:
-            segment = self.plan.segment(index)
-            stage = empty_in_order(
-                segment.shape, self.plan.strides[index], segment.dtype, segment.device
-            )
-            self._stages[index] = stage
+            stage = self._stages[index] = self._like(index)
         return stage
+
+    def _like(self, index: int) -> torch.Tensor:
+        """A tensor as gradient ``index`` must be for the ops: its dtype (not
+        the buffer's), its shape, its segment's memory order."""
+        plan = self.plan
+        return empty_in_order(
+            plan.shapes[index], plan.strides[index], plan.dtypes[index], plan.buffer.device
+        )
 
     # -- after the allreduce ---------------------------------------------------
 

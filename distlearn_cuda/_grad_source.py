@@ -159,6 +159,26 @@ class GradientSource:
             self.kind, self._item_names, self._items, roles, trainable, sig, None, self.arg
         )
 
+    def in_place_of(self, bound: GradientSource) -> GradientSource | None:
+        """This source (another form of argument, e.g. a list of the bound
+        module's parameters) standing in for ``bound``, or None when its
+        tensors differ. The same tensors, frozen ones included: it takes
+        ``bound``'s trainable set, so that a change since is seen as one.
+        The same trainable tensors: it takes their segments."""
+        if self._metadata == bound._metadata:
+            self._mask = list(bound._mask)
+            index = [i for i, keep in enumerate(self._mask) if keep]
+            self.trainable = [self._items[i] for i in index]
+            self.names = [self._item_names[i] for i in index]
+        elif [e[:2] for e in self.signature[1]] != [e[:2] for e in bound.signature[1]]:
+            return None
+        if self.signature[0] != bound.signature[0]:
+            return None
+        self.signature = bound.signature
+        self._raw_strides = list(bound._raw_strides)
+        self._checked = []
+        return self
+
     def trainable_changed(self, grads: Any) -> bool:
         """Whether ``grads`` is the bound argument with another trainable set."""
         if self._module is not None:

@@ -72,6 +72,7 @@ class Plan:
         device, entries = signature
         dtypes = [entry[0] for entry in entries]
         numels = [math.prod(entry[1]) for entry in entries]
+        self.dtypes = dtypes  # each tensor's own (its segment holds it in the buffer's)
         self.shapes = [entry[1] for entry in entries]
         self.strides = [entry[2] for entry in entries]
         self.codes = codes

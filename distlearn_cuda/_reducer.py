@@ -25,6 +25,7 @@ order its gradients arrive in.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,15 @@ from .errors import CommunicationError
 
 __all__ = ["GradientReducer", "Modes", "split_into_buckets"]
 
+
+def _zero(tensors: list[torch.Tensor]) -> None:
+    """Zeros the tensors (none: nothing; torch's foreach ops refuse an empty list)."""
+    if tensors:
+        torch._foreach_zero_(tensors)
+
+
 _MB = 2**20
+_GRAD = operator.attrgetter("grad")
 
 
 def split_into_buckets(
@@ -80,12 +89,14 @@ class Modes:
 
 @dataclass
 class _Deferred:
-    """A step whose codes the host reads at the next call (see ``_agreement``)."""
+    """A step whose codes the host reads at the next call (see the note
+    "Deferred agreement")."""
 
-    counts: torch.Tensor  # the decision plan's code counts, copied off the device
+    counts: torch.Tensor  # the decision plan's count slots, copied off the device
     event: Any  # a torch.cuda.Event recorded after the copy, or None
     code: int
     description: Description
+    per_code: bool = False  # counts already summed per code
 
 
 class GradientReducer:
@@ -236,6 +247,10 @@ class GradientReducer:
         def on_gradient(_: torch.Tensor) -> None:
             if self.paused:  # inside no_sync(): the gradient only accumulates
                 return
+            if self._deferred is not None:
+                # Before this step's first collective (see the note "Deferred
+                # agreement"): a disagreement raises from this backward.
+                self.settle()
             bucket = self.buckets[index]
             if bucket.started or bucket.ready == len(bucket.params):
                 raise RuntimeError(
@@ -295,12 +310,15 @@ class GradientReducer:
         source = self.source
         assert source is not None
         call = Description(_agreement.call_name(normalize), nonfinite)
-        if source.module is not None and not source.is_for(grads):
-            gathered = self._other_module(grads, source)
+        if (source.module is not None and not source.is_for(grads)) or (
+            source.module is None and isinstance(grads, nn.Module)
+        ):
+            gathered = self._other_argument(grads, source)
         else:
             gathered = source.gather(grads, self._allow_unused)
         # A problem a hook found is found again here: each counts once.
         gathered.problems = list(dict.fromkeys(self._hook_problems + gathered.problems))
+        gathered.problems += self._replaced_since_hooks()
         self._hook_problems = []
         call.problems, call.added, call.removed = (
             gathered.problems,
@@ -323,49 +341,103 @@ class GradientReducer:
             self._reset_buckets()
             raise
         decision = self.buckets[-1].plan
-        # The host reads the codes now unless the device can decide alone
-        # (see _agreement): a CUDA step with nothing else to read.
-        defer = (
-            (decision.buffer.is_cuda or self.defer_reads)
-            and code < len(_agreement.CALLS)
-            and not self._allow_unused
-            and nonfinite == "propagate"
-        )
         try:
             if is_capturing(decision.buffer.device):
                 self._finish(normalize, nonfinite, (decision, code), host_reads=False)
-            elif defer:
-                self._finish(normalize, nonfinite, (decision, code), host_reads=False)
-                self._defer(decision, code, call)
-            else:
+            elif not (decision.buffer.is_cuda or self.defer_reads):
                 verdict = _agreement.verdict(decision.code_counts())
                 if verdict != code:
                     self._disagree(call, normalize, nonfinite, grads, arg)
                 else:
                     self._finish(normalize, nonfinite, None, host_reads=True)
+            else:
+                self._finish_deferred(decision, code, call, normalize, nonfinite)
+                if call.added:  # never a local gradient left un-averaged: zeros too
+                    assert self.source is not None
+                    added = self.source.items_named(grads, call.added)
+                    _zero([p.grad for p in added if p.grad is not None])
         finally:
             self._reset_buckets()
 
-    def _other_module(self, module: Any, source: GradientSource) -> Gathered:
-        """A module other than the bound one: the same structure rebinds
-        locally (plain mode only), anything else is this rank's problem."""
-        problem = Problem(
-            "ValueError",
-            f"{source.arg}: not the module bound by the first call "
-            + (
-                "(attach and use_flat_storage bind a module's parameters)"
-                if self.modes != Modes()
-                else "(its structure differs)"
-            ),
-        )
-        if isinstance(module, nn.Module) and self.modes == Modes():
+    def _finish_deferred(
+        self, decision: Plan, code: int, call: Description, normalize: bool, nonfinite: str
+    ) -> None:
+        """NOTE: [Deferred agreement]. On a CUDA buffer the host does not read
+        the codes in the call: the unpack kernels read them and write zeros
+        unless every contributor wrote this rank's code, and the host reads
+        them at the object's next call (``settle``), where every rank that
+        took part exchanges its description and raises, or binds a changed
+        trainable set, together. Every rank follows that rule, whatever it
+        knows of its own input, so no rank waits in an exchange that a peer
+        only makes later while that peer runs other collectives. A call that
+        reads the device anyway (the non-finite flags, the presence counts)
+        reads the codes with them and, when they disagree, writes the same
+        zeros instead of its host-side decisions."""
+        skip_on_device = nonfinite == "skip" and len(self.buckets) == 1
+        host = nonfinite == "raise" or (nonfinite == "skip" and not skip_on_device)
+        if code in (CHANGED, PROBLEM):
+            # This rank knows already: the zeros its peers' kernels write.
+            for bucket in self.buckets:
+                _zero(bucket.present_gradients())
+            self._defer(decision, code, call)
+            self.steps += 1
+            return
+        if host or self._allow_unused:
+            counts = decision.code_counts()
+            if _agreement.verdict(counts) == code:
+                self._finish(normalize, nonfinite, None, host_reads=True)
+                return
+            for bucket in self.buckets:
+                _zero(bucket.present_gradients())
+            self._deferred = _Deferred(torch.tensor(counts), None, code, call, per_code=True)
+            self.steps += 1  # as on the ranks whose kernels wrote the zeros
+            return
+        self._finish(normalize, nonfinite, (decision, code), host_reads=False)
+        self._defer(decision, code, call)
+
+    def _replaced_since_hooks(self) -> list[Problem]:
+        """Gradients that are no longer the tensors their bucket packed when
+        backward started it (a ``.grad`` assigned after backward): their new
+        values would not be averaged, so this rank reports it instead."""
+        problems = []
+        for bucket in self.buckets[: self._next]:
+            if not bucket.started_by_hook:
+                continue
+            current = list(map(_GRAD, bucket.params))
+            if all(map(operator.is_, current, bucket.grads)):
+                continue
+            name = next(
+                n for n, g, p in zip(bucket.names, current, bucket.grads, strict=True) if g is not p
+            )
+            problems.append(
+                Problem(
+                    "ValueError",
+                    f"the .grad of '{name}' was replaced after backward started its bucket "
+                    f"(attach); change gradients in place, or detach() to pass them by call",
+                )
+            )
+        return problems
+
+    def _other_argument(self, grads: Any, source: GradientSource) -> Gathered:
+        """An argument other than the bound module (another form: the first
+        call may have been ``synchronize_parameters``): one of the same
+        structure is bound in its place, locally (plain mode: attach and
+        flat storage hold the module's parameters), anything else is this
+        rank's problem."""
+        if self.modes == Modes():
             try:
-                other = GradientSource.bind(module, source.arg)
+                other = GradientSource.bind(grads, source.arg)
             except (TypeError, ValueError):
                 other = None
-            if other is not None and other.signature == source.signature:
+            if other is not None and other.in_place_of(source) is not None:
                 self._install(other)
-                return other.gather(module, self._allow_unused)
+                return other.gather(grads, self._allow_unused)
+        detail = (
+            "attach and use_flat_storage bind a module's parameters"
+            if self.modes != Modes()
+            else "its structure differs"
+        )
+        problem = Problem("ValueError", f"not the module bound by the first call ({detail})")
         return Gathered([None] * len(source.trainable), [problem])
 
     def _start_remaining(self, gathered: Gathered, code: int, check_nonfinite: bool) -> None:
@@ -418,7 +490,7 @@ class GradientReducer:
         written: list[torch.Tensor] = []
         if ranks > 0:  # skip, read on the host
             for bucket in buckets:
-                torch._foreach_zero_(bucket.present_gradients())
+                _zero(bucket.present_gradients())
             self.skipped = lambda: True
         else:
             for bucket in buckets:
@@ -501,14 +573,21 @@ class GradientReducer:
         if deferred.event is not None:
             deferred.event.synchronize()
         plan = self.buckets[-1].plan
-        per_code = deferred.counts.double().view(plan.codes, plan.slots_per_code).sum(1)
-        counts = [round(v) for v in per_code.tolist()]
+        if deferred.per_code:
+            counts = [int(v) for v in deferred.counts.tolist()]
+        else:
+            per_code = deferred.counts.double().view(plan.codes, plan.slots_per_code).sum(1)
+            counts = [round(v) for v in per_code.tolist()]
         if _agreement.verdict(counts) == deferred.code:
             return
-        state = "the gradients of that step zeros on every rank (decided on the device)"
+        state = "that step's gradients zeros on every rank (decided on the device)"
         decision = self._exchange(deferred.description, "grads (previous step)", state)
         if decision.error is not None:
             raise decision.error
+        # Every rank found the same change: bound together now; the step
+        # in which they found it was zeros on every rank.
+        assert self.source is not None
+        self._install(self.source.rebound())
 
     # -- synchronize_parameters -----------------------------------------------
 

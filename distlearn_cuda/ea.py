@@ -15,6 +15,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from . import _C, _group, _tree
+from ._agreement import EA_CODES, EA_PROBLEM, EA_ROUND, Description, Problem, decide
 from ._carry import CarriedState, check_carry_args, pick_source
 from ._collectives import PendingSum, is_capturing
 from ._plan import Addresses, Plan, PlanCache, lossless_dtype
@@ -141,6 +142,8 @@ class AllReduceEA(_group.GroupMember):
         # The allreduce of a round in flight, on the delta plan's buffer: the
         # buffer is not touched, and the center not read, until it is waited for.
         self._pending: PendingSum | None = None
+        # A completed round held a rank's problem: the next round raises it.
+        self._agreement_due = False
 
     @property
     def last_round_skipped(self) -> bool:
@@ -248,7 +251,17 @@ class AllReduceEA(_group.GroupMember):
         if self._signature is not None and (self._step + 1) % self._tau != 0:
             self._step += 1
             return
-        flat, addresses = self._bind(params)
+        try:
+            flat, addresses = self._bind(params)
+        except (TypeError, ValueError) as error:
+            if self._signature is None:
+                raise  # the first call: every rank raised in the structure check
+            # A round this rank cannot take (its params changed): it still
+            # takes part, so that every rank raises with it (see _agreement).
+            self._step += 1
+            if self._step % self._tau == 0:
+                self._problem_round(error, "average_parameters")
+            raise
         self._step += 1
         if self._step % self._tau == 0:
             self._round(flat, addresses, active=True, asynchronous=self._asynchronous)
@@ -262,9 +275,11 @@ class AllReduceEA(_group.GroupMember):
         raises ``FloatingPointError`` after the last averaging round, and
         nothing is broadcast."""
         self._collectives.check_usable("synchronize_center")
-        flat, addresses = self._bind(params)
+        flat, addresses = self._bind_or_join(params, None, "synchronize_center")
         self._wait_for_all_ranks(flat, addresses)
-        self._check_ranks_agree(flat, CarriedState(None, None, flat.tensors[0].device))
+        self._check_ranks_agree(
+            flat, CarriedState(None, None, flat.tensors[0].device), "synchronize_center"
+        )
         self._broadcast_from_first_finite(self._centers, self._center_addresses, "center")
 
     def synchronize_parameters(
@@ -273,6 +288,7 @@ class AllReduceEA(_group.GroupMember):
         *,
         optimizer: torch.optim.Optimizer | None = None,
         buffers: bool = False,
+        state: Any = (),
     ) -> None:
         """Waits for all ranks (joining their averaging rounds), then gives
         every rank rank 0's parameters and resets the center to them.
@@ -288,14 +304,22 @@ class AllReduceEA(_group.GroupMember):
                 bitwise (see ``AllReduceSGD.synchronize_parameters``).
             buffers: also give every rank that rank's module buffers (any
                 dtype); needs an ``nn.Module`` as ``params``.
+            state: objects with ``state_dict()`` and ``load_state_dict()``
+                (see ``AllReduceSGD.synchronize_parameters``).
         """
         self._collectives.check_usable("synchronize_parameters")
-        check_carry_args(params, optimizer, buffers)
+        try:
+            states = check_carry_args(params, optimizer, buffers, state)
+        except (TypeError, ValueError) as error:
+            self._bind_or_join(params, error, "synchronize_parameters")
+            raise AssertionError("unreachable: _bind_or_join raised") from error
         params = _tree.materialize(params)
-        flat, addresses = self._bind(params)
-        carried = CarriedState(params if buffers else None, optimizer, flat.tensors[0].device)
+        flat, addresses = self._bind_or_join(params, None, "synchronize_parameters")
+        carried = CarriedState(
+            params if buffers else None, optimizer, flat.tensors[0].device, states
+        )
         self._wait_for_all_ranks(flat, addresses)
-        self._check_ranks_agree(flat, carried)
+        self._check_ranks_agree(flat, carried, "synchronize_parameters")
         self._broadcast_from_first_finite(flat.tensors, addresses, "params", carried)
         increment_version(flat.tensors)
         with torch.no_grad():
@@ -337,17 +361,58 @@ class AllReduceEA(_group.GroupMember):
         self._address_vector = _C.Addresses(addresses)
         return flat, self._address_vector
 
-    def _check_and_bind(self, flat: Flat, addresses: list[int]) -> Flat:
-        params_signature = signature(flat, "params")
+    def _bind_or_join(
+        self, params: Any, problem: Exception | None, call: str
+    ) -> tuple[Flat, Addresses]:
+        """``_bind`` for a synchronization; a rank whose input is bad (a
+        ``problem``, or one ``_bind`` finds) joins the waiting rounds with it
+        instead of raising alone, so that every rank raises the same error."""
+        if problem is None:
+            try:
+                return self._bind(params)
+            except (TypeError, ValueError) as error:
+                if self._signature is None:
+                    raise  # the first call: every rank raised in the structure check
+                problem = error
         if self._signature is None:
-            check_no_overlap(flat, "params")
-            if self._loaded_center is not None:
-                check_center_matches(self._loaded_center, flat.tensors)
-            # Each rank binds once, in its first call of any kind, so the
-            # ranks' checks pair up even when some take no step.
+            # Not bound: the structure check every rank's first call makes.
             self._collectives.check_same_structure(
-                structure_entries(params_signature), flat.names, "params"
+                [f"cannot take part: {problem}"], [call], "params", noun="check"
             )
+            raise problem
+        self._problem_round(problem, call, waiting=True)
+        raise AssertionError("unreachable: _problem_round raises")
+
+    def _problem_round(self, problem: Exception, call: str, waiting: bool = False) -> None:
+        """A round this rank takes part in with a problem of its own (its
+        params changed, its arguments are bad): it contributes nothing (a
+        delta of zeros, with the problem's code), the others' round
+        completes as usual, then every rank raises the same error."""
+        self._finish_pending_round()
+        plan = self._delta_plan()
+        plan.buffer.zero_()
+        plan.buffer[plan.layout.count_offset + plan.count_slot(self.rank, EA_PROBLEM)] = 1
+        self._collectives.all_reduce_sum(plan.buffer, verify=True)
+        mine = Description(call, waiting=waiting, problems=[_problem(problem)])
+        self._finish_round(plan, mine)
+        raise AssertionError("unreachable: the round's codes hold this rank's problem")
+
+    def _check_and_bind(self, flat: Flat, addresses: list[int]) -> Flat:
+        if self._signature is None:
+            try:
+                params_signature = signature(flat, "params")
+                check_no_overlap(flat, "params")
+                if self._loaded_center is not None:
+                    check_center_matches(self._loaded_center, flat.tensors)
+                entries, names, problem = structure_entries(params_signature), flat.names, None
+            except (TypeError, ValueError) as error:
+                entries, names, problem = [f"cannot be bound: {error}"], ["params"], error
+            # Each rank binds once, in its first call of any kind, so the
+            # ranks' checks pair up even when some take no step; a rank that
+            # cannot bind makes every rank raise there.
+            self._collectives.check_same_structure(entries, names, "params")
+            if problem is not None:
+                raise problem
             self._signature = params_signature
             self._centers = [t.detach().clone() for t in flat.tensors]
             if self._loaded_center is not None:
@@ -356,23 +421,27 @@ class AllReduceEA(_group.GroupMember):
                 self._loaded_center = None
             self._center_addresses = _C.Addresses([t.data_ptr() for t in self._centers])
         else:
-            check_same_signature(self._signature, params_signature, "params")
+            check_same_signature(self._signature, signature(flat, "params"), "params")
             if addresses != self._checked_addresses:
                 check_no_overlap(flat, "params")
         self._checked_addresses = addresses
         self._rebuild = flat.rebuild
         return flat
 
-    def _check_ranks_agree(self, flat: Flat, carried: CarriedState) -> None:
-        """Every rank is past its last round: compare structures before
-        anything is overwritten by a broadcast."""
-        entries = structure_entries(self._bound_signature()) + carried.structure_entries()
-        self._collectives.check_same_structure(entries, flat.names + carried.names(), "params")
+    def _check_ranks_agree(self, flat: Flat, carried: CarriedState, call: str) -> None:
+        """Every rank is past its last round: compare structures (and that
+        every rank makes the same call) before anything is overwritten."""
+        entries = [f"call {call}"]
+        entries += structure_entries(self._bound_signature()) + carried.structure_entries()
+        names = ["the call", *flat.names, *carried.names()]
+        self._collectives.check_same_structure(entries, names, f"{call}: params")
 
     def _delta_plan(self) -> Plan:
         if self._delta_plan_cache is None:
             dtype = self._comm_dtype or self._lossless_dtype()
-            self._delta_plan_cache = self._plans.get("delta", self._bound_signature(), dtype)
+            self._delta_plan_cache = self._plans.get(
+                "delta", self._bound_signature(), dtype, EA_CODES
+            )
         return self._delta_plan_cache
 
     def _lossless_dtype(self) -> torch.dtype:
@@ -398,11 +467,13 @@ class AllReduceEA(_group.GroupMember):
             asynchronous = False
         # The blend reads the center: a round still in flight completes first,
         # its center update folded into this blend's pass when nothing else
-        # (the non-finite guard) must look at its sum first.
+        # (its codes, the non-finite guard) must look at its sum first.
         catch_up = self._nonfinite == "propagate" and self._wait_for_pending_round()
+        if catch_up and plan.code_counts()[EA_PROBLEM] > 0:
+            self._finish_round(plan)  # raises, as on the rank with the problem
         if not catch_up:
             self._finish_pending_round()
-        slot = self.rank % plan.count_slots if active else -1
+        slot = plan.count_slot(self.rank, EA_ROUND) if active else -1
         plan.ea_blend(
             flat.tensors,
             addresses,
@@ -441,16 +512,33 @@ class AllReduceEA(_group.GroupMember):
     def _complete_for_reading(self) -> None:
         """Completes a round in flight for a reader of the state; a failed
         round leaves the center as it was (the failure is recorded, and every
-        later collective call raises it)."""
+        later collective call raises it). A round that a rank took part in
+        with a problem completes too; the error is raised by the next call
+        that communicates (``_agreement_due``)."""
         with contextlib.suppress(CommunicationError):
-            self._finish_pending_round()
+            if self._wait_for_pending_round():
+                self._finish_round(self._delta_plan(), for_reading=True)
 
     def _finish_pending_round(self) -> None:
+        if self._agreement_due:
+            self._agreement_due = False
+            self._raise_agreed(Description("average_parameters"))
         if self._wait_for_pending_round():
             self._finish_round(self._delta_plan())
 
-    def _finish_round(self, plan: Plan) -> None:
-        """center += the allreduced deltas, under the non-finite guard."""
+    def _finish_round(
+        self, plan: Plan, mine: Description | None = None, for_reading: bool = False
+    ) -> None:
+        """center += the allreduced deltas, under the non-finite guard; then,
+        when a rank took part with a problem of its own (``mine`` on that
+        rank), every rank raises the same error (the others' deltas are in
+        the center: a consistent state, that rank's delta zero)."""
+        if plan.code_counts()[EA_PROBLEM] > 0:
+            plan.center_update(self._centers, self._center_addresses)
+            if for_reading:
+                self._agreement_due = True
+                return
+            self._raise_agreed(mine if mine is not None else Description("average_parameters"))
         if self._nonfinite == "raise" and (ranks := plan.nonfinite_ranks()) > 0:
             raise FloatingPointError(
                 f"params: NaN or infinite deltas on {ranks} of {self.world_size} ranks in this "
@@ -459,6 +547,17 @@ class AllReduceEA(_group.GroupMember):
         skip = self._nonfinite == "skip"
         plan.center_update(self._centers, self._center_addresses, skip_nonfinite=skip)
         self._skip_plan = plan if skip else None
+
+    def _raise_agreed(self, mine: Description) -> None:
+        """Every rank's description (one gather), and the error from them."""
+        gathered = self._collectives.gather_objects(mine.as_data())
+        decision = decide(
+            [Description.from_data(d) for d in gathered],
+            "params",
+            "the round completed among the other ranks",
+        )
+        assert decision.error is not None
+        raise decision.error
 
     def _wait_for_all_ranks(self, flat: Flat, addresses: Addresses) -> None:
         # Rounds of ranks still stepping carry count 1; ours carry count 0.
@@ -500,3 +599,7 @@ def check_center_matches(center: Sequence[torch.Tensor], like: Sequence[torch.Te
                 f"state['center'][{index}] is {loaded.dtype} {tuple(loaded.shape)}, "
                 f"the params' tensor {index} is {bound.dtype} {tuple(bound.shape)}"
             )
+
+
+def _problem(error: Exception) -> Problem:
+    return Problem(type(error).__name__, str(error))

@@ -65,7 +65,12 @@ def base_parser(description: str, **defaults: object) -> argparse.ArgumentParser
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--algo", choices=("sgd", "ea"), default="sgd")
     parser.add_argument("--tau", type=int, default=10, help="EA: steps between averaging rounds")
-    parser.add_argument("--alpha", type=float, default=0.2, help="EA: moving rate")
+    parser.add_argument(
+        "--alpha", type=float, help="EA: moving rate (default: from --beta, stable at any size)"
+    )
+    parser.add_argument(
+        "--beta", type=float, help="EA: ranks * alpha, the paper's way (default 0.9)"
+    )
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=0.05)
@@ -89,7 +94,7 @@ def make_algorithm(args: argparse.Namespace) -> dl.AllReduceSGD | dl.AllReduceEA
     world, or makes a world of one)."""
     comm_dtype = COMM_DTYPES[args.comm_dtype] if args.comm_dtype else None
     if args.algo == "ea":
-        return dl.AllReduceEA(tau=args.tau, alpha=args.alpha, comm_dtype=comm_dtype)
+        return dl.AllReduceEA(tau=args.tau, alpha=args.alpha, beta=args.beta, comm_dtype=comm_dtype)
     return dl.AllReduceSGD(comm_dtype=comm_dtype)
 
 

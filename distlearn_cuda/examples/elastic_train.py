@@ -61,7 +61,7 @@ def train_and_evaluate_elastic(
         options["comm_dtype"] = COMM_DTYPES[args.comm_dtype]
     sgd = args.algo == "sgd"
     if not sgd:
-        options.update(tau=args.tau, alpha=args.alpha)
+        options.update(tau=args.tau, alpha=args.alpha, beta=args.beta)
     kind = ElasticSGD if sgd else ElasticEA
     job = kind(
         args.elastic,
