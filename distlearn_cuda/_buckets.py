@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from itertools import repeat
 
 import torch
 from torch import nn
@@ -63,10 +64,12 @@ class Bucket:
         self.params = list(params)
         self.names = list(names)
         self.indices = list(indices)  # positions in the source's trainable tensors
+        self.whole = False  # holds all of them, in order (set by the reducer)
         self.plan = plan
         count = len(self.params)
         self._presence = plan.segment(count)  # this rank's 1s and 0s, then the counts
         self._mask: list[bool] | None = None
+        self._all_present = [True] * count
         self._mask_tensor = torch.ones(count, dtype=plan.buffer.dtype, device=plan.buffer.device)
         self._zeros: dict[int, torch.Tensor] = {}  # stand-ins for missing gradients
         self._stages: dict[int, torch.Tensor] = {}  # in each segment's order, for reordered ones
@@ -88,9 +91,13 @@ class Bucket:
             segments = [*self.views, self._presence]
             self._view_addresses = _C.Addresses([s.data_ptr() for s in segments])
             self._segments = segments
-        # Count slots and flag, adjacent at the end of the buffer.
+        # Count slots and flag, adjacent at the end of the buffer, and what
+        # each slot's rank writes there (its 1, and a clear flag).
         layout = plan.layout
         self._tail = plan.buffer[layout.count_offset : layout.flag_offset + 1]
+        self._tail_rows = torch.eye(
+            layout.count_slots, layout.count_slots + 1, dtype=plan.buffer.dtype
+        ).to(plan.buffer.device)
         self.copied_steps = 0  # in place: steps where some gradient was not its view
         self.reset()
 
@@ -112,32 +119,39 @@ class Bucket:
         reordered: Sequence[int],
         count_slot: int,
         check_nonfinite: bool,
+        complete: bool = False,
     ) -> None:
         """Writes this rank's gradients (None: missing, packed as zeros) and
         its count slot; the non-finite flag too when ``check_nonfinite`` (in
         place, the pack of the segments onto themselves computes it; a packed
         bucket always does). ``reordered``: local indices whose gradient is
-        in another memory order than its segment."""
-        self.grads = list(grads)
-        mask = [g is not None for g in grads]
+        in another memory order than its segment; ``complete``: the caller
+        knows no gradient is missing."""
+        self.grads = grads = list(grads)
+        missing = not complete and any(map(operator.is_, grads, repeat(None)))
+        mask = [g is not None for g in grads] if missing else self._all_present
         if mask != self._mask:
             self._mask_tensor.copy_(torch.tensor(mask, dtype=self._mask_tensor.dtype))
             self._mask = mask
         if self.views is not None:
             self._fill_views(count_slot, check_nonfinite)
             return
-        inputs: list[torch.Tensor] = []
-        reorder = set(reordered)
-        for index, grad in enumerate(grads):
-            if grad is None:
-                inputs.append(self._zero(index))
-            elif index in reorder:
-                stage = self._stage(index)
-                stage.copy_(grad)
-                self._staged.append((grad, stage))
-                inputs.append(stage)
-            else:
-                inputs.append(grad)
+        inputs: list[torch.Tensor]
+        if not missing and not reordered:
+            inputs = grads  # type: ignore[assignment]  # the hot path: no copy
+        else:
+            inputs = []
+            reorder = set(reordered)
+            for index, grad in enumerate(grads):
+                if grad is None:
+                    inputs.append(self._zero(index))
+                elif index in reorder:
+                    stage = self._stage(index)
+                    stage.copy_(grad)
+                    self._staged.append((grad, stage))
+                    inputs.append(stage)
+                else:
+                    inputs.append(grad)
         addresses = list(map(_DATA_PTR, inputs))
         if addresses != self._input_addresses:
             self._input_addresses = addresses
@@ -150,24 +164,28 @@ class Bucket:
         """In place: every present gradient into its view (a copy only where
         it left it), missing ones zeroed, the presence and the count slot."""
         assert self.views is not None
-        copied = False
-        with torch.no_grad():
-            for param, grad, view in zip(self.params, self.grads, self.views, strict=True):
-                if grad is None:
-                    view.zero_()
-                elif grad is not view:
-                    view.copy_(grad)
-                    param.grad = view
-                    copied = True
-            self._presence.copy_(self._mask_tensor)
-        self.copied_steps += copied
+        if not all(map(operator.is_, self.grads, self.views)):
+            copied = False
+            with torch.no_grad():
+                for param, grad, view in zip(self.params, self.grads, self.views, strict=True):
+                    if grad is None:
+                        view.zero_()
+                    elif grad is not view:
+                        view.copy_(grad)
+                        param.grad = view
+                        copied = True
+            self.copied_steps += copied
         if check_nonfinite:
+            self._presence.copy_(self._mask_tensor)
             # The pack of the segments onto themselves: the data unchanged,
             # the count slot and the flag written, in one pass.
             self.plan.pack(self._segments, self._view_addresses, count_slot)
         else:
-            self._tail.zero_()
-            self._tail[count_slot] = 1
+            # The presence (the allreduce summed it) and the tail (count
+            # slots and flag, adjacent) as the pack would write them.
+            torch._foreach_copy_(
+                [self._presence, self._tail], [self._mask_tensor, self._tail_rows[count_slot]]
+            )
         self.grads = list(self.views)
 
     def _zero(self, index: int) -> torch.Tensor:
@@ -221,17 +239,18 @@ class Bucket:
         else:
             targets = [*self._targets_for(counts), self._presence]
             addresses = _C.Addresses(list(map(_DATA_PTR, targets)))
-        partial = []
+        partial: list[tuple[int, int]] = []
+        means: list[torch.Tensor] = []
         if counts is not None and normalize and not skip_nonfinite:
             partial = [(i, c) for i, c in enumerate(counts) if 0 < c < contributors]
             means = partial_means(self.plan, partial)
         self.plan.unpack(targets, addresses, normalize, skip_nonfinite, agreement)
-        with torch.no_grad():
-            if partial:
+        if partial or self._staged:
+            with torch.no_grad():
                 for (index, _), mean in zip(partial, means, strict=True):
                     targets[index].copy_(mean)
-            for grad, stage in self._staged:
-                grad.copy_(stage)
+                for grad, stage in self._staged:
+                    grad.copy_(stage)
         written = targets[: len(self.params)]
         if counts is not None:
             for param, view, count in zip(self.params, written, counts, strict=True):

@@ -66,6 +66,7 @@ class Gathered:
     removed: list[str] = field(default_factory=list)  # bound, not trainable now
     # Indices whose gradient lies in another memory order than its segment.
     reordered: list[int] = field(default_factory=list)
+    complete: bool = False  # known: every gradient is present
 
     @property
     def changed(self) -> bool:
@@ -105,6 +106,7 @@ class GradientSource:
         self.signature = signature_
         self._raw_strides = [tuple(t.stride()) for t in self.trainable]
         self._checked: list[torch.Tensor | None] = []
+        self._checked_complete = False
         # What a flattened argument's tensors are compared with each call.
         self._types = list(map(type, items))
         self._requires = list(map(_REQUIRES_GRAD, items))
@@ -296,7 +298,7 @@ class GradientSource:
             kept = [r for r, keep in zip(roles, self._mask, strict=True) if keep]
             grads = [(_grad_of(t) if role else t) for t, role in zip(params, kept, strict=True)]
         if len(grads) == len(self._checked) and all(map(operator.is_, grads, self._checked)):
-            return Gathered(grads)
+            return Gathered(grads, complete=self._checked_complete)
         # PyTorch keeps a .grad of its parameter's dtype, shape and device, and
         # _items_of compared the gradients given as themselves.
         if (
@@ -304,8 +306,8 @@ class GradientSource:
             and all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
             and list(map(_STRIDE, grads)) == self._raw_strides  # type: ignore[arg-type]
         ):
-            self._checked = grads
-            return Gathered(grads)
+            self._checked, self._checked_complete = grads, True
+            return Gathered(grads, complete=True)
         return self._check(params, grads, allow_missing, optional)
 
     def _check(
@@ -318,6 +320,7 @@ class GradientSource:
         gathered = self.check_some(range(len(params)), params, grads, allow_missing, optional)
         if not gathered.problems and not gathered.reordered:
             self._checked = grads
+            self._checked_complete = not any(map(operator.is_, grads, repeat(None)))
         return gathered
 
     def check_some(

@@ -92,6 +92,7 @@ class Plan:
         ]
         self._flag = self.buffer[self.layout.flag_offset]
         self._kind = _kind_of(device)
+        self.on_cuda = device.type == "cuda"
         # The stream of the last launch, as its handle (compared every call)
         # and as torch's object (to wait on when the next call's differs).
         self._last_handle: int | None = None
@@ -111,9 +112,19 @@ class Plan:
 
     def code_counts(self) -> list[int]:
         """After an allreduce, how many ranks wrote each code (reads the
-        device: not for the hot path)."""
-        per_slot = self._counts.double().view(self.codes, self.slots_per_code).sum(1)
-        return [round(v) for v in per_slot.tolist()]
+        device: on a GPU, not for the hot path)."""
+        slots = self._counts.tolist()
+        per = self.slots_per_code
+        if per == 1:
+            return [round(v) for v in slots]
+        return [round(sum(slots[c * per : (c + 1) * per])) for c in range(self.codes)]
+
+    def holds_everyone(self, code: int) -> bool:
+        """After an allreduce, whether every contributor wrote ``code`` (reads
+        the device: on a GPU, not for the hot path; see ``_agreement``)."""
+        slots = self._counts.tolist()
+        first, count = self.code_slots(code)
+        return sum(slots[first : first + count]) == sum(slots)
 
     def contributor_count(self) -> int:
         """Sum of the count slots (reads the device: not for the hot path)."""

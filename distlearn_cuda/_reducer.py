@@ -130,6 +130,7 @@ class GradientReducer:
         # Reads the codes at the next call on every device, as on CUDA (tests).
         self.defer_reads = False
         self._hook_problems: list[Problem] = []
+        self._rebind_due = False  # settled in a backward: the next call binds anew
 
     # -- binding ---------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class GradientReducer:
 
     def _install(self, source: GradientSource) -> None:
         """Makes the buckets of ``source`` for the current modes (local)."""
+        self._rebind_due = False
         self._remove_hooks()
         self.source = source
         device, entries = source.signature
@@ -200,6 +202,8 @@ class GradientReducer:
                     in_place,
                 )
             )
+        for bucket in self.buckets:
+            bucket.whole = bucket.indices == list(range(len(params)))
         if self.modes.attach is not None:
             # The last bucket's hooks only count: the call starts it.
             self._hooks = [
@@ -250,7 +254,9 @@ class GradientReducer:
             if self._deferred is not None:
                 # Before this step's first collective (see the note "Deferred
                 # agreement"): a disagreement raises from this backward.
-                self.settle()
+                self.settle(in_backward=True)
+            if self._rebind_due:  # the call binds the new set; it starts every bucket
+                return
             bucket = self.buckets[index]
             if bucket.started or bucket.ready == len(bucket.params):
                 raise RuntimeError(
@@ -305,7 +311,11 @@ class GradientReducer:
     def step(self, grads: Any, normalize: bool, nonfinite: str, arg: str = "grads") -> None:
         """The gradients of ``grads`` <- their sum (mean when ``normalize``)
         over the ranks that contributed, in place (the ``sum_*`` calls)."""
-        self.settle()
+        if self._deferred is not None:
+            self.settle()
+        if self._rebind_due:
+            assert self.source is not None
+            self._install(self.source.rebound())
         self.skipped = None
         source = self.source
         assert source is not None
@@ -316,10 +326,11 @@ class GradientReducer:
             gathered = self._other_argument(grads, source)
         else:
             gathered = source.gather(grads, self._allow_unused)
-        # A problem a hook found is found again here: each counts once.
-        gathered.problems = list(dict.fromkeys(self._hook_problems + gathered.problems))
-        gathered.problems += self._replaced_since_hooks()
-        self._hook_problems = []
+        if self.modes.attach is not None:
+            # A problem a hook found is found again here: each counts once.
+            gathered.problems = list(dict.fromkeys(self._hook_problems + gathered.problems))
+            gathered.problems += self._replaced_since_hooks()
+            self._hook_problems = []
         call.problems, call.added, call.removed = (
             gathered.problems,
             gathered.added,
@@ -342,11 +353,10 @@ class GradientReducer:
             raise
         decision = self.buckets[-1].plan
         try:
-            if is_capturing(decision.buffer.device):
+            if decision.on_cuda and is_capturing(decision.buffer.device):
                 self._finish(normalize, nonfinite, (decision, code), host_reads=False)
-            elif not (decision.buffer.is_cuda or self.defer_reads):
-                verdict = _agreement.verdict(decision.code_counts())
-                if verdict != code:
+            elif not (decision.on_cuda or self.defer_reads):
+                if code in (CHANGED, PROBLEM) or not decision.holds_everyone(code):
                     self._disagree(call, normalize, nonfinite, grads, arg)
                 else:
                     self._finish(normalize, nonfinite, None, host_reads=True)
@@ -445,10 +455,12 @@ class GradientReducer:
         reordered = set(gathered.reordered)
         while self._next < len(self.buckets):
             bucket = self.buckets[self._next]
-            grads = [gathered.grads[i] for i in bucket.indices]
-            local = [j for j, i in enumerate(bucket.indices) if i in reordered]
+            grads = gathered.grads if bucket.whole else [gathered.grads[i] for i in bucket.indices]
+            local = [j for j, i in enumerate(bucket.indices) if i in reordered] if reordered else []
             slot = bucket.plan.count_slot(self._rank, code)
-            bucket.fill(grads, local, slot, check_nonfinite or bucket.views is None)
+            bucket.fill(
+                grads, local, slot, check_nonfinite or bucket.views is None, gathered.complete
+            )
             bucket.started = True
             if len(self.buckets) == 1:
                 self._collectives.all_reduce_sum(bucket.plan.buffer)
@@ -563,7 +575,7 @@ class GradientReducer:
             host, event = counts.clone(), None
         self._deferred = _Deferred(host, event, code, call)
 
-    def settle(self) -> None:
+    def settle(self, in_backward: bool = False) -> None:
         """Reads the codes of a step the device decided alone (see
         ``_agreement``): when the ranks did not agree, every rank raises now
         (that step's gradients were zeros on every rank)."""
@@ -584,10 +596,14 @@ class GradientReducer:
         decision = self._exchange(deferred.description, "grads (previous step)", state)
         if decision.error is not None:
             raise decision.error
-        # Every rank found the same change: bound together now; the step
-        # in which they found it was zeros on every rank.
-        assert self.source is not None
-        self._install(self.source.rebound())
+        # Every rank found the same change: bound together now (in a backward,
+        # by the call that follows it: hooks must not change under it); the
+        # step in which they found it was zeros on every rank.
+        if in_backward:
+            self._rebind_due = True
+        else:
+            assert self.source is not None
+            self._install(self.source.rebound())
 
     # -- synchronize_parameters -----------------------------------------------
 

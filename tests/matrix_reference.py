@@ -48,6 +48,12 @@ def _expect_error(outcome: tuple[str, str], kind: str, *fragments: str, where: s
     )
 
 
+def _every_rank_raises(logs: list[Log], key: str, kind: str, *fragments: str) -> None:
+    """Every rank's outcome ``key`` is the error ``kind`` mentioning ``fragments``."""
+    for rank, log in enumerate(logs):
+        _expect_error(log[key], kind, *fragments, where=f"rank {rank}'s {key}")
+
+
 def _check_lone_objects(scenario: Any, logs: list[Log]) -> None:
     """An object one rank made alone fails there, naming the rule; the
     scenario's own objects, made by every rank after it, work (checked by
@@ -121,10 +127,7 @@ class SgdModel:
     def check(self) -> None:
         s = self.s
         if s.settings_mismatch:
-            for rank, log in enumerate(self.logs):
-                _expect_error(
-                    log["construct"], "ValueError", "settings", "allow_unused", where=f"rank {rank}"
-                )
+            _every_rank_raises(self.logs, "construct", "ValueError", "settings", "allow_unused")
             return
         for rank, log in enumerate(self.logs):
             _expect(log["construct"] == ("ok", ""), f"rank {rank}: construct {log['construct']}")
@@ -477,22 +480,13 @@ class EaModel:
         s = self.s
         alpha = s.alpha
         if s.settings_mismatch:
-            for rank, log in enumerate(self.logs):
-                _expect_error(
-                    log["construct"], "ValueError", "settings", "nonfinite", where=f"rank {rank}"
-                )
+            _every_rank_raises(self.logs, "construct", "ValueError", "settings", "nonfinite")
             return
         if s.rate[0] == "alpha" and alpha > 1.0:
-            for rank, log in enumerate(self.logs):
-                _expect_error(
-                    log["construct"], "ValueError", "alpha must be in", where=f"rank {rank}"
-                )
+            _every_rank_raises(self.logs, "construct", "ValueError", "alpha must be in")
             return
         if alpha * (s.world + 1) >= 2.0:  # see the note "EA stability"
-            for rank, log in enumerate(self.logs):
-                _expect_error(
-                    log["construct"], "ValueError", "cannot be stable", where=f"rank {rank}"
-                )
+            _every_rank_raises(self.logs, "construct", "ValueError", "cannot be stable")
             return
         for rank, log in enumerate(self.logs):
             _expect(log["construct"] == ("ok", ""), f"rank {rank}: construct {log['construct']}")

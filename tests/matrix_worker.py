@@ -202,6 +202,11 @@ def _sgd_step(
         # Attached, backward's hooks pack the gradients: a gradient in
         # another layout is one backward accumulates into (set before it).
         model.conv.weight.grad = _other_layout(torch.zeros_like(model.conv.weight))
+    nan = None
+    if (epoch, rank, step) in scenario.nans:
+        # A NaN in the output layer's gradient as backward makes it (attached,
+        # its hook packs it during backward), seen by the logged copy too.
+        nan = model.head.weight.register_hook(_with_nan)
     loss = _loss(model, scenario, rank, epoch, step, skip)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     fresh = torch.autograd.grad(
@@ -211,18 +216,14 @@ def _sgd_step(
         loss.backward()  # attached: may settle the last step's agreement (and raise)
     except Exception as raised:
         return {"epoch": epoch, "step": step, "local": {}, "outcome": _outcome(raised), "after": {}}
+    finally:
+        if nan is not None:
+            nan.remove()
     local: dict[str, torch.Tensor | None] = {}
     for (name, param), grad in zip(trainable, fresh, strict=True):
         if grad is None and param.grad is not None:
             grad = torch.zeros_like(param)  # in place: a skipped layer's view, zeroed
         local[name] = grad.detach().clone() if grad is not None else None
-    if (epoch, rank, step) in scenario.nans:
-        name = next(n for n, g in local.items() if g is not None)
-        param = dict(model.named_parameters())[name]
-        first = (0,) * param.dim()
-        with torch.no_grad():
-            param.grad[first] = float("nan")
-        local[name][first] = float("nan")
     if reorder and not scenario.mode.startswith("attach") and model.conv.weight.grad is not None:
         # The same values, another layout (a gradient assigned by hand).
         model.conv.weight.grad = _other_layout(model.conv.weight.grad)
@@ -258,6 +259,12 @@ def _sgd_step(
         except Exception as raised:
             record["twin"] = _outcome(raised)
     return record
+
+
+def _with_nan(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    grad[(0,) * grad.dim()] = float("nan")
+    return grad
 
 
 def _other_layout(tensor: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,31 @@ _CONTEXT.set_forkserver_preload(
 )
 
 
+def join_world(rank: int, world_size: int, port: int) -> None:
+    """This process joins the gloo world whose store the parent hosts on ``port``."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size,
+        is_master=False,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    dist.init_process_group(
+        "gloo",
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    # gloo's init returns on a rank once its own connections are up: a rank
+    # whose fn ends at once (a non-member of a subgroup) could otherwise
+    # destroy the group while a peer still connects to it ("Connection closed
+    # by peer" in that peer's init, seen in CI).
+    dist.barrier()
+
+
 def _worker(
     fn: Callable[..., Any],
     rank: int,
@@ -53,27 +78,7 @@ def _worker(
     # thread's stack to stderr, so a hang fails with where it hung.
     faulthandler.dump_traceback_later(stack_dump_after_s, exit=False)
     try:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        torch.set_num_threads(1)
-        store = dist.TCPStore(
-            "127.0.0.1",
-            port,
-            world_size,
-            is_master=False,
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-        )
-        dist.init_process_group(
-            "gloo",
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-        )
-        # gloo's init returns on a rank once its own connections are up: a
-        # rank whose fn ends at once (a non-member of a subgroup) could
-        # otherwise destroy the group while a peer still connects to it
-        # ("Connection closed by peer" in that peer's init, seen in CI).
-        dist.barrier()
+        join_world(rank, world_size, port)
         try:
             # Plain pickle copies tensors into the message; the queue's own
             # pickler would share memory that dies with this process.

@@ -13,7 +13,6 @@ others.
 from __future__ import annotations
 
 import atexit
-import os
 import pickle
 import queue
 import time
@@ -22,25 +21,12 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from multiproc import _CONTEXT, COLLECTIVE_TIMEOUT_S, Outcome
+from multiproc import _CONTEXT, Outcome, join_world
 
 
 def _serve(rank: int, world_size: int, port: int, inbox: Any, outbox: Any) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    store = dist.TCPStore(
-        "127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=30)
-    )
-    dist.init_process_group(
-        "gloo",
-        store=store,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    dist.barrier()
+    join_world(rank, world_size, port)
     outbox.put((-1, rank, "ready", None))
     while True:
         task = inbox.get()

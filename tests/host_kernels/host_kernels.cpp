@@ -557,8 +557,11 @@ class Runner {
   }
 
   // unpack: tensors = buffer / contributor count (3 here).
-  void unpack() {
-    const std::string op = "unpack";
+  void unpack() { check_unpack("unpack", dl::kNoAgreement, false); }
+
+  // unpack of a buffer whose two count slots hold 2 and 1 contributors,
+  // with `agreement`: tensors = buffer / 3, or zeros when `zeros`.
+  void check_unpack(const std::string& op, const dl::Agreement& agreement, bool zeros) {
     auto buffer = new_buffer();
     buffer->copy_from(*packed_);
     buffer->set(layout_.count_offset, 2.0);
@@ -572,9 +575,8 @@ class Runner {
     }
     HostLauncher launcher(c_.max_blocks, rng_);
     const auto oa = addresses(out);
-    dl::unpack_multi_tensor(launcher, layout_, oa, buffer->address(), true, false);
-    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, false,
-                   dl::kNoAgreement);
+    dl::unpack_multi_tensor(launcher, layout_, oa, buffer->address(), true, false, agreement);
+    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, false, agreement);
     check_launches(launcher, false, 1, oa, op);
     CHECK(launcher.zeroed == 0, where(op) + ": zeroed a flag it does not write");
     record(launcher);
@@ -582,7 +584,8 @@ class Runner {
     for (int64_t i = 0; i < n(); ++i) {
       const double tol = tolerance(c_.dtypes[i], b_);
       for (int64_t e = 0; e < layout_.numels[i]; ++e) {
-        const double want = round_to(c_.dtypes[i], buffer->get(layout_.offsets[i] + e) / 3.0);
+        const double want =
+            zeros ? 0.0 : round_to(c_.dtypes[i], buffer->get(layout_.offsets[i] + e) / 3.0);
         CHECK(close(out[i]->get(e), want, tol),
               where(op) + ": tensor " + std::to_string(i) + " element " + std::to_string(e));
       }
@@ -621,39 +624,11 @@ class Runner {
   // slot each: when this rank's code (slot 0) holds the 3 contributors, as
   // unpack; when a rank wrote the other code, zeros everywhere.
   void unpack_with_agreement(bool holds) {
-    const std::string op = holds ? "unpack (agreed)" : "unpack (ranks disagree)";
-    auto buffer = new_buffer();
-    buffer->copy_from(*packed_);
-    buffer->set(layout_.count_offset, 2.0);
-    buffer->set(layout_.count_offset + 1, 1.0);
-    buffer->set(layout_.flag_offset, 0.0);
     auto decision = new_buffer();
     decision->set(layout_.count_offset, holds ? 3.0 : 2.0);
     decision->set(layout_.count_offset + 1, holds ? 0.0 : 1.0);
     const dl::Agreement agreement{decision->data + layout_.count_offset * dtype_bytes(b_), 0, 1};
-    Tensors out = make_tensors();
-    Tensors out_cpu = make_tensors();
-    for (int64_t i = 0; i < n(); ++i) {
-      out[i]->poison();
-      out_cpu[i]->poison();
-    }
-    HostLauncher launcher(c_.max_blocks, rng_);
-    const auto oa = addresses(out);
-    dl::unpack_multi_tensor(launcher, layout_, oa, buffer->address(), true, false, agreement);
-    dl::unpack_cpu(layout_, addresses(out_cpu), buffer->address(), true, 1, false, agreement);
-    check_launches(launcher, false, 1, oa, op);
-    record(launcher);
-    check_same_bits(out, out_cpu, op);
-    for (int64_t i = 0; i < n(); ++i) {
-      const double tol = tolerance(c_.dtypes[i], b_);
-      for (int64_t e = 0; e < layout_.numels[i]; ++e) {
-        const double want =
-            holds ? round_to(c_.dtypes[i], buffer->get(layout_.offsets[i] + e) / 3.0) : 0.0;
-        CHECK(close(out[i]->get(e), want, tol),
-              where(op) + ": tensor " + std::to_string(i) + " element " + std::to_string(e));
-      }
-    }
-    check_sentinels(out, op);
+    check_unpack(holds ? "unpack (agreed)" : "unpack (ranks disagree)", agreement, !holds);
   }
 
   // The EA blend: delta = alpha * (x - center) into the buffer, x -= delta;
