@@ -323,6 +323,20 @@ class GradientSource:
             self._checked_complete = not any(map(operator.is_, grads, repeat(None)))
         return gathered
 
+    def check_bucket(
+        self, indices: Sequence[int], params: Sequence[torch.Tensor], grads: list[Any]
+    ) -> Gathered:
+        """``check_some`` for a bucket a backward hook starts, with the same
+        fast path as ``gather``: gradients that all exist as strided tensors
+        with their bound strides (autograd makes them so) pass at once."""
+        if (
+            not any(map(operator.is_, grads, repeat(None)))
+            and all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided)))
+            and list(map(_STRIDE, grads)) == [self._raw_strides[i] for i in indices]
+        ):
+            return Gathered(grads, complete=True)
+        return self.check_some(indices, params, grads)
+
     def check_some(
         self,
         indices: Sequence[int],

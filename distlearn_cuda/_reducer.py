@@ -39,7 +39,7 @@ from ._agreement import CHANGED, PROBLEM, SGD_CODES, Description, Problem
 from ._buckets import Bucket, FlatParameters
 from ._collectives import Collectives, is_capturing
 from ._grad_source import Gathered, GradientSource
-from ._plan import Plan, lossless_dtype
+from ._plan import Plan, count_slots_for, lossless_dtype
 from ._validate import EXACT_INTEGER_LIMIT, Signature
 from .errors import CommunicationError
 
@@ -125,8 +125,11 @@ class GradientReducer:
         self.steps = 0
         # Whether the last step, made with "skip", zeroed the gradients.
         self.skipped: Callable[[], bool] | None = None
-        # Steps whose codes the host reads at the next call (CUDA buffers).
+        # Steps whose codes the host reads at the next call (CUDA buffers),
+        # and where their count slots are copied.
         self._deferred: _Deferred | None = None
+        self._deferred_host: torch.Tensor | None = None
+        self._deferred_event: Any = None
         # Reads the codes at the next call on every device, as on CUDA (tests).
         self.defer_reads = False
         self._hook_problems: list[Problem] = []
@@ -216,8 +219,6 @@ class GradientReducer:
     def _plan(self, signature_: Signature, dtype: torch.dtype) -> Plan:
         """A bucket's plan, with the presence segment (see ``_buckets``);
         its own, so buckets in flight together never share a buffer."""
-        from ._plan import count_slots_for
-
         device, entries = signature_
         presence = (dtype, (len(entries),), (1,) if len(entries) > 1 else (0,))
         return Plan(
@@ -278,11 +279,17 @@ class GradientReducer:
         (and its code) is known, and starts its allreduce."""
         bucket = self.buckets[index]
         assert self.source is not None
-        grads = [p.grad for p in bucket.params]
-        checked = self.source.check_some(bucket.indices, bucket.params, grads)
+        grads = list(map(_GRAD, bucket.params))
+        checked = self.source.check_bucket(bucket.indices, bucket.params, grads)
         self._hook_problems += checked.problems
         slot = bucket.plan.count_slot(self._rank, _agreement.HOOK)
-        bucket.fill(checked.grads, checked.reordered, slot, check_nonfinite=bucket.views is None)
+        bucket.fill(
+            checked.grads,
+            checked.reordered,
+            slot,
+            check_nonfinite=bucket.views is None,
+            complete=checked.complete,
+        )
         bucket.started = bucket.started_by_hook = True
         bucket.pending = self._collectives.all_reduce_sum_async(bucket.plan.buffer, verify=False)
         self._next = index + 1
@@ -437,9 +444,11 @@ class GradientReducer:
         if self.modes == Modes():
             try:
                 other = GradientSource.bind(grads, source.arg)
-            except (TypeError, ValueError):
-                other = None
-            if other is not None and other.in_place_of(source) is not None:
+            except (TypeError, ValueError) as error:
+                return Gathered(
+                    [None] * len(source.trainable), [Problem(type(error).__name__, str(error))]
+                )
+            if other.in_place_of(source) is not None:
                 self._install(other)
                 return other.gather(grads, self._allow_unused)
         detail = (
@@ -564,15 +573,18 @@ class GradientReducer:
     # -- the device's decision, read later (CUDA) -------------------------------
 
     def _defer(self, decision: Plan, code: int, call: Description) -> None:
-        """Copies the decision's code counts off the device for the next call."""
+        """Copies the decision's count slots off the device for the next call
+        (into host memory and an event made once: nothing allocated per step;
+        ``settle`` has read the last copy before the next one is made)."""
         counts = decision._counts
-        if counts.is_cuda:
-            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            host.copy_(counts, non_blocking=True)
-            event = torch.cuda.Event()
+        if self._deferred_host is None or self._deferred_host.shape != counts.shape:
+            on_cuda = counts.is_cuda
+            self._deferred_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=on_cuda)
+            self._deferred_event = torch.cuda.Event() if on_cuda else None
+        host, event = self._deferred_host, self._deferred_event
+        host.copy_(counts, non_blocking=event is not None)
+        if event is not None:
             event.record()
-        else:
-            host, event = counts.clone(), None
         self._deferred = _Deferred(host, event, code, call)
 
     def settle(self, in_backward: bool = False) -> None:

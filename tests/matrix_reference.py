@@ -612,7 +612,10 @@ class EaModel:
     ) -> None:
         rtol = (self.s.world + 2) * 2.0**-8 if self.s.comm_dtype == "bfloat16" else 1e-5
         for name, value in expected.items():
-            scale = value.abs() + sum((d[name].abs() for d in deltas), torch.zeros_like(value))
+            # What the values and deltas summed weigh (a NaN among them weighs nothing).
+            scale = value.abs().nan_to_num() + sum(
+                (d[name].abs().nan_to_num() for d in deltas), torch.zeros_like(value)
+            )
             _expect(
                 _close(got[name], value, scale + 1.0, rtol),
                 f"{where}: {name} differs from the reference by "

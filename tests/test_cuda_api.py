@@ -629,3 +629,50 @@ def _ranks_disagree_then_agree(rank: int, world_size: int) -> bool:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: 2 GPUs")
 def test_ranks_whose_objects_closed_at_different_times_agree_on_a_new_communicator() -> None:
     assert run_world(_ranks_disagree_then_agree, 2, timeout=120) == [True, True]
+
+
+def _cuda_calls_differ(rank: int, world_size: int) -> dict:
+    """CUDA gradients over gloo: rank 1 calls sum_gradients where rank 0
+    calls sum_and_normalize_gradients (see the note "Deferred agreement")."""
+    sgd = dl.AllReduceSGD(timeout=20)
+    grads = [torch.full((5,), 1.0 + rank, device="cuda"), torch.ones(3, 7, device="cuda")]
+    sgd.sum_and_normalize_gradients([g.clone() for g in grads])  # agreed: binds
+    call = sgd.sum_gradients if rank == 1 else sgd.sum_and_normalize_gradients
+    call(grads)  # the device decides: zeros on every rank, no host read
+    torch.cuda.synchronize()
+    zeros = all(bool((g == 0).all()) for g in grads)
+    try:
+        sgd.sum_and_normalize_gradients(grads)  # the host reads the codes here
+        error = None
+    except ValueError as raised:
+        error = str(raised)
+    return {"zeros": zeros, "error": error}
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (two processes share it over gloo)"
+)
+def test_different_calls_on_cuda_write_zeros_then_raise_at_the_next_call() -> None:
+    for report in run_world(_cuda_calls_differ, 2, timeout=120):
+        assert report["zeros"]
+        assert report["error"] is not None and "different calls" in report["error"]
+
+
+def test_the_deferred_agreement_allocates_and_synchronizes_nothing(
+    nccl_world_of_one: None,
+) -> None:
+    """A warm step on CUDA copies its count slots into host memory made once
+    and records an event made once; the next call reads them."""
+    sgd = dl.AllReduceSGD()
+    grads = random_list()
+    for _ in range(2):
+        sgd.sum_and_normalize_gradients(grads)
+    host = sgd._reducer._deferred_host
+    assert host is not None and host.is_pinned()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sgd.sum_and_normalize_gradients(grads)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sgd._reducer._deferred_host is host
