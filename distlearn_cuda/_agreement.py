@@ -39,6 +39,7 @@ from ._validate import NONFINITE_MODES
 
 __all__ = [
     "CALLS",
+    "CALL_CODES",
     "CHANGED",
     "EA_CODES",
     "EA_PROBLEM",
@@ -49,7 +50,6 @@ __all__ = [
     "Decision",
     "Description",
     "Problem",
-    "call_code",
     "decide",
     "verdict",
 ]
@@ -70,8 +70,7 @@ EA_PROBLEM = 1
 EA_CODES = 2
 
 
-def call_code(normalize: bool, nonfinite: str) -> int:
-    return CALLS.index((normalize, nonfinite))
+CALL_CODES: dict[tuple[bool, str], int] = {call: code for code, call in enumerate(CALLS)}
 
 
 def call_name(normalize: bool) -> str:

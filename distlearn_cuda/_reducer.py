@@ -326,7 +326,6 @@ class GradientReducer:
         self.skipped = None
         source = self.source
         assert source is not None
-        call = Description(_agreement.call_name(normalize), nonfinite)
         if (source.module is not None and not source.is_for(grads)) or (
             source.module is None and isinstance(grads, nn.Module)
         ):
@@ -338,17 +337,19 @@ class GradientReducer:
             gathered.problems = list(dict.fromkeys(self._hook_problems + gathered.problems))
             gathered.problems += self._replaced_since_hooks()
             self._hook_problems = []
-        call.problems, call.added, call.removed = (
-            gathered.problems,
-            gathered.added,
-            gathered.removed,
+        call = Description(
+            _agreement.call_name(normalize),
+            nonfinite,
+            problems=gathered.problems,
+            added=gathered.added,
+            removed=gathered.removed,
         )
         if call.problems:
             code = PROBLEM
         elif call.changed:
             code = CHANGED
         else:
-            code = _agreement.call_code(normalize, nonfinite)
+            code = _agreement.CALL_CODES[normalize, nonfinite]
         check_nonfinite = nonfinite != "propagate"
         try:
             self._start_remaining(gathered, code, check_nonfinite)

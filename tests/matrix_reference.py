@@ -479,14 +479,15 @@ class EaModel:
     def check(self) -> None:
         s = self.s
         alpha = s.alpha
-        if s.settings_mismatch:
-            _every_rank_raises(self.logs, "construct", "ValueError", "settings", "nonfinite")
-            return
+        # The rate is refused by each rank before the ranks compare settings.
         if s.rate[0] == "alpha" and alpha > 1.0:
             _every_rank_raises(self.logs, "construct", "ValueError", "alpha must be in")
             return
         if alpha * (s.world + 1) >= 2.0:  # see the note "EA stability"
             _every_rank_raises(self.logs, "construct", "ValueError", "cannot be stable")
+            return
+        if s.settings_mismatch:
+            _every_rank_raises(self.logs, "construct", "ValueError", "settings", "nonfinite")
             return
         for rank, log in enumerate(self.logs):
             _expect(log["construct"] == ("ok", ""), f"rank {rank}: construct {log['construct']}")
