@@ -443,3 +443,70 @@ def test_flat_storage_and_bucket_views_keep_channels_last(mode: str) -> None:
         if p.dim() == 4:
             assert p.is_contiguous(memory_format=torch.channels_last)
             assert p.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+# -- errors every rank raises, EA and synchronizations --------------------------------------
+
+
+def _ea_rank_changes_its_params(rank: int, world_size: int, asynchronous: bool) -> dict[str, Any]:
+    """At the second round, rank 1 passes its parameters in another layout
+    (a conv converted to channels_last on that rank only)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(2, 2))
+    ea = dl.AllReduceEA(tau=1, timeout=20, asynchronous=asynchronous)
+    ea.synchronize_parameters(model)
+    ea.average_parameters(model)
+    with torch.no_grad():  # a local step: each rank moves away from the center
+        for p in model.parameters():
+            p.add_(rank + 1.0)
+    if rank == 1:
+        model[0].to(memory_format=torch.channels_last)
+    before = [p.detach().clone() for p in model.parameters()]
+    errors = []
+    for when, call in (("round", ea.average_parameters), ("next call", ea.synchronize_center)):
+        try:
+            call(model)  # rank 1's round with a problem; asynchronous: the others' next call
+        except ValueError as raised:
+            errors.append((when, str(raised)))
+            break
+    # The round completed among the others, consistently: every center alike.
+    center = [c.clone() for c in ea.center.values()]
+    moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+    return {"errors": errors, "center": center, "moved": moved}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_ea_rank_whose_params_changed_makes_every_rank_raise(asynchronous: bool) -> None:
+    """Synchronous rounds: every rank raises in that round. Asynchronous ones:
+    the others see the round's codes when it completes, at their next call."""
+    results = run_world(_ea_rank_changes_its_params, 3, asynchronous, timeout=60)
+    for rank, result in enumerate(results):
+        late = asynchronous and rank != 1
+        assert [when for when, _ in result["errors"]] == ["next call" if late else "round"]
+        message = result["errors"][0][1]
+        assert "rank 1" in message and "structure changed" in message, message
+        assert all(
+            torch.equal(a, b) for a, b in zip(result["center"], results[0]["center"], strict=True)
+        )
+    assert not any(results[1]["moved"])  # the rank with the problem: nothing changed
+    assert all(results[0]["moved"]) and all(results[2]["moved"])  # the others: their round
+
+
+def _bad_synchronize_argument(rank: int, world_size: int, algo: str) -> str:
+    """Rank 2 passes an optimizer that is not one; the others are right."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = dl.AllReduceSGD(timeout=20) if algo == "sgd" else dl.AllReduceEA(tau=1, timeout=20)
+    sync.synchronize_parameters(model)  # bound
+    try:
+        sync.synchronize_parameters(model, optimizer="adam" if rank == 2 else opt)
+    except (TypeError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_one_ranks_bad_synchronize_argument_raises_on_every_rank(algo: str) -> None:
+    for message in run_world(_bad_synchronize_argument, 3, algo, timeout=60):
+        assert message.startswith("TypeError") and "rank 2" in message, message
+        assert "optimizer must be a torch.optim.Optimizer" in message
