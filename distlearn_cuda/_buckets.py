@@ -45,7 +45,6 @@ from ._plan import Plan
 
 __all__ = ["Bucket", "FlatParameters", "read_counts"]
 
-_GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
 
 
@@ -284,7 +283,9 @@ class Bucket:
         return read_counts(self.plan, self._presence)
 
     def present_gradients(self) -> list[torch.Tensor]:
-        return [g for g in map(_GRAD, self.params) if g is not None]
+        """This step's gradients (as filled: a gradient given as itself, or a
+        parameter's ``.grad``), the missing ones left out."""
+        return [g for g in self.grads if g is not None]
 
 
 def partial_means(plan: Plan, partial: Sequence[tuple[int, int]]) -> list[torch.Tensor]:

@@ -151,7 +151,10 @@ class Positions:
 
     def _read_all(self) -> dict[int, Record | None]:
         keys = [self._key(rank) for rank in range(self._world_size)]
-        present = [rank for rank, key in enumerate(keys) if self._store.check([key])]
+        if self._store.check(keys):  # every rank posted: two round trips in all
+            present = list(range(self._world_size))
+        else:
+            present = [rank for rank, key in enumerate(keys) if self._store.check([key])]
         values = self._store.multi_get([keys[rank] for rank in present]) if present else []
         positions: dict[int, Record | None] = dict.fromkeys(range(self._world_size))
         for rank, value in zip(present, values, strict=True):

@@ -138,6 +138,17 @@ PINNED: dict[str, dict[str, Any]] = {
         "defer": True,
         "events": [[0, 0, "unfreeze", "gate", [0, 1]]],
     },
+    # Found by a random draw: the zeros of a disagreement, read on the host
+    # (allow_unused), went to the gradients' own .grad (none) for gradients
+    # given as themselves.
+    "deferred agreement: gradients given as themselves, allow_unused": {
+        **SGD,
+        "form": "grads",
+        "allow_unused": True,
+        "defer": True,
+        "epochs": [[1, 1]],
+        "mismatch": [0, 0, 0, False, "propagate"],
+    },
     # A gradient in another layout than its segment, in a bf16 buffer: staged
     # in the gradient's own dtype (a stand-in in the buffer's overran it).
     "reordered gradient, bf16 buffer, missing gradient": {

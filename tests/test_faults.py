@@ -316,3 +316,19 @@ def test_ea_state_after_a_failed_round_is_the_last_good_round() -> None:
         report = outcomes[rank].value
         assert report["step"] < 49, "the failure never surfaced"
         assert report["same_as_last_good"] and report["stable"]
+
+
+def test_positions_are_raised_to_the_last_collective_every_rank_took_part_in() -> None:
+    """summarize(): a rank that reported nothing, or less than the floor,
+    took part in the floor's collective; this rank's own position is its
+    own, whatever the store held."""
+    from distlearn_cuda._positions import summarize
+
+    posted = {0: (12, "all_reduce_sum", 5), 1: (3, "all_reduce_sum", 1), 2: None, 3: None}
+    message = summarize(posted, floor=(11, "all_reduce_sum", 4), rank=3, entered=(12, "x", 5))
+    assert message == (
+        "ranks 1, 2 took part in collective 11 (all_reduce_sum) and reported no later one; "
+        "rank 0 waited in collective 12 (all_reduce_sum, step 5); "
+        "rank 3 waited in collective 12 (x, step 5)"
+    )
+    assert summarize({0: None, 1: None}) == "no rank reported its position"
