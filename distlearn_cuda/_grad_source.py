@@ -167,19 +167,41 @@ class GradientSource:
         tensors differ. The same tensors, frozen ones included: it takes
         ``bound``'s trainable set, so that a change since is seen as one.
         The same trainable tensors: it takes their segments."""
-        if self._metadata == bound._metadata:
+        if self.signature[0] != bound.signature[0]:
+            return None
+        if len(self._items) == len(bound._items) and all(
+            map(operator.is_, self._items, bound._items)
+        ):
             self._mask = list(bound._mask)
             index = [i for i, keep in enumerate(self._mask) if keep]
             self.trainable = [self._items[i] for i in index]
             self.names = [self._item_names[i] for i in index]
         elif [e[:2] for e in self.signature[1]] != [e[:2] for e in bound.signature[1]]:
             return None
-        if self.signature[0] != bound.signature[0]:
-            return None
         self.signature = bound.signature
         self._raw_strides = list(bound._raw_strides)
         self._checked = []
         return self
+
+    def difference_from(self, bound: GradientSource) -> str:
+        """Why this source cannot stand in for ``bound`` (see ``in_place_of``)."""
+        mine, theirs = self.signature[1], bound.signature[1]
+        if len(mine) != len(theirs):
+            detail = f"{len(mine)} tensors to average, {len(theirs)} bound"
+        elif self.signature[0] != bound.signature[0]:
+            detail = f"on {self.signature[0]}, bound on {bound.signature[0]}"
+        else:
+            index = next(
+                i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a[:2] != b[:2]
+            )
+            detail = (
+                f"{self.names[index]} is {describe_entry(mine[index])}, "
+                f"expected {describe_entry(theirs[index])}"
+            )
+        return (
+            f"structure changed since the first call ({detail}); every call must pass the "
+            f"same tensors, as all ranks must"
+        )
 
     def trainable_changed(self, grads: Any) -> bool:
         """Whether ``grads`` is the bound argument with another trainable set."""

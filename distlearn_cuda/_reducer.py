@@ -452,12 +452,13 @@ class GradientReducer:
             if other.in_place_of(source) is not None:
                 self._install(other)
                 return other.gather(grads, self._allow_unused)
-        detail = (
-            "attach and use_flat_storage bind a module's parameters"
-            if self.modes != Modes()
-            else "its structure differs"
-        )
-        problem = Problem("ValueError", f"not the module bound by the first call ({detail})")
+            problem = Problem("ValueError", other.difference_from(source))
+        else:
+            problem = Problem(
+                "ValueError",
+                "not the module bound by the first call (attach and use_flat_storage bind a "
+                "module's parameters)",
+            )
         return Gathered([None] * len(source.trainable), [problem])
 
     def _start_remaining(self, gathered: Gathered, code: int, check_nonfinite: bool) -> None:
