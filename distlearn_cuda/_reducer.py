@@ -377,6 +377,12 @@ class GradientReducer:
         finally:
             self._reset_buckets()
 
+    def _skips_on_device(self) -> bool:
+        """Whether the unpack kernels can skip a flagged step alone: one
+        bucket, filled by the call (with the flag; a bucket a hook filled in
+        place has none), so its flag is the step's."""
+        return len(self.buckets) == 1 and not self.buckets[0].started_by_hook
+
     def _finish_deferred(
         self, decision: Plan, code: int, call: Description, normalize: bool, nonfinite: str
     ) -> None:
@@ -391,8 +397,7 @@ class GradientReducer:
         reads the device anyway (the non-finite flags, the presence counts)
         reads the codes with them and, when they disagree, writes the same
         zeros instead of its host-side decisions."""
-        skip_on_device = nonfinite == "skip" and len(self.buckets) == 1
-        host = nonfinite == "raise" or (nonfinite == "skip" and not skip_on_device)
+        host = nonfinite == "raise" or (nonfinite == "skip" and not self._skips_on_device())
         if code in (CHANGED, PROBLEM):
             # This rank knows already: the zeros its peers' kernels write.
             for bucket in self.buckets:
@@ -495,7 +500,7 @@ class GradientReducer:
     ) -> None:
         """The agreed step: the non-finite guard, then every bucket unpacked."""
         buckets = self.buckets
-        skip_on_device = nonfinite == "skip" and len(buckets) == 1 and buckets[0].views is None
+        skip_on_device = nonfinite == "skip" and self._skips_on_device()
         ranks = 0
         if host_reads and nonfinite != "propagate" and not skip_on_device:
             ranks = max(b.nonfinite_ranks(b.started_by_hook) for b in buckets)

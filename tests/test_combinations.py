@@ -149,6 +149,16 @@ PINNED: dict[str, dict[str, Any]] = {
         "epochs": [[1, 1]],
         "mismatch": [0, 0, 0, False, "propagate"],
     },
+    # Found by a random draw: flat storage's "skip", the device deciding
+    # alone, let the NaN through (the kernels can skip a bucket the call filled).
+    "deferred agreement: flat storage skips a NaN": {
+        **SGD,
+        "mode": "flat",
+        "nonfinite": "skip",
+        "defer": True,
+        "epochs": [[1, 2]],
+        "nans": [[0, 1, 0]],
+    },
     # A gradient in another layout than its segment, in a bf16 buffer: staged
     # in the gradient's own dtype (a stand-in in the buffer's overran it).
     "reordered gradient, bf16 buffer, missing gradient": {
