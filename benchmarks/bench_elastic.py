@@ -171,8 +171,17 @@ class Run:
                 process.wait(timeout=10)
 
 
+# The control process's and the ranks' shared secret (a benchmark's own).
+SECRET = "bench-elastic-secret-0123456789"
+
+
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "DISTLEARN_ELASTIC_SECRET": SECRET,
+    }
 
 
 def free_port() -> int:

@@ -195,25 +195,30 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("root"), py::arg("stream"),
           py::arg("timeout"), release)
-      .def("check", &NcclCommunicator::check, "Raises the failure the watchdog recorded, if any.")
+      // Every call that takes the communicator's mutex releases the GIL: the
+      // watchdog may hold the mutex through a slow abort, and a waiting call
+      // that kept the GIL would stall every Python thread (the elastic
+      // heartbeat included, which would get a healthy rank declared dead).
+      .def("check", &NcclCommunicator::check, release,
+           "Raises the failure the watchdog recorded, if any.")
       .def("abort", &NcclCommunicator::abort, release)
       .def("close", &NcclCommunicator::close, py::arg("timeout") = 0.0, release,
            "Stops the watchdog, waits for the collectives in flight and ncclCommFinalize "
            "(timeout: its bound; 0: the longest collective timeout given), destroys; aborts "
            "on failure. Returns how it ended.")
-      .def("keep_for_shrink", &NcclCommunicator::keep_for_shrink,
+      .def("keep_for_shrink", &NcclCommunicator::keep_for_shrink, release,
            "On a failure the watchdog revokes (where NCCL has ncclCommRevoke) instead of "
            "aborting, so that the remaining ranks can shrink this communicator.")
       .def("shrink", &NcclCommunicator::shrink, py::arg("excluded"), py::arg("init_timeout"),
            release,
            "A communicator over the ranks not in `excluded`, by ncclCommShrink (collective over "
            "them, bounded by init_timeout); this one ends, whether or not it succeeds.")
-      .def_property_readonly("can_shrink", &NcclCommunicator::can_shrink)
-      .def_property_readonly("revoked", &NcclCommunicator::revoked)
-      .def_property_readonly("closed", &NcclCommunicator::closed)
-      .def_property_readonly("usable", &NcclCommunicator::usable)
-      .def_property_readonly("in_flight", &NcclCommunicator::in_flight)
-      .def_property_readonly("enqueues_in_progress", &NcclCommunicator::enqueues_in_progress)
+      .def_property_readonly("can_shrink", py::cpp_function(&NcclCommunicator::can_shrink, release))
+      .def_property_readonly("revoked", py::cpp_function(&NcclCommunicator::revoked, release))
+      .def_property_readonly("closed", py::cpp_function(&NcclCommunicator::closed, release))
+      .def_property_readonly("usable", py::cpp_function(&NcclCommunicator::usable, release))
+      .def_property_readonly("in_flight", py::cpp_function(&NcclCommunicator::in_flight, release))
+      .def_property_readonly("enqueues_in_progress", py::cpp_function(&NcclCommunicator::enqueues_in_progress, release))
       .def_property_readonly("nonblocking", &NcclCommunicator::nonblocking)
       .def_property_readonly("rank", &NcclCommunicator::rank)
       .def_property_readonly("nranks", &NcclCommunicator::nranks)

@@ -144,6 +144,7 @@ class AllReduceEA(_group.GroupMember):
         self._pending: PendingSum | None = None
         # A completed round held a rank's problem: the next round raises it.
         self._agreement_due = False
+        self._rounds_completed = 0  # rounds whose sum reached the center
 
     @property
     def last_round_skipped(self) -> bool:
@@ -172,6 +173,29 @@ class AllReduceEA(_group.GroupMember):
     @property
     def tau(self) -> int:
         return self._tau
+
+    # What the elastic layer reads to make a round a transaction (see
+    # elastic._trainer, NOTE [Rounds as transactions]).
+
+    @property
+    def next_call_is_round(self) -> bool:
+        """Whether the next ``average_parameters`` call runs a round."""
+        return (self._step + 1) % self._tau == 0
+
+    @property
+    def state_step(self) -> int:
+        """The step counter (``state_dict()["step"]``), without completing a round."""
+        return self._step
+
+    @property
+    def round_in_flight(self) -> bool:
+        """Whether an asynchronous round's allreduce has not been waited for."""
+        return self._pending is not None
+
+    @property
+    def rounds_completed(self) -> int:
+        """Rounds whose sum reached the center, since this object was made."""
+        return self._rounds_completed
 
     @property
     def alpha(self) -> float:
@@ -535,6 +559,7 @@ class AllReduceEA(_group.GroupMember):
         the center: a consistent state, that rank's delta zero)."""
         if plan.code_counts()[EA_PROBLEM] > 0:
             plan.center_update(self._centers, self._center_addresses)
+            self._rounds_completed += 1
             if for_reading:
                 self._agreement_due = True
                 return
@@ -546,6 +571,7 @@ class AllReduceEA(_group.GroupMember):
             )
         skip = self._nonfinite == "skip"
         plan.center_update(self._centers, self._center_addresses, skip_nonfinite=skip)
+        self._rounds_completed += 1
         self._skip_plan = plan if skip else None
 
     def _raise_agreed(self, mine: Description) -> None:

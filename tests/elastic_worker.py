@@ -19,6 +19,17 @@ joins only once FILE exists, so a test
 can start a joiner early and have it join without the wait for imports.
 ``--device cuda``: the model and data on the GPU, every rank on the same
 one, over gloo (NCCL refuses two ranks on one device).
+
+``--fault ACTION@POINT:N:DELAY_MS`` (the fault-injection harness,
+tests/test_elastic_faults.py): this rank kills (``kill``: SIGKILL) or
+stalls (``stop``: SIGSTOP; the harness kills or continues it later) itself
+``DELAY_MS`` after it enters the ``N``-th call at ``POINT``: ``step`` (the
+step call), ``sync`` (the synchronization call), ``handover`` (the state
+hand-over of a view change, counted from the first change after the start)
+or ``view`` (a view agreed, before the group is made). Events "local"
+(before the step call, SGD: this rank's own gradient) and "synced" (after
+each synchronization: steps, parameters, center, view prefix) feed the
+harness's invariants.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import argparse
 import gc
 import json
 import os
+import signal
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -34,7 +47,34 @@ from pathlib import Path
 import torch
 
 import distlearn_cuda.elastic as elastic
-from distlearn_cuda.elastic import _membership
+from distlearn_cuda.elastic import _membership, _trainer
+
+
+class Fault:
+    """One self-inflicted fault (see the module): armed at the N-th call at a point."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.action, self.point, self.n, self.delay = None, None, -1, 0.0
+        if spec:
+            self.action, rest = spec.split("@")
+            self.point, n, delay = rest.split(":")
+            self.n, self.delay = int(n), float(delay) / 1000
+        self.calls: dict[str, int] = {}
+
+    def enter(self, point: str, emit) -> None:  # type: ignore[no-untyped-def]
+        count = self.calls[point] = self.calls.get(point, 0) + 1
+        if point != self.point or count != self.n:
+            return
+        signum = signal.SIGKILL if self.action == "kill" else signal.SIGSTOP
+
+        def strike() -> None:
+            emit("fault", action=self.action, point=point, n=count)
+            os.kill(os.getpid(), signum)
+
+        if self.delay <= 0:
+            strike()
+        else:
+            threading.Timer(self.delay, strike).start()
 
 
 def flat(tensors: object) -> list[float]:
@@ -54,6 +94,8 @@ def main() -> None:
     parser.add_argument("--die-in-view", action="store_true")
     parser.add_argument("--wait-for", help="a file to wait for before joining (imports done)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--fault", help="ACTION@POINT:N:DELAY_MS (see the module)")
+    parser.add_argument("--shape", type=int, default=5, help="the model's inputs (misbuilt: not 5)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gc.disable()
@@ -73,8 +115,30 @@ def main() -> None:
 
         _membership.Membership.agree = agree_then_die
 
+    fault = Fault(args.fault)
+    started = {"done": False}  # view and hand-over faults count from the first change after it
+    if fault.point == "view":
+        agree_first = _membership.Membership.agree
+
+        def agree_and_fault(self: _membership.Membership, **kwargs: object) -> object:
+            view = agree_first(self, **kwargs)
+            if started["done"]:
+                fault.enter("view", emit)
+            return view
+
+        _membership.Membership.agree = agree_and_fault
+    if fault.point == "handover":
+        hand_over = _trainer._ElasticMember._hand_over_state
+
+        def hand_over_and_fault(self: _trainer._ElasticMember) -> bool:
+            if started["done"]:
+                fault.enter("handover", emit)
+            return hand_over(self)
+
+        _trainer._ElasticMember._hand_over_state = hand_over_and_fault  # type: ignore[method-assign]
+
     torch.manual_seed(0)
-    model = torch.nn.Linear(5, 3).to(args.device)
+    model = torch.nn.Linear(args.shape, 3).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     epoch = {"value": 0}
     holder: dict[str, object] = {}
@@ -94,7 +158,7 @@ def main() -> None:
     while args.wait_for and not Path(args.wait_for).exists():
         time.sleep(0.02)
     kind = elastic.ElasticSGD if args.algo == "sgd" else elastic.ElasticEA
-    options = {} if args.algo == "sgd" else {"tau": 2, "alpha": 0.3}
+    options = {} if args.algo == "sgd" else {"tau": 2, "beta": 0.9}
     obj = kind(
         args.control,
         model,
@@ -108,6 +172,7 @@ def main() -> None:
         **options,
     )
     holder["obj"] = obj
+    started["done"] = True
 
     def emit_state(event: str) -> None:
         emit(
@@ -131,18 +196,21 @@ def main() -> None:
     stop = Path(args.stop)
     while not (stop.exists() and obj.steps >= int(stop.read_text() or "0")):
         generator = torch.Generator().manual_seed(os.getpid() * 100_003 + obj.steps)
-        x = torch.randn(16, 5, generator=generator).to(args.device)
+        x = torch.randn(16, args.shape, generator=generator).to(args.device)
         y = torch.randn(16, 3, generator=generator).to(args.device)
         torch.nn.functional.mse_loss(model(x), y).backward()
         if args.algo == "sgd":
             local = flat(p.grad for p in model.parameters())
             step = obj.steps
+            emit("local", steps=step, prefix=obj.view.prefix, local=local)
+            fault.enter("step", emit)
             obj.sum_and_normalize_gradients()
             emit(
                 "step",
                 steps=step,
                 world=obj.world_size,
                 rank=obj.rank,
+                prefix=obj.view.prefix,
                 skipped=obj.last_step_skipped,
                 alive=alive_algorithms(),
                 local=local,
@@ -152,6 +220,7 @@ def main() -> None:
                 optimizer.step()
         else:
             optimizer.step()
+            fault.enter("step", emit)
             obj.average_parameters()
             emit(
                 "step",
@@ -163,11 +232,23 @@ def main() -> None:
         optimizer.zero_grad()
         time.sleep(args.pause)
         if obj.steps % args.sync_every == 0:
+            # Counted before the synchronization, as the examples do: a joiner
+            # admitted there starts with it (see NOTE [Extra state readings]).
             epoch["value"] += 1
+            fault.enter("sync", emit)
             if args.algo == "sgd":
                 obj.synchronize_parameters()
             else:
                 obj.synchronize_center()
+            emit(
+                "synced",
+                steps=obj.steps,
+                epoch=epoch["value"],
+                prefix=obj.view.prefix,
+                world=obj.world_size,
+                params=flat(model.parameters()),
+                center=None if args.algo == "sgd" else flat(obj.center.values()),
+            )
     emit_state("done")
     obj.close()
 

@@ -11,131 +11,20 @@ end of its test, so a bug fails a test instead of hanging the suite.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from elastic_job import SECRET, WAIT, WORKER, Job, assert_close, mean64, python_env
 from tensor_cases import needs_gpu
 
-from distlearn_cuda.elastic.control import store_port  # needs no torchft until it runs
+from distlearn_cuda.elastic._keys import CONTROL_KEY, SECRET_ENV, Keys
 
 pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
-
-WORKER = Path(__file__).with_name("elastic_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
-# Lighthouse timeouts of the tests' control process (seconds): a lost rank
-# is dropped from the next quorum one heartbeat timeout after its last beat.
-HEARTBEAT_TIMEOUT = 2.0
-# Longer than the ranks' collective deadline (3 s, elastic_worker.py): a
-# survivor that learns of the loss only from its deadline is still waited for.
-JOIN_TIMEOUT = 5.0
-WAIT = 60.0  # the longest any single wait of a test may take
-
-
-def python_env() -> dict[str, str]:
-    # The caller's PYTHONPATH stays: the GPU machine's torchft is carried there.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
-class Job:
-    """A control process and the ranks of one elastic job."""
-
-    def __init__(self, tmp_path: Path, algo: str, world: int, device: str = "cpu") -> None:
-        self.tmp_path, self.algo, self.world, self.device = tmp_path, algo, world, device
-        self.stop_file = tmp_path / "stop"
-        self.ranks: dict[str, subprocess.Popen] = {}
-        self.control: subprocess.Popen | None = None
-        self.port = 0
-        self.start_control()
-
-    def start_control(self) -> None:
-        log = open(self.tmp_path / "control.log", "a")
-        self.control = subprocess.Popen(
-            [
-                sys.executable, "-m", "distlearn_cuda.elastic.control",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT),
-                "--join-timeout", str(JOIN_TIMEOUT),
-            ],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=python_env(),
-        )  # fmt: skip
-        # The process prints it once it listens.
-        self.port = store_port(self.control.stdout.readline())
-
-    def hold(self, name: str, *extra: str) -> None:
-        """Starts ``name`` now (its imports take seconds here) and has it
-        join the job only at ``release(name)``."""
-        self.start(name, *extra, "--wait-for", str(self.tmp_path / f"{name}.go"))
-
-    def release(self, name: str) -> None:
-        (self.tmp_path / f"{name}.go").touch()
-
-    def start(self, name: str, *extra: str, pause: float = 0.02) -> None:
-        with open(self.tmp_path / f"{name}.log", "w") as log:
-            self.ranks[name] = subprocess.Popen(
-                [
-                    sys.executable, str(WORKER), f"127.0.0.1:{self.port}",
-                    str(self.tmp_path / f"{name}.jsonl"), "--algo", self.algo,
-                    "--world", str(self.world), "--stop", str(self.stop_file),
-                    "--pause", str(pause), "--device", self.device, *extra,
-                ],
-                stdout=log, stderr=subprocess.STDOUT, env=python_env(),
-            )  # fmt: skip
-
-    def events(self, name: str, kind: str | None = None) -> list[dict]:
-        path = self.tmp_path / f"{name}.jsonl"
-        if not path.exists():
-            return []
-        lines = path.read_text().splitlines()
-        parsed = [json.loads(line) for line in lines if line.endswith("}")]
-        return [e for e in parsed if kind is None or e["event"] == kind]
-
-    def wait_until(self, what: str, condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
-            time.sleep(0.05)
-
-    def steps_of(self, name: str) -> int:
-        steps = [e["steps"] for e in self.events(name, "step")] or [
-            e["steps"] for e in self.events(name, "view") if e["steps"] is not None
-        ]
-        return max(steps, default=-1)
-
-    def views(self, name: str) -> list[int]:
-        return [e["world"] for e in self.events(name, "view")]
-
-    def finish(self, names: list[str], margin: int = 30) -> dict[str, dict]:
-        """Stops the job ``margin`` steps past the furthest rank; waits for
-        ``names`` to exit 0; returns their "done" events."""
-        self.stop_file.write_text(str(max(self.steps_of(n) for n in names) + margin))
-        for name in names:
-            try:
-                code = self.ranks[name].wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"{name} did not finish\n{self.logs()}") from None
-            assert code == 0, f"{name} exited {code}\n{self.logs()}"
-        return {name: self.events(name, "done")[-1] for name in names}
-
-    def logs(self) -> str:
-        parts = []
-        for path in sorted(self.tmp_path.glob("*.log")):
-            parts.append(f"--- {path.name}\n{path.read_text()[-3000:]}")
-        return "\n".join(parts)
-
-    def close(self) -> None:
-        for process in [*self.ranks.values(), self.control]:
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -149,15 +38,6 @@ def make_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
     yield make
     for job in jobs:
         job.close()
-
-
-def mean64(vectors: list[list[float]]) -> list[float]:
-    return [math.fsum(column) / len(vectors) for column in zip(*vectors, strict=True)]
-
-
-def assert_close(got: list[float], want: list[float], tol: float = 2e-6) -> None:
-    worst = max(abs(g - w) / max(1.0, abs(w)) for g, w in zip(got, want, strict=True))
-    assert worst <= tol, f"off by {worst:.3g} (relative)"
 
 
 # On a GPU every rank shares the one device, over gloo (NCCL refuses two
@@ -316,13 +196,14 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
         for name in commands:
             assert job.ranks[name].wait(timeout=WAIT) == 0, job.logs()
         lines = [line for p in logs for line in p.read_text().splitlines()]
-        # Lost, then back after torchrun's restart, in the log of one rank 0.
+        # Lost, then back after torchrun's restart: the survivors' views (each
+        # rank prints its own; an epoch may end in either view, or in neither).
         sizes = [
-            [int(line.split("ranks ")[1].split()[0]) for line in p.read_text().splitlines()
-             if line.startswith("epoch ")]
-            for p in logs
+            [int(line.split(" of ")[1]) for line in p.read_text().splitlines()
+             if line.startswith("view: ")]
+            for p in logs[:2]
         ]  # fmt: skip
-        assert any(2 in s and s[-1] == 3 and 3 in s[s.index(2) :] for s in sizes), sizes
+        assert all(s[0] == 3 and 2 in s and 3 in s[s.index(2) :] for s in sizes), sizes
         final = [line for line in lines if line.startswith("final test accuracy")]
         assert final and all(float(f.split()[-1].rstrip("%")) >= 95.0 for f in final), final
     finally:
@@ -425,3 +306,130 @@ def test_control_rejects_bad_options() -> None:
         capture_output=True, text=True, timeout=60, env=python_env(),
     )  # fmt: skip
     assert done.returncode == 2 and "--min-ranks" in done.stderr
+
+
+# -- launch mistakes, security, jobs one after another (issue 21) -----------------------
+
+
+def rank_in_subprocess(env: dict[str, str], control: str, timeout: float = 60) -> str:
+    """Makes an ElasticSGD in a fresh process; returns its error line (or 'ok')."""
+    code = (
+        "import torch\n"
+        "from distlearn_cuda.elastic import ElasticSGD\n"
+        "try:\n"
+        f"    ElasticSGD({control!r}, torch.nn.Linear(2, 2), timeout=2, join_wait=5).close()\n"
+        "    print('ok')\n"
+        "except Exception as error:\n"
+        "    print(f'{type(error).__name__}: {error}')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    return done.stdout.strip() or done.stderr[-2000:]
+
+
+def test_a_rank_without_the_controls_secret_is_refused(make_job) -> None:
+    job = make_job("sgd", world=1)
+    wrong = {**python_env(), SECRET_ENV: "not-the-secret-0123456789"}
+    line = rank_in_subprocess(wrong, f"127.0.0.1:{job.port}")
+    assert line.startswith("PermissionError") and SECRET_ENV in line, line
+    missing = {k: v for k, v in python_env().items() if k != SECRET_ENV}
+    line = rank_in_subprocess(missing, f"127.0.0.1:{job.port}")
+    assert line.startswith("ValueError") and SECRET_ENV in line, line
+    # Nothing of the job is readable without it: the only public key says a
+    # control process listens; the Lighthouse's port is under the secret.
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", job.port, is_master=False, use_libuv=True)
+    assert store.check([CONTROL_KEY])
+    assert not store.check(["distlearn/elastic/lighthouse_port"])
+    assert store.check([Keys(SECRET).lighthouse_port])
+
+
+def test_a_crafted_pickle_in_the_hand_over_is_not_executed(tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    from distlearn_cuda import _gloo
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    for data in (pickle.dumps({"steps": Payload()}), _torch_save({"steps": Payload()})):
+        with pytest.raises(Exception, match=r"(?i)weights_only|unpickl|global"):
+            _gloo.decode(data)
+    assert not marker.exists()
+    # What the hand-over sends still travels.
+    state = {"steps": 3, "model": {"w": torch.ones(2)}, "extra": ({"epoch": 1}, None)}
+    back = _gloo.decode(_gloo.encode(state))
+    assert back["steps"] == 3 and torch.equal(back["model"]["w"], torch.ones(2))
+
+
+def _torch_save(value: object) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def test_launch_mistakes_get_errors_that_say_what_is_wrong(make_job) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    line = rank_in_subprocess(python_env(), f"127.0.0.1:{free}")
+    assert line.startswith("ConnectionError") and f"127.0.0.1:{free}" in line, line
+    assert "elastic.control" in line, line
+    # The Lighthouse's port given for the store's.
+    job = make_job("sgd", world=1)
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", job.port, is_master=False, use_libuv=True)
+    lighthouse = int(store.get(Keys(SECRET).lighthouse_port))
+    line = rank_in_subprocess(python_env(), f"127.0.0.1:{lighthouse}")
+    assert line.startswith("ConnectionError") and "Lighthouse" in line, line
+    # Several ranks under one torchrun.
+    line = rank_in_subprocess({**python_env(), "LOCAL_WORLD_SIZE": "2"}, f"127.0.0.1:{job.port}")
+    assert line.startswith("ValueError") and "--nproc_per_node 1" in line, line
+
+
+def test_the_control_process_listens_on_localhost_unless_told() -> None:
+    from distlearn_cuda.elastic.control import parse_args
+
+    assert parse_args([]).host == "127.0.0.1"
+    assert parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+def trained(job: Job, names: tuple[str, ...], steps: int = 5) -> bool:
+    return min(job.steps_of(n) for n in names) >= steps
+
+
+def test_a_second_job_starts_on_the_same_control_process(make_job) -> None:
+    job = make_job("sgd", world=2)
+    for name in ("a0", "a1"):
+        job.start(name)
+    job.wait_until("the first job to train", lambda: trained(job, ("a0", "a1")))
+    first = job.finish(["a0", "a1"], margin=5)
+    # The first job ended (its ranks closed); a second one, and later a
+    # third whose ranks all die at once and restart (a total failure).
+    job.stop_file.unlink()
+    for name in ("b0", "b1"):
+        job.start(name)
+    job.wait_until("the second job to train", lambda: trained(job, ("b0", "b1")))
+    for name in ("b0", "b1"):
+        job.ranks[name].kill()
+    for name in ("c0", "c1"):
+        job.start(name)
+    job.wait_until("the third job to train", lambda: trained(job, ("c0", "c1")))
+    third = job.finish(["c0", "c1"], margin=5)
+    assert all(d["world"] == 2 for d in [*first.values(), *third.values()])
+    prefixes = {job.view_of(n).split("/job-")[1].split("/")[0] for n in ("a0", "b0", "c0")}
+    assert len(prefixes) == 3, prefixes  # three jobs, three numbers

@@ -8,18 +8,19 @@ Nothing here runs on a normal training step.
 Views. A view's ranks are the quorum's members in the Lighthouse's order
 (by replica id, which starts with this process's start time, so survivors
 keep their order and joiners come last). Its group is made on the control
-store under ``distlearn/elastic/view-<quorum id>-<generation>``, where the
-generation is one more than the largest any member reports (each member's
-count of the views it was in): the Lighthouse's quorum id changes with the
-members, the generation when the same members meet again, so no prefix is
-used twice within a store's life, and a restarted control process starts an
-empty store.
+store under the job's ``view-<quorum id>-<generation>`` key (see
+``_keys``), where the generation is one more than the largest any member
+reports (each member's count of the views it was in): the Lighthouse's
+quorum id changes with the members, the generation when the same members
+meet again, so no prefix is used twice within a job, and a restarted
+control process starts an empty store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import socket
 import threading
@@ -30,16 +31,11 @@ from types import ModuleType
 import torch.distributed as dist
 
 from ..errors import CommunicationError
+from ._keys import CONTROL_KEY, SECRET_ENV, JobKeys, Keys
 
-__all__ = ["LIGHTHOUSE_PORT_KEY", "STARTED_KEY", "Membership", "View", "import_torchft"]
+__all__ = ["Membership", "View", "import_torchft"]
 
-LIGHTHOUSE_PORT_KEY = "distlearn/elastic/lighthouse_port"
-TIMEOUTS_KEY = "distlearn/elastic/timeouts"  # "<join timeout s> <heartbeat timeout s>"
-STARTED_KEY = "distlearn/elastic/started"  # set while a job runs: new ranks join it
-JOINS_KEY = "distlearn/elastic/joins"  # joins announced, a counter
-ADMITTED_KEY = "distlearn/elastic/admitted"  # joins admitted (by number), set by rank 0
-JOINER_PREFIX = "distlearn/elastic/joiner"  # /<number>: the joiner's replica id
-REQUESTING_PREFIX = "distlearn/elastic/requesting"  # /<replica id>: set before it asks
+logger = logging.getLogger(__name__)
 # The control process's quorum tick (control.py) in seconds.
 LIGHTHOUSE_TICK_S = 0.05
 # A quorum request lasts at least this, and three times the Lighthouse's
@@ -51,6 +47,8 @@ EXPECTED_TRIES = 3
 EXTRA_HINT = 'pip install "distlearn_cuda[elastic]"'
 # Between two quorum requests of a rank that waits for more ranks at start.
 START_POLL_S = 0.1
+# Between two log lines of a rank that waits for the world to fill.
+WAITING_LOG_S = 10.0
 
 
 def import_torchft() -> ModuleType:
@@ -94,14 +92,20 @@ def parse_address(control: str) -> tuple[str, int]:
 
 
 class Membership:
-    """This rank's membership: its replica id, its heartbeats, its views."""
+    """This rank's membership: its replica id, its heartbeats, its job, its views."""
 
     def __init__(
-        self, control: str, *, heartbeat_interval: float, connect_timeout: datetime.timedelta
+        self,
+        control: str,
+        secret: str,
+        *,
+        heartbeat_interval: float,
+        connect_timeout: datetime.timedelta,
     ) -> None:
         self._coordination = import_torchft()
         self._host, self._port = parse_address(control)
         self._connect_timeout = connect_timeout
+        self.keys = Keys(secret)
         # Start time first: the Lighthouse orders members by replica id.
         self.replica_id = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}"
         self.generation = 0  # views this process was in
@@ -109,8 +113,14 @@ class Membership:
         self._reconnecting: threading.Thread | None = None
         self._known: set[str] = set()
         self._previous: tuple[str, ...] = ()  # the members of this rank's last view
-        self.store = self._connect_store()
+        self.store = self._first_store()
+        self.job = self.keys.for_job(0)  # set by find_job
         self._stop = threading.Event()
+        # Set while this rank may be counted by the Lighthouse: a joiner
+        # sends no heartbeat until it is admitted, since the Lighthouse waits
+        # for every live rank that has not asked for a quorum (up to its join
+        # timeout) and refuses one holding half or fewer of them.
+        self.beating = threading.Event()
         self._beating = threading.Thread(
             target=self._heartbeats,
             args=(heartbeat_interval,),
@@ -119,19 +129,85 @@ class Membership:
         )
         self._beating.start()
 
+    def _first_store(self) -> dist.TCPStore:
+        """The store client, or an error that says what is wrong with the
+        launch: no control process at the address, another server there, or
+        a secret that is not the control process's."""
+        address = f"{self._host}:{self._port}"
+        try:
+            store = self._connect_store()
+        except Exception as error:  # torch's DistStoreError, RuntimeError, TimeoutError
+            raise ConnectionError(
+                f"elastic: no control process's store answers at {address} ({error}); start "
+                f"one with `python -m distlearn_cuda.elastic.control --port {self._port}` and "
+                f"pass the address its ready line prints ('store HOST:PORT'; not the "
+                f"Lighthouse's port)"
+            ) from error
+        try:
+            ours = store.check([CONTROL_KEY])
+            mine = ours and store.check([self.keys.lighthouse_port])
+        except Exception as error:
+            raise ConnectionError(
+                f"elastic: the server at {address} is not a control process's store ({error})"
+            ) from error
+        if not ours:
+            raise ConnectionError(
+                f"elastic: the store at {address} is not an elastic control process's (is it "
+                f"another job's rendezvous?)"
+            )
+        if not mine:
+            raise PermissionError(
+                f"elastic: the control process at {address} holds nothing under this rank's "
+                f"secret: {SECRET_ENV} differs from the one the control process was given"
+            )
+        return store
+
     def live_store(self) -> dist.TCPStore:
         """The store client, connected anew if the control process restarted
         (bounded by the connect timeout)."""
         try:
-            self.store.check([LIGHTHOUSE_PORT_KEY])
+            self.store.check([self.keys.lighthouse_port])
         except Exception:
             self.store = self._connect_store()
         return self.store
 
+    # -- the job ----------------------------------------------------------
+
+    def find_job(self) -> bool:
+        """Finds the job this rank belongs to; returns whether it runs (the
+        rank joins it) or is to be started (the rank waits for the world).
+        A started job whose members sent no heartbeat within the control
+        process's heartbeat timeout is over (it ended, or all its ranks
+        were lost): the first rank to notice starts the next one."""
+        store = self.live_store()
+        while True:
+            number = store.add(self.keys.job, 0)
+            job = self.keys.for_job(number)
+            if number > 0 and not store.check([job.started]):
+                self.job = job  # being formed: wait for the world with the others
+                return False
+            if number > 0 and self._alive(store, job):
+                self.job = job
+                return True
+            # None yet, or over: the next number (one rank moves it; the
+            # others read it and come back here).
+            store.compare_set(self.keys.job, str(number), str(number + 1))
+
+    def _alive(self, store: dist.TCPStore, job: JobKeys) -> bool:
+        """Whether ``job``'s members beat within the heartbeat timeout."""
+        _, heartbeat_timeout = map(float, store.get(self.keys.timeouts).split())
+        first = store.add(job.alive, 0)
+        deadline = time.monotonic() + heartbeat_timeout
+        while time.monotonic() < deadline:
+            time.sleep(START_POLL_S)
+            if store.add(job.alive, 0) != first:
+                return True
+        return False
+
     def mark_started(self) -> None:
-        """Records that a job runs (new ranks then join it)."""
+        """Records that the job runs (new ranks then join it)."""
         self.in_job = True
-        self.live_store().set(STARTED_KEY, "1")
+        self.live_store().set(self.job.started, "1")
 
     def _connect_store(self) -> dist.TCPStore:
         return dist.TCPStore(
@@ -144,34 +220,41 @@ class Membership:
 
     def _client(self, store: dist.TCPStore) -> object:
         """A client of the Lighthouse whose port the control process put in ``store``."""
-        port = int(store.get(LIGHTHOUSE_PORT_KEY))
+        port = int(store.get(self.keys.lighthouse_port))
         return self._coordination.LighthouseClient(
             f"http://{self._host}:{port}", self._connect_timeout
         )
 
     def _lighthouse(self) -> tuple[object, float, float]:
         """A client of the Lighthouse, and its join and heartbeat timeouts (s)."""
-        join_timeout, heartbeat_timeout = map(float, self.store.get(TIMEOUTS_KEY).split())
+        join_timeout, heartbeat_timeout = map(float, self.store.get(self.keys.timeouts).split())
         return self._client(self.store), join_timeout, heartbeat_timeout
 
     def _heartbeats(self, interval: float) -> None:
-        client = None
+        client = store = None
         while not self._stop.wait(interval):
             try:
-                if client is None:
-                    client = self._lighthouse_from_new_store()
+                if not self.beating.is_set():
+                    continue
+                if client is None or store is None:
+                    store, client = self._lighthouse_from_new_store()
                 client.heartbeat(self.replica_id, timeout=self._connect_timeout)
+                if self.in_job:
+                    store.add(self.job.alive, 1)
             except Exception:  # the control process may be down: keep trying
-                client = None
+                client = store = None
 
-    def _lighthouse_from_new_store(self) -> object:
+    def _lighthouse_from_new_store(self) -> tuple[dist.TCPStore, object]:
         # Its own store client: TCPStore clients are not shared across threads
         # here. A restarted control process has an empty store: say again
-        # that a job runs, so a new rank joins it instead of starting one.
+        # that the job runs, and its number, so a new rank joins it instead
+        # of starting one.
         store = self._connect_store()
         if self.in_job:
-            store.set(STARTED_KEY, "1")
-        return self._client(store)
+            if store.add(self.keys.job, 0) < self.job.job:
+                store.set(self.keys.job, str(self.job.job))
+            store.set(self.job.started, "1")
+        return store, self._client(store)
 
     # -- joining ----------------------------------------------------------
     #
@@ -181,29 +264,33 @@ class Membership:
     # the members. So a joiner announces itself, waits in the store until a
     # synchronization point admits it, marks itself requesting and asks;
     # the members wait for that mark before they ask, and ask again if the
-    # quorum they got misses an admitted joiner that is still alive.
+    # quorum they got misses an admitted joiner that is still alive. The
+    # joiner holds quorums to the members' rules: it reads the members and
+    # the joiners admitted with it, and asks again when the members would.
 
     def announce_join(self) -> int:
         """Announces this rank as a joiner; returns its number."""
-        number = self.store.add(JOINS_KEY, 1)
-        self.store.set(f"{JOINER_PREFIX}/{number}", self.replica_id)
+        self.beating.clear()
+        number = self.store.add(self.job.joins, 1)
+        self.store.set(self.job.joiner(number), self.replica_id)
         return number
 
-    def admit_joins(self, handled: int) -> tuple[int, list[str]]:
+    def admit_joins(self, handled: int, members: tuple[str, ...]) -> tuple[int, list[str]]:
         """Admits the joiners announced after the first ``handled`` (rank 0,
-        at a synchronization point): returns the new count handled and the
-        replica ids admitted."""
+        at a synchronization point of a view of ``members``): returns the new
+        count handled and the replica ids admitted."""
         try:
-            announced = self.store.add(JOINS_KEY, 0)
+            announced = self.store.add(self.job.joins, 0)
             if announced < handled:  # a restarted control process: a new store
                 handled = 0
             admitted: list[str] = []
             number = handled
-            while number < announced and self.store.check([f"{JOINER_PREFIX}/{number + 1}"]):
+            while number < announced and self.store.check([self.job.joiner(number + 1)]):
                 number += 1
-                admitted.append(self.store.get(f"{JOINER_PREFIX}/{number}").decode())
+                admitted.append(self.store.get(self.job.joiner(number)).decode())
             if number > handled:
-                self.store.set(ADMITTED_KEY, str(number))
+                self.store.set(self.job.members, f"{','.join(members)};{','.join(admitted)}")
+                self.store.set(self.job.admitted, str(number))
         except Exception:  # the control process is down: training goes on
             self._reconnect_in_background()
             return handled, []
@@ -227,18 +314,29 @@ class Membership:
 
     def wait_for_joiners(self, joiners: list[str], bound: float) -> None:
         """Waits (at most ``bound`` seconds) until each admitted joiner marked
-        itself requesting, plus two Lighthouse ticks for its request to land."""
-        keys = [f"{REQUESTING_PREFIX}/{joiner}" for joiner in joiners]
+        itself requesting, plus two Lighthouse ticks for its request to land.
+        The control process being down ends the wait (the change then finds
+        out whether the joiners came)."""
+        keys = [self.job.requesting(joiner) for joiner in joiners]
         deadline = time.monotonic() + bound
-        while keys and not self.live_store().check(keys) and time.monotonic() < deadline:
-            time.sleep(START_POLL_S)
+        try:
+            while keys and not self.live_store().check(keys) and time.monotonic() < deadline:
+                time.sleep(START_POLL_S)
+        except Exception:
+            return
         time.sleep(2 * LIGHTHOUSE_TICK_S)
 
-    def _wait_for_admission(self, number: int, deadline: float) -> None:
+    def _wait_for_admission(self, number: int, deadline: float) -> tuple[str, ...]:
+        """Waits until a synchronization point admits join ``number``;
+        returns the joiners admitted with it (the members expect them)."""
         while time.monotonic() < deadline:
-            if int(self.store.get(ADMITTED_KEY)) >= number:
-                self.store.set(f"{REQUESTING_PREFIX}/{self.replica_id}", "1")
-                return
+            store = self.live_store()
+            if store.check([self.job.admitted]) and int(store.get(self.job.admitted)) >= number:
+                members, admitted = store.get(self.job.members).decode().split(";")
+                self._previous = tuple(members.split(","))
+                self.beating.set()
+                store.set(self.job.requesting(self.replica_id), "1")
+                return tuple(a for a in admitted.split(",") if a != self.replica_id)
             time.sleep(START_POLL_S)
         raise CommunicationError(
             "elastic membership: this rank's join was not admitted in time (the job's ranks "
@@ -271,13 +369,16 @@ class Membership:
         it) joins as a new rank."""
         last_error: Exception | None = None
         misses = 0
+        waiting_since = time.monotonic()
+        if not join:
+            self.beating.set()
         while time.monotonic() < deadline:
             try:
                 store = self.live_store()
-                if newcomer and store.check([STARTED_KEY]):
+                if newcomer and store.check([self.job.started]):
                     join, newcomer, min_size = True, False, 1
                 if join:
-                    self._wait_for_admission(self.announce_join(), deadline)
+                    expected = self._wait_for_admission(self.announce_join(), deadline)
                     join = False
                 client, join_timeout, heartbeat_timeout = self._lighthouse()
                 patience = max(REQUEST_FLOOR_S, 3 * max(join_timeout, heartbeat_timeout))
@@ -304,9 +405,18 @@ class Membership:
                 continue
             members = tuple(member.replica_id for member in quorum.participants)
             if self.replica_id not in members or len(members) < min_size:
+                if time.monotonic() - waiting_since > WAITING_LOG_S:
+                    waiting_since = time.monotonic()
+                    logger.warning(
+                        "elastic: waiting for the world to fill: %d of %d ranks asked (the "
+                        "others not started yet, or started with another control address "
+                        "or secret?)",
+                        len(members),
+                        min_size,
+                    )
                 time.sleep(START_POLL_S)
                 continue
-            if newcomer and self.live_store().check([STARTED_KEY]):
+            if newcomer and self.live_store().check([self.job.started]):
                 continue  # a job runs: join it (at the loop's top) rather than start one
             if any(e not in members for e in expected) and misses < EXPECTED_TRIES:
                 misses += 1  # every member got this quorum: all ask again
@@ -328,7 +438,7 @@ class Membership:
                 rank=members.index(self.replica_id),
                 world_size=len(members),
                 members=members,
-                prefix=f"distlearn/elastic/view-{quorum.quorum_id}-{generation}",
+                prefix=self.job.view(quorum.quorum_id, generation),
                 joined=joined,
             )
         raise CommunicationError(

@@ -18,14 +18,36 @@ the others how far it got; the source is the lowest rank among those that
 got furthest (never a rank that joined with no state), and one broadcast
 gives everyone its state: the model's parameters and buffers and the
 optimizer's state (SGD, and EA joiners), the EA center and step counter, and
-what the user registered (``extra_state``). Failures while changing (a rank
-lost during the change, a joiner that dies before it has the state) start
-the change again, at most ``retries`` times, each step bounded.
+what the user registered (``extra_state``). Before that, the members
+compare their models' structures: a joiner built with another model is
+refused (ValueError there, naming the first difference) and the others
+change views again without it. Failures while changing (a rank lost during
+the change, a joiner that dies before it has the state) start the change
+again, at most ``retries`` times, each step bounded.
+
+NOTE [Transactions]. A step, a synchronization point and an EA round either
+complete on every member of a view or are redone whole on the next one.
+How far a rank got is (synchronization points completed, steps completed),
+compared in that order: after a failure, a rank that is behind the view's
+source takes its state, and with it the step or synchronization point it
+failed in, which the source completed; the others redo it on the new view.
+A rank that took the state of a job that had completed the synchronization
+point at its step count (a rank that failed in the step before it, or a
+stalled one that joined again there) returns from its own call to that
+point at once: its peers are past it.
+So no rank leaves a synchronization point that a peer is still in (the peer
+would otherwise meet the rank's next steps there, as the uneven-steps rule
+of ``AllReduceSGD.synchronize_parameters`` has it, and the two drift a
+synchronization interval apart). An EA round that fails is rolled back
+before it is redone: the parameters to what the round started from, the
+blend of a failed asynchronous round undone, the step counter to the call's
+start (the center never absorbs a failed round).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +62,8 @@ from .._validate import check_timeout
 from ..ea import AllReduceEA
 from ..errors import CommunicationError
 from ..sgd import AllReduceSGD
-from ._membership import STARTED_KEY, Membership, View
+from ._keys import missing_secret_message, read_secret
+from ._membership import Membership, View, parse_address
 from ._shrink import Parent, shrink_into
 
 __all__ = ["ElasticEA", "ElasticSGD"]
@@ -51,6 +74,38 @@ DEFAULT_ELASTIC_TIMEOUT = datetime.timedelta(seconds=30)
 # waits up to its heartbeat or join timeout (seconds) for a lost rank.
 DEFAULT_JOIN_WAIT = datetime.timedelta(minutes=10)
 BACKENDS = ("nccl", "gloo")
+# How far a rank got, as one int (see NOTE [Transactions]): synchronization
+# points weigh more than any count of steps.
+SYNC_WEIGHT = 1 << 40
+
+
+class _MisbuiltPeer(RuntimeError):
+    """Some member's model is not the job's: the view is changed again without it."""
+
+
+def structure_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[str]:
+    """What must match across the members for the state to be handed over:
+    every state entry's name, dtype and shape, and the optimizer's groups'
+    sizes."""
+    entries = [
+        f"{name}: {value.dtype} {tuple(value.shape)}"
+        for name, value in model.state_dict().items()
+        if isinstance(value, torch.Tensor)
+    ]
+    if optimizer is not None:
+        sizes = [len(group["params"]) for group in optimizer.param_groups]
+        entries.append(f"optimizer {type(optimizer).__name__}, param groups of sizes {sizes}")
+    return entries
+
+
+def first_difference(mine: list[str], reference: list[str]) -> str:
+    """The first entry where ``mine`` differs from ``reference``, in words."""
+    for index, (got, want) in enumerate(zip(mine, reference, strict=False)):
+        if got != want:
+            return f"entry {index} is '{got}', the job's is '{want}'"
+    if len(mine) != len(reference):
+        return f"{len(mine)} state entries, the job's model has {len(reference)}"
+    return "no difference"
 
 
 def _check_backend(backend: str | None) -> str:
@@ -99,6 +154,7 @@ class _ElasticMember:
         extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
         **algorithm_options: Any,
     ) -> None:
+        parse_address(control)  # TypeError/ValueError naming it
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -122,6 +178,7 @@ class _ElasticMember:
         self._backend = _check_backend(backend)
         self._timeout = check_timeout(timeout)
         self._join_wait = check_timeout(join_wait)
+        self._check_options(algorithm_options)
         self._options = algorithm_options  # for each view's algorithm object
         self._model = model
         self._optimizer = optimizer
@@ -133,11 +190,42 @@ class _ElasticMember:
                 "elastic mode makes torch's default process group for each membership view: "
                 "do not initialize it (dist.init_process_group) in an elastic job"
             )
+        local_world = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        if local_world.isdigit() and int(local_world) > 1:
+            raise ValueError(
+                f"elastic mode runs one process per launcher: torchrun started "
+                f"{local_world} processes here (LOCAL_WORLD_SIZE), and restarts all of them "
+                f"when any fails, which elastic mode exists to avoid; start each rank with "
+                f"`torchrun --nproc_per_node 1` (or as a plain process)"
+            )
+        secret = read_secret()
+        if secret is None:
+            raise ValueError(missing_secret_message())
         self._membership = Membership(
-            control, heartbeat_interval=float(heartbeat_interval), connect_timeout=self._timeout
+            control,
+            secret,
+            heartbeat_interval=float(heartbeat_interval),
+            connect_timeout=self._timeout,
         )
         self._algo: AllReduceSGD | AllReduceEA | None = None
         self._steps = 0  # steps the job took, as this rank knows them (handed over)
+        self._syncs = 0  # synchronization points the job completed (handed over)
+        self._synced_at = -1  # the step count at the last one (handed over)
+        # This rank took, in a change, the state of a job that had completed
+        # the synchronization point at this step count: its own call to it is
+        # then done (NOTE [Transactions]). Cleared by the next step.
+        self._past_sync = False
+        # NOTE [Extra state readings]. extra_state's get() is read when this
+        # rank completes a step and a synchronization point; a member that
+        # takes the source's state takes the reading that matches where it
+        # is: behind in a step, the source's reading after its last step
+        # (the member then runs its own code after that step, as the source
+        # did); behind in a synchronization point, or a joiner (whose loop
+        # starts after one), the reading after the last synchronization. A
+        # member as far as the source keeps its own: it holds the same.
+        self._extra_after_step: Any = None
+        self._extra_after_sync: Any = None
+        self._call = "start"  # where this rank is: "start", "step" or "sync"
         self._view: View | None = None
         self._has_state = False  # False until this rank holds the job's state
         self._joins_handled = 0
@@ -145,7 +233,7 @@ class _ElasticMember:
         self._parent: Parent | None = None  # the dropped view's NCCL communicators
         try:
             # A new rank waits for the initial world; one arriving later joins.
-            if self._membership.live_store().check([STARTED_KEY]):
+            if self._membership.find_job():
                 self._change_view(join=True)
             else:
                 self._change_view(min_size=world_size, newcomer=True)
@@ -209,11 +297,15 @@ class _ElasticMember:
         return self._algo
 
     def _progress(self) -> int:
-        """How far this rank got (larger is further); only ranks with state count."""
-        return self._steps
+        """How far this rank got (larger is further; NOTE [Transactions]);
+        only ranks with state count."""
+        return self._syncs * SYNC_WEIGHT + self._steps
 
     def _make_algorithm(self) -> AllReduceSGD | AllReduceEA:
         raise NotImplementedError
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        """ValueError for an algorithm option elastic mode cannot keep."""
 
     def _state(self) -> dict[str, Any]:
         """What the source hands over."""
@@ -268,6 +360,8 @@ class _ElasticMember:
         )
         restart_numbering(dist.group.WORLD)
         self._algo = self._make_algorithm()
+        self._check_structures()
+        self._bind_algorithm()
         if self._backend == "nccl":
             # Before the view's first CUDA collective, which makes its communicator.
             _nccl.mark_shrinkable(dist.group.WORLD)
@@ -280,6 +374,36 @@ class _ElasticMember:
                 _nccl.init_timeout(self._timeout.total_seconds()),
             )
 
+    def _check_structures(self) -> None:
+        """Every member's model structure against the job's (the furthest
+        rank's, or in a new job the one most members have): a member whose
+        differs raises ValueError (a misbuilt joiner: it leaves); the others
+        raise _MisbuiltPeer, and the change starts again without it."""
+        collectives = self._current()._collectives
+        mine = structure_of(self._model, self._optimizer)
+        progress = self._progress() if self._has_state else -1
+        gathered = collectives.gather_objects([progress, mine])
+        best = max(p for p, _ in gathered)
+        if best >= 0:
+            reference = next(structure for p, structure in gathered if p == best)
+        else:
+            structures = [structure for _, structure in gathered]
+            reference = max(structures, key=structures.count)  # ties: the lowest rank's
+        misbuilt = [rank for rank, (_, s) in enumerate(gathered) if s != reference]
+        if not misbuilt:
+            return
+        if mine != reference:
+            difference = first_difference(mine, reference)
+            raise ValueError(
+                f"elastic: this rank's model is not the job's ({difference}); every rank must "
+                f"build the same model and optimizer"
+            )
+        raise _MisbuiltPeer(f"ranks {misbuilt} of the view have another model; leaving them out")
+
+    def _bind_algorithm(self) -> None:
+        """Binds the view's algorithm object to the model, where it must
+        before the hand-over (after the structures were compared)."""
+
     def _hand_over_state(self) -> bool:
         """Every member gets the source's state; returns whether this rank was
         behind the source (its state was replaced by a further one). Three
@@ -290,10 +414,29 @@ class _ElasticMember:
         mine = self._progress() if self._has_state else -1
         best = collectives.max_int(mine)
         source = -collectives.max_int(-(self.rank if mine == best else self.world_size))
-        state = _to_cpu(self._state()) if self.rank == source else None
+        state = None
+        if self.rank == source:
+            state = _to_cpu(
+                {
+                    **self._state(),
+                    "syncs": self._syncs,
+                    "synced_at": self._synced_at,
+                    "joins": self._joins_handled,  # so that no later rank 0 admits them again
+                    "extra": self._extra_readings(),
+                }
+            )
         state = collectives.broadcast_object(state, source)
         if self.rank != source:
             self._load_state(state, self._has_state)
+            self._syncs = state["syncs"]
+            self._synced_at = state["synced_at"]
+            self._past_sync = self._steps == self._synced_at
+            self._joins_handled = state["joins"]
+            if not self._has_state or mine < best:
+                after_step, after_sync = state["extra"]
+                self._load_extra(
+                    after_step if self._has_state and self._call == "step" else after_sync
+                )
         behind = self._has_state and mine < best
         self._has_state = True
         return behind
@@ -332,6 +475,11 @@ class _ElasticMember:
                 self._install(view)
                 behind = self._hand_over_state()
                 self._membership.mark_started()
+            except ValueError:
+                # This rank is the misbuilt one: it leaves the job.
+                self._drop_view()
+                self._discard_parent()
+                raise
             except RuntimeError as error:
                 # A member lost during the change: CommunicationError from a
                 # collective, torch.distributed's errors (DistError, gloo's
@@ -360,15 +508,56 @@ class _ElasticMember:
         last one (rank 0 admits them; everyone gets its list)."""
         admitted = None
         if self.rank == 0:
-            admitted = self._membership.admit_joins(self._joins_handled)
+            admitted = self._membership.admit_joins(self._joins_handled, self.view.members)
         handled, joiners = self._current()._collectives.broadcast_object(admitted, 0)
         self._joins_handled = handled
         if joiners:
             self._membership.wait_for_joiners(joiners, self._timeout.total_seconds())
             self._change_view(expected=tuple(joiners))
 
+    def _synchronization_point(self, synchronize: Callable[[], None]) -> None:
+        """``synchronize`` then the joiners, as one transaction (NOTE
+        [Transactions]): after a failure, done when the view's source
+        completed it, redone otherwise."""
+        if self._past_sync and self._steps == self._synced_at:
+            self._past_sync = False
+            return  # the job completed it while this rank was changing views
+        self._call = "sync"
+        syncs = self._syncs
+        for attempt in range(self._retries + 1):
+            try:
+                if self._syncs == syncs:
+                    synchronize()
+                    self._syncs += 1
+                    self._synced_at = self._steps
+                    self._extra_after_sync = self._extra()
+                self._add_joiners()
+                return
+            except CommunicationError:
+                if attempt == self._retries:
+                    raise
+                self._change_view()
+                if self._syncs > syncs:
+                    return  # the source completed it: its state is this rank's
+
     def _extra(self) -> Any:
         return self._extra_state[0]() if self._extra_state is not None else None
+
+    def _step_done(self) -> None:
+        """Counts a completed step (NOTE [Extra state readings])."""
+        self._steps += 1
+        if self._extra_state is not None:
+            self._extra_after_step = self._extra()
+
+    def _extra_readings(self) -> tuple[Any, Any]:
+        """(after the last step, after the last synchronization point); what
+        get() returns now where there is none yet."""
+        if self._extra_state is None:
+            return None, None
+        now = self._extra()
+        after_step = self._extra_after_step if self._extra_after_step is not None else now
+        after_sync = self._extra_after_sync if self._extra_after_sync is not None else now
+        return after_step, after_sync
 
     def _load_extra(self, value: Any) -> None:
         if self._extra_state is not None:
@@ -397,8 +586,11 @@ class ElasticSGD(_ElasticMember):
     rank that was a step behind the furthest survivor (it failed in a step
     the others had completed) receives the furthest's parameters and
     optimizer state, and reports its step skipped (``last_step_skipped``):
-    skip ``optimizer.step()`` then. A joining rank gets the parameters,
-    buffers, optimizer state and ``extra_state`` of the furthest rank.
+    skip ``optimizer.step()`` then. Every member but the furthest rank (the
+    source) takes its parameters, buffers, optimizer state and
+    ``extra_state``. A synchronization point that fails is redone on the
+    new view unless the source completed it (NOTE [Transactions] in the
+    module).
 
     On NCCL (CUDA tensors, ``backend="nccl"``) each step's allreduce is
     waited for on the host before its sum is unpacked, so that a failed one
@@ -427,7 +619,8 @@ class ElasticSGD(_ElasticMember):
         on_change: called with the new ``View`` after every change, the first
             included (to re-split the data by ``rank`` and ``world_size``).
         extra_state: a (get, load) pair for state of the user's own (an epoch
-            counter, a scheduler's ``state_dict``) handed to joiners.
+            counter, a scheduler's ``state_dict``; tensors and plain data),
+            taken from the source by every other member at each change.
         **algorithm_options: passed to ``AllReduceSGD`` (``comm_dtype``,
             ``allow_unused``).
     """
@@ -445,6 +638,8 @@ class ElasticSGD(_ElasticMember):
         """The model's gradients <- their mean over the current view's ranks.
         After a lost rank, completes among the survivors (see the class)."""
         self._skipped = False
+        self._past_sync = False
+        self._call = "step"
         for attempt in range(self._retries + 1):
             try:
                 self._current().sum_and_normalize_gradients(self._model)
@@ -455,23 +650,24 @@ class ElasticSGD(_ElasticMember):
                 if self._change_view():
                     self._skipped = True
                     return
-        self._steps += 1
+        self._step_done()
 
     def synchronize_parameters(self) -> None:
         """Every rank gets the parameters, buffers and optimizer state of the
         rank that took the most steps (ranks may take different numbers of
         steps between synchronizations, as with ``AllReduceSGD``); then the
-        ranks whose join was announced are added."""
-        try:
+        ranks whose join was announced are added. A failure redoes it on
+        the next view (NOTE [Transactions])."""
+
+        def synchronize() -> None:
             # First the algorithm's own synchronization, which lets ranks that
             # took fewer steps join the others' allreduces until all arrive;
             # then, with every rank at the same point, the joiners.
             self._current().synchronize_parameters(
                 self._model, optimizer=self._optimizer, buffers=True
             )
-            self._add_joiners()
-        except CommunicationError:
-            self._change_view()
+
+        self._synchronization_point(synchronize)
 
     def _make_algorithm(self) -> AllReduceSGD:
         algo = AllReduceSGD(timeout=self._timeout, **self._options)
@@ -486,7 +682,6 @@ class ElasticSGD(_ElasticMember):
             "steps": self._steps,
             "model": self._model.state_dict(),
             "optimizer": self._optimizer.state_dict() if self._optimizer else None,
-            "extra": self._extra(),
         }
 
     def _load_state(self, state: dict[str, Any], had_state: bool) -> None:
@@ -494,8 +689,6 @@ class ElasticSGD(_ElasticMember):
         self._model.load_state_dict(state["model"])
         if self._optimizer is not None and state["optimizer"] is not None:
             self._optimizer.load_state_dict(state["optimizer"])
-        if not had_state:
-            self._load_extra(state["extra"])
 
 
 class ElasticEA(_ElasticMember):
@@ -504,15 +697,28 @@ class ElasticEA(_ElasticMember):
     Used like ``ElasticSGD`` (same control process, launch and arguments),
     with ``average_parameters()`` after each ``optimizer.step()``. A round
     completes only when its sum is complete: a round whose allreduce fails
-    leaves the center as it was on every survivor, and the call runs again
-    on the new view (each survivor keeps its own parameters: a lost rank's
-    are lost, the center is not). Every member of a new view takes the
-    center and step counter of the furthest rank; a joiner also takes its
-    parameters, buffers, optimizer state and ``extra_state``.
+    leaves the center as it was on every survivor, each survivor's
+    parameters go back to what the round started from (an asynchronous
+    round's blend undone when it is found to have failed, at the next
+    round), and the call runs again on the new view (each survivor keeps its
+    own parameters: a lost rank's are lost, the center is not). Every member
+    of a new view takes the center, step counter and ``extra_state`` of the
+    furthest rank; a joiner also takes its parameters, buffers and
+    optimizer state.
 
-    Args: as ``ElasticSGD``, with ``tau``, ``alpha`` and the other
-    ``AllReduceEA`` options passed through ``**algorithm_options``.
+    Args: as ``ElasticSGD``, with ``tau``, ``beta`` and the other
+    ``AllReduceEA`` options passed through ``**algorithm_options``
+    (``alpha`` is refused: see ``beta`` in ``AllReduceEA``).
     """
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        if options.get("alpha") is not None:
+            raise ValueError(
+                "ElasticEA takes beta, not alpha: the world size changes with the views, and "
+                "a fixed alpha is stable only below 2 / alpha - 1 ranks (NOTE [EA stability]), "
+                "so a view that grew past it could not be made; beta (the center's rate, "
+                "default 0.9) gives each view alpha = beta / its size"
+            )
 
     # The EA state (center, round counter) the next view's object starts from.
     _handed_state: dict[str, Any] | None = None
@@ -522,31 +728,68 @@ class ElasticEA(_ElasticMember):
         """The center, by parameter name (as ``AllReduceEA.center``)."""
         return self._current().center
 
+    # An asynchronous round in flight: what its blend moved the parameters
+    # by (parameters before it minus after it), to undo it if it fails.
+    _blend: list[torch.Tensor] | None = None
+    # The step counter a failed call rolls back to (set while it changes views).
+    _rollback_step: int | None = None
+
     def average_parameters(self) -> None:
-        """One EA step of the model's parameters (a round every ``tau`` steps)."""
+        """One EA step of the model's parameters (a round every ``tau``
+        steps). A round that fails is rolled back and redone on the next
+        view (NOTE [Transactions])."""
+        self._past_sync = False
+        self._call = "step"
         for attempt in range(self._retries + 1):
-            try:
-                self._current().average_parameters(self._model)
+            algo = self._current()
+            if not algo.next_call_is_round:
+                algo.average_parameters(self._model)  # counts; no collective
                 break
+            params = list(self._model.parameters())
+            with torch.no_grad():
+                before = [p.detach().clone() for p in params]
+            step, completed = algo.state_step, algo.rounds_completed
+            pending = algo.round_in_flight
+            try:
+                algo.average_parameters(self._model)
             except CommunicationError:
                 if attempt == self._retries:
                     raise
-                self._change_view()
-        self._steps += 1
+                # The round in flight failed unless the call completed it.
+                undo = self._blend if pending and algo.rounds_completed == completed else None
+                self._blend = None
+                self._rollback_step = step
+                behind = self._change_view()
+                self._rollback_step = None
+                if behind:
+                    return  # the source completed this call, this rank's blend in its center
+                with torch.no_grad():
+                    torch._foreach_copy_(params, before)
+                    if undo is not None:
+                        torch._foreach_add_(params, undo)
+                continue
+            if algo.round_in_flight:
+                with torch.no_grad():
+                    torch._foreach_sub_(before, params)
+                self._blend = before
+            else:
+                self._blend = None
+            break
+        self._step_done()
 
     def synchronize_center(self) -> None:
         """Every rank gets rank 0's center; then the ranks whose join was
-        announced are added."""
-        try:
-            self._current().synchronize_center(self._model)
-            self._add_joiners()
-        except CommunicationError:
-            self._change_view()
+        announced are added. A failure redoes it on the next view (NOTE
+        [Transactions])."""
+        self._synchronization_point(lambda: self._current().synchronize_center(self._model))
+        self._blend = None  # no round in flight past a synchronization
 
     def _keep_state(self) -> None:
         # state_dict() never raises after a failure: the last complete round.
         if self._algo is not None:
             self._handed_state = self._algo.state_dict()
+            if self._rollback_step is not None:
+                self._handed_state["step"] = self._rollback_step
 
     def _ea_state(self) -> dict[str, Any]:
         self._keep_state()
@@ -557,10 +800,12 @@ class ElasticEA(_ElasticMember):
         algo = AllReduceEA(timeout=self._timeout, **self._options)
         if self._handed_state is not None:
             algo.load_state_dict(self._handed_state)
+        return algo
+
+    def _bind_algorithm(self) -> None:
         # Bound now (the center made, or taken from the handed state), so
         # that its state_dict() holds the center before any round.
-        algo._bind(self._model)
-        return algo
+        self._current()._bind(self._model)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -568,7 +813,6 @@ class ElasticEA(_ElasticMember):
             "ea": self._ea_state(),
             "model": self._model.state_dict(),
             "optimizer": self._optimizer.state_dict() if self._optimizer else None,
-            "extra": self._extra(),
         }
 
     def _load_state(self, state: dict[str, Any], had_state: bool) -> None:
@@ -579,4 +823,3 @@ class ElasticEA(_ElasticMember):
             self._model.load_state_dict(state["model"])
             if self._optimizer is not None and state["optimizer"] is not None:
                 self._optimizer.load_state_dict(state["optimizer"])
-            self._load_extra(state["extra"])

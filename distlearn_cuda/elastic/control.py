@@ -1,7 +1,8 @@
 """The control process of an elastic job: where ranks meet, and who is in it.
 
-    python -m distlearn_cuda.elastic.control --port 29400 [--min-ranks 1]
-        [--heartbeat-timeout 2] [--join-timeout 2] [--lighthouse-port 0]
+    DISTLEARN_ELASTIC_SECRET=... python -m distlearn_cuda.elastic.control \
+        [--host 127.0.0.1] [--port 29400] [--min-ranks 1] [--heartbeat-timeout 5]
+        [--join-timeout 60] [--lighthouse-port 0]
 
 It hosts two things and nothing else (it holds no model state, and training
 goes on while it is down until membership changes):
@@ -25,8 +26,14 @@ its neighbours) asks up to that deadline later than the others: keep
 the next view (it then joins again at the next synchronization point). The
 cost of a long join timeout is paid only while a live rank does not ask.
 
+Security (see ``_keys``): it listens on 127.0.0.1 unless ``--host`` says
+otherwise, and every key of its jobs is named from a secret the ranks share
+(``DISTLEARN_ELASTIC_SECRET``, or ``DISTLEARN_ELASTIC_SECRET_FILE``); with
+neither set it makes one and prints it on stderr for the ranks.
+
 Prints one line, ``distlearn_cuda elastic control: store HOST:PORT
-lighthouse PORT``, once both listen; runs until SIGTERM or SIGINT.
+lighthouse PORT``, once both listen; runs until SIGTERM or SIGINT. It serves
+one job at a time, and any number of jobs one after another.
 """
 
 from __future__ import annotations
@@ -39,13 +46,8 @@ import threading
 
 import torch.distributed as dist
 
-from ._membership import (
-    ADMITTED_KEY,
-    LIGHTHOUSE_PORT_KEY,
-    LIGHTHOUSE_TICK_S,
-    TIMEOUTS_KEY,
-    import_torchft,
-)
+from ._keys import CONTROL_KEY, SECRET_ENV, Keys, new_secret, read_secret
+from ._membership import LIGHTHOUSE_TICK_S, import_torchft
 
 __all__ = ["main", "store_port"]
 
@@ -62,6 +64,14 @@ def store_port(line: str) -> int:
     return int(line.split(" store ")[1].split()[0].rsplit(":", 1)[1])
 
 
+def bind_host(host: str) -> str:
+    """The Lighthouse's bind address for the store's ``host`` (the ranks
+    reach both at the same address)."""
+    if host in ("0.0.0.0", "::", ""):
+        return "[::]"
+    return f"[{host}]" if ":" in host else host
+
+
 def positive_seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -71,7 +81,11 @@ def positive_seconds(text: str) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="0.0.0.0", help="address the store listens on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the store listens on (0.0.0.0: every interface; see the module on security)",
+    )
     parser.add_argument("--port", type=int, default=29400, help="the store's port (0: any)")
     parser.add_argument("--lighthouse-port", type=int, default=0, help="0: any free port")
     parser.add_argument("--min-ranks", type=int, default=1, help="smallest world that trains")
@@ -90,6 +104,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    secret = read_secret()
+    if secret is None:
+        secret = new_secret()
+        print(
+            f"distlearn_cuda elastic control: no secret given; the ranks need "
+            f"{SECRET_ENV}={secret}",
+            file=sys.stderr,
+            flush=True,
+        )
+    keys = Keys(secret)
     lighthouse_server = import_torchft().LighthouseServer
     store = dist.TCPStore(
         args.host,
@@ -100,17 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         use_libuv=True,
     )
     lighthouse = lighthouse_server(
-        bind=f"[::]:{args.lighthouse_port}",
+        bind=f"{bind_host(args.host)}:{args.lighthouse_port}",
         min_replicas=args.min_ranks,
         join_timeout_ms=round(args.join_timeout * 1000),
         quorum_tick_ms=round(LIGHTHOUSE_TICK_S * 1000),
         heartbeat_timeout_ms=round(args.heartbeat_timeout * 1000),
     )
     lighthouse_port = int(lighthouse.address().rsplit(":", 1)[1])
-    store.set(LIGHTHOUSE_PORT_KEY, str(lighthouse_port))
-    store.set(TIMEOUTS_KEY, f"{args.join_timeout} {args.heartbeat_timeout}")
-    if not store.check([ADMITTED_KEY]):
-        store.set(ADMITTED_KEY, "0")
+    store.set(keys.lighthouse_port, str(lighthouse_port))
+    store.set(keys.timeouts, f"{args.join_timeout} {args.heartbeat_timeout}")
+    store.set(CONTROL_KEY, "1")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

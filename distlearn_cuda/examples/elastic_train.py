@@ -4,6 +4,7 @@ Each rank is a process of its own, started by hand or by ``torchrun
 --nproc_per_node 1 --max-restarts N`` (which starts a failed rank again; it
 then joins as a new rank), against a control process started once:
 
+    export DISTLEARN_ELASTIC_SECRET=$(openssl rand -hex 16)  # shared by all below
     python -m distlearn_cuda.elastic.control --port 29400
     python -m distlearn_cuda.examples.digits --elastic 127.0.0.1:29400 --world 3  # x3
 
@@ -71,6 +72,7 @@ def train_and_evaluate_elastic(
         timeout=args.elastic_timeout,
         backend=args.elastic_backend,
         extra_state=(lambda: dict(epoch), epoch.update),
+        on_change=lambda view: print(f"view: rank {view.rank} of {view.world_size}", flush=True),
         **options,
     )
     accuracy = 0.0
