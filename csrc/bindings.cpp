@@ -218,7 +218,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("closed", py::cpp_function(&NcclCommunicator::closed, release))
       .def_property_readonly("usable", py::cpp_function(&NcclCommunicator::usable, release))
       .def_property_readonly("in_flight", py::cpp_function(&NcclCommunicator::in_flight, release))
-      .def_property_readonly("enqueues_in_progress", py::cpp_function(&NcclCommunicator::enqueues_in_progress, release))
+      .def_property_readonly("enqueues_in_progress",
+                             py::cpp_function(&NcclCommunicator::enqueues_in_progress, release))
       .def_property_readonly("nonblocking", &NcclCommunicator::nonblocking)
       .def_property_readonly("rank", &NcclCommunicator::rank)
       .def_property_readonly("nranks", &NcclCommunicator::nranks)

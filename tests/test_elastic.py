@@ -311,31 +311,44 @@ def test_control_rejects_bad_options() -> None:
 # -- launch mistakes, security, jobs one after another (issue 21) -----------------------
 
 
-def rank_in_subprocess(env: dict[str, str], control: str, timeout: float = 60) -> str:
-    """Makes an ElasticSGD in a fresh process; returns its error line (or 'ok')."""
+def ranks_in_a_subprocess(cases: list[tuple[dict[str, str | None], str]]) -> list[str]:
+    """Makes an ElasticSGD for each (environment changes, control address)
+    in one fresh process (one import of torch); returns each one's error
+    line (or 'ok')."""
     code = (
-        "import torch\n"
+        "import json, os, sys, torch\n"
         "from distlearn_cuda.elastic import ElasticSGD\n"
-        "try:\n"
-        f"    ElasticSGD({control!r}, torch.nn.Linear(2, 2), timeout=2, join_wait=5).close()\n"
-        "    print('ok')\n"
-        "except Exception as error:\n"
-        "    print(f'{type(error).__name__}: {error}')\n"
+        "for changes, control in json.loads(sys.argv[1]):\n"
+        "    saved = dict(os.environ)\n"
+        "    for key, value in changes.items():\n"
+        "        os.environ.pop(key, None) if value is None else os.environ.update({key: value})\n"
+        "    try:\n"
+        "        ElasticSGD(control, torch.nn.Linear(2, 2), timeout=2, join_wait=5).close()\n"
+        "        print('ok')\n"
+        "    except Exception as error:\n"
+        "        print(f'{type(error).__name__}: {error}'.replace('\\n', ' '))\n"
+        "    os.environ.clear(); os.environ.update(saved)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-c", code, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=python_env(),
     )
-    return done.stdout.strip() or done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(cases), done.stdout + done.stderr[-2000:]
+    return lines
 
 
 def test_a_rank_without_the_controls_secret_is_refused(make_job) -> None:
     job = make_job("sgd", world=1)
-    wrong = {**python_env(), SECRET_ENV: "not-the-secret-0123456789"}
-    line = rank_in_subprocess(wrong, f"127.0.0.1:{job.port}")
-    assert line.startswith("PermissionError") and SECRET_ENV in line, line
-    missing = {k: v for k, v in python_env().items() if k != SECRET_ENV}
-    line = rank_in_subprocess(missing, f"127.0.0.1:{job.port}")
-    assert line.startswith("ValueError") and SECRET_ENV in line, line
+    control = f"127.0.0.1:{job.port}"
+    wrong, missing = ranks_in_a_subprocess(
+        [({SECRET_ENV: "not-the-secret-0123456789"}, control), ({SECRET_ENV: None}, control)]
+    )
+    assert wrong.startswith("PermissionError") and SECRET_ENV in wrong, wrong
+    assert missing.startswith("ValueError") and SECRET_ENV in missing, missing
     # Nothing of the job is readable without it: the only public key says a
     # control process listens; the Lighthouse's port is under the secret.
     import torch.distributed as dist
@@ -382,23 +395,25 @@ def _torch_save(value: object) -> bytes:
 def test_launch_mistakes_get_errors_that_say_what_is_wrong(make_job) -> None:
     import socket
 
+    import torch.distributed as dist
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
-    line = rank_in_subprocess(python_env(), f"127.0.0.1:{free}")
-    assert line.startswith("ConnectionError") and f"127.0.0.1:{free}" in line, line
-    assert "elastic.control" in line, line
-    # The Lighthouse's port given for the store's.
     job = make_job("sgd", world=1)
-    import torch.distributed as dist
-
     store = dist.TCPStore("127.0.0.1", job.port, is_master=False, use_libuv=True)
     lighthouse = int(store.get(Keys(SECRET).lighthouse_port))
-    line = rank_in_subprocess(python_env(), f"127.0.0.1:{lighthouse}")
-    assert line.startswith("ConnectionError") and "Lighthouse" in line, line
-    # Several ranks under one torchrun.
-    line = rank_in_subprocess({**python_env(), "LOCAL_WORLD_SIZE": "2"}, f"127.0.0.1:{job.port}")
-    assert line.startswith("ValueError") and "--nproc_per_node 1" in line, line
+    nothing, wrong_port, several = ranks_in_a_subprocess(
+        [
+            ({}, f"127.0.0.1:{free}"),  # no control process there
+            ({}, f"127.0.0.1:{lighthouse}"),  # the Lighthouse's port for the store's
+            ({"LOCAL_WORLD_SIZE": "2"}, f"127.0.0.1:{job.port}"),  # several under one torchrun
+        ]
+    )
+    assert nothing.startswith("ConnectionError") and f"127.0.0.1:{free}" in nothing, nothing
+    assert "elastic.control" in nothing, nothing
+    assert wrong_port.startswith("ConnectionError") and "Lighthouse" in wrong_port, wrong_port
+    assert several.startswith("ValueError") and "--nproc_per_node 1" in several, several
 
 
 def test_the_control_process_listens_on_localhost_unless_told() -> None:
