@@ -60,6 +60,7 @@ class Job:
                 "--join-timeout", str(JOIN_TIMEOUT),
             ],
             stdout=subprocess.PIPE, stderr=log, text=True, env=python_env(),
+            cwd=os.environ.get("DISTLEARN_TEST_LIBRARY"),  # python -m imports from the cwd
         )  # fmt: skip
         # The process prints it once it listens.
         self.port = store_port(self.control.stdout.readline())
