@@ -43,12 +43,13 @@ from elastic_job import WAIT, Job, assert_close, mean64
 pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
 
 POINTS = ("step", "sync", "view", "handover")
-# Seeds CI runs (the suite's budget allows three): SGD, a 2-rank job whose
+# Seeds CI runs (the suite's budget allows two): SGD, a 2-rank job whose
 # stalled rank comes back while a replacement and a misbuilt joiner arrive
 # at once (1: fails at da3f0ba, the misbuilt joiner ends the job); SGD, a
 # rank stalled in a synchronization point comes back (10: fails at da3f0ba,
-# its epoch counter is not taken); EA, a rank killed in a view change (12).
-CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 12").split()]
+# its epoch counter is not taken). EA's schedules run in the soak (12: a
+# rank killed in a view change, is the first to add).
+CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10").split()]
 SOAK = int(os.environ.get("DISTLEARN_ELASTIC_SOAK", "0"))
 SYNC_EVERY = 10
 
