@@ -175,7 +175,7 @@ class AllReduceEA(_group.GroupMember):
         return self._tau
 
     # What the elastic layer reads to make a round a transaction (see
-    # elastic._trainer, NOTE [Rounds as transactions]).
+    # elastic._trainer, NOTE [Transactions]).
 
     @property
     def next_call_is_round(self) -> bool:

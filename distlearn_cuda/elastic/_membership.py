@@ -195,7 +195,7 @@ class Membership:
 
     def _alive(self, store: dist.TCPStore, job: JobKeys) -> bool:
         """Whether ``job``'s members beat within the heartbeat timeout."""
-        _, heartbeat_timeout = map(float, store.get(self.keys.timeouts).split())
+        _, heartbeat_timeout = self._timeouts(store)
         first = store.add(job.alive, 0)
         deadline = time.monotonic() + heartbeat_timeout
         while time.monotonic() < deadline:
@@ -225,10 +225,14 @@ class Membership:
             f"http://{self._host}:{port}", self._connect_timeout
         )
 
+    def _timeouts(self, store: dist.TCPStore) -> tuple[float, float]:
+        """The Lighthouse's join and heartbeat timeouts (s), as the control process wrote them."""
+        join_timeout, heartbeat_timeout = map(float, store.get(self.keys.timeouts).split())
+        return join_timeout, heartbeat_timeout
+
     def _lighthouse(self) -> tuple[object, float, float]:
         """A client of the Lighthouse, and its join and heartbeat timeouts (s)."""
-        join_timeout, heartbeat_timeout = map(float, self.store.get(self.keys.timeouts).split())
-        return self._client(self.store), join_timeout, heartbeat_timeout
+        return self._client(self.store), *self._timeouts(self.store)
 
     def _heartbeats(self, interval: float) -> None:
         client = store = None

@@ -519,7 +519,7 @@ class _ElasticMember:
         """``synchronize`` then the joiners, as one transaction (NOTE
         [Transactions]): after a failure, done when the view's source
         completed it, redone otherwise."""
-        if self._past_sync and self._steps == self._synced_at:
+        if self._past_sync:  # set only where the step count is that point's
             self._past_sync = False
             return  # the job completed it while this rank was changing views
         self._call = "sync"
