@@ -11,11 +11,14 @@ library (or killed) leaves its last position there.
 Two facts make a failure's message exact without relying on that lag:
 
 - A collective that needs every rank's contribution (an allreduce, an
-  allgather) completed on this rank only if every rank entered it. The last
-  such collective is the floor of every rank's position: a rank killed
-  between two collectives is named with exactly the last one it took part
-  in, whatever its posting thread managed to post (a rank killed inside a
-  collective is named with the one before: at most one collective old).
+  allgather) completed on a rank only if every rank entered it. The last
+  such collective to complete on any survivor is the floor of every rank's
+  position; each rank posts its own floor with its position, and a
+  survivor takes the highest it reads. A collective can complete on some
+  ranks and fail on others (a rank killed inside it), so the survivors can
+  wait in two consecutive collectives: the lost rank is named with the
+  later one's predecessor, which it entered, whatever its own posting
+  thread managed to post.
 - The posted positions are also read back now and then (every
   ``refresh_interval``, which grows with the world so that the store's load
   does not), so a survivor still names the ranks that fell behind when the
@@ -56,6 +59,8 @@ REFRESH_READS_PER_S = 32.0
 
 # (collective number, operation, step) as a rank recorded it.
 Record = tuple[int, str, int]
+# Every rank's posted position, and the highest floor any rank posted.
+Reading = tuple[dict[int, Record | None], Record | None]
 
 
 def refresh_interval(world_size: int) -> float:
@@ -76,11 +81,11 @@ class Positions:
         self._step = step
         self.number = 0
         self._entered: Record | None = None  # the last collective this rank entered
-        self._posted: Record | None = None
+        self._posted: tuple[Record | None, Record | None] | None = None  # (entered, floor)
         # The last collective that every rank entered (see the module).
         self._floor: Record | None = None
         # Every rank's position as last read back, and when.
-        self._snapshot: dict[int, Record | None] | None = None
+        self._snapshot: Reading | None = None
         self._snapshot_at = 0.0
         self._refresh_s = refresh_interval(world_size)
         self._stop = threading.Event()
@@ -124,7 +129,7 @@ class Positions:
                 pass
             time.sleep(GRACE_S)
             late = self._try_read()
-            found.append(self._summary(late if isinstance(late, dict) else early))
+            found.append(self._summary(late if not isinstance(late, str) else early))
 
         reader = threading.Thread(target=read, name="distlearn-positions-read", daemon=True)
         reader.start()
@@ -137,19 +142,22 @@ class Positions:
         return f"{self._prefix}/position/{rank}"
 
     def _post(self) -> None:
-        entered = self._entered
-        if entered is not None and entered != self._posted:
-            self._store.set(self._key(self._rank), " ".join(map(str, entered)))
-            self._posted = entered
+        """Posts "number operation step" and, once known, the floor's three
+        fields after them: one write, so a reader sees both or neither."""
+        posted = (self._entered, self._floor)
+        if posted[0] is not None and posted != self._posted:
+            fields = [*posted[0], *(posted[1] or ())]
+            self._store.set(self._key(self._rank), " ".join(map(str, fields)))
+            self._posted = posted
 
-    def _try_read(self) -> dict[int, Record | None] | str:
+    def _try_read(self) -> Reading | str:
         """Every rank's posted position, or why it could not be read."""
         try:
             return self._read_all()
         except Exception as error:  # a dead store: say so rather than raise again
             return f"could not be read ({error})"
 
-    def _read_all(self) -> dict[int, Record | None]:
+    def _read_all(self) -> Reading:
         keys = [self._key(rank) for rank in range(self._world_size)]
         if self._store.check(keys):  # every rank posted: two round trips in all
             present = list(range(self._world_size))
@@ -157,10 +165,13 @@ class Positions:
             present = [rank for rank, key in enumerate(keys) if self._store.check([key])]
         values = self._store.multi_get([keys[rank] for rank in present]) if present else []
         positions: dict[int, Record | None] = dict.fromkeys(range(self._world_size))
+        floor: Record | None = None
         for rank, value in zip(present, values, strict=True):
-            number, operation, step = value.decode().split(" ")
-            positions[rank] = (int(number), operation, int(step))
-        return positions
+            fields = value.decode().split(" ")
+            positions[rank] = _record(fields[:3])
+            if len(fields) == 6:
+                floor = _highest(floor, _record(fields[3:]))
+        return positions, floor
 
     def refresh(self) -> None:
         """Reads every rank's position back, if the last reading is old enough
@@ -170,19 +181,32 @@ class Positions:
             self._snapshot = self._read_all()
             self._snapshot_at = now
 
-    def _summary(self, read: dict[int, Record | None] | str) -> str:
+    def _summary(self, read: Reading | str) -> str:
         """The sentence for what was read now, or (the store failing) the
-        last reading, each position raised to the floor."""
+        last reading, each position raised to the highest floor."""
         note = ""
-        positions = read if isinstance(read, dict) else self._snapshot
-        if not isinstance(read, dict):
-            if positions is None:
-                positions = dict.fromkeys(range(self._world_size))
+        reading = read if not isinstance(read, str) else self._snapshot
+        if isinstance(read, str):
+            if reading is None:
+                reading = dict.fromkeys(range(self._world_size)), None
                 note = f"; the ranks' positions {read}"
             else:
                 age = time.monotonic() - self._snapshot_at
                 note = f" (as read {age:.1f} s before; the ranks' positions now {read})"
-        return summarize(positions, self._floor, self._rank, self._entered) + note
+        positions, floor = reading
+        return summarize(positions, _highest(self._floor, floor), self._rank, self._entered) + note
+
+
+def _record(fields: list[str]) -> Record:
+    number, operation, step = fields
+    return int(number), operation, int(step)
+
+
+def _highest(a: Record | None, b: Record | None) -> Record | None:
+    """The later of two floors (by collective number)."""
+    if a is None or b is None:
+        return a or b
+    return a if a[0] >= b[0] else b
 
 
 def _post_loop(positions: weakref.ref[Positions], stop: threading.Event) -> None:
@@ -208,7 +232,7 @@ def summarize(
 ) -> str:
     """ "rank 2 last reported collective 9 (...); ranks 0, 1 waited in 10 (...)":
     the ranks furthest ahead waited there; every other rank is named with
-    where it last was. ``floor``: the last collective every rank entered (a
+    where it last was. ``floor``: a collective every rank entered (a
     rank that reported less, or nothing, took part in it); ``rank`` and
     ``entered``: this rank's own position, which it knows whatever the store
     holds."""

@@ -133,19 +133,39 @@ def test_survivors_raise_within_the_deadline(algo: str, fault: str, tmp_path: Pa
         assert "not attempted, an earlier collective of this object failed" in report["again"]
         assert report["freed_without_gc"]
         # The failing rank is named with its last position, exactly: it took
-        # part in the collective before the one the survivors waited in,
-        # whether or not its own report reached the store (every rank took
-        # part in a collective that completed; see _positions).
+        # part in the collective before the furthest one a survivor waited
+        # in, whether or not its own report reached the store (every rank
+        # took part in a collective that completed on any rank; see
+        # _positions). A rank killed inside a collective can leave the
+        # survivors one collective apart: one completed it, one did not.
         print(report["message"])
-        found = re.search(
-            r"rank 1 (?:last reported|took part in) collective (\d+) \(\w+[,)].*; "
-            r"ranks 0, 2 waited in collective (\d+) \(\w+, step (\d+)\)",
-            report["message"],
-        )
-        assert found, report["message"]
-        assert int(found[2]) == int(found[1]) + 1, report["message"]
+        named = named_positions(report["message"])
+        assert set(named) == {0, 1, 2}, report["message"]
+        furthest = max(number for number, _, _ in named.values())
+        waited = {r for r, (number, how, _) in named.items() if how == "waited in"}
+        assert waited == {r for r, (number, _, _) in named.items() if number == furthest}
+        assert waited <= {0, 2}, report["message"]
+        assert named[1][0] == furthest - 1, report["message"]
+        assert all(named[r][0] >= furthest - 1 for r in (0, 2)), report["message"]
         if fault == "stall":  # a killed rank's last asynchronous EA round may fail first
-            assert int(found[3]) == (fault_step if algo == "sgd" else fault_step + 1)
+            assert waited == {0, 2}, report["message"]
+            assert named[0][2] == (fault_step if algo == "sgd" else fault_step + 1)
+
+
+def named_positions(message: str) -> dict[int, tuple[int, str, int | None]]:
+    """Rank -> (collective number, how it is named, step or None) in a
+    positions sentence ("rank 1 took part in collective 7 (...); ranks 0, 2
+    waited in collective 8 (all_reduce_sum, step 5)")."""
+    named = {}
+    clause = re.compile(
+        r"ranks? ([\d, ]+) (waited in|last reported|took part in) collective (\d+) "
+        r"\((\w+)(?:, step (\d+))?\)"
+    )
+    for found in clause.finditer(message):
+        for rank in found[1].split(", "):
+            step = int(found[5]) if found[5] is not None else None
+            named[int(rank)] = (int(found[3]), found[2], step)
+    return named
 
 
 def _structure(rank: int, world_size: int, algo: str, odd_rank: int) -> dict:
@@ -332,3 +352,33 @@ def test_positions_are_raised_to_the_last_collective_every_rank_took_part_in() -
         "rank 3 waited in collective 12 (x, step 5)"
     )
     assert summarize({0: None, 1: None}) == "no rank reported its position"
+
+
+def test_a_collective_completed_on_one_survivor_raises_every_floor() -> None:
+    """Rank 1 killed inside collective 8: it completed on rank 2 (which then
+    waited in 9) and failed on rank 0. Rank 2's posted floor says every rank
+    entered 8, so rank 0 names rank 1 with 8, not with its own floor 7."""
+    import torch.distributed as dist
+
+    from distlearn_cuda._positions import Positions
+
+    store = dist.HashStore()
+    ranks = [Positions(store, "p", rank, 3, step=lambda: 0) for rank in range(3)]
+    try:
+        for number in range(1, 10):
+            for rank, positions in enumerate(ranks):
+                reached = {0: 8, 1: 7, 2: 9}[rank]
+                if number <= reached:
+                    positions.enter(f"op{number}")
+                    if number < reached or (rank == 1 and number == 7):
+                        positions.completed_by_all()
+        for positions in ranks[1:]:
+            positions._post()
+        assert set(ranks[0].describe().split("; ")) == {
+            "rank 1 took part in collective 8 (op8) and reported no later one",
+            "rank 0 last reported collective 8 (op8, step 0)",
+            "rank 2 waited in collective 9 (op9, step 0)",
+        }
+    finally:
+        for positions in ranks:
+            positions.close()
