@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -127,9 +128,16 @@ class Job:
         return {name: self.events(name, "done")[-1] for name in names}
 
     def logs(self) -> str:
+        """Each log's end, without C++ stack frames and c10d's socket
+        warnings, which would crowd out the library's own lines."""
         parts = []
         for path in sorted(self.tmp_path.glob("*.log")):
-            parts.append(f"--- {path.name}\n{path.read_text()[-3000:]}")
+            lines = [
+                line
+                for line in path.read_text().splitlines()
+                if not re.match(r"(frame #\d+:|\[W\d{4} .*socket\.cpp)", line.lstrip())
+            ]
+            parts.append(f"--- {path.name}\n" + "\n".join(lines)[-4000:])
         return "\n".join(parts)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import signal
 import threading
@@ -97,6 +98,9 @@ def main() -> None:
     parser.add_argument("--fault", help="ACTION@POINT:N:DELAY_MS (see the module)")
     parser.add_argument("--shape", type=int, default=5, help="the model's inputs (misbuilt: not 5)")
     args = parser.parse_args()
+    # The library's view changes, timed, in the rank's log (read when a test fails).
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("distlearn_cuda.elastic").setLevel(logging.INFO)
     torch.set_num_threads(1)
     gc.disable()
     out = open(args.out, "a", buffering=1)

@@ -395,12 +395,14 @@ class Membership:
                 )
             except TimeoutError as error:
                 last_error = error
+                logger.info("elastic: no quorum with this rank in time; it joins as a new rank")
                 join = True  # left out: ask to be added at the next synchronization point
                 continue
             except CommunicationError:
                 raise
             except Exception as error:  # the control process is down
                 last_error = error
+                logger.info("elastic: the control process did not answer (%s)", error)
                 time.sleep(START_POLL_S)
                 try:
                     self.store = self._connect_store()
@@ -424,6 +426,9 @@ class Membership:
                 continue  # a job runs: join it (at the loop's top) rather than start one
             if any(e not in members for e in expected) and misses < EXPECTED_TRIES:
                 misses += 1  # every member got this quorum: all ask again
+                logger.info(
+                    "elastic: quorum %d misses an admitted joiner; asking again", quorum.quorum_id
+                )
                 continue
             if 2 * sum(m in members for m in self._previous) < len(self._previous):
                 # Fewer than half of this rank's last view: the Lighthouse's
@@ -431,6 +436,12 @@ class Membership:
                 # machine delays, and it let a lone survivor form a view of
                 # its own beside the others' (seen in the tests). Every
                 # member of the last view got this quorum: all ask again.
+                logger.info(
+                    "elastic: quorum %d holds %d of the last view's %d ranks; asking again",
+                    quorum.quorum_id,
+                    sum(m in members for m in self._previous),
+                    len(self._previous),
+                )
                 time.sleep(START_POLL_S)
                 continue
             generation = 1 + max(int(m.data["generation"]) for m in quorum.participants)
@@ -438,6 +449,13 @@ class Membership:
             self._known.update(members)
             self._previous = members
             self.generation = generation
+            logger.info(
+                "elastic: quorum %d, generation %d: rank %d of %d",
+                quorum.quorum_id,
+                generation,
+                members.index(self.replica_id),
+                len(members),
+            )
             return View(
                 rank=members.index(self.replica_id),
                 world_size=len(members),

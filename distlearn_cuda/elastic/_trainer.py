@@ -47,6 +47,7 @@ start (the center never absorbs a failed round).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -67,6 +68,8 @@ from ._membership import Membership, View, parse_address
 from ._shrink import Parent, shrink_into
 
 __all__ = ["ElasticEA", "ElasticSGD"]
+
+logger = logging.getLogger(__name__)
 
 # The collective deadline: a lost or stalled rank is noticed within it.
 DEFAULT_ELASTIC_TIMEOUT = datetime.timedelta(seconds=30)
@@ -132,6 +135,23 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value
+
+
+def init_view_group(
+    backend: str, store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta
+) -> None:
+    """torch's default group for a view, named the same on every member.
+
+    torch names a default group by a counter it resets only when a default
+    group is destroyed, and counts a group whose rendezvous failed: a rank
+    whose earlier try failed there would name this one "1" while a peer
+    whose try failed later (in a collective) names it "0", and their
+    rendezvous keys never meet again. Each view's store prefix is new, so
+    "0" is always free."""
+    dist.distributed_c10d._world.group_count = 0
+    # No device_id: torch would make its own NCCL communicator at once, a
+    # second one per view that the extension's collectives never use.
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 class _ElasticMember:
@@ -349,14 +369,12 @@ class _ElasticMember:
         """The view's group (torch's default group) and algorithm object."""
         self._drop_view()
         store = dist.PrefixStore(view.prefix, self._membership.store)
-        # No device_id: torch would make its own NCCL communicator at once,
-        # a second one per view that the extension's collectives never use.
-        dist.init_process_group(
+        init_view_group(
             "cpu:gloo,cuda:nccl" if self._backend == "nccl" else "gloo",
-            store=store,
-            rank=view.rank,
-            world_size=view.world_size,
-            timeout=self._timeout,
+            store,
+            view.rank,
+            view.world_size,
+            self._timeout,
         )
         restart_numbering(dist.group.WORLD)
         self._algo = self._make_algorithm()
@@ -487,6 +505,7 @@ class _ElasticMember:
                 # or a failed shrink. Dropped now, while self._view is still
                 # the view its communicators belong to.
                 last_error = error
+                logger.warning("elastic: the change to %s failed: %s", view.prefix, error)
                 min_size = 1
                 self._drop_view()
                 continue
