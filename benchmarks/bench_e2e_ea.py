@@ -53,6 +53,8 @@ from .harness import machine_info
 
 WORKER = "benchmarks.bench_e2e_ea:run_rank"
 TAUS = (1, 10, 50)
+# A smoke run (--quick): the smallest tau and the target's, in few steps.
+QUICK_TAUS = (1, 10)
 CHECK_TAU = 2  # the agreement check: rounds of CHECK_TAU steps
 CHECK_ROUNDS = 3
 METRIC = "median_block_ms_per_step"  # of Timing.summary(): blocks hold whole periods
@@ -196,13 +198,15 @@ def run_rank(
         local = e2e.Trainer.fresh(spec, rank)
         configs = [e2e.Config(BASELINE[0], BASELINE[1], local.step)]
         e2e.warm_up(configs[0], warmup)
-        for tau in TAUS:
+        for tau in taus_for(quick):
             for tau_config in tau_configs(spec, rank, tau):
                 e2e.warm_up(tau_config, warmup_steps(warmup, tau))
                 configs.append(tau_config)
-        timings = e2e.time_blocks(configs, steps, rounds_for(steps), dist.barrier)
+        timings = e2e.time_blocks(configs, steps, rounds_for(steps, quick), dist.barrier)
         unavailable = (
-            {} if has_async() else {timing_key("ours_async", t): NOT_AVAILABLE for t in TAUS}
+            {}
+            if has_async()
+            else {timing_key("ours_async", t): NOT_AVAILABLE for t in taus_for(quick)}
         )
         results[name] = {
             "timings": {key: timing.summary() for key, timing in timings.items()},
@@ -213,16 +217,25 @@ def run_rank(
     return {"models": results, "torch_threads": torch.get_num_threads()}
 
 
-def rounds_for(steps: int) -> int:
+def taus_for(quick: bool) -> tuple[int, ...]:
+    """The periods timed: ``TAUS``, or ``QUICK_TAUS`` in a smoke run."""
+    return QUICK_TAUS if quick else TAUS
+
+
+def rounds_for(steps: int, quick: bool) -> int:
     """Rounds of blocks holding ``steps``, each block at least the longest period."""
-    return max(1, steps // max(TAUS))
+    return max(1, steps // max(taus_for(quick)))
 
 
-def build_rows(specs: list[e2e.ModelSpec], per_rank: list[dict[str, Any]]) -> list[e2e.Row]:
+def build_rows(
+    specs: list[e2e.ModelSpec], per_rank: list[dict[str, Any]], quick: bool
+) -> list[e2e.Row]:
     """The report's rows from every rank's results: rank 0's times, every rank's medians."""
     entries: list[tuple[str, str, str, int | None]] = [(BASELINE[0], *BASELINE, None)]
     entries += [
-        (timing_key(key, tau), key, label, tau) for tau in TAUS for key, label in CONFIGS.items()
+        (timing_key(key, tau), key, label, tau)
+        for tau in taus_for(quick)
+        for key, label in CONFIGS.items()
     ]
     return [
         row for spec in specs for row in e2e.build_rows(spec, per_rank, entries, METRIC, MIN_METRIC)
@@ -257,8 +270,8 @@ def targets(rows: list[e2e.Row]) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # Quick: one period of the longest tau (50), each configuration timed in whole periods.
-    e2e.add_common_arguments(parser, steps=200, quick_steps=50, warmup=5, out=DEFAULT_OUT)
+    # Quick: one period of the longest quick tau (10), each configuration timed in whole periods.
+    e2e.add_common_arguments(parser, steps=200, quick_steps=10, warmup=5, out=DEFAULT_OUT)
     return e2e.resolve_common(parser.parse_args(argv))
 
 
@@ -268,15 +281,15 @@ def main(argv: list[str] | None = None) -> list[e2e.Row]:
     per_rank = e2e.launch(
         WORKER, (args.models, args.quick, args.steps, args.warmup), timeout=args.timeout
     )
-    rows = build_rows(specs, per_rank)
+    rows = build_rows(specs, per_rank, args.quick)
     found = targets(rows)
-    meta = machine_info() | e2e.run_meta(specs, per_rank, args, rounds_for(args.steps))
+    meta = machine_info() | e2e.run_meta(specs, per_rank, args, rounds_for(args.steps, args.quick))
     meta |= {
         "metric": (
             "Rank 0's median over blocks of the mean step time in a block of whole periods "
             "(its steps and completing a round in flight)"
         ),
-        "taus": list(TAUS),
+        "taus": list(taus_for(args.quick)),
         "alpha": ALPHA,
         "targets": found,
     }

@@ -34,8 +34,8 @@ from world_pool import pool
 EXAMPLES = int(os.environ.get("DISTLEARN_MATRIX_EXAMPLES", "0"))
 # In CI: enough to meet every option several times (each takes about half a
 # second on 2 cores), few enough for the suite's budget.
-SGD_EXAMPLES = EXAMPLES or 80
-EA_EXAMPLES = EXAMPLES or 30
+SGD_EXAMPLES = EXAMPLES or 60
+EA_EXAMPLES = EXAMPLES or 24
 # A scenario's deadline: its collectives' own (12 s, matrix_worker.TIMEOUT)
 # and a lone object's wait, with room; past it the world is killed.
 SCENARIO_DEADLINE_S = 45.0
