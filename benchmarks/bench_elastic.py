@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench_elastic [--ranks 3] [--trials 3] [--steps 200] [--out DIR]
 
+``--ranks``: the job's size in every measurement (at least 2).
+
 Real processes over gloo on this machine, each rank one torch thread, an MLP
 of 1.1M parameters (256-1024-768-10; a step's compute is several times its
 allreduce here), batch 32, plain SGD. Three measurements, ``--trials``
@@ -13,13 +15,17 @@ times each:
   control process, both synchronizing parameters every 20 steps (for
   ``ElasticSGD`` that is also where joiners are added); the two alternate
   trial by trial (plain first);
-- **loss to next step**: a job of ``--ranks`` + 1 ranks loses one to
-  SIGKILL; the time from the kill to the first step the survivors complete
-  together after it (the latest survivor's), with the control process's
-  heartbeat timeout of 2 s;
+- **loss to next step**: a job of ``--ranks`` ranks loses one to SIGKILL;
+  the time from the kill to the first step the survivors complete together
+  after it (the latest survivor's), with the control process's heartbeat
+  timeout of 2 s;
 - **joiner to training**: a rank started while the job runs; from its start
   (``Popen``) and from its first quorum to its first completed step. It
-  joins at the job's next synchronization point (every 20 steps).
+  joins at the job's next synchronization point (every 20 steps);
+- **loss with a replacement at once**: the same kill, with the replacement
+  started in the same moment (``torchrun --max-restarts`` or a hot spare):
+  the time from the kill to the survivors' next step, and to the
+  replacement's first step.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from distlearn_cuda.elastic.control import store_port
@@ -225,27 +232,9 @@ def loss_and_join(out: Path, ranks: int, trial: int) -> tuple[float, float, floa
     joiner's first quorum to its first step), in seconds."""
     run = Run(out, f"faults-{trial}")
     try:
-        address = run.start_control()
-        names = [f"r{i}" for i in range(ranks + 1)]
-        for name in names:
-            run.start(name, "--mode", "elastic", "--address", address, "--world", str(ranks + 1))
-        run.wait(lambda: all(len(run.steps(n)) >= 30 for n in names))
-        victim, survivors = names[-1], names[:-1]
-        killed_at = time.time()
-        run.processes[victim].send_signal(signal.SIGKILL)
-        run.wait(
-            lambda: all(any(r["t"] > killed_at + 0.5 for r in run.steps(n)) for n in survivors)
-        )
-        # The first step all survivors completed after the kill, at its latest end.
-        firsts = [min(r["step"] for r in run.steps(n) if r["t"] > killed_at) for n in survivors]
-        step = max(firsts)
-        recovered = max(
-            r["t"]
-            for n in survivors
-            for r in run.steps(n)
-            if r["step"] == step and r["t"] > killed_at
-        )
-        run.start("joiner", "--mode", "elastic", "--address", address, "--world", str(ranks + 1))
+        address, survivors, killed_at = _kill_one(run, ranks)
+        recovered = _next_step_together(run, survivors, killed_at)
+        run.start("joiner", "--mode", "elastic", "--address", address, "--world", str(ranks))
         run.wait(lambda: len(run.steps("joiner")) >= 1)
         first = run.steps("joiner")[0]["t"]
         quorum = run.records("joiner")[0]["quorum"]
@@ -253,6 +242,54 @@ def loss_and_join(out: Path, ranks: int, trial: int) -> tuple[float, float, floa
         return recovered - killed_at, first - run.started["joiner"], first - quorum
     finally:
         run.close()
+
+
+def loss_with_replacement(out: Path, ranks: int, trial: int) -> tuple[float, float]:
+    """A replacement started the moment a rank is killed: (kill to the
+    survivors' next step, kill to the replacement's first step), in seconds."""
+    run = Run(out, f"replaced-{trial}")
+    try:
+        _, survivors, killed_at = _kill_one(
+            run, ranks, then=lambda address: run.start(
+                "replacement", "--mode", "elastic", "--address", address, "--world", str(ranks)
+            ),
+        )  # fmt: skip
+        recovered = _next_step_together(run, survivors, killed_at)
+        run.wait(lambda: len(run.steps("replacement")) >= 1)
+        first = run.steps("replacement")[0]["t"]
+        run.finish([*survivors, "replacement"], margin=2 * SYNC_EVERY)
+        return recovered - killed_at, first - killed_at
+    finally:
+        run.close()
+
+
+def _kill_one(
+    run: Run, ranks: int, then: Callable[[str], None] | None = None
+) -> tuple[str, list[str], float]:
+    """Starts a job of ``ranks``, lets it train, kills its last rank (and
+    runs ``then`` at once); returns the address, the survivors, the kill time."""
+    address = run.start_control()
+    names = [f"r{i}" for i in range(ranks)]
+    for name in names:
+        run.start(name, "--mode", "elastic", "--address", address, "--world", str(ranks))
+    run.wait(lambda: all(len(run.steps(n)) >= 30 for n in names))
+    victim, survivors = names[-1], names[:-1]
+    killed_at = time.time()
+    run.processes[victim].send_signal(signal.SIGKILL)
+    if then is not None:
+        then(address)
+    return address, survivors, killed_at
+
+
+def _next_step_together(run: Run, survivors: list[str], killed_at: float) -> float:
+    """When the survivors' first step completed by all of them after the
+    kill ended (the latest survivor's end)."""
+    run.wait(lambda: all(any(r["t"] > killed_at + 0.5 for r in run.steps(n)) for n in survivors))
+    firsts = [min(r["step"] for r in run.steps(n) if r["t"] > killed_at) for n in survivors]
+    step = max(firsts)
+    return max(
+        r["t"] for n in survivors for r in run.steps(n) if r["step"] == step and r["t"] > killed_at
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,23 +305,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_elastic"
     rows = []
+    if args.ranks < 2:
+        parser.error("--ranks: a job that loses a rank needs at least 2")
     for trial in range(args.trials):
         plain = step_time(work, "plain", args.ranks, args.steps, trial)
         elastic = step_time(work, "elastic", args.ranks, args.steps, trial)
         loss, join_start, join_quorum = loss_and_join(work, args.ranks, trial)
+        replaced_loss, replaced_first = loss_with_replacement(work, args.ranks, trial)
         rows.append(
             {"trial": trial + 1, "plain_step_ms": plain, "elastic_step_ms": elastic,
              "ratio": elastic / plain, "loss_to_step_s": loss, "joiner_start_to_step_s":
-             join_start, "joiner_quorum_to_step_s": join_quorum}
+             join_start, "joiner_quorum_to_step_s": join_quorum,
+             "replaced_loss_to_step_s": replaced_loss,
+             "replacement_kill_to_step_s": replaced_first}
         )  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     table = markdown_table(
         ["trial", "plain step ms", "elastic step ms", "elastic / plain",
-         "kill to next step s", "joiner start to step s", "joiner quorum to step s"],
+         "kill to next step s", "joiner start to step s", "joiner quorum to step s",
+         "replaced: kill to next step s", "replaced: kill to replacement's step s"],
         [[str(r["trial"]), f"{r['plain_step_ms']:.2f}", f"{r['elastic_step_ms']:.2f}",
           f"{r['ratio']:.3f}", f"{r['loss_to_step_s']:.2f}", f"{r['joiner_start_to_step_s']:.2f}",
-          f"{r['joiner_quorum_to_step_s']:.2f}"] for r in rows],
-        [False, True, True, True, True, True, True],
+          f"{r['joiner_quorum_to_step_s']:.2f}", f"{r['replaced_loss_to_step_s']:.2f}",
+          f"{r['replacement_kill_to_step_s']:.2f}"] for r in rows],
+        [False, True, True, True, True, True, True, True, True],
     )  # fmt: skip
     meta = {
         **machine_info(),
@@ -293,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
         "sync_every": SYNC_EVERY,
     }
-    paths = write_files("elastic", meta, rows, table, args.out, chart=lambda p: chart(rows, p))
+    name = f"elastic_{args.ranks}ranks"
+    paths = write_files(name, meta, rows, table, args.out, chart=lambda p: chart(rows, p))
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -307,16 +352,18 @@ def chart(rows: list[dict], path: Path) -> None:
 
     trials = [r["trial"] for r in rows]
     fig, (steps, faults) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.35
+    width = 0.27
     steps.bar([t - width / 2 for t in trials], [r["plain_step_ms"] for r in rows], width,
               label="AllReduceSGD")  # fmt: skip
     steps.bar([t + width / 2 for t in trials], [r["elastic_step_ms"] for r in rows], width,
               label="ElasticSGD")  # fmt: skip
     steps.set(xlabel="trial", ylabel="median step, ms", title="a step when nothing fails")
     steps.legend()
-    faults.bar([t - width / 2 for t in trials], [r["loss_to_step_s"] for r in rows], width,
+    faults.bar([t - width for t in trials], [r["loss_to_step_s"] for r in rows], width,
                label="kill to survivors' next step")  # fmt: skip
-    faults.bar([t + width / 2 for t in trials], [r["joiner_start_to_step_s"] for r in rows],
+    faults.bar([t for t in trials], [r["replaced_loss_to_step_s"] for r in rows], width,
+               label="kill to next step, replaced at once")  # fmt: skip
+    faults.bar([t + width for t in trials], [r["joiner_start_to_step_s"] for r in rows],
                width, label="joiner start to its first step")  # fmt: skip
     faults.set(xlabel="trial", ylabel="seconds", title="membership changes")
     faults.legend()
