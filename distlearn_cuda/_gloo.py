@@ -31,6 +31,7 @@ unpickled as arbitrary code.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import io
 from collections import Counter
@@ -76,10 +77,12 @@ def decode(data: bytes) -> Any:
 
 
 def _bytes_of(tensor: torch.Tensor) -> bytes:
-    """The bytes of a 1-D uint8 CPU tensor (without numpy, which torch does
-    not require)."""
-    start = tensor.storage_offset()
-    return bytes(tensor.untyped_storage())[start : start + tensor.numel()]
+    """The bytes of a 1-D uint8 CPU tensor, in one copy (without numpy,
+    which torch does not require). Not ``bytes(tensor.untyped_storage())``:
+    that reads the storage one element at a time, 15 s for 4.4 MB (a 1.1M
+    parameter model's hand-over took 20 s in bench_elastic)."""
+    tensor = tensor.contiguous()
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel())
 
 
 class PrivateGloo:

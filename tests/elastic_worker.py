@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--fault", help="ACTION@POINT:N:DELAY_MS (see the module)")
     parser.add_argument("--shape", type=int, default=5, help="the model's inputs (misbuilt: not 5)")
+    parser.add_argument("--asynchronous", action="store_true", help="EA: rounds in flight")
     args = parser.parse_args()
     # The library's view changes, timed, in the rank's log (read when a test fails).
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
@@ -163,6 +164,8 @@ def main() -> None:
         time.sleep(0.02)
     kind = elastic.ElasticSGD if args.algo == "sgd" else elastic.ElasticEA
     options = {} if args.algo == "sgd" else {"tau": 2, "beta": 0.9}
+    if args.asynchronous:
+        options["asynchronous"] = True
     obj = kind(
         args.control,
         model,

@@ -415,6 +415,31 @@ def test_a_crafted_pickle_in_the_hand_over_is_not_executed(tmp_path: Path) -> No
     assert back["steps"] == 3 and torch.equal(back["model"]["w"], torch.ones(2))
 
 
+def _hand_over_a_model_sized_state(rank: int, world_size: int) -> list[bool]:
+    import torch
+
+    import distlearn_cuda as dl
+
+    generator = torch.Generator().manual_seed(11)
+    sent = {"w": torch.randn(1_100_003, generator=generator), "steps": 7, "name": "x" * 13}
+    sync = dl.AllReduceSGD()
+    try:
+        got = sync._collectives.broadcast_object(sent if rank == 1 else None, 1)
+        gathered = sync._collectives.gather_objects({"rank": rank, "w": sent["w"][rank:]})
+    finally:
+        sync.close()
+    return [
+        torch.equal(got["w"], sent["w"]) and got["steps"] == 7 and got["name"] == sent["name"],
+        *(g["rank"] == r and torch.equal(g["w"], sent["w"][r:]) for r, g in enumerate(gathered)),
+    ]
+
+
+def test_a_model_sized_state_travels_whole() -> None:
+    # The hand-over's path, with 4.4 MB and odd offsets (it read the bytes
+    # one at a time: 20 s for this size, in bench_elastic).
+    assert run_world(_hand_over_a_model_sized_state, 2, timeout=60) == [[True] * 3] * 2
+
+
 def _torch_save(value: object) -> bytes:
     import io
 

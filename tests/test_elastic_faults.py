@@ -75,6 +75,7 @@ class Schedule:
     faults: list[FaultSpec] = field(default_factory=list)
     replacement: str = "none"  # at once, late, none
     misbuilt_joiner: bool = False
+    asynchronous: bool = False  # EA: each round in flight over the next tau steps
 
 
 def draw(seed: int) -> Schedule:
@@ -108,7 +109,9 @@ def draw(seed: int) -> Schedule:
     # A view or hand-over fault needs a change after the start: a replacement.
     needs_change = any(f.point in ("view", "handover") for f in faults)
     replacement = rng.choice(["at once", "late"] + ([] if needs_change else ["none"]))
-    return Schedule(seed, algo, world, faults, replacement, rng.random() < 0.2)
+    misbuilt = rng.random() < 0.2
+    asynchronous = algo == "ea" and rng.random() < 0.5  # drawn last: older seeds keep the rest
+    return Schedule(seed, algo, world, faults, replacement, misbuilt, asynchronous)
 
 
 def run_schedule(tmp_path: Path, schedule: Schedule) -> None:
@@ -124,13 +127,14 @@ def run_schedule(tmp_path: Path, schedule: Schedule) -> None:
 def _run(job: Job, schedule: Schedule) -> None:
     names = [f"r{i}" for i in range(schedule.world)]
     faults = {f.rank: f for f in schedule.faults}
+    common = ["--asynchronous"] if schedule.asynchronous else []
     for name in names:
         extra = ["--fault", faults[name].arg()] if name in faults else []
-        job.start(name, *extra)
+        job.start(name, *common, *extra)
     if schedule.replacement != "none":
-        job.hold("joiner")
+        job.hold("joiner", *common)
     if schedule.misbuilt_joiner:
-        job.hold("misbuilt", "--shape", "4")
+        job.hold("misbuilt", *common, "--shape", "4")
     job.wait_until("the job to train", lambda: all(job.steps_of(n) >= 1 for n in names))
     if schedule.replacement == "at once":
         job.release("joiner")

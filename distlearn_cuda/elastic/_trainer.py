@@ -476,7 +476,9 @@ class _ElasticMember:
         # Dropped first: closing this rank's connections fails the peers
         # still waiting on it in the broken collective at once, instead of at
         # their deadline (gloo cannot be aborted, but a closed pair errors).
+        logger.info("elastic: leaving the view")
         self._drop_view()
+        logger.info("elastic: view left; asking for the next")
         for _ in range(self._retries + 1):
             deadline = time.monotonic() + self._join_wait.total_seconds()
             view = self._membership.agree(
@@ -752,6 +754,27 @@ class ElasticEA(_ElasticMember):
     _blend: list[torch.Tensor] | None = None
     # The step counter a failed call rolls back to (set while it changes views).
     _rollback_step: int | None = None
+    # Free sets of buffers shaped like the parameters, for a round's starting
+    # point and the blend in flight: two at most, made in the first rounds
+    # and reused (no allocation per round).
+    _spares: tuple[list[torch.Tensor], ...] = ()
+
+    def _copy_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters' values in a free set of buffers."""
+        buffers = self._spares[-1] if self._spares else None
+        self._spares = self._spares[:-1]
+        if buffers is None or any(
+            (b.shape, b.dtype, b.device) != (p.shape, p.dtype, p.device)
+            for b, p in zip(buffers, params, strict=True)
+        ):
+            self._spares = ()  # the parameters changed (moved, cast): new buffers
+            buffers = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(buffers, [p.detach() for p in params])
+        return buffers
+
+    def _free(self, buffers: list[torch.Tensor] | None) -> None:
+        if buffers is not None:
+            self._spares = (*self._spares, buffers)
 
     def average_parameters(self) -> None:
         """One EA step of the model's parameters (a round every ``tau``
@@ -766,32 +789,42 @@ class ElasticEA(_ElasticMember):
                 break
             params = list(self._model.parameters())
             with torch.no_grad():
-                before = [p.detach().clone() for p in params]
+                before = self._copy_of(params)
             step, completed = algo.state_step, algo.rounds_completed
             pending = algo.round_in_flight
             try:
                 algo.average_parameters(self._model)
             except CommunicationError:
                 if attempt == self._retries:
+                    self._free(before)
                     raise
                 # The round in flight failed unless the call completed it.
                 undo = self._blend if pending and algo.rounds_completed == completed else None
+                if undo is None:
+                    self._free(self._blend)
                 self._blend = None
                 self._rollback_step = step
-                behind = self._change_view()
-                self._rollback_step = None
+                try:
+                    behind = self._change_view()
+                finally:
+                    self._rollback_step = None
+                if not behind:
+                    with torch.no_grad():
+                        torch._foreach_copy_(params, before)
+                        if undo is not None:
+                            torch._foreach_add_(params, undo)
+                self._free(before)
+                self._free(undo)
                 if behind:
                     return  # the source completed this call, this rank's blend in its center
-                with torch.no_grad():
-                    torch._foreach_copy_(params, before)
-                    if undo is not None:
-                        torch._foreach_add_(params, undo)
                 continue
+            self._free(self._blend)  # the last round's: completed by this call
             if algo.round_in_flight:
                 with torch.no_grad():
                     torch._foreach_sub_(before, params)
                 self._blend = before
             else:
+                self._free(before)
                 self._blend = None
             break
         self._step_done()
@@ -801,7 +834,8 @@ class ElasticEA(_ElasticMember):
         announced are added. A failure redoes it on the next view (NOTE
         [Transactions])."""
         self._synchronization_point(lambda: self._current().synchronize_center(self._model))
-        self._blend = None  # no round in flight past a synchronization
+        self._free(self._blend)  # no round in flight past a synchronization
+        self._blend = None
 
     def _keep_state(self) -> None:
         # state_dict() never raises after a failure: the last complete round.
