@@ -174,3 +174,44 @@ Resource usage:
     assert (found["sm_80"]["_Z1kv"]["REG"], found["sm_80"]["_Z1kv"]["STACK"]) == (70, 8)
     assert (found["sm_90"]["_Z1kv"]["REG"], found["sm_90"]["_Z1kv"]["LOCAL"]) == (40, 4)
     assert found["sm_90"]["_Z1kv"]["CONSTANT[0]"] == 32764
+
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def _methods_that_take_the_mutex(source: str) -> set[str]:
+    """NcclCommunicator's methods that lock ``mutex_``, directly or through
+    another method they call (read from the C++ definitions)."""
+    bodies = dict(
+        re.findall(
+            r"^\S.*?NcclCommunicator::(\w+)\(.*?\n(.*?)^\}", source, flags=re.MULTILINE | re.DOTALL
+        )
+    )
+    locking = {name for name, body in bodies.items() if re.search(r"lock\w*<std::mutex>", body)}
+    while True:
+        more = {
+            name
+            for name, body in bodies.items()
+            if name not in locking and any(re.search(rf"\b{m}\(", body) for m in locking)
+        }
+        if not more:
+            return locking
+        locking |= more
+
+
+def test_every_binding_that_can_wait_on_the_communicator_releases_the_gil() -> None:
+    # A call that waits on the mutex while holding the GIL stalls every
+    # Python thread while the watchdog holds it through a slow abort: the
+    # elastic heartbeat too, which gets a healthy rank declared dead.
+    locking = _methods_that_take_the_mutex((CSRC / "nccl_comm.cpp").read_text())
+    assert {"check", "usable", "can_shrink", "revoked", "closed", "all_reduce_sum"} <= locking
+    bindings = (CSRC / "bindings.cpp").read_text()
+    chain = bindings[bindings.index('m, "NcclCommunicator"') :]
+    statements = re.split(r"\n\s*\.def", chain)
+    bound = set()
+    for statement in statements:
+        called = set(re.findall(r"NcclCommunicator::(\w+)|comm\.(\w+)\(", statement))
+        names = {a or b for a, b in called} & locking
+        bound |= names
+        assert not names or "release" in statement, f"holds the GIL while waiting: {statement}"
+    assert {"check", "usable", "close", "abort", "shrink"} <= bound
