@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -99,6 +100,11 @@ class PendingSum:
             finish()
 
 
+# What objects closed in a forked child held: the parent's backends and
+# threads, never torn down in the child (NOTE [Fork] in _nccl).
+_kept_in_child: list[object] = []
+
+
 class Collectives:
     """Collectives of one algorithm object over a group."""
 
@@ -136,6 +142,7 @@ class Collectives:
         self._side_streams: dict[int | None, torch.cuda.Stream] = {}
         self._failure: CommunicationError | None = None
         self._closed = False
+        self._pid = os.getpid()  # NOTE [Fork] in _nccl
         # Every all_reduce_sum as if verify=True (elastic SGD redoes a failed step).
         self.verify_sums = False
 
@@ -161,8 +168,12 @@ class Collectives:
 
     def close(self) -> None:
         """Releases the private group and the communicators (the last user of
-        one closes it); idempotent, local."""
+        one closes it); idempotent, local. In a forked child it only marks
+        the object closed: what it holds is the parent's (NOTE [Fork])."""
         self._closed = True
+        if os.getpid() != self._pid:
+            _kept_in_child.append((self._gloo, self._positions, self._leases))
+            return
         self._positions.close()
         leases, self._leases = self._leases, {}
         for lease in leases.values():
@@ -375,6 +386,13 @@ class Collectives:
         RuntimeError once closed, or once its groups were destroyed."""
         if self._closed:
             raise RuntimeError(f"{operation}: this object was closed (close())")
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"{operation}: this object was made in process {self._pid} and this is a child "
+                f"forked from it ({os.getpid()}); its connections and threads are the parent's. "
+                f"Call it from the parent only (not from DataLoader workers), or make a new "
+                f"object in the child on a group of its own"
+            )
         if self._group.ref() is None:
             self._gloo = None  # nothing to talk to any more: let the backend go
             raise GroupGoneError(

@@ -333,6 +333,30 @@ def close_all() -> None:
         _close(shared)
 
 
+# NOTE [Fork]: a child forked from a process with communicators (a
+# DataLoader worker, a multiprocessing pool) inherits them without their
+# watchdog threads, and a lock a parent thread held stays held in the child.
+# The child must never call NCCL on them: they leave the registry there (so
+# no release or exit handler closes them) and are kept, never destroyed; the
+# registry's lock is new. Objects refuse collectives in a child
+# (Collectives.check_usable), so nothing in it reaches them.
+_inherited: list[_Shared] = []
+
+
+def _forget_after_fork() -> None:
+    global _lock
+    _lock = threading.RLock()
+    _inherited.extend(_open)
+    _open.clear()
+    _latest.clear()
+    for watcher in _group_watchers.values():
+        watcher.detach()
+    _group_watchers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 # Registered at import, which precedes the import of _group and so the
 # registration of its exit handler: the objects' close() runs first and
 # releases their leases; this closes whatever is left (leaked objects).

@@ -8,7 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -193,3 +196,69 @@ def test_closing_in_a_real_world_keeps_the_results() -> None:
             assert bool((p == 0).all())
         for c in result["center"]:
             assert bool((c == 0).all())
+
+
+def _fork(child: Callable[[], int]) -> int:
+    """Runs ``child`` in a forked child; returns its exit code (what it returned)."""
+    with warnings.catch_warnings():  # Python 3.12+: fork of a process with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _a_forked_child_is_refused(rank: int, world_size: int) -> tuple[int, list[float]]:
+    sync = dl.AllReduceSGD(timeout=10)
+    sync.sum_and_normalize_gradients([torch.ones(5)])
+
+    def child() -> int:
+        try:
+            sync.sum_and_normalize_gradients([torch.ones(5)])
+        except RuntimeError as error:
+            if "forked" not in str(error):
+                return 2
+            sync.close()  # keeps what the parent's object holds
+            return 0
+        return 1
+
+    code = _fork(child)
+    # The parent's object is whole: the child wrote nothing on its connections.
+    grads = [torch.full((5,), rank + 1.0)]
+    sync.sum_and_normalize_gradients(grads)
+    sync.close()
+    return code, grads[0].tolist()
+
+
+def test_a_forked_child_is_refused_and_the_parent_carries_on() -> None:
+    for code, mean in run_world(_a_forked_child_is_refused, 2, timeout=60):
+        assert code == 0
+        assert mean == [1.5] * 5
+
+
+def test_a_forked_child_gets_a_free_communicator_registry() -> None:
+    # A lock a parent thread held at the fork stays held in the child: the
+    # child gets a new one, and inherits no communicator (NOTE [Fork]).
+    from distlearn_cuda import _nccl
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _nccl._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    try:
+        code = _fork(lambda: 0 if _nccl._lock.acquire(timeout=2) else 1)
+    finally:
+        release.set()
+        holder.join()
+    assert code == 0
