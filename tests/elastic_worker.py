@@ -163,9 +163,9 @@ def main() -> None:
     while args.wait_for and not Path(args.wait_for).exists():
         time.sleep(0.02)
     kind = elastic.ElasticSGD if args.algo == "sgd" else elastic.ElasticEA
-    options = {} if args.algo == "sgd" else {"tau": 2, "beta": 0.9}
-    if args.asynchronous:
-        options["asynchronous"] = True
+    options = {}
+    if args.algo == "ea":  # AllReduceEA's rounds are asynchronous unless told
+        options = {"tau": 2, "beta": 0.9, "asynchronous": args.asynchronous}
     obj = kind(
         args.control,
         model,
@@ -227,6 +227,11 @@ def main() -> None:
                 optimizer.step()
         else:
             optimizer.step()
+            # What the round starts from, for the harness's float64 reference.
+            before = flat(model.parameters())
+            center_before = flat(obj.center.values())
+            prefix_before = obj.view.prefix
+            is_round = obj._algo.next_call_is_round
             fault.enter("step", emit)
             obj.average_parameters()
             emit(
@@ -235,6 +240,13 @@ def main() -> None:
                 world=obj.world_size,
                 rank=obj.rank,
                 alive=alive_algorithms(),
+                prefix=obj.view.prefix,
+                prefix_before=prefix_before,
+                round=is_round,
+                before=before,
+                center_before=center_before,
+                params=flat(model.parameters()),
+                center=flat(obj.center.values()),
             )
         optimizer.zero_grad()
         time.sleep(args.pause)

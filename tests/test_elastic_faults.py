@@ -17,7 +17,9 @@ finish, and the logs must show (``check_invariants``):
   that both finished in it passed the same synchronization points;
 - no SGD step applied twice: a rank averages each step number once;
 - an averaged gradient that every member of its view logged equals the
-  float64 mean of their own gradients;
+  float64 mean of their own gradients; a synchronous EA round that every
+  member logged moved each x and the center as the paper's update
+  computed in float64 (no round applied twice or half);
 - at the end, every rank (joiners included) holds the same parameters or
   center, the same step count and the same epoch counter.
 
@@ -28,6 +30,7 @@ runs that one again. CI runs a fixed list of seeds;
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -43,15 +46,18 @@ from elastic_job import WAIT, Job, assert_close, mean64
 pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
 
 POINTS = ("step", "sync", "view", "handover")
-# Seeds CI runs (the suite's budget allows two): SGD, a 2-rank job whose
-# stalled rank comes back while a replacement and a misbuilt joiner arrive
-# at once (1: fails at da3f0ba, the misbuilt joiner ends the job); SGD, a
-# rank stalled in a synchronization point comes back (10: fails at da3f0ba,
-# its epoch counter is not taken). EA's schedules run in the soak (12: a
-# rank killed in a view change, is the first to add).
-CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10").split()]
+# Seeds CI runs: SGD, a 2-rank job whose stalled rank comes back while a
+# replacement and a misbuilt joiner arrive at once (1: fails at da3f0ba, the
+# misbuilt joiner ends the job); SGD, a rank stalled in a synchronization
+# point comes back (10: fails at da3f0ba, its epoch counter is not taken);
+# synchronous EA, a rank killed in a step, a round redone on the new view
+# and checked against the reference (5); asynchronous EA, a rank stalled
+# in a view change and another stalled in a step (41: failed at 3046734, a
+# round's failure surfacing in a call between rounds escaped to the user).
+CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 5 41").split()]
 SOAK = int(os.environ.get("DISTLEARN_ELASTIC_SOAK", "0"))
 SYNC_EVERY = 10
+EA_BETA = 0.9  # tests/elastic_worker.py's
 
 
 @dataclass
@@ -230,6 +236,47 @@ def check_invariants(job: Job, schedule: Schedule, alive: list[str], done: dict)
             want = mean64([own[name, steps] for name in events])
             for e in events.values():
                 assert_close(e["mean"], want)
+    elif not schedule.asynchronous:
+        check_ea_rounds(job, everyone)
+
+
+def check_ea_rounds(job: Job, everyone: list[str]) -> None:
+    """Every synchronous EA round that every member of the view it ended in
+    logged, against the paper's update (arXiv 1412.6651, as one allreduce)
+    in float64, from what each member held when its call began: with n
+    members and alpha = beta / n, delta_i = alpha * (x_i - center),
+    x_i -= delta_i, center += sum_i delta_i. A round that failed and was
+    redone on a new view counts too: the failed part must have been rolled
+    back (had a member completed it before the failure, that member logged
+    it in the old view and this view's group is incomplete). A round applied
+    in part, or twice, leaves x or the center off."""
+    rounds: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for name in everyone:
+        steps = [e["steps"] for e in job.events(name, "step")]
+        assert len(steps) == len(set(steps)), f"{name} counted a step twice: {steps}"
+        for e in job.events(name, "step"):
+            if e["round"]:
+                rounds[e["prefix"], e["steps"]].append(e)
+    checked = redone = 0
+    for (prefix, steps), events in rounds.items():
+        if len(events) < events[0]["world"]:
+            continue  # not every member logged it: a member was lost in it
+        center = events[0]["center_before"]
+        assert all(e["center_before"] == center for e in events), f"{prefix} step {steps}"
+        alpha = EA_BETA / len(events)
+        deltas = [
+            [alpha * (x - c) for x, c in zip(e["before"], center, strict=True)] for e in events
+        ]
+        for e, delta in zip(events, deltas, strict=True):
+            assert_close(e["params"], [x - d for x, d in zip(e["before"], delta, strict=True)])
+        columns = zip(*deltas, strict=True)
+        want = [c + math.fsum(column) for c, column in zip(center, columns, strict=True)]
+        for e in events:
+            assert_close(e["center"], want)
+        checked += 1
+        redone += events[0]["prefix_before"] != prefix
+    print(f"EA rounds checked against the reference: {checked}, {redone} redone on a new view")
+    assert checked > 0, "no EA round was checked"
 
 
 @pytest.mark.parametrize("seed", CI_SEEDS)

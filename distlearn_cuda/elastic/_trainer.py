@@ -784,12 +784,14 @@ class ElasticEA(_ElasticMember):
         self._call = "step"
         for attempt in range(self._retries + 1):
             algo = self._current()
-            if not algo.next_call_is_round:
-                algo.average_parameters(self._model)  # counts; no collective
-                break
+            # A call between rounds only counts, but it is where an
+            # asynchronous round's failure can surface: it is handled alike.
+            is_round = algo.next_call_is_round
             params = list(self._model.parameters())
-            with torch.no_grad():
-                before = self._copy_of(params)
+            before = None
+            if is_round:
+                with torch.no_grad():
+                    before = self._copy_of(params)
             step, completed = algo.state_step, algo.rounds_completed
             pending = algo.round_in_flight
             try:
@@ -810,7 +812,8 @@ class ElasticEA(_ElasticMember):
                     self._rollback_step = None
                 if not behind:
                     with torch.no_grad():
-                        torch._foreach_copy_(params, before)
+                        if before is not None:
+                            torch._foreach_copy_(params, before)
                         if undo is not None:
                             torch._foreach_add_(params, undo)
                 self._free(before)
@@ -818,14 +821,15 @@ class ElasticEA(_ElasticMember):
                 if behind:
                     return  # the source completed this call, this rank's blend in its center
                 continue
-            self._free(self._blend)  # the last round's: completed by this call
-            if algo.round_in_flight:
+            if algo.rounds_completed != completed:
+                self._free(self._blend)  # the round it undid on failure completed
+                self._blend = None
+            if before is not None and algo.round_in_flight:
                 with torch.no_grad():
                     torch._foreach_sub_(before, params)
                 self._blend = before
             else:
                 self._free(before)
-                self._blend = None
             break
         self._step_done()
 
