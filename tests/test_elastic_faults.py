@@ -2,8 +2,10 @@
 ranks, gloo on 127.0.0.1) into which faults drawn from a seed are injected
 at every point of the protocol, and invariants checked afterwards.
 
-A schedule (``Schedule``, drawn by ``draw(seed)``) gives the algorithm, the
-world size, one or two faults (a rank kills or stalls itself, see
+A schedule (``Schedule``, drawn by ``draw(seed)``) gives the algorithm
+(EA with synchronous or asynchronous rounds), the world size, whether the
+control process is killed and restarted as the faults are armed, one or
+two faults (a rank kills or stalls itself, see
 tests/elastic_worker.py, some milliseconds into its N-th step,
 synchronization, view or state hand-over; a stalled rank is killed, or let
 go, later) and when a replacement rank joins (at once: started before the
@@ -47,9 +49,12 @@ pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic]
 
 POINTS = ("step", "sync", "view", "handover")
 # Seeds CI runs: SGD, a 2-rank job whose stalled rank comes back while a
-# replacement and a misbuilt joiner arrive at once (1: fails at da3f0ba, the
-# misbuilt joiner ends the job); SGD, a rank stalled in a synchronization
-# point comes back (10: fails at da3f0ba, its epoch counter is not taken);
+# replacement and a misbuilt joiner arrive at once, just after the control
+# process restarted (1: fails at da3f0ba, the misbuilt joiner ends the job;
+# failed at 18f5ff3, the two newcomers started a job of their own beside
+# the running one); SGD, a rank stalled in a synchronization point comes
+# back, the control process restarted (10: fails at da3f0ba, its epoch
+# counter is not taken);
 # synchronous EA, a rank killed in a step, a round redone on the new view
 # and checked against the reference (5); asynchronous EA, a rank stalled
 # in a view change and another stalled in a step (41: failed at 3046734, a
@@ -82,6 +87,8 @@ class Schedule:
     replacement: str = "none"  # at once, late, none
     misbuilt_joiner: bool = False
     asynchronous: bool = False  # EA: each round in flight over the next tau steps
+    control_down_s: float = 0.0  # the control process killed as the faults are armed, and
+    # restarted (on the same port: an empty store, a new Lighthouse) this long after
 
 
 def draw(seed: int) -> Schedule:
@@ -116,8 +123,10 @@ def draw(seed: int) -> Schedule:
     needs_change = any(f.point in ("view", "handover") for f in faults)
     replacement = rng.choice(["at once", "late"] + ([] if needs_change else ["none"]))
     misbuilt = rng.random() < 0.2
-    asynchronous = algo == "ea" and rng.random() < 0.5  # drawn last: older seeds keep the rest
-    return Schedule(seed, algo, world, faults, replacement, misbuilt, asynchronous)
+    # Drawn last, each: the seeds drawn before keep the rest of their schedule.
+    asynchronous = algo == "ea" and rng.random() < 0.5
+    control_down_s = rng.choice([0.5, 2.0]) if rng.random() < 0.25 else 0.0
+    return Schedule(seed, algo, world, faults, replacement, misbuilt, asynchronous, control_down_s)
 
 
 def run_schedule(tmp_path: Path, schedule: Schedule) -> None:
@@ -142,6 +151,11 @@ def _run(job: Job, schedule: Schedule) -> None:
     if schedule.misbuilt_joiner:
         job.hold("misbuilt", *common, "--shape", "4")
     job.wait_until("the job to train", lambda: all(job.steps_of(n) >= 1 for n in names))
+    if schedule.control_down_s:
+        job.control.kill()
+        job.control.wait(timeout=10)
+        time.sleep(schedule.control_down_s)
+        job.start_control()
     if schedule.replacement == "at once":
         job.release("joiner")
     if schedule.misbuilt_joiner:

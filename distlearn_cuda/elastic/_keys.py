@@ -97,6 +97,7 @@ class Keys:
         self.root = f"distlearn/elastic/{digest[:40]}"
         self.lighthouse_port = f"{self.root}/lighthouse_port"
         self.timeouts = f"{self.root}/timeouts"  # "<join timeout s> <heartbeat timeout s>"
+        self.started_at = f"{self.root}/started_at"  # the control process's start, time.time()
         self.job = f"{self.root}/job"  # the current job's number, a counter (0: none yet)
 
     def for_job(self, job: int) -> JobKeys:

@@ -180,6 +180,7 @@ class Membership:
         process's heartbeat timeout is over (it ended, or all its ranks
         were lost): the first rank to notice starts the next one."""
         store = self.live_store()
+        self._wait_for_a_running_job(store)
         while True:
             number = store.add(self.keys.job, 0)
             job = self.keys.for_job(number)
@@ -192,6 +193,22 @@ class Membership:
             # None yet, or over: the next number (one rank moves it; the
             # others read it and come back here).
             store.compare_set(self.keys.job, str(number), str(number + 1))
+
+    def _wait_for_a_running_job(self, store: dist.TCPStore) -> None:
+        """Waits while the control process is younger than its heartbeat
+        timeout and knows no job: a restarted one has an empty store until
+        the running job's ranks reconnect and say that it runs (within
+        their heartbeat interval), and a rank that came in that window
+        would start a second job beside it. Ranks starting a new job pay
+        this only when they start within a heartbeat timeout of the control
+        process. Its start is its own wall clock: hosts' clocks must agree
+        to well under the heartbeat timeout (NTP does)."""
+        _, heartbeat_timeout = self._timeouts(store)
+        started_at = float(store.get(self.keys.started_at))
+        while store.add(self.keys.job, 0) == 0:
+            if time.time() - started_at >= heartbeat_timeout:
+                return
+            time.sleep(START_POLL_S)
 
     def _alive(self, store: dist.TCPStore, job: JobKeys) -> bool:
         """Whether ``job``'s members beat within the heartbeat timeout."""

@@ -43,6 +43,7 @@ import datetime
 import signal
 import sys
 import threading
+import time
 
 import torch.distributed as dist
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     lighthouse_port = int(lighthouse.address().rsplit(":", 1)[1])
     store.set(keys.lighthouse_port, str(lighthouse_port))
     store.set(keys.timeouts, f"{args.join_timeout} {args.heartbeat_timeout}")
+    store.set(keys.started_at, repr(time.time()))
     store.set(CONTROL_KEY, "1")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
