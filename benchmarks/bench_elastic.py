@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from distlearn_cuda.elastic.control import store_port
@@ -249,11 +248,8 @@ def loss_with_replacement(out: Path, ranks: int, trial: int) -> tuple[float, flo
     survivors' next step, kill to the replacement's first step), in seconds."""
     run = Run(out, f"replaced-{trial}")
     try:
-        _, survivors, killed_at = _kill_one(
-            run, ranks, then=lambda address: run.start(
-                "replacement", "--mode", "elastic", "--address", address, "--world", str(ranks)
-            ),
-        )  # fmt: skip
+        address, survivors, killed_at = _kill_one(run, ranks)
+        run.start("replacement", "--mode", "elastic", "--address", address, "--world", str(ranks))
         recovered = _next_step_together(run, survivors, killed_at)
         run.wait(lambda: len(run.steps("replacement")) >= 1)
         first = run.steps("replacement")[0]["t"]
@@ -263,11 +259,9 @@ def loss_with_replacement(out: Path, ranks: int, trial: int) -> tuple[float, flo
         run.close()
 
 
-def _kill_one(
-    run: Run, ranks: int, then: Callable[[str], None] | None = None
-) -> tuple[str, list[str], float]:
-    """Starts a job of ``ranks``, lets it train, kills its last rank (and
-    runs ``then`` at once); returns the address, the survivors, the kill time."""
+def _kill_one(run: Run, ranks: int) -> tuple[str, list[str], float]:
+    """Starts a job of ``ranks``, lets it train, kills its last rank;
+    returns the address, the survivors, the kill time."""
     address = run.start_control()
     names = [f"r{i}" for i in range(ranks)]
     for name in names:
@@ -276,8 +270,6 @@ def _kill_one(
     victim, survivors = names[-1], names[:-1]
     killed_at = time.time()
     run.processes[victim].send_signal(signal.SIGKILL)
-    if then is not None:
-        then(address)
     return address, survivors, killed_at
 
 

@@ -171,7 +171,7 @@ class Collectives:
         one closes it); idempotent, local. In a forked child it only marks
         the object closed: what it holds is the parent's (NOTE [Fork])."""
         self._closed = True
-        if os.getpid() != self._pid:
+        if self._in_forked_child():
             _kept_in_child.append((self._gloo, self._positions, self._leases))
             return
         self._positions.close()
@@ -381,12 +381,16 @@ class Collectives:
             stream = self._side_streams[device.index] = torch.cuda.Stream(device)
         return stream
 
+    def _in_forked_child(self) -> bool:
+        """Whether this process is a child forked after the object was made."""
+        return os.getpid() != self._pid
+
     def check_usable(self, operation: str) -> None:
         """CommunicationError if an earlier collective of this object failed;
         RuntimeError once closed, or once its groups were destroyed."""
         if self._closed:
             raise RuntimeError(f"{operation}: this object was closed (close())")
-        if os.getpid() != self._pid:
+        if self._in_forked_child():
             raise RuntimeError(
                 f"{operation}: this object was made in process {self._pid} and this is a child "
                 f"forked from it ({os.getpid()}); its connections and threads are the parent's. "

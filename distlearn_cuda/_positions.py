@@ -184,15 +184,15 @@ class Positions:
     def _summary(self, read: Reading | str) -> str:
         """The sentence for what was read now, or (the store failing) the
         last reading, each position raised to the highest floor."""
-        note = ""
-        reading = read if not isinstance(read, str) else self._snapshot
-        if isinstance(read, str):
-            if reading is None:
-                reading = dict.fromkeys(range(self._world_size)), None
-                note = f"; the ranks' positions {read}"
-            else:
-                age = time.monotonic() - self._snapshot_at
-                note = f" (as read {age:.1f} s before; the ranks' positions now {read})"
+        if not isinstance(read, str):
+            reading, note = read, ""
+        elif self._snapshot is None:
+            reading = dict.fromkeys(range(self._world_size)), None
+            note = f"; the ranks' positions {read}"
+        else:
+            age = time.monotonic() - self._snapshot_at
+            reading = self._snapshot
+            note = f" (as read {age:.1f} s before; the ranks' positions now {read})"
         positions, floor = reading
         return summarize(positions, _highest(self._floor, floor), self._rank, self._entered) + note
 

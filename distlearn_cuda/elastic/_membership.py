@@ -447,7 +447,8 @@ class Membership:
                     "elastic: quorum %d misses an admitted joiner; asking again", quorum.quorum_id
                 )
                 continue
-            if 2 * sum(m in members for m in self._previous) < len(self._previous):
+            kept = sum(m in members for m in self._previous)
+            if 2 * kept < len(self._previous):
                 # Fewer than half of this rank's last view: the Lighthouse's
                 # own rule counts live ranks by heartbeats, which a loaded
                 # machine delays, and it let a lone survivor form a view of
@@ -456,7 +457,7 @@ class Membership:
                 logger.info(
                     "elastic: quorum %d holds %d of the last view's %d ranks; asking again",
                     quorum.quorum_id,
-                    sum(m in members for m in self._previous),
+                    kept,
                     len(self._previous),
                 )
                 time.sleep(START_POLL_S)

@@ -476,9 +476,8 @@ class _ElasticMember:
         # Dropped first: closing this rank's connections fails the peers
         # still waiting on it in the broken collective at once, instead of at
         # their deadline (gloo cannot be aborted, but a closed pair errors).
-        logger.info("elastic: leaving the view")
+        logger.info("elastic: leaving the view for the next")
         self._drop_view()
-        logger.info("elastic: view left; asking for the next")
         for _ in range(self._retries + 1):
             deadline = time.monotonic() + self._join_wait.total_seconds()
             view = self._membership.agree(
@@ -822,7 +821,8 @@ class ElasticEA(_ElasticMember):
                     return  # the source completed this call, this rank's blend in its center
                 continue
             if algo.rounds_completed != completed:
-                self._free(self._blend)  # the round it undid on failure completed
+                # The round in flight completed: its blend will not be undone.
+                self._free(self._blend)
                 self._blend = None
             if before is not None and algo.round_in_flight:
                 with torch.no_grad():
