@@ -299,4 +299,10 @@ void fake_finish_abandoned_shrink(ncclComm* parent) {
   if (parent->shrink_slot != nullptr) write_slot(parent);
 }
 
+int fake_first_shrink_state() {
+  std::lock_guard<std::mutex> lock(mutex);
+  if (comm_list.empty() || comm_list.front()->shrink_flags < 0) return 0;
+  return comm_list.front()->aborted ? 2 : 1;
+}
+
 }  // extern "C"

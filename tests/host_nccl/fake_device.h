@@ -79,4 +79,9 @@ void fake_fault(CUstream_st* stream);
 void fake_set_state(distlearn::ncclComm* comm, distlearn::ncclResult_t state);
 // Ends a shrink job that the caller gave up on: writes its slot now.
 void fake_finish_abandoned_shrink(distlearn::ncclComm* parent);
+// The shrink of the first communicator made: 0 not started; 1 started and
+// not given up (NcclCommunicator::shrink holds the communicator's mutex from
+// before ncclCommShrink until after the ncclCommAbort that ends a shrink it
+// gave up on); 2 given up (aborted). For callers without the types (ctypes).
+int fake_first_shrink_state();
 }
