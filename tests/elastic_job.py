@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,11 @@ HEARTBEAT_TIMEOUT = 2.0
 # survivor that learns of the loss only from its deadline is still waited for.
 JOIN_TIMEOUT = 5.0
 WAIT = 60.0  # the longest any single wait of a test may take
+# The README's launch of one rank that is started again after it dies.
+TORCHRUN = [
+    sys.executable, "-m", "torch.distributed.run", "--standalone",
+    "--nproc_per_node", "1", "--max-restarts", "1",
+]  # fmt: skip
 
 
 def python_env() -> dict[str, str]:
@@ -74,11 +80,15 @@ class Job:
     def release(self, name: str) -> None:
         (self.tmp_path / f"{name}.go").touch()
 
-    def start(self, name: str, *extra: str, pause: float = 0.02) -> None:
+    def start(self, name: str, *extra: str, pause: float = 0.02, torchrun: bool = False) -> None:
+        """Starts rank ``name``: a plain process, or under ``TORCHRUN`` (then
+        ``ranks[name]`` is torchrun's agent, and a worker it starts again
+        writes its events as ``name+restart1``, see elastic_worker.py)."""
         with open(self.tmp_path / f"{name}.log", "w") as log:
             self.ranks[name] = subprocess.Popen(
                 [
-                    sys.executable, str(WORKER), f"127.0.0.1:{self.port}",
+                    *(TORCHRUN if torchrun else [sys.executable]), str(WORKER),
+                    f"127.0.0.1:{self.port}",
                     str(self.tmp_path / f"{name}.jsonl"), "--algo", self.algo,
                     "--world", str(self.world), "--stop", str(self.stop_file),
                     "--pause", str(pause), "--device", self.device, *extra,
@@ -140,11 +150,37 @@ class Job:
             parts.append(f"--- {path.name}\n" + "\n".join(lines)[-4000:])
         return "\n".join(parts)
 
-    def close(self) -> None:
-        for process in [*self.ranks.values(), self.control]:
-            if process is not None and process.poll() is None:
+    def kill_ranks(self) -> None:
+        """Kills every rank at once, the workers of torchrun's agents too
+        (an agent killed with SIGKILL leaves its worker running)."""
+        workers = [c for p in self.ranks.values() if p.poll() is None for c in children(p.pid)]
+        for process in self.ranks.values():
+            if process.poll() is None:
                 process.kill()
-                process.wait(timeout=10)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for process in self.ranks.values():
+            process.wait(timeout=10)
+
+    def close(self) -> None:
+        self.kill_ranks()
+        if self.control is not None and self.control.poll() is None:
+            self.control.kill()
+            self.control.wait(timeout=10)
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux /proc); none once it is gone."""
+    found = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(child) for child in (task / "children").read_text().split()]
+    except FileNotFoundError:
+        pass
+    return found
 
 
 def mean64(vectors: list[list[float]]) -> list[float]:

@@ -30,6 +30,12 @@ or ``view`` (a view agreed, before the group is made). Events "local"
 (before the step call, SGD: this rank's own gradient) and "synced" (after
 each synchronization: steps, parameters, center, view prefix) feed the
 harness's invariants.
+
+Under ``torchrun --max-restarts N``, a worker started again
+(``TORCHELASTIC_RESTART_COUNT`` > 0) is a new rank: its fault is not armed
+again, and it writes its events to OUT with ``+restartK`` before the
+suffix (``r1.jsonl`` -> ``r1+restart1.jsonl``), so that each incarnation's
+events stay apart.
 """
 
 from __future__ import annotations
@@ -104,6 +110,11 @@ def main() -> None:
     logging.getLogger("distlearn_cuda.elastic").setLevel(logging.INFO)
     torch.set_num_threads(1)
     gc.disable()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart:
+        out_path = Path(args.out)
+        args.out = str(out_path.with_name(f"{out_path.stem}+restart{restart}{out_path.suffix}"))
+        args.fault = None
     out = open(args.out, "a", buffering=1)
 
     def emit(event: str, **fields: object) -> None:

@@ -19,7 +19,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from elastic_job import SECRET, WAIT, WORKER, Job, assert_close, mean64, python_env
+from elastic_job import (
+    SECRET,
+    TORCHRUN,
+    WAIT,
+    WORKER,
+    Job,
+    assert_close,
+    children,
+    mean64,
+    python_env,
+)
 from multiproc import run_world
 from tensor_cases import needs_gpu
 
@@ -187,15 +197,6 @@ def test_a_view_after_a_rendezvous_failed_on_one_rank_still_meets() -> None:
     assert run_world(_views_after_a_rendezvous_failed_on_one_rank, 2, timeout=60) == [3.0, 3.0]
 
 
-def children(pid: int) -> list[int]:
-    """The processes ``pid`` started (Linux /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(child) for child in text]
-    return found
-
-
 def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: Path) -> None:
     # The launch the README gives: a control process, then one process per
     # rank; the third under torchrun --nproc_per_node 1 --max-restarts 1,
@@ -207,14 +208,10 @@ def test_digits_elastic_survives_a_killed_rank_restarted_by_torchrun(tmp_path: P
             "--world", "3", "--elastic-timeout", "3", "--epochs", "20",
             "--elastic-backend", "gloo",
         ]  # fmt: skip
-        torchrun = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", "1", "--max-restarts", "1",
-        ]  # fmt: skip
         commands = {
             "d0": [sys.executable, *common],
             "d1": [sys.executable, *common],
-            "d2": [*torchrun, *common],
+            "d2": [*TORCHRUN, *common],
         }
         for name, command in commands.items():
             with open(tmp_path / f"{name}.log", "w") as log:

@@ -32,6 +32,7 @@ runs that one again. CI runs a fixed list of seeds;
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -62,6 +63,7 @@ POINTS = ("step", "sync", "view", "handover")
 CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 5 41").split()]
 SOAK = int(os.environ.get("DISTLEARN_ELASTIC_SOAK", "0"))
 SYNC_EVERY = 10
+NEXT_WORLD = 2
 EA_BETA = 0.9  # tests/elastic_worker.py's
 
 
@@ -89,6 +91,12 @@ class Schedule:
     asynchronous: bool = False  # EA: each round in flight over the next tau steps
     control_down_s: float = 0.0  # the control process killed as the faults are armed, and
     # restarted (on the same port: an empty store, a new Lighthouse) this long after
+    # Victims run under torchrun --max-restarts 1: a victim killed (by itself
+    # or by the harness) is started again by torchrun and joins as a new rank.
+    torchrun: list[str] = field(default_factory=list)
+    # Once the job ends ("after"), or once all its ranks are killed at once
+    # ("total failure"), a next job of NEXT_WORLD ranks on the same control process.
+    next_job: str = "none"
 
 
 def draw(seed: int) -> Schedule:
@@ -126,10 +134,17 @@ def draw(seed: int) -> Schedule:
     # Drawn last, each: the seeds drawn before keep the rest of their schedule.
     asynchronous = algo == "ea" and rng.random() < 0.5
     control_down_s = rng.choice([0.5, 2.0]) if rng.random() < 0.25 else 0.0
-    return Schedule(seed, algo, world, faults, replacement, misbuilt, asynchronous, control_down_s)
+    torchrun = [f.rank for f in faults if rng.random() < 0.35]
+    next_job = rng.choices(["none", "after", "total failure"], weights=[70, 15, 15])[0]
+    return Schedule(
+        seed, algo, world, faults, replacement, misbuilt, asynchronous, control_down_s,
+        torchrun, next_job,
+    )  # fmt: skip
 
 
-def run_schedule(tmp_path: Path, schedule: Schedule) -> None:
+def run_schedule(tmp_path: Path, schedule: Schedule) -> Job:
+    """Runs ``schedule`` and checks the invariants; returns the job (closed:
+    its events stay readable)."""
     job = Job(tmp_path, schedule.algo, schedule.world)
     try:
         _run(job, schedule)
@@ -137,6 +152,7 @@ def run_schedule(tmp_path: Path, schedule: Schedule) -> None:
         raise AssertionError(f"{error}\nseed {schedule.seed}: {asdict(schedule)}") from None
     finally:
         job.close()
+    return job
 
 
 def _run(job: Job, schedule: Schedule) -> None:
@@ -145,7 +161,7 @@ def _run(job: Job, schedule: Schedule) -> None:
     common = ["--asynchronous"] if schedule.asynchronous else []
     for name in names:
         extra = ["--fault", faults[name].arg()] if name in faults else []
-        job.start(name, *common, *extra)
+        job.start(name, *common, *extra, torchrun=name in schedule.torchrun)
     if schedule.replacement != "none":
         job.hold("joiner", *common)
     if schedule.misbuilt_joiner:
@@ -175,12 +191,17 @@ def _run(job: Job, schedule: Schedule) -> None:
     time.sleep(4.0)  # past the collective deadline (3 s): the stall is noticed
     alive = [n for n in names if n not in faults]
     for victim, fault in faults.items():
-        process = job.ranks[victim]
-        if fault.action == "pause" and process.poll() is None:
-            process.send_signal(signal.SIGCONT)  # it finds its view gone, and joins again
+        # The worker (under torchrun, the agent's child) logged its pid with the fault.
+        worker = job.events(victim, "fault")[-1]["pid"]
+        if fault.action == "pause" and job.ranks[victim].poll() is None:
+            os.kill(worker, signal.SIGCONT)  # it finds its view gone, and joins again
             alive.append(victim)
-        elif process.poll() is None:
-            process.kill()
+            continue
+        if fault.action != "kill":
+            os.kill(worker, signal.SIGKILL)
+        if victim in schedule.torchrun:  # started again: a new rank, the same agent
+            alive.append(f"{victim}+restart1")
+            job.ranks[alive[-1]] = job.ranks[victim]
     if schedule.replacement != "none":
         alive.append("joiner")
     if schedule.misbuilt_joiner:
@@ -195,17 +216,48 @@ def _run(job: Job, schedule: Schedule) -> None:
         "every live rank to reach the same view",
         lambda: len({job.view_of(n) for n in alive}) == 1 and job.view_of(alive[0]) is not None,
     )
-    done = job.finish(alive)
-    check_invariants(job, schedule, alive, done)
-
-
-def check_invariants(job: Job, schedule: Schedule, alive: list[str], done: dict) -> None:
     everyone = [*job.ranks]
+    if schedule.next_job == "total failure":
+        job.kill_ranks()
+        check_invariants(job, schedule, everyone, [], {})
+    else:
+        done = job.finish(alive)
+        check_invariants(job, schedule, everyone, alive, done)
+    if schedule.next_job != "none":
+        _run_next_job(job, schedule, job_number(job.view_of(alive[0])))
+
+
+def job_number(prefix: str) -> int:
+    """The job a view's prefix belongs to (views are named ".../job-N/...")."""
+    return int(prefix.split("/job-")[1].split("/")[0])
+
+
+def _run_next_job(job: Job, schedule: Schedule, previous: int) -> None:
+    """A next job on the same control process trains from its own start and
+    ends with every rank equal, under a job number of its own."""
+    job.stop_file.unlink(missing_ok=True)
+    names = [f"n{i}" for i in range(NEXT_WORLD)]
+    job.world = NEXT_WORLD
+    for name in names:
+        job.start(name, *(["--asynchronous"] if schedule.asynchronous else []))
+    job.wait_until("the next job to train", lambda: all(job.steps_of(n) >= 5 for n in names))
+    done = job.finish(names, margin=5)
+    check_invariants(job, schedule, names, names, done)
+    numbers = {job_number(job.view_of(n)) for n in names}
+    assert len(numbers) == 1 and previous not in numbers, f"job {previous}, then {numbers}"
+    assert all(d["world"] == NEXT_WORLD for d in done.values()), done
+
+
+def check_invariants(
+    job: Job, schedule: Schedule, everyone: list[str], alive: list[str], done: dict
+) -> None:
+    """``everyone``: the ranks whose events count; ``alive`` and ``done``:
+    those that finished and their "done" events (none after a total failure)."""
     algo = schedule.algo
     final = [d["params"] if algo == "sgd" else d["center"] for d in done.values()]
     assert all(f == final[0] for f in final), "the ranks disagree at the end"
-    assert len({d["steps"] for d in done.values()}) == 1, f"steps differ: {done}"
-    assert len({d["epoch"] for d in done.values()}) == 1, f"epoch counters differ: {done}"
+    assert len({d["steps"] for d in done.values()}) <= 1, f"steps differ: {done}"
+    assert len({d["epoch"] for d in done.values()}) <= 1, f"epoch counters differ: {done}"
 
     # After each synchronization point: the same state on every member.
     synced: dict[tuple[str, int], list[tuple[str, dict]]] = defaultdict(list)
@@ -250,31 +302,44 @@ def check_invariants(job: Job, schedule: Schedule, alive: list[str], done: dict)
             want = mean64([own[name, steps] for name in events])
             for e in events.values():
                 assert_close(e["mean"], want)
-    elif not schedule.asynchronous:
-        check_ea_rounds(job, everyone)
+    else:
+        check_ea_rounds(job, everyone, schedule.asynchronous)
 
 
-def check_ea_rounds(job: Job, everyone: list[str]) -> None:
-    """Every synchronous EA round that every member of the view it ended in
-    logged, against the paper's update (arXiv 1412.6651, as one allreduce)
-    in float64, from what each member held when its call began: with n
-    members and alpha = beta / n, delta_i = alpha * (x_i - center),
-    x_i -= delta_i, center += sum_i delta_i. A round that failed and was
-    redone on a new view counts too: the failed part must have been rolled
-    back (had a member completed it before the failure, that member logged
-    it in the old view and this view's group is incomplete). A round applied
-    in part, or twice, leaves x or the center off."""
+def check_ea_rounds(job: Job, everyone: list[str], asynchronous: bool) -> None:
+    """Every EA round that every member of the view it ended in logged,
+    against the paper's update (arXiv 1412.6651, as one allreduce) in
+    float64, from what each member held when its call began: with n members
+    and alpha = beta / n, delta_i = alpha * (x_i - center), x_i -= delta_i,
+    center += sum_i delta_i. A round that failed and was redone on a new
+    view counts too: the failed part must have been rolled back (had a
+    member completed it before the failure, that member logged it in the
+    old view and this view's group is incomplete). A round applied in part,
+    or twice, leaves x or the center off. Asynchronous rounds blend at the
+    call and complete when the worker reads the center after it, which
+    leaves a failed round's center as it was (the failure surfaces in the
+    next call): a round counts once every member's next call ran in the same
+    view (test_a_round_a_peer_died_in_is_rolled_back_and_redone_whole
+    checks the undoing of one that did not)."""
     rounds: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    same_view_next: set[tuple[str, int]] = set()  # (name, steps): its next call in that view
     for name in everyone:
-        steps = [e["steps"] for e in job.events(name, "step")]
+        events = job.events(name, "step")
+        steps = [e["steps"] for e in events]
         assert len(steps) == len(set(steps)), f"{name} counted a step twice: {steps}"
-        for e in job.events(name, "step"):
+        for e, after in itertools.pairwise(events):
+            if after["steps"] == e["steps"] + 1 and after["prefix_before"] == after["prefix"]:
+                if after["prefix"] == e["prefix"]:
+                    same_view_next.add((name, e["steps"]))
+        for e in events:
             if e["round"]:
-                rounds[e["prefix"], e["steps"]].append(e)
+                rounds[e["prefix"], e["steps"]].append({**e, "name": name})
     checked = redone = 0
     for (prefix, steps), events in rounds.items():
         if len(events) < events[0]["world"]:
             continue  # not every member logged it: a member was lost in it
+        if asynchronous and not all((e["name"], steps) in same_view_next for e in events):
+            continue  # completed on some member, maybe: its failure surfaced after it
         center = events[0]["center_before"]
         assert all(e["center_before"] == center for e in events), f"{prefix} step {steps}"
         alpha = EA_BETA / len(events)
@@ -296,6 +361,42 @@ def check_ea_rounds(job: Job, everyone: list[str]) -> None:
 @pytest.mark.parametrize("seed", CI_SEEDS)
 def test_faults_at_every_point_of_the_protocol(tmp_path: Path, seed: int) -> None:
     run_schedule(tmp_path, draw(int(os.environ.get("DISTLEARN_ELASTIC_SEED", seed))))
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_round_a_peer_died_in_is_rolled_back_and_redone_whole(
+    tmp_path: Path, asynchronous: bool
+) -> None:
+    # Issue 21, item 2: the survivor's round had moved x by -delta when the
+    # failure surfaced, and the retry only counted (x went from 3 to 2, the
+    # center stayed at 1). r1 dies as it enters its 22nd call (step 21, a
+    # round: tau 2). Synchronous: r0's round fails, is rolled back, and
+    # runs again on a view of r0 alone, where the paper's update from what
+    # r0 held before it must hold (check_ea_rounds). Asynchronous: the
+    # failure surfaces in the next call (step 22; r0 read the center after
+    # step 21, which completes a round without raising), which must undo
+    # round 21's blend; the rounds after it are whole (check_ea_rounds).
+    fault = FaultSpec("r1", "kill", "step", 22, 0)
+    schedule = Schedule(-1, "ea", 2, [fault], asynchronous=asynchronous)
+    job = run_schedule(tmp_path, schedule)
+    steps = {e["steps"]: e for e in job.events("r0", "step")}
+    changed = [s for s, e in steps.items() if e["prefix_before"] != e["prefix"]]
+    assert changed == [22 if asynchronous else 21], changed
+    assert steps[21]["round"] and steps[changed[0]]["world"] == 1
+    if asynchronous:
+        launch, surfaced = steps[21], steps[22]
+        assert launch["world"] == 2
+        blend = [
+            EA_BETA / 2 * (x - c)
+            for x, c in zip(launch["before"], launch["center_before"], strict=True)
+        ]
+        assert_close(
+            launch["params"], [x - d for x, d in zip(launch["before"], blend, strict=True)]
+        )
+        assert_close(
+            surfaced["params"], [x + d for x, d in zip(surfaced["before"], blend, strict=True)]
+        )
+        assert surfaced["center"] == launch["center_before"]
 
 
 @pytest.mark.skipif(SOAK == 0, reason="the soak runs only when DISTLEARN_ELASTIC_SOAK=N is set")

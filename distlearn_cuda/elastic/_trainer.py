@@ -40,8 +40,13 @@ would otherwise meet the rank's next steps there, as the uneven-steps rule
 of ``AllReduceSGD.synchronize_parameters`` has it, and the two drift a
 synchronization interval apart). An EA round that fails is rolled back
 before it is redone: the parameters to what the round started from, the
-blend of a failed asynchronous round undone, the step counter to the call's
-start (the center never absorbs a failed round).
+step counter to the call's start (the center never absorbs a failed round).
+An asynchronous round completes after the call that launched it (at the
+next round, a synchronization, or when the state is read), so whether its
+sum reached the center is told apart from the call: every member keeps the
+step count of the last round in its center, the source hands its own over,
+and each member undoes every blend of a later round (whichever call the
+failure surfaced in, a synchronization point's included).
 """
 
 from __future__ import annotations
@@ -557,8 +562,12 @@ class _ElasticMember:
                 if attempt == self._retries:
                     raise
                 self._change_view()
+                self._after_failed_view_change()
                 if self._syncs > syncs:
                     return  # the source completed it: its state is this rank's
+
+    def _after_failed_view_change(self) -> None:
+        """What a failed synchronization point undoes once the view changed."""
 
     def _extra(self) -> Any:
         return self._extra_state[0]() if self._extra_state is not None else None
@@ -749,8 +758,17 @@ class ElasticEA(_ElasticMember):
         return self._current().center
 
     # An asynchronous round in flight: what its blend moved the parameters
-    # by (parameters before it minus after it), to undo it if it fails.
+    # by (parameters before it minus after it), the job's step count at the
+    # call that launched it, and the algorithm object's rounds completed
+    # then (the round is in the center once that count has grown).
     _blend: list[torch.Tensor] | None = None
+    _blend_step = -1
+    _blend_base = 0
+    # The step count at the last round whose sum is in this rank's center
+    # (after a hand-over, the source's): a blend of a later round was never
+    # summed into the center every member takes, and is undone (NOTE
+    # [Transactions]).
+    _center_round = -1
     # The step counter a failed call rolls back to (set while it changes views).
     _rollback_step: int | None = None
     # Free sets of buffers shaped like the parameters, for a round's starting
@@ -775,6 +793,35 @@ class ElasticEA(_ElasticMember):
         if buffers is not None:
             self._spares = (*self._spares, buffers)
 
+    def _note_completed_round(self) -> None:
+        """Moves ``_center_round`` past the round in flight once it is in the
+        center: completed by a round, a synchronization, or a reader of the
+        state (``center``, ``state_dict()``), which AllReduceEA completes
+        without raising a failure, leaving it to the next call."""
+        if self._blend is not None and self._algo is not None:
+            if self._algo.rounds_completed > self._blend_base:
+                self._center_round = self._blend_step
+                self._free(self._blend)
+                self._blend = None
+
+    def _settle_blends(self, call: tuple[int, list[torch.Tensor]] | None = None) -> None:
+        """After a failed call's view change: undoes each round not in the
+        center the view's members now hold (NOTE [Transactions]). ``call``:
+        the failed call's step count and the parameters it started from,
+        restored exactly if its round is undone; the round in flight is
+        older, so it is undone whenever the call's is, and maybe alone."""
+        params = list(self._model.parameters())
+        with torch.no_grad():
+            if call is not None:
+                step, start = call
+                if step > self._center_round:
+                    torch._foreach_copy_(params, start)
+                self._free(start)
+            if self._blend is not None and self._blend_step > self._center_round:
+                torch._foreach_add_(params, self._blend)
+        self._free(self._blend)
+        self._blend = None
+
     def average_parameters(self) -> None:
         """One EA step of the model's parameters (a round every ``tau``
         steps). A round that fails is rolled back and redone on the next
@@ -783,6 +830,7 @@ class ElasticEA(_ElasticMember):
         self._call = "step"
         for attempt in range(self._retries + 1):
             algo = self._current()
+            self._note_completed_round()
             # A call between rounds only counts, but it is where an
             # asynchronous round's failure can surface: it is handled alike.
             is_round = algo.next_call_is_round
@@ -791,45 +839,35 @@ class ElasticEA(_ElasticMember):
             if is_round:
                 with torch.no_grad():
                     before = self._copy_of(params)
-            step, completed = algo.state_step, algo.rounds_completed
-            pending = algo.round_in_flight
+            step, completed, call_step = algo.state_step, algo.rounds_completed, self._steps
             try:
                 algo.average_parameters(self._model)
             except CommunicationError:
                 if attempt == self._retries:
                     self._free(before)
                     raise
-                # The round in flight failed unless the call completed it.
-                undo = self._blend if pending and algo.rounds_completed == completed else None
-                if undo is None:
-                    self._free(self._blend)
-                self._blend = None
+                self._note_completed_round()
                 self._rollback_step = step
                 try:
                     behind = self._change_view()
                 finally:
                     self._rollback_step = None
-                if not behind:
-                    with torch.no_grad():
-                        if before is not None:
-                            torch._foreach_copy_(params, before)
-                        if undo is not None:
-                            torch._foreach_add_(params, undo)
-                self._free(before)
-                self._free(undo)
+                # (The source's step count replaced this rank's if it was behind.)
+                self._settle_blends(None if before is None else (call_step, before))
                 if behind:
-                    return  # the source completed this call, this rank's blend in its center
+                    return  # the source completed this call
                 continue
             if algo.rounds_completed != completed:
-                # The round in flight completed: its blend will not be undone.
-                self._free(self._blend)
-                self._blend = None
+                self._note_completed_round()
             if before is not None and algo.round_in_flight:
                 with torch.no_grad():
                     torch._foreach_sub_(before, params)
-                self._blend = before
+                self._blend, self._blend_step = before, call_step
+                self._blend_base = algo.rounds_completed
             else:
                 self._free(before)
+                if is_round:
+                    self._center_round = call_step  # a synchronous round, in the center
             break
         self._step_done()
 
@@ -838,13 +876,19 @@ class ElasticEA(_ElasticMember):
         announced are added. A failure redoes it on the next view (NOTE
         [Transactions])."""
         self._synchronization_point(lambda: self._current().synchronize_center(self._model))
-        self._free(self._blend)  # no round in flight past a synchronization
+        # Every round is in the center past a synchronization.
+        self._free(self._blend)
         self._blend = None
+        self._center_round = self._steps
+
+    def _after_failed_view_change(self) -> None:
+        self._settle_blends()
 
     def _keep_state(self) -> None:
         # state_dict() never raises after a failure: the last complete round.
         if self._algo is not None:
             self._handed_state = self._algo.state_dict()
+            self._note_completed_round()
             if self._rollback_step is not None:
                 self._handed_state["step"] = self._rollback_step
 
@@ -868,12 +912,14 @@ class ElasticEA(_ElasticMember):
         return {
             "steps": self._steps,
             "ea": self._ea_state(),
+            "center_round": self._center_round,  # read after _ea_state() completed the round
             "model": self._model.state_dict(),
             "optimizer": self._optimizer.state_dict() if self._optimizer else None,
         }
 
     def _load_state(self, state: dict[str, Any], had_state: bool) -> None:
         self._steps = state["steps"]
+        self._center_round = state["center_round"]
         self._handed_state = state["ea"]
         self._current().load_state_dict(state["ea"])
         if not had_state:
