@@ -8,9 +8,12 @@ control process is killed and restarted as the faults are armed, one or
 two faults (a rank kills or stalls itself, see
 tests/elastic_worker.py, some milliseconds into its N-th step,
 synchronization, view or state hand-over; a stalled rank is killed, or let
-go, later) and when a replacement rank joins (at once: started before the
-fault, its imports done; late; or never). Every rank that stays alive must
-finish, and the logs must show (``check_invariants``):
+go, later), when a replacement rank joins (at once: started before the
+fault, its imports done; late; or never), which victims run under
+``torchrun --max-restarts 1`` (a killed one is started again, and joins as
+a new rank), and whether a next job runs on the same control process (once
+the job ended, or after all its ranks were killed at once). Every rank that
+stays alive must finish, and the logs must show (``check_invariants``):
 
 - no hang: each live rank exits 0 within its bound;
 - after each synchronization point, every member of the view that passed it
@@ -19,11 +22,12 @@ finish, and the logs must show (``check_invariants``):
   that both finished in it passed the same synchronization points;
 - no SGD step applied twice: a rank averages each step number once;
 - an averaged gradient that every member of its view logged equals the
-  float64 mean of their own gradients; a synchronous EA round that every
-  member logged moved each x and the center as the paper's update
-  computed in float64 (no round applied twice or half);
+  float64 mean of their own gradients; an EA round that every member
+  logged moved each x and the center as the paper's update computed in
+  float64 (no round applied twice or half; see ``check_ea_rounds``);
 - at the end, every rank (joiners included) holds the same parameters or
-  center, the same step count and the same epoch counter.
+  center, the same step count and the same epoch counter;
+- a next job trains from its own start, under a job number of its own.
 
 Every failure prints the seed and the schedule; ``DISTLEARN_ELASTIC_SEED=S``
 runs that one again. CI runs a fixed list of seeds;
