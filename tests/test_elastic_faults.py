@@ -55,15 +55,16 @@ pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic]
 POINTS = ("step", "sync", "view", "handover")
 # Seeds CI runs: SGD, a 2-rank job whose stalled rank comes back while a
 # replacement and a misbuilt joiner arrive at once, just after the control
-# process restarted (1: fails at da3f0ba, the misbuilt joiner ends the job;
-# failed at 18f5ff3, the two newcomers started a job of their own beside
-# the running one); SGD, a rank stalled in a synchronization point comes
-# back, the control process restarted (10: fails at da3f0ba, its epoch
-# counter is not taken);
-# synchronous EA, a rank killed in a step, a round redone on the new view
-# and checked against the reference (5); asynchronous EA, a rank stalled
-# in a view change and another stalled in a step (41: failed at 3046734, a
-# round's failure surfacing in a call between rounds escaped to the user).
+# process restarted, then a next job (1: fails at da3f0ba, the misbuilt
+# joiner ends the job; failed at 18f5ff3, the two newcomers started a job
+# of their own beside the running one); SGD, a rank under torchrun stalled
+# in a synchronization point comes back, the control process restarted
+# (10: fails at da3f0ba, its epoch counter is not taken); synchronous EA, a
+# rank under torchrun killed in a step and started again, a round redone
+# on the new view and checked against the reference (5); asynchronous EA,
+# a rank stalled in a view change and another stalled in a step (41:
+# failed at 3046734, a round's failure surfacing in a call between rounds
+# escaped to the user).
 CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 5 41").split()]
 SOAK = int(os.environ.get("DISTLEARN_ELASTIC_SOAK", "0"))
 SYNC_EVERY = 10
