@@ -68,7 +68,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 import distlearn_cuda as dl
 from distlearn_cuda import _C
-from distlearn_cuda._validate import DTYPE_CODES
+from distlearn_cuda._native import DTYPE_CODES
 
 from .harness import machine_info, markdown_table, write_files
 from .shapes import gpt2_small_shapes, resnet50_shapes, small_tensor_shapes

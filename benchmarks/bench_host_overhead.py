@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distlearn_cuda as dl
-from distlearn_cuda._gloo import PrivateGloo
+from distlearn_cuda._comm.gloo import PrivateGloo
 
 from .harness import machine_info, markdown_table, write_files
 

@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 import distlearn_cuda as dl
-from distlearn_cuda import _nccl
-from distlearn_cuda._validate import DTYPE_CODES
+from distlearn_cuda._comm import nccl as _nccl
+from distlearn_cuda._native import DTYPE_CODES
 
 from .shapes import resnet50_shapes
 

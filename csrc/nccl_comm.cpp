@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <system_error>
 
-#include "cuda_check.h"
+#include "../kernels/cuda_check.h"
 
 namespace distlearn {
 namespace {
@@ -27,7 +27,8 @@ constexpr std::size_t kReservedEvents = 64;
 
 const NcclApi& require_nccl() {
   const NcclApi* api = loaded_nccl();
-  if (api == nullptr) throw std::runtime_error("NCCL is not loaded (distlearn_cuda._nccl.load())");
+  if (api == nullptr)
+    throw std::runtime_error("NCCL is not loaded (distlearn_cuda._comm.nccl.load())");
   return *api;
 }
 

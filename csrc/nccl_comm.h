@@ -1,9 +1,9 @@
 // One NCCL communicator over the ranks of a process group.
 //
-// The Python side (distlearn_cuda/_nccl.py) bootstraps and owns it: rank 0
+// The Python side (distlearn_cuda/_comm/nccl.py) bootstraps and owns it: rank 0
 // makes the unique id, a CPU group carries it to the others, every rank
 // constructs a communicator with it; one communicator serves every object on
-// a group and device, and _nccl.py closes it when its last user is closed,
+// a group and device, and nccl.py closes it when its last user is closed,
 // when its group is destroyed, or at interpreter exit. Collectives are
 // enqueued on the caller's stream; nothing here waits for the device.
 //

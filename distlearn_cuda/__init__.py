@@ -10,6 +10,8 @@ one collective per call.
     ...; loss.backward(); sgd.sum_and_normalize_gradients(model); opt.step()
 """
 
+import logging
+
 from ._build_info import build_info
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .ea import AllReduceEA
@@ -26,3 +28,8 @@ __all__ = [
     "save_checkpoint",
 ]
 __version__ = "0.1.0"
+
+# Silent unless the application configures logging: the library logs its
+# choices (the NCCL loaded, communicators made, shrunk, aborted; elastic
+# views and hand-overs) at INFO under "distlearn_cuda" (examples: --verbose).
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from . import _C, _nccl
+from . import _C
+from ._comm import nccl as _nccl
 
 __all__ = ["build_info"]
 
@@ -47,7 +48,7 @@ def build_info() -> dict[str, Any]:
         "nccl_abi_version": _version_string(_C.nccl_abi_version),
         "nccl_runtime_version": _version_string(_nccl.runtime_version()),
         "nccl_library": loaded[1] if loaded is not None else None,
-        "nccl_mode": _nccl_mode(),
+        "nccl_mode": _nccl.mode_or_invalid(),
         "device": device,
     }
 
@@ -57,10 +58,3 @@ def _version_string(code: int | None) -> str | None:
     if code is None:
         return None
     return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
-
-
-def _nccl_mode() -> str:
-    try:
-        return _nccl.mode()
-    except ValueError as error:
-        return f"invalid: {error}"

@@ -14,13 +14,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from . import _C, _group, _tree
-from ._agreement import EA_CODES, EA_PROBLEM, EA_ROUND, Description, Problem, decide
-from ._carry import CarriedState, check_carry_args, pick_source
-from ._collectives import PendingSum, is_capturing
-from ._plan import Addresses, Plan, PlanCache, lossless_dtype
-from ._tree import Flat
-from ._validate import (
+from . import _C
+from ._algorithms.carry import CarriedState, check_carry_args, pick_source
+from ._algorithms.member import GroupMember
+from ._comm.collectives import PendingSum, is_capturing
+from ._comm.group import resolve
+from ._native import addresses_of
+from ._tensors import tree as _tree
+from ._tensors.agreement import EA_CODES, EA_PROBLEM, EA_ROUND, Description, Problem, decide
+from ._tensors.plan import Addresses, Plan, PlanCache, lossless_dtype
+from ._tensors.tree import Flat
+from ._tensors.validate import (
     DEFAULT_TIMEOUT,
     Signature,
     check_comm_dtype,
@@ -38,14 +42,12 @@ from .errors import CommunicationError
 
 __all__ = ["AllReduceEA"]
 
-_DATA_PTR = torch.Tensor.data_ptr
-
 
 def _nothing() -> None:
     return None
 
 
-class AllReduceEA(_group.GroupMember):
+class AllReduceEA(GroupMember):
     """Elastic averaging over a process group (torch-distlearn's AllReduceEA).
 
     Each rank trains its own copy x of the parameters; all ranks hold the
@@ -69,7 +71,7 @@ class AllReduceEA(_group.GroupMember):
         tau: communication period: average on every tau-th call (int >= 1).
         alpha: moving rate of the elastic force (torch-distlearn's alpha),
             below 2 / (p + 1) for p ranks: above, the rounds cannot converge
-            (ValueError saying why; see the README's "EA stability").
+            (ValueError saying why; see "EA stability" in docs/semantics.md).
         beta: the elastic-averaging paper's way to set it: alpha = beta / p,
             stable at any p for beta < 2p / (p + 1). Give alpha or beta; with
             neither, beta = 0.9 (the paper's).
@@ -122,7 +124,7 @@ class AllReduceEA(_group.GroupMember):
         self._tau = check_tau(tau)
         self._comm_dtype = check_comm_dtype(comm_dtype)
         timeout = check_timeout(timeout)
-        self._alpha = check_ea_rate(alpha, beta, _group.resolve(group).world_size)
+        self._alpha = check_ea_rate(alpha, beta, resolve(group).world_size)
         super().__init__(group, timeout)
         self._plans = PlanCache(self._group.world_size)
         self._signature: Signature | None = None
@@ -172,6 +174,7 @@ class AllReduceEA(_group.GroupMember):
 
     @property
     def tau(self) -> int:
+        """The communication period: a round runs on every tau-th call."""
         return self._tau
 
     # What the elastic layer reads to make a round a transaction (see
@@ -357,6 +360,9 @@ class AllReduceEA(_group.GroupMember):
         # center stays what state_dict() reports; a failure was recorded.
         self._complete_for_reading()
 
+    def _bind_ahead(self, params: Any) -> None:
+        self._bind(params)
+
     def _bind(self, params: Any) -> tuple[Flat, Addresses]:
         """Validates params against the bound structure (binding it, and
         making the center, on the first call); returns them and their addresses.
@@ -371,7 +377,7 @@ class AllReduceEA(_group.GroupMember):
             flat = last
         else:
             flat = _tree.flatten(_tree.materialize(params), "params")
-        addresses = list(map(_DATA_PTR, flat.tensors))
+        addresses = addresses_of(flat.tensors)
         if (
             last is not None
             and addresses == self._checked_addresses
@@ -443,7 +449,7 @@ class AllReduceEA(_group.GroupMember):
                 with torch.no_grad():
                     torch._foreach_copy_(self._centers, self._loaded_center)
                 self._loaded_center = None
-            self._center_addresses = _C.Addresses([t.data_ptr() for t in self._centers])
+            self._center_addresses = _C.Addresses(addresses_of(self._centers))
         else:
             check_same_signature(self._signature, signature(flat, "params"), "params")
             if addresses != self._checked_addresses:

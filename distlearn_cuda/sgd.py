@@ -12,12 +12,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from . import _group, _tree
-from ._agreement import Problem
-from ._carry import CarriedState, check_carry_args, pick_source
-from ._plan import PlanCache, lossless_dtype
-from ._reducer import GradientReducer, Modes, split_into_buckets
-from ._validate import (
+from ._algorithms.carry import CarriedState, check_carry_args, pick_source
+from ._algorithms.member import GroupMember
+from ._algorithms.reducer import GradientReducer, Modes, split_into_buckets
+from ._native import addresses_of
+from ._tensors import tree as _tree
+from ._tensors.agreement import Problem
+from ._tensors.plan import PlanCache, lossless_dtype
+from ._tensors.validate import (
     DEFAULT_TIMEOUT,
     Signature,
     check_comm_dtype,
@@ -32,7 +34,7 @@ from ._validate import (
 __all__ = ["AllReduceSGD"]
 
 
-class AllReduceSGD(_group.GroupMember):
+class AllReduceSGD(GroupMember):
     """Synchronous data-parallel SGD over a process group (torch-distlearn's AllReduceSGD).
 
     Each rank computes gradients on its part of the mini-batch, then
@@ -47,8 +49,8 @@ class AllReduceSGD(_group.GroupMember):
     calls in the same order (the same method, the same ``nonfinite``) with
     tensors of the same dtypes, shapes and memory layouts. What each rank
     does travels with its data, so a rank whose call or input differs makes
-    every rank raise the same error in that call (see the README's
-    "Agreement"), never a silent wrong sum.
+    every rank raise the same error in that call (see "What every rank
+    agrees on" in docs/semantics.md), never a silent wrong sum.
 
     Args:
         group: a ``torch.distributed`` process group, or None for the default
@@ -79,8 +81,7 @@ class AllReduceSGD(_group.GroupMember):
     (with ``timeout``) over the ranks of ``group``, and the ranks check that
     they made the same object with the same settings.
 
-    Example::
-
+    Examples:
         >>> import torch, distlearn_cuda as dl
         >>> model = torch.nn.Linear(4, 2)
         >>> sgd = dl.AllReduceSGD()  # a world of one without torchrun
@@ -275,7 +276,7 @@ class AllReduceSGD(_group.GroupMember):
         plan = self._plans.get(
             "synchronize", param_signature, lossless_dtype([e[0] for e in param_signature[1]])
         )
-        addresses = [t.data_ptr() for t in flat.tensors]
+        addresses = addresses_of(flat.tensors)
         # Every rank packs: the pack's flag says whether its params are finite.
         plan.pack(flat.tensors, addresses, count_slot=-1)
         finite = plan.nonfinite_ranks() == 0 and carried.finite()

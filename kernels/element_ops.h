@@ -78,7 +78,7 @@ DL_INLINE double contributor_count(const B* count_slots, int64_t num_slots) {
 }
 
 // Whether every contributor of a step wrote the code whose count slots are
-// [first, first + count) (see distlearn_cuda/_agreement.py, "Call codes"):
+// [first, first + count) (see distlearn_cuda/_tensors/agreement.py, "Call codes"):
 // the slots of that code hold the whole contributor count. Each slot holds
 // a small integer, so both sums are exact (see contributor_count).
 template <typename B>

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "../csrc/cuda_check.h"
+#include "cuda_check.h"
 #include "multi_tensor_engine.h"
 
 #if !defined(CUDART_VERSION) || CUDART_VERSION < 12010

@@ -24,7 +24,7 @@
 
 namespace distlearn {
 
-// Codes shared with Python (distlearn_cuda/_plan.py keeps the same table).
+// Codes shared with Python (distlearn_cuda/_native.py keeps the same table).
 enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 inline bool is_valid_dtype(int32_t code) { return code >= 0 && code <= 3; }

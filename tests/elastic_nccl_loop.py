@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from distlearn_cuda import _nccl
+from distlearn_cuda._comm import nccl as _nccl
 from distlearn_cuda.elastic import ElasticSGD
 
 SPIN_CYCLES = 2_000_000_000  # ~1 s at the H100's and H200's ~1.98 GHz

@@ -1,6 +1,6 @@
-"""A stand-in for ``_C.NcclCommunicator`` in the CPU tests of ``_nccl``'s
+"""A stand-in for ``_C.NcclCommunicator`` in the CPU tests of ``_comm.nccl``'s
 registry and of the elastic views' shrink agreement: a real communicator
-needs a GPU. The stand-in keeps what ``_nccl`` and ``elastic._shrink`` use
+needs a GPU. The stand-in keeps what ``_comm.nccl`` and ``elastic._shrink`` use
 (made by the same arguments, closed, asked whether usable or shrinkable,
 shrunk), records how it was used, and talks to nobody: the agreement these
 tests check runs over real gloo groups."""

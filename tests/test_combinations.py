@@ -331,7 +331,7 @@ def test_the_library_uses_nothing_newer_than_the_declared_python() -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 10, 64])
 def test_ea_rate_bound_and_beta(world: int) -> None:
-    from distlearn_cuda._validate import DEFAULT_BETA, check_ea_rate
+    from distlearn_cuda._tensors.validate import DEFAULT_BETA, check_ea_rate
 
     bound = 2 / (world + 1)
     assert check_ea_rate(None, None, world) == pytest.approx(DEFAULT_BETA / world)

@@ -25,7 +25,8 @@ from multiproc import run_world, run_world_outcomes
 from tensor_cases import fresh_seed, needs_gpu
 
 import distlearn_cuda as dl
-from distlearn_cuda import _C, _nccl
+from distlearn_cuda import _C
+from distlearn_cuda._comm import nccl as _nccl
 
 pytestmark = needs_gpu
 
@@ -494,7 +495,8 @@ import json
 import torch
 import torch.distributed as dist
 import distlearn_cuda as dl
-from distlearn_cuda import _C, _nccl
+from distlearn_cuda import _C
+from distlearn_cuda._comm import nccl as _nccl
 
 dist.init_process_group(
     "nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0)

@@ -342,7 +342,7 @@ def test_positions_are_raised_to_the_last_collective_every_rank_took_part_in() -
     """summarize(): a rank that reported nothing, or less than the floor,
     took part in the floor's collective; this rank's own position is its
     own, whatever the store held."""
-    from distlearn_cuda._positions import summarize
+    from distlearn_cuda._comm.positions import summarize
 
     posted = {0: (12, "all_reduce_sum", 5), 1: (3, "all_reduce_sum", 1), 2: None, 3: None}
     message = summarize(posted, floor=(11, "all_reduce_sum", 4), rank=3, entered=(12, "x", 5))
@@ -360,7 +360,7 @@ def test_a_collective_completed_on_one_survivor_raises_every_floor() -> None:
     entered 8, so rank 0 names rank 1 with 8, not with its own floor 7."""
     import torch.distributed as dist
 
-    from distlearn_cuda._positions import Positions
+    from distlearn_cuda._comm.positions import Positions
 
     store = dist.HashStore()
     ranks = [Positions(store, "p", rank, 3, step=lambda: 0) for rank in range(3)]

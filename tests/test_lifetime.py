@@ -244,7 +244,7 @@ def test_a_forked_child_is_refused_and_the_parent_carries_on() -> None:
 def test_a_forked_child_gets_a_free_communicator_registry() -> None:
     # A lock a parent thread held at the fork stays held in the child: the
     # child gets a new one, and inherits no communicator (NOTE [Fork]).
-    from distlearn_cuda import _nccl
+    from distlearn_cuda._comm import nccl as _nccl
 
     held, release = threading.Event(), threading.Event()
 

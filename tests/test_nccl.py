@@ -26,7 +26,9 @@ from multiproc import run_world
 from nccl_stand_in import StandInCommunicator
 
 import distlearn_cuda as dl
-from distlearn_cuda import _C, _collectives, _nccl
+from distlearn_cuda import _C
+from distlearn_cuda._comm import collectives as _collectives
+from distlearn_cuda._comm import nccl as _nccl
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_nccl = pytest.mark.skipif(not _C.has_nccl, reason="this build has no NCCL support")
@@ -130,7 +132,8 @@ def test_nothing_is_loaded_until_asked_then_the_wheel_is() -> None:
         """
         import json
         import distlearn_cuda as dl
-        from distlearn_cuda import _C, _nccl
+        from distlearn_cuda import _C
+        from distlearn_cuda._comm import nccl as _nccl
         before = dl.build_info()
         # Where the process already has NCCL (a CUDA build of torch loads it),
         # that copy is the one to use; read independently of the loader.
@@ -171,7 +174,7 @@ def test_a_copy_already_loaded_is_used_and_reported_by_its_path(tmp_path: Path) 
         f"""
         import ctypes, json, os
         ctypes.CDLL({str(link)!r}, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-        from distlearn_cuda import _nccl
+        from distlearn_cuda._comm import nccl as _nccl
         print(json.dumps(list(_nccl.load())))
         """
     )
@@ -184,7 +187,7 @@ def test_a_copy_already_loaded_is_used_and_reported_by_its_path(tmp_path: Path) 
 def test_a_missing_library_fails_with_every_candidate_named() -> None:
     done = run_python(
         """
-        from distlearn_cuda import _nccl
+        from distlearn_cuda._comm import nccl as _nccl
         _nccl.load()
         """,
         DISTLEARN_NCCL_LIBRARY="/nonexistent/libnccl.so.2",
@@ -198,7 +201,7 @@ def test_a_missing_library_fails_with_every_candidate_named() -> None:
 def test_a_library_that_is_not_nccl_is_refused() -> None:
     done = run_python(
         """
-        from distlearn_cuda import _nccl
+        from distlearn_cuda._comm import nccl as _nccl
         _nccl.load()
         """,
         DISTLEARN_NCCL_LIBRARY=_C.__file__,  # a shared library, but not NCCL
@@ -213,7 +216,8 @@ def test_unique_ids_need_no_gpu_and_a_communicator_without_one_raises() -> None:
     done = run_python(
         """
         import torch
-        from distlearn_cuda import _C, _nccl
+        from distlearn_cuda import _C
+        from distlearn_cuda._comm import nccl as _nccl
         _nccl.load()
         first, second = _C.NcclCommunicator.unique_id(), _C.NcclCommunicator.unique_id()
         assert len(first) == len(second) == 128 and first != second
@@ -299,8 +303,8 @@ def _registry(rank: int, world_size: int) -> dict:
     import gc
     import weakref
 
-    from distlearn_cuda._collectives import Collectives
-    from distlearn_cuda._group import Group, resolve
+    from distlearn_cuda._comm.collectives import Collectives
+    from distlearn_cuda._comm.group import Group, resolve
 
     device = torch.device("cuda", 0)  # only its index is used: no GPU is touched
     world = resolve(None)

@@ -12,7 +12,7 @@ import torch
 from tensor_cases import DTYPES, ODD_SHAPES, fresh_seed, poisoned_like, random_tensors
 
 from distlearn_cuda import _C, reference
-from distlearn_cuda._validate import DTYPE_CODES
+from distlearn_cuda._native import DTYPE_CODES
 
 PAIRS = list(itertools.product(DTYPES, DTYPES))
 BAD_VALUES = [float("nan"), float("inf"), float("-inf")]

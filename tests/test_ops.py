@@ -16,7 +16,7 @@ from tensor_cases import (
 )
 
 from distlearn_cuda import _C, reference
-from distlearn_cuda._validate import DTYPE_CODES
+from distlearn_cuda._native import DTYPE_CODES
 
 CODES = DTYPE_CODES
 

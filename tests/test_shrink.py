@@ -18,7 +18,7 @@ import torch.distributed as dist
 from multiproc import run_world
 from nccl_stand_in import StandInCommunicator
 
-from distlearn_cuda import _nccl
+from distlearn_cuda._comm import nccl as _nccl
 from distlearn_cuda.elastic._shrink import excluded_ranks
 
 OLD = ("a", "b", "c", "d")  # the last view's members, by rank
@@ -44,8 +44,8 @@ def test_a_view_is_shrunk_from_the_last_only_if_it_lost_ranks_and_kept_the_order
 
 
 def _shrink_case(rank: int, world_size: int, case: str) -> dict:
-    from distlearn_cuda._collectives import Collectives
-    from distlearn_cuda._group import resolve
+    from distlearn_cuda._comm.collectives import Collectives
+    from distlearn_cuda._comm.group import resolve
     from distlearn_cuda.elastic._membership import View
     from distlearn_cuda.elastic._shrink import Parent, shrink_into
 

@@ -1,7 +1,7 @@
 """The next view's NCCL communicator shrunk from the last one's, when the
 next view only lost ranks.
 
-A dropped view's communicator (detached from ``_nccl``'s registry, revoked
+A dropped view's communicator (detached from ``_comm.nccl``'s registry, revoked
 rather than aborted if it failed) is the parent. If every member of the next
 view holds the same parent (the same unique id: they were all in the same
 last view) and the next view is that view less some ranks, in the same
@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from .. import _nccl
+from .._comm import nccl as _nccl
 from ._membership import View
 
 __all__ = ["Parent", "excluded_ranks", "shrink_into"]
@@ -61,7 +61,7 @@ def shrink_into(
 ) -> bool:
     """Every member of ``view`` calls this once the view's group exists:
     shrinks the parent into the communicator of ``process_group`` if all
-    agree (see the module), registers it with ``_nccl``, and closes whatever
+    agree (see the module), registers it with ``_comm.nccl``, and closes whatever
     of the parent is left. Returns whether it shrank.
 
     Raises:

@@ -62,9 +62,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import _nccl
-from .._gloo import restart_numbering
-from .._validate import check_timeout
+from .._algorithms.member import ElasticPort
+from .._comm import nccl as _nccl
+from .._comm.gloo import restart_numbering
+from .._tensors.validate import check_timeout
 from ..ea import AllReduceEA
 from ..errors import CommunicationError
 from ..sgd import AllReduceSGD
@@ -393,7 +394,7 @@ class _ElasticMember:
                 parent,
                 view,
                 dist.group.WORLD,
-                self._algo._collectives,
+                ElasticPort(self._algo).collectives,
                 _nccl.init_timeout(self._timeout.total_seconds()),
             )
 
@@ -402,10 +403,10 @@ class _ElasticMember:
         rank's, or in a new job the one most members have): a member whose
         differs raises ValueError (a misbuilt joiner: it leaves); the others
         raise _MisbuiltPeer, and the change starts again without it."""
-        collectives = self._current()._collectives
+        port = ElasticPort(self._current())
         mine = structure_of(self._model, self._optimizer)
         progress = self._progress() if self._has_state else -1
-        gathered = collectives.gather_objects([progress, mine])
+        gathered = port.gather_objects([progress, mine])
         best = max(p for p, _ in gathered)
         if best >= 0:
             reference = next(structure for p, structure in gathered if p == best)
@@ -432,11 +433,11 @@ class _ElasticMember:
         behind the source (its state was replaced by a further one). Three
         small collectives of the new algorithm object, so a member lost here
         raises CommunicationError within the deadline."""
-        collectives = self._current()._collectives
+        port = ElasticPort(self._current())
         # -1: no state (a joiner); a new job has none anywhere, and rank 0 gives its model.
         mine = self._progress() if self._has_state else -1
-        best = collectives.max_int(mine)
-        source = -collectives.max_int(-(self.rank if mine == best else self.world_size))
+        best = port.max_int(mine)
+        source = -port.max_int(-(self.rank if mine == best else self.world_size))
         state = None
         if self.rank == source:
             state = _to_cpu(
@@ -448,7 +449,7 @@ class _ElasticMember:
                     "extra": self._extra_readings(),
                 }
             )
-        state = collectives.broadcast_object(state, source)
+        state = port.broadcast_object(state, source)
         if self.rank != source:
             self._load_state(state, self._has_state)
             self._syncs = state["syncs"]
@@ -534,7 +535,7 @@ class _ElasticMember:
         admitted = None
         if self.rank == 0:
             admitted = self._membership.admit_joins(self._joins_handled, self.view.members)
-        handled, joiners = self._current()._collectives.broadcast_object(admitted, 0)
+        handled, joiners = ElasticPort(self._current()).broadcast_object(admitted, 0)
         self._joins_handled = handled
         if joiners:
             self._membership.wait_for_joiners(joiners, self._timeout.total_seconds())
@@ -703,7 +704,7 @@ class ElasticSGD(_ElasticMember):
         # On NCCL a failed allreduce is known on the host only later; the
         # gradients must stay intact until the sum is known to be whole, so
         # that the step can run again on the next view.
-        algo._collectives.verify_sums = True
+        ElasticPort(algo).verify_every_sum()
         return algo
 
     def _state(self) -> dict[str, Any]:
@@ -906,7 +907,7 @@ class ElasticEA(_ElasticMember):
     def _bind_algorithm(self) -> None:
         # Bound now (the center made, or taken from the handed state), so
         # that its state_dict() holds the center before any round.
-        self._current()._bind(self._model)
+        ElasticPort(self._current()).bind(self._model)
 
     def _state(self) -> dict[str, Any]:
         return {

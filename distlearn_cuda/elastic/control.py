@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the control process with the command line ``argv`` (default:
+    ``sys.argv[1:]``) until SIGTERM or SIGINT; returns the exit status."""
     args = parse_args(argv)
     secret = read_secret()
     if secret is None:

@@ -24,6 +24,7 @@ from torch import nn
 from distlearn_cuda.examples.common import (
     TrainSettings,
     base_parser,
+    configure_logging,
     exit_on_missing_extra,
     finish_script,
     make_algorithm,
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> float:
         "--data-dir", default="cifar-10-batches-py", help="the python-version CIFAR-10 batches"
     )
     args = parser.parse_args(argv)
+    configure_logging(args)
     try:
         train, test = load_cifar10(args.data_dir)
     except FileNotFoundError as error:

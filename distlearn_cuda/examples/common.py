@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -85,8 +86,20 @@ def base_parser(description: str, **defaults: object) -> argparse.ArgumentParser
     parser.add_argument(
         "--overlap", action="store_true", help="SGD: allreduce gradients during backward"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="the library's INFO log (NCCL, elastic views) on stderr",
+    )
     parser.set_defaults(**defaults)
     return parser
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """``--verbose``: the library's choices and events, timed, on stderr."""
+    if args.verbose:
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("distlearn_cuda").setLevel(logging.INFO)
 
 
 def make_algorithm(args: argparse.Namespace) -> dl.AllReduceSGD | dl.AllReduceEA:

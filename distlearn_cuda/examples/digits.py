@@ -27,6 +27,7 @@ from torch import nn
 from distlearn_cuda.examples.common import (
     TrainSettings,
     base_parser,
+    configure_logging,
     exit_on_missing_extra,
     finish_script,
     make_algorithm,
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--data-dir", help="MNIST IDX files (default: scikit-learn's digits)")
     add_elastic_options(parser)
     args = parser.parse_args(argv)
+    configure_logging(args)
     if args.elastic:
         return main_elastic(args)
     algo = make_algorithm(args)

@@ -12,16 +12,9 @@ from typing import Any
 
 import torch
 
-from ._layouts import canonical_strides, describe_layout, is_dense
-from ._tree import Flat
-
-# Storage types the kernels handle; codes match kernels/scalar_types.h.
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-}
+from .._native import DTYPE_CODES
+from .layouts import canonical_strides, describe_layout, is_dense
+from .tree import Flat
 
 # Largest n such that every integer 0..n is exact in the dtype: a count slot
 # may sum at most this many ones (IEEE mantissa bits + 1).

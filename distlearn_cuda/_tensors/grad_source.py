@@ -12,9 +12,9 @@ Three forms, told apart by what the argument holds:
 
 The *trainable* tensors (those whose gradients are averaged) are bound with
 their segments' structure: dtype, shape and memory order (see the note
-"Segment order" in ``_layouts``). Each call reads the gradients and reports,
+"Segment order" in ``_tensors.layouts``). Each call reads the gradients and reports,
 instead of raising, what is wrong with this rank's input (the ranks then
-raise together, see ``_agreement``): a missing ``.grad`` (unless missing
+raise together, see ``_tensors.agreement``): a missing ``.grad`` (unless missing
 ones are allowed), a gradient of another dtype, shape or layout kind, a
 structure that changed, and the trainable set that changed (a layer frozen
 or unfrozen after the binding).
@@ -42,10 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _tree
-from ._agreement import Problem
-from ._layouts import canonical_strides
-from ._validate import Signature, describe_entry, signature, tensor_problem
+from . import tree as _tree
+from .agreement import Problem
+from .layouts import canonical_strides
+from .validate import Signature, describe_entry, signature, tensor_problem
 
 __all__ = ["Gathered", "GradientSource"]
 

@@ -1,9 +1,9 @@
 """Plans: the flat buffer and layout for one list of tensors, made once and reused.
 
 A Plan owns a ``_C.Layout`` (where each tensor lives in the buffer), the
-buffer itself, and dispatches each fused op to the extension's kernels (CPU,
-or CUDA when the extension was built with it), or to ``reference`` for
-devices the extension was built without.
+buffer itself, and the kernels its fused ops run, chosen once for its
+device: the extension's CPU or CUDA ones (when it was built with CUDA), or
+``reference``'s for devices it was built without.
 
 CUDA ops are enqueued on the current stream of the plan's device and never
 wait for the device. The tensor addresses travel in each launch's kernel
@@ -20,9 +20,10 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from . import _C, reference
-from ._layouts import segment_view
-from ._validate import DTYPE_CODES, EXACT_INTEGER_LIMIT, Signature
+from .. import _C, reference
+from .._native import DTYPE_CODES, current_stream_handle
+from .layouts import segment_view
+from .validate import EXACT_INTEGER_LIMIT, Signature
 
 # Tensor addresses as the ops take them: a list, or an _C.Addresses made
 # once from one (no conversion per call: the hot paths keep theirs).
@@ -57,10 +58,10 @@ class Plan:
     """Layout, buffer and fused ops for tensors of one signature.
 
     The count slots come in ``codes`` groups of ``slots_per_code`` (see
-    ``count_slots_for``, and the note "Call codes" in ``_agreement``): a
+    ``count_slots_for``, and the note "Call codes" in ``_tensors.agreement``): a
     rank writes its 1 into ``count_slot(rank, code)``. Each tensor's segment
     holds its elements in the memory order its signature entry names (see
-    the note "Segment order" in ``_layouts``)."""
+    the note "Segment order" in ``_tensors.layouts``)."""
 
     def __init__(
         self,
@@ -91,7 +92,8 @@ class Plan:
             self.layout.count_offset : self.layout.count_offset + self.layout.count_slots
         ]
         self._flag = self.buffer[self.layout.flag_offset]
-        self._kind = _kind_of(device)
+        # The kernels serving the device, chosen once (see _kernels_for).
+        self._kernels = _kernels_for(device)
         self.on_cuda = device.type == "cuda"
         # The stream of the last launch, as its handle (compared every call)
         # and as torch's object (to wait on when the next call's differs).
@@ -121,7 +123,7 @@ class Plan:
 
     def holds_everyone(self, code: int) -> bool:
         """After an allreduce, whether every contributor wrote ``code`` (reads
-        the device: on a GPU, not for the hot path; see ``_agreement``)."""
+        the device: on a GPU, not for the hot path; see ``_tensors.agreement``)."""
         slots = self._counts.tolist()
         first, count = self.code_slots(code)
         return sum(slots[first : first + count]) == sum(slots)
@@ -143,16 +145,7 @@ class Plan:
         return round(float(self._flag))
 
     def pack(self, tensors: Sequence[torch.Tensor], addresses: Addresses, count_slot: int) -> None:
-        addresses = as_addresses(addresses)
-        if self._kind == "cpu":
-            _C.pack(self.layout, addresses, self._address, count_slot, torch.get_num_threads())
-        elif self._kind == "cuda":
-            with self._on_device():
-                _C.pack_cuda(self.layout, addresses, self._address, count_slot, self._stream())
-        else:
-            reference.pack(
-                tensors, self.buffer, self._offsets, *self._count_args(), count_slot, self._flag_at
-            )
+        self._kernels.pack(self, tensors, as_addresses(addresses), count_slot)
 
     def unpack(
         self,
@@ -164,35 +157,10 @@ class Plan:
     ) -> None:
         """``agreement``: (a plan of the same count slots, a code): zeros
         instead unless every contributor wrote that code into its slots (the
-        step's decision, read on the device; see ``_agreement``)."""
-        addresses = as_addresses(addresses)
-        agree = (0, 0, 0)
-        if agreement is not None:
-            decision, code = agreement
-            counts = decision._counts
-            agree = (counts.data_ptr(), *decision.code_slots(code))
-        if self._kind == "cpu":
-            threads = torch.get_num_threads()
-            _C.unpack(
-                self.layout, addresses, self._address, normalize, threads, skip_nonfinite, *agree
-            )
-        elif self._kind == "cuda":
-            with self._on_device():
-                stream = self._stream()
-                _C.unpack_cuda(
-                    self.layout, addresses, self._address, normalize, stream, skip_nonfinite, *agree
-                )
-        else:
-            reference.unpack(
-                tensors,
-                self.buffer,
-                self._offsets,
-                *self._count_args(),
-                normalize,
-                self._flag_at,
-                skip_nonfinite,
-                None if agreement is None else (agreement[0]._counts, *agree[1:]),
-            )
+        step's decision, read on the device; see ``_tensors.agreement``)."""
+        self._kernels.unpack(
+            self, tensors, as_addresses(addresses), normalize, skip_nonfinite, agreement
+        )
 
     def ea_blend(
         self,
@@ -206,43 +174,16 @@ class Plan:
     ) -> None:
         """The EA blend; with ``catch_up``, first centers += the buffer (the
         previous round's allreduced sum), in the same pass."""
-        param_addresses = as_addresses(param_addresses)
-        center_addresses = as_addresses(center_addresses)
-        if self._kind == "cuda":
-            with self._on_device():
-                _C.ea_blend_cuda(
-                    self.layout,
-                    param_addresses,
-                    center_addresses,
-                    self._address,
-                    alpha,
-                    count_slot,
-                    self._stream(),
-                    catch_up,
-                )
-        elif self._kind == "cpu":
-            _C.ea_blend(
-                self.layout,
-                param_addresses,
-                center_addresses,
-                self._address,
-                alpha,
-                count_slot,
-                torch.get_num_threads(),
-                catch_up,
-            )
-        else:
-            reference.ea_blend(
-                params,
-                centers,
-                self.buffer,
-                self._offsets,
-                alpha,
-                *self._count_args(),
-                count_slot,
-                self._flag_at,
-                catch_up,
-            )
+        self._kernels.ea_blend(
+            self,
+            params,
+            as_addresses(param_addresses),
+            centers,
+            as_addresses(center_addresses),
+            alpha,
+            count_slot,
+            catch_up,
+        )
 
     def center_update(
         self,
@@ -250,20 +191,14 @@ class Plan:
         center_addresses: Addresses,
         skip_nonfinite: bool = False,
     ) -> None:
-        center_addresses = as_addresses(center_addresses)
-        if self._kind == "cpu":
-            threads = torch.get_num_threads()
-            _C.center_update(self.layout, center_addresses, self._address, threads, skip_nonfinite)
-        elif self._kind == "cuda":
-            with self._on_device():
-                stream = self._stream()
-                _C.center_update_cuda(
-                    self.layout, center_addresses, self._address, stream, skip_nonfinite
-                )
-        else:
-            reference.center_update(
-                centers, self.buffer, self._offsets, self._flag_at, skip_nonfinite
-            )
+        self._kernels.center_update(self, centers, as_addresses(center_addresses), skip_nonfinite)
+
+    def agreement_args(self, agreement: tuple[Plan, int] | None) -> tuple[int, int, int]:
+        """(the decision plan's count slots' address, first, count), or zeros."""
+        if agreement is None:
+            return (0, 0, 0)
+        decision, code = agreement
+        return (decision._counts.data_ptr(), *decision.code_slots(code))
 
     def _count_args(self) -> tuple[int, int]:
         return self.layout.count_offset, self.layout.count_slots
@@ -297,20 +232,204 @@ class Plan:
         return handle
 
 
-def current_stream_handle(device_index: int) -> int:
-    """The cudaStream_t of the current stream on a device: what
-    ``torch.cuda.current_stream(i).cuda_stream`` gives, without making a
-    Stream object (a few microseconds per call on the hot path)."""
-    return torch._C._cuda_getCurrentRawStream(device_index)
+class _CpuKernels:
+    """The extension's CPU kernels, each op one pass over all tensors on
+    torch's intra-op threads."""
+
+    @staticmethod
+    def pack(
+        plan: Plan, tensors: Sequence[torch.Tensor], addresses: _C.Addresses, slot: int
+    ) -> None:
+        _C.pack(plan.layout, addresses, plan._address, slot, torch.get_num_threads())
+
+    @staticmethod
+    def unpack(
+        plan: Plan,
+        tensors: Sequence[torch.Tensor],
+        addresses: _C.Addresses,
+        normalize: bool,
+        skip_nonfinite: bool,
+        agreement: tuple[Plan, int] | None,
+    ) -> None:
+        threads = torch.get_num_threads()
+        _C.unpack(
+            plan.layout,
+            addresses,
+            plan._address,
+            normalize,
+            threads,
+            skip_nonfinite,
+            *plan.agreement_args(agreement),
+        )
+
+    @staticmethod
+    def ea_blend(
+        plan: Plan,
+        params: Sequence[torch.Tensor],
+        param_addresses: _C.Addresses,
+        centers: Sequence[torch.Tensor],
+        center_addresses: _C.Addresses,
+        alpha: float,
+        slot: int,
+        catch_up: bool,
+    ) -> None:
+        _C.ea_blend(
+            plan.layout,
+            param_addresses,
+            center_addresses,
+            plan._address,
+            alpha,
+            slot,
+            torch.get_num_threads(),
+            catch_up,
+        )
+
+    @staticmethod
+    def center_update(
+        plan: Plan, centers: Sequence[torch.Tensor], addresses: _C.Addresses, skip_nonfinite: bool
+    ) -> None:
+        threads = torch.get_num_threads()
+        _C.center_update(plan.layout, addresses, plan._address, threads, skip_nonfinite)
 
 
-def _kind_of(device: torch.device) -> str:
+class _CudaKernels:
+    """The extension's CUDA kernels, enqueued on the current stream of the
+    plan's device (see the module's docstring)."""
+
+    @staticmethod
+    def pack(
+        plan: Plan, tensors: Sequence[torch.Tensor], addresses: _C.Addresses, slot: int
+    ) -> None:
+        with plan._on_device():
+            _C.pack_cuda(plan.layout, addresses, plan._address, slot, plan._stream())
+
+    @staticmethod
+    def unpack(
+        plan: Plan,
+        tensors: Sequence[torch.Tensor],
+        addresses: _C.Addresses,
+        normalize: bool,
+        skip_nonfinite: bool,
+        agreement: tuple[Plan, int] | None,
+    ) -> None:
+        with plan._on_device():
+            _C.unpack_cuda(
+                plan.layout,
+                addresses,
+                plan._address,
+                normalize,
+                plan._stream(),
+                skip_nonfinite,
+                *plan.agreement_args(agreement),
+            )
+
+    @staticmethod
+    def ea_blend(
+        plan: Plan,
+        params: Sequence[torch.Tensor],
+        param_addresses: _C.Addresses,
+        centers: Sequence[torch.Tensor],
+        center_addresses: _C.Addresses,
+        alpha: float,
+        slot: int,
+        catch_up: bool,
+    ) -> None:
+        with plan._on_device():
+            _C.ea_blend_cuda(
+                plan.layout,
+                param_addresses,
+                center_addresses,
+                plan._address,
+                alpha,
+                slot,
+                plan._stream(),
+                catch_up,
+            )
+
+    @staticmethod
+    def center_update(
+        plan: Plan, centers: Sequence[torch.Tensor], addresses: _C.Addresses, skip_nonfinite: bool
+    ) -> None:
+        with plan._on_device():
+            _C.center_update_cuda(
+                plan.layout, addresses, plan._address, plan._stream(), skip_nonfinite
+            )
+
+
+class _ReferenceKernels:
+    """``reference``'s ops, one tensor at a time, for a device the extension
+    has no kernels for."""
+
+    @staticmethod
+    def pack(
+        plan: Plan, tensors: Sequence[torch.Tensor], addresses: _C.Addresses, slot: int
+    ) -> None:
+        reference.pack(
+            tensors, plan.buffer, plan._offsets, *plan._count_args(), slot, plan._flag_at
+        )
+
+    @staticmethod
+    def unpack(
+        plan: Plan,
+        tensors: Sequence[torch.Tensor],
+        addresses: _C.Addresses,
+        normalize: bool,
+        skip_nonfinite: bool,
+        agreement: tuple[Plan, int] | None,
+    ) -> None:
+        reference.unpack(
+            tensors,
+            plan.buffer,
+            plan._offsets,
+            *plan._count_args(),
+            normalize,
+            plan._flag_at,
+            skip_nonfinite,
+            None
+            if agreement is None
+            else (agreement[0]._counts, *plan.agreement_args(agreement)[1:]),
+        )
+
+    @staticmethod
+    def ea_blend(
+        plan: Plan,
+        params: Sequence[torch.Tensor],
+        param_addresses: _C.Addresses,
+        centers: Sequence[torch.Tensor],
+        center_addresses: _C.Addresses,
+        alpha: float,
+        slot: int,
+        catch_up: bool,
+    ) -> None:
+        reference.ea_blend(
+            params,
+            centers,
+            plan.buffer,
+            plan._offsets,
+            alpha,
+            *plan._count_args(),
+            slot,
+            plan._flag_at,
+            catch_up,
+        )
+
+    @staticmethod
+    def center_update(
+        plan: Plan, centers: Sequence[torch.Tensor], addresses: _C.Addresses, skip_nonfinite: bool
+    ) -> None:
+        reference.center_update(centers, plan.buffer, plan._offsets, plan._flag_at, skip_nonfinite)
+
+
+_Kernels = type[_CpuKernels] | type[_CudaKernels] | type[_ReferenceKernels]
+
+
+def _kernels_for(device: torch.device) -> _Kernels:
     """Which kernels serve a device: the extension's CPU or CUDA ones, or the reference."""
     if device.type == "cpu":
-        return "cpu"
+        return _CpuKernels
     if device.type == "cuda" and _C.has_cuda:
-        return "cuda"
-    return "reference"
+        return _CudaKernels
+    return _ReferenceKernels
 
 
 class PlanCache:

@@ -1,9 +1,9 @@
 """Buckets: gradients that travel together in one flat buffer, and the two
-ways they get there (never communicates; ``_reducer`` runs the steps).
+ways they get there (never communicates; ``_algorithms.reducer`` runs the steps).
 
 A bucket's plan has one segment per gradient, then a presence segment (one
 element per gradient: 1 where this rank has it, 0 where it has none and
-packed zeros), then the count slots in code groups (see ``_agreement``).
+packed zeros), then the count slots in code groups (see ``_tensors.agreement``).
 Every gradient plan has the presence segment, with or without
 ``allow_unused``, so that the two lay out the same buffer: gloo's reduction
 order depends on the buffer's length, and only the same length gives
@@ -19,7 +19,7 @@ bitwise the same sums.
   slots, and the unpack scales in place.
 
 Either way each segment keeps its tensor's memory order (see the note
-"Segment order" in ``_layouts``): a view has its parameter's strides, and a
+"Segment order" in ``_tensors.layouts``): a view has its parameter's strides, and a
 gradient that comes in another order is copied through a staging tensor.
 
 With ``allow_unused`` the host reads the presence counts after the
@@ -38,19 +38,18 @@ from itertools import repeat
 import torch
 from torch import nn
 
-from . import _C
-from ._collectives import PendingSum
-from ._layouts import empty_in_order, segment_view
-from ._plan import Plan
+from .. import _C
+from .._comm.collectives import PendingSum
+from .._native import addresses_of
+from .._tensors.layouts import empty_in_order, segment_view
+from .._tensors.plan import Plan
 
 __all__ = ["Bucket", "FlatParameters", "read_counts"]
-
-_DATA_PTR = torch.Tensor.data_ptr
 
 
 class Bucket:
     """The gradients of ``params`` (parameters standing for their ``.grad``,
-    or gradients given as themselves, see ``_grad_source``), in ``plan``."""
+    or gradients given as themselves, see ``_tensors.grad_source``), in ``plan``."""
 
     def __init__(
         self,
@@ -88,7 +87,7 @@ class Bucket:
                         view.copy_(param.grad)
                     param.grad = view
             segments = [*self.views, self._presence]
-            self._view_addresses = _C.Addresses([s.data_ptr() for s in segments])
+            self._view_addresses = _C.Addresses(addresses_of(segments))
             self._segments = segments
         # Count slots and flag, adjacent at the end of the buffer, and what
         # each slot's rank writes there (its 1, and a clear flag).
@@ -151,7 +150,7 @@ class Bucket:
                     inputs.append(stage)
                 else:
                     inputs.append(grad)
-        addresses = list(map(_DATA_PTR, inputs))
+        addresses = addresses_of(inputs)
         if addresses != self._input_addresses:
             self._input_addresses = addresses
             self._pack_addresses = _C.Addresses([*addresses, self._mask_tensor.data_ptr()])
@@ -237,7 +236,7 @@ class Bucket:
             targets, addresses = [*self._inputs, self._presence], self._unpack_addresses
         else:
             targets = [*self._targets_for(counts), self._presence]
-            addresses = _C.Addresses(list(map(_DATA_PTR, targets)))
+            addresses = _C.Addresses(addresses_of(targets))
         partial: list[tuple[int, int]] = []
         means: list[torch.Tensor] = []
         if counts is not None and normalize and not skip_nonfinite:

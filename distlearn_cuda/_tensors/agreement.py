@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._validate import NONFINITE_MODES
+from .validate import NONFINITE_MODES
 
 __all__ = [
     "CALLS",

@@ -8,7 +8,7 @@ still save a checkpoint and exit. CPU buffers, CUDA buffers on gloo groups
 and the small bookkeeping collectives go through it. CUDA buffers on a
 group whose CUDA backend is NCCL go through the extension's own NCCL
 communicator (one per group and device, shared by the objects and owned by
-``_nccl``), enqueued on the current stream (no host synchronization), whose
+``_comm.nccl``), enqueued on the current stream (no host synchronization), whose
 watchdog aborts NCCL when a collective misses this object's deadline so that
 the next call raises. With ``DISTLEARN_NCCL=group``, or in the CPU flavor of
 the extension, they go through that group itself, bounded by its timeout.
@@ -16,7 +16,7 @@ the extension, they go through that group itself, bounded by its timeout.
 Any failure becomes a ``CommunicationError`` naming the operation, the
 ranks and this rank; the object is unusable afterwards.
 
-The private group is a gloo backend this object owns (``_gloo``): released
+The private group is a gloo backend this object owns (``_comm.gloo``): released
 by ``close()``, when the object is collected, or at exit. The user's group
 is held by weak reference, so ``dist.destroy_process_group()`` destroys it;
 the object then raises at its next call and lets its backend go.
@@ -28,45 +28,26 @@ import datetime
 import hashlib
 import os
 import time
-import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
-from . import _C, _nccl
-from ._gloo import PrivateGloo
-from ._plan import current_stream_handle
-from ._positions import Positions
-from ._validate import DTYPE_CODES
-from .errors import CommunicationError
-
-if TYPE_CHECKING:
-    from ._group import Group
+from .. import _C
+from .._native import DTYPE_CODES, current_stream_handle
+from ..errors import CommunicationError
+from . import nccl as _nccl
+from .gloo import PrivateGloo
+from .group import Group, GroupGoneError
+from .positions import Positions
 
 __all__ = [
     "Collectives",
-    "GroupGoneError",
     "PendingSum",
     "is_capturing",
-    "live",
     "uses_cuda_nccl",
 ]
-
-
-class GroupGoneError(RuntimeError):
-    """The process group was destroyed while an object still used it."""
-
-
-def live(ref: weakref.ref[dist.ProcessGroup], what: str) -> dist.ProcessGroup:
-    """The group behind ``ref``; GroupGoneError once it was destroyed."""
-    group = ref()
-    if group is None:
-        raise GroupGoneError(
-            f"{what} was destroyed (dist.destroy_process_group); make a new object on a live group"
-        )
-    return group
 
 
 def uses_cuda_nccl(group: dist.ProcessGroup) -> bool:

@@ -46,20 +46,21 @@ must not turn into a failure.
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import os
 import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from . import _C
+from .. import _C
+from .group import Group
 
-if TYPE_CHECKING:
-    from ._group import Group
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "INIT_TIMEOUT_ENV",
@@ -121,7 +122,21 @@ def load() -> tuple[int, str]:
             "this build of distlearn_cuda calls no NCCL itself: it is the CPU flavor "
             "(nvcc was not found when it was built, see setup.py)"
         )
-    return _C.nccl_load(library_candidates())
+    first = _C.nccl_loaded() is None
+    version, path = _C.nccl_load(library_candidates())
+    if first:
+        logger.info(
+            "NCCL %d loaded from %s (mode %s)", version, path or "the process", mode_or_invalid()
+        )
+    return version, path
+
+
+def mode_or_invalid() -> str:
+    """``mode()``, or what makes it invalid (for a log line that must not raise)."""
+    try:
+        return mode()
+    except (TypeError, ValueError) as error:
+        return f"invalid: {error}"
 
 
 def runtime_version() -> int | None:
@@ -264,6 +279,13 @@ def acquire(
             comm.keep_for_shrink()
         shared = _register(process_group, key, comm, unique_id)
         shared.users = 1
+        logger.info(
+            "NCCL communicator made: rank %d of %d on cuda:%d%s",
+            group.rank,
+            group.world_size,
+            index,
+            " (kept for a shrink)" if process_group in _shrinkable else "",
+        )
         return Lease(shared)
 
 
@@ -302,6 +324,9 @@ def adopt(process_group: Any, device_index: int, comm: _C.NcclCommunicator, toke
     group's objects agree on for ``device_index``."""
     with _lock:
         _register(process_group, (id(process_group), device_index), comm, token)
+    logger.info(
+        "NCCL communicator shrunk on cuda:%d: rank %d of %d", device_index, comm.rank, comm.nranks
+    )
 
 
 def discard(shared: _Shared) -> None:
@@ -311,6 +336,7 @@ def discard(shared: _Shared) -> None:
     its bound); the abort is expected here, so no warning."""
     shared.comm.abort()
     shared.comm.close()
+    logger.info("NCCL communicator of a dropped view aborted on cuda:%d", shared.key[1])
 
 
 def open_communicators() -> list[_C.NcclCommunicator]:
@@ -393,6 +419,7 @@ def _forget(shared: _Shared) -> None:
 
 def _close(shared: _Shared) -> None:
     outcome = shared.comm.close()
+    logger.info("NCCL communicator on cuda:%d closed: %s", shared.key[1], outcome)
     if outcome not in ("destroyed", "closed before"):
         warnings.warn(
             f"distlearn_cuda: the NCCL communicator on cuda:{shared.key[1]} did not close "

@@ -1,8 +1,5 @@
-"""The process group the algorithms talk over, and the objects' lifetime.
-
-torch.distributed starts and meets the ranks; this module only makes sure it
-is initialized, the way a user launching with torchrun (or plain python)
-expects.
+"""The algorithm objects' base class: the group they talk over, their
+collectives, and their lifetime.
 
 Lifetime invariant: an algorithm object never keeps a user's process group
 alive. It holds the group by weak reference (torch's registry holds the
@@ -19,68 +16,14 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import os
 import weakref
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
 
-from ._collectives import Collectives, live
-
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def init_default_group() -> None:
-    """Initializes the default process group if it is not initialized yet.
-
-    With torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-    it joins that world; otherwise it makes a world of one, so a script runs
-    unchanged without a launcher. CPU tensors go over gloo, CUDA tensors over
-    NCCL; with CUDA and LOCAL_RANK set, the process takes GPU LOCAL_RANK.
-    """
-    if dist.is_initialized():
-        return
-    cuda = torch.cuda.is_available()
-    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-    if all(var in os.environ for var in _TORCHRUN_VARS):
-        if cuda and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend, init_method="env://")
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
-@dataclass(frozen=True)
-class Group:
-    """A process group (weakly held) with this process's rank and the world size in it."""
-
-    ref: weakref.ref[dist.ProcessGroup]
-    rank: int
-    world_size: int
-
-    @property
-    def group(self) -> dist.ProcessGroup:
-        return live(self.ref, "the process group")
-
-    def global_rank(self, group_rank: int) -> int:
-        """The default-group rank of a rank of this group (what src= takes)."""
-        return dist.get_global_rank(self.group, group_rank)
-
-
-def resolve(group: dist.ProcessGroup | None) -> Group:
-    """The given group, or the default group (initialized on demand) for None."""
-    if group is None:
-        init_default_group()
-        group = dist.group.WORLD
-    elif not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
-        )
-    return Group(weakref.ref(group), dist.get_rank(group), dist.get_world_size(group))
-
+from .._comm.collectives import Collectives
+from .._comm.group import resolve
 
 # Objects not closed yet: closed at interpreter exit (registered after torch
 # was imported, so this runs before torch's own exit handlers).
@@ -193,6 +136,10 @@ class GroupMember:
         """What a subclass must finish before its collectives go (never raises
         CommunicationError)."""
 
+    def _bind_ahead(self, params: Any) -> None:
+        """Binds ``params`` before the first call (see ``ElasticPort.bind``);
+        nothing to bind ahead unless a subclass says so."""
+
     def __enter__(self: _Member) -> _Member:
         return self
 
@@ -203,3 +150,48 @@ class GroupMember:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class ElasticPort:
+    """Everything elastic mode (``distlearn_cuda.elastic``) does with an
+    algorithm object beyond its public API: it reaches the object only
+    through this, as torchft's LocalSGD reaches its manager only through
+    ``start_quorum``, ``allreduce`` and ``should_commit``.
+
+    The agreement collectives of a view change run on the object's own
+    group, each bounded by its deadline and failing with
+    ``CommunicationError`` like any of its collectives.
+    """
+
+    def __init__(self, member: GroupMember) -> None:
+        self._member = member
+
+    @property
+    def collectives(self) -> Collectives:
+        """The object's collectives: a shrunk NCCL communicator is installed
+        into them (``elastic._shrink``)."""
+        return self._member._collectives
+
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over the view."""
+        return self._member._collectives.max_int(value)
+
+    def broadcast_object(self, value: Any, src: int) -> Any:
+        """Rank ``src``'s ``value`` (plain data and tensors), on every rank."""
+        return self._member._collectives.broadcast_object(value, src)
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, by rank."""
+        return self._member._collectives.gather_objects(value)
+
+    def verify_every_sum(self) -> None:
+        """Waits on the host for every allreduce before its sum is used: on
+        NCCL a failed allreduce is otherwise known only at a later call,
+        with the inputs already overwritten, and a failed step could not
+        run again on the next view."""
+        self._member._collectives.verify_sums = True
+
+    def bind(self, params: Any) -> None:
+        """Binds ``params`` now, not at the first call (EA: the center
+        exists, so ``state_dict()`` holds it before the first round)."""
+        self._member._bind_ahead(params)

@@ -1,9 +1,9 @@
 """The one gradient reducer of AllReduceSGD, for every mode.
 
-A step is the same whatever the mode: the bound gradients (``_grad_source``)
-are cut into buckets (``_buckets``), each bucket is filled (packed, or in
+A step is the same whatever the mode: the bound gradients (``_tensors.grad_source``)
+are cut into buckets (``_algorithms.buckets``), each bucket is filled (packed, or in
 place) with this rank's count slot under its call code and allreduced, and
-once every bucket arrived the ranks' codes decide (see ``_agreement``):
+once every bucket arrived the ranks' codes decide (see ``_tensors.agreement``):
 agreed, the buckets are unpacked (normalized, with the non-finite guard and
 the partial means of ``allow_unused``); not agreed, every rank raises the
 same error, or all bind a changed trainable set together. Modes differ only
@@ -34,14 +34,14 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from . import _agreement
-from ._agreement import CHANGED, PROBLEM, SGD_CODES, Description, Problem
-from ._buckets import Bucket, FlatParameters
-from ._collectives import Collectives, is_capturing
-from ._grad_source import Gathered, GradientSource
-from ._plan import Plan, count_slots_for, lossless_dtype
-from ._validate import EXACT_INTEGER_LIMIT, Signature
-from .errors import CommunicationError
+from .._comm.collectives import Collectives, is_capturing
+from .._tensors import agreement as _agreement
+from .._tensors.agreement import CHANGED, PROBLEM, SGD_CODES, Description, Problem
+from .._tensors.grad_source import Gathered, GradientSource
+from .._tensors.plan import Plan, count_slots_for, lossless_dtype
+from .._tensors.validate import EXACT_INTEGER_LIMIT, Signature
+from ..errors import CommunicationError
+from .buckets import Bucket, FlatParameters
 
 __all__ = ["GradientReducer", "Modes", "split_into_buckets"]
 
@@ -217,7 +217,7 @@ class GradientReducer:
         self._next = 0
 
     def _plan(self, signature_: Signature, dtype: torch.dtype) -> Plan:
-        """A bucket's plan, with the presence segment (see ``_buckets``);
+        """A bucket's plan, with the presence segment (see ``_algorithms.buckets``);
         its own, so buckets in flight together never share a buffer."""
         device, entries = signature_
         presence = (dtype, (len(entries),), (1,) if len(entries) > 1 else (0,))
@@ -596,7 +596,7 @@ class GradientReducer:
 
     def settle(self, in_backward: bool = False) -> None:
         """Reads the codes of a step the device decided alone (see
-        ``_agreement``): when the ranks did not agree, every rank raises now
+        ``_tensors.agreement``): when the ranks did not agree, every rank raises now
         (that step's gradients were zeros on every rank)."""
         deferred, self._deferred = self._deferred, None
         if deferred is None:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _gloo
-from ._collectives import Collectives
+from .._comm import gloo as _gloo
+from .._comm.collectives import Collectives
 
 __all__ = ["CarriedState", "check_carry_args", "pick_source"]
 

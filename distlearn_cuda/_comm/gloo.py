@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import CommunicationError
+from ..errors import CommunicationError
 
 __all__ = ["PrivateGloo", "decode", "encode", "restart_numbering"]
 
