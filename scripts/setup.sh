@@ -23,4 +23,4 @@ fi
 # its register budget with no local memory (tests/test_build.py). No 13.0
 # release of the wheel exists; 13.2's reads the cubins nvcc 13.0 writes.
 .venv/bin/python -m pip install --quiet "nvidia-cuda-cuobjdump==13.2.86"
-.venv/bin/python -m pip install --quiet -e ".[test,example,bench,nccl]"
+.venv/bin/python -m pip install --quiet -e ".[test,example,bench,nccl,docs]"

@@ -4,7 +4,8 @@
 # declares. This machine has a CPU wheel of torch for 3.11 only; elsewhere
 # this takes PyPI's torch (its CUDA build, about 5 GB with its CUDA wheels,
 # which runs on a CPU), so it is not part of CI: run it when the Python
-# floor or ceiling changes, and record the result in the README.
+# floor or ceiling changes, and record the result in docs/getting-started.md
+# (Install).
 #
 #   bash scripts/test_other_python.sh 3.10     # a pyenv version, or a python path
 set -euo pipefail
