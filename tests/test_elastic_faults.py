@@ -62,10 +62,13 @@ POINTS = ("step", "sync", "view", "handover")
 # (10: fails at da3f0ba, its epoch counter is not taken); synchronous EA, a
 # rank under torchrun killed in a step and started again, a round redone
 # on the new view and checked against the reference (5); asynchronous EA,
-# a rank stalled in a view change and another stalled in a step (41:
-# failed at 3046734, a round's failure surfacing in a call between rounds
-# escaped to the user).
-CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 5 41").split()]
+# two of three ranks stalled in a synchronization point and killed, one
+# under torchrun, a replacement late (494502454: fails at 0bbc037, the
+# survivor refused every view without most of the last one, and the
+# replacements could not be admitted before it had one). Seed 41 (a round's
+# failure surfacing between rounds) ran here until
+# test_a_round_a_peer_died_in_is_rolled_back_and_redone_whole pinned it.
+CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 5 494502454").split()]
 SOAK = int(os.environ.get("DISTLEARN_ELASTIC_SOAK", "0"))
 SYNC_EVERY = 10
 NEXT_WORLD = 2

@@ -42,6 +42,18 @@ LIGHTHOUSE_TICK_S = 0.05
 # longest timeout: a rank listed as a participant must still be listening
 # when the quorum that lists it forms.
 REQUEST_FLOOR_S = 10.0
+# NOTE [Most of the last view]. The Lighthouse counts live ranks by
+# heartbeats, which a loaded machine delays, and in the tests it let a lone
+# survivor form a view of its own beside the others'. So a quorum that holds
+# fewer than half of a rank's last view is refused (every member of that
+# view got it: all ask again) until every participant has waited for the
+# others longer than a request's patience (3 times the Lighthouse's larger
+# timeout, at least REQUEST_FLOOR_S) and says so in its request ("gave_up");
+# then all take it alike, from the same data. Delayed heartbeats come back
+# within that; ranks that are gone do not, and a job that lost most of its
+# ranks at once goes on with the rest, adding its replacements at its next
+# synchronization point (they cannot be admitted before one: without this,
+# the job waited out join_wait and ended, found by the fault harness).
 # Quorums a member asks again for when an admitted joiner is missing.
 EXPECTED_TRIES = 3
 EXTRA_HINT = 'pip install "distlearn_cuda[elastic]"'
@@ -391,6 +403,7 @@ class Membership:
         last_error: Exception | None = None
         misses = 0
         waiting_since = time.monotonic()
+        minority_since: float | None = None  # refusing quorums without most of the last view
         if not join:
             self.beating.set()
         while time.monotonic() < deadline:
@@ -404,11 +417,15 @@ class Membership:
                 client, join_timeout, heartbeat_timeout = self._lighthouse()
                 patience = max(REQUEST_FLOOR_S, 3 * max(join_timeout, heartbeat_timeout))
                 request = max(0.1, min(patience, deadline - time.monotonic()))
+                # See NOTE [Most of the last view]: this rank gave up waiting for the others.
+                gave_up = (
+                    minority_since is not None and time.monotonic() - minority_since > patience
+                )
                 quorum = client.quorum(
                     replica_id=self.replica_id,
                     timeout=datetime.timedelta(seconds=request),
                     step=progress,
-                    data={"generation": self.generation},
+                    data={"generation": self.generation, "gave_up": gave_up},
                 )
             except TimeoutError as error:
                 last_error = error
@@ -449,19 +466,26 @@ class Membership:
                 continue
             kept = sum(m in members for m in self._previous)
             if 2 * kept < len(self._previous):
-                # Fewer than half of this rank's last view: the Lighthouse's
-                # own rule counts live ranks by heartbeats, which a loaded
-                # machine delays, and it let a lone survivor form a view of
-                # its own beside the others' (seen in the tests). Every
-                # member of the last view got this quorum: all ask again.
-                logger.info(
-                    "elastic: quorum %d holds %d of the last view's %d ranks; asking again",
+                if minority_since is None:
+                    minority_since = time.monotonic()
+                # NOTE [Most of the last view]
+                if not all(m.data.get("gave_up") for m in quorum.participants):
+                    logger.info(
+                        "elastic: quorum %d holds %d of the last view's %d ranks; asking again",
+                        quorum.quorum_id,
+                        kept,
+                        len(self._previous),
+                    )
+                    time.sleep(START_POLL_S)
+                    continue
+                logger.warning(
+                    "elastic: quorum %d holds %d of the last view's %d ranks, the others gone "
+                    "for %.0f s: going on without them",
                     quorum.quorum_id,
                     kept,
                     len(self._previous),
+                    time.monotonic() - minority_since,
                 )
-                time.sleep(START_POLL_S)
-                continue
             generation = 1 + max(int(m.data["generation"]) for m in quorum.participants)
             joined = tuple(m for m in members if m not in self._known and m != self.replica_id)
             self._known.update(members)
