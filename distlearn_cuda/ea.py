@@ -26,6 +26,7 @@ from ._tensors.plan import Addresses, Plan, PlanCache, lossless_dtype
 from ._tensors.tree import Flat
 from ._tensors.validate import (
     DEFAULT_TIMEOUT,
+    NonFinite,
     Signature,
     check_comm_dtype,
     check_ea_rate,
@@ -113,7 +114,7 @@ class AllReduceEA(GroupMember):
         *,
         beta: float | None = None,
         comm_dtype: torch.dtype | None = None,
-        nonfinite: str = "propagate",
+        nonfinite: NonFinite = "propagate",
         asynchronous: bool = True,
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:

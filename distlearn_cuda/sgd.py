@@ -21,6 +21,7 @@ from ._tensors.agreement import Problem
 from ._tensors.plan import PlanCache, lossless_dtype
 from ._tensors.validate import (
     DEFAULT_TIMEOUT,
+    NonFinite,
     Signature,
     check_comm_dtype,
     check_nonfinite,
@@ -141,7 +142,7 @@ class AllReduceSGD(GroupMember):
         skipped = self._reducer.skipped
         return skipped is not None and skipped()
 
-    def sum_gradients(self, grads: Any, nonfinite: str = "propagate") -> None:
+    def sum_gradients(self, grads: Any, nonfinite: NonFinite = "propagate") -> None:
         """Replaces every gradient by its sum over the ranks, in place.
 
         Args:
@@ -173,7 +174,7 @@ class AllReduceSGD(GroupMember):
         """
         self._step(grads, normalize=False, nonfinite=nonfinite)
 
-    def sum_and_normalize_gradients(self, grads: Any, nonfinite: str = "propagate") -> None:
+    def sum_and_normalize_gradients(self, grads: Any, nonfinite: NonFinite = "propagate") -> None:
         """Replaces every gradient by its mean over the ranks that contributed
         to this step (not the world size: ranks that ran out of data and wait
         in ``synchronize_parameters`` do not count), in place.

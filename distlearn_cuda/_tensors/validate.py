@@ -8,7 +8,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from numbers import Real
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -238,7 +238,8 @@ def state_value(state: Any, key: str, kind: type) -> Any:
 
 
 # What the non-finite guard does when a rank packs a NaN or an infinity.
-NONFINITE_MODES = ("propagate", "skip", "raise")
+NonFinite = Literal["propagate", "skip", "raise"]
+NONFINITE_MODES: tuple[NonFinite, ...] = get_args(NonFinite)
 
 
 def check_nonfinite(mode: Any) -> str:

@@ -56,7 +56,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -82,7 +82,8 @@ DEFAULT_ELASTIC_TIMEOUT = datetime.timedelta(seconds=30)
 # What joining a view may take beyond the collective deadline: the Lighthouse
 # waits up to its heartbeat or join timeout (seconds) for a lost rank.
 DEFAULT_JOIN_WAIT = datetime.timedelta(minutes=10)
-BACKENDS = ("nccl", "gloo")
+Backend = Literal["nccl", "gloo"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 # How far a rank got, as one int (see NOTE [Transactions]): synchronization
 # points weigh more than any count of steps.
 SYNC_WEIGHT = 1 << 40
@@ -175,7 +176,7 @@ class _ElasticMember:
         join_wait: float | datetime.timedelta = DEFAULT_JOIN_WAIT,
         retries: int = 3,
         heartbeat_interval: float = 0.5,
-        backend: str | None = None,
+        backend: Backend | None = None,
         on_change: Callable[[View], None] | None = None,
         extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
         **algorithm_options: Any,

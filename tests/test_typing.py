@@ -1,0 +1,87 @@
+"""The public API as a user's type checker sees it: the package ships
+``py.typed``, and mypy flags a wrong option (``nonfinite="drop"``,
+``backend="mpi"``, a string timeout) in the user's code, on its line, while
+correct code checks clean. Only the user's file is checked
+(``--follow-imports=silent``): the package's annotations are what is read.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mypy", reason="the [test] extra installs mypy")
+
+ROOT = Path(__file__).resolve().parents[1]
+MYPY_TIMEOUT_S = 180.0  # a cold cache reads torch's annotations: ~12 s on the 2-core VM
+
+USER_CODE = """\
+import datetime
+
+import torch
+
+import distlearn_cuda as dl
+from distlearn_cuda.elastic import ElasticEA, ElasticSGD
+
+model = torch.nn.Linear(4, 2)
+sgd = dl.AllReduceSGD(timeout=datetime.timedelta(seconds=5), allow_unused=True)
+sgd.sum_and_normalize_gradients(model, nonfinite="skip")
+ea = dl.AllReduceEA(tau=4, beta=0.9, nonfinite="raise", comm_dtype=torch.bfloat16)
+ea.average_parameters(model)
+center: dict[str, torch.Tensor] = ea.center
+dl.save_checkpoint(sgd.state_dict(), "ckpt.pt")
+ElasticSGD("127.0.0.1:29400", model, backend="gloo")
+ElasticEA("127.0.0.1:29400", model, backend=None, tau=2)
+"""
+# (line, what mypy must say about it): each a mistake a user makes.
+MISTAKES = {
+    "sgd.sum_and_normalize_gradients(model, nonfinite='drop')": '"nonfinite"',
+    "dl.AllReduceSGD(timeout='5')": '"timeout"',
+    "dl.AllReduceEA(tau='10')": '"tau"',
+    "dl.AllReduceEA(nonfinite='ignore')": '"nonfinite"',
+    "ElasticSGD('127.0.0.1:29400', model, backend='mpi')": '"backend"',
+    "sgd.sum_gradients(model, 'skip', 3)": "Too many",
+}
+
+
+def run_mypy(tmp_path: Path, source: str) -> list[tuple[int, str]]:
+    """(line, message) of each error mypy reports in ``source``."""
+    user = tmp_path / "user_code.py"
+    user.write_text(source)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "mypy", "--follow-imports=silent", "--no-error-summary",
+            "--cache-dir", str(tmp_path / "cache"), "--python-version",
+            f"{sys.version_info.major}.{sys.version_info.minor}", str(user),
+        ],
+        capture_output=True, text=True, timeout=MYPY_TIMEOUT_S, cwd=ROOT,
+    )  # fmt: skip
+    errors = []
+    for line in done.stdout.splitlines():
+        match = re.match(rf"{re.escape(str(user))}:(\d+): error: (.*)", line)
+        if match:
+            errors.append((int(match[1]), match[2]))
+    assert done.returncode in (0, 1) and (done.returncode == 1) == bool(errors), done
+    return errors
+
+
+def test_the_package_ships_its_annotations() -> None:
+    assert (ROOT / "distlearn_cuda" / "py.typed").exists()
+    assert '"py.typed"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_a_users_mistakes_are_flagged_and_correct_code_checks_clean(tmp_path: Path) -> None:
+    # One run: the correct code, then one mistake per line.
+    lines = USER_CODE.splitlines()
+    first_mistake = len(lines) + 1
+    source = "\n".join([*lines, *MISTAKES]) + "\n"
+    errors = run_mypy(tmp_path, source)
+    clean = [(n, m) for n, m in errors if n < first_mistake]
+    assert not clean, f"correct code flagged: {clean}"
+    for offset, (mistake, expected) in enumerate(MISTAKES.items()):
+        said = [m for n, m in errors if n == first_mistake + offset]
+        assert said and expected in said[0], f"{mistake}: mypy said {said}"
