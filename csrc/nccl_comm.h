@@ -18,7 +18,8 @@
 // from enqueue. The communicator is non-blocking where the loaded NCCL allows
 // (>= 2.14), so joining and enqueueing never block past their bound. A
 // watchdog thread follows every enqueued collective through a CUDA event;
-// one that has not completed by its deadline, or an asynchronous NCCL error,
+// one that has not completed by its deadline (NOTE [Deadlines] in
+// distlearn_cuda/_comm/collectives.py), or an asynchronous NCCL error,
 // makes the watchdog abort the communicator (ncclCommAbort frees kernels
 // stuck waiting for a dead peer) and record the failure, which the next call
 // (or check()) raises.

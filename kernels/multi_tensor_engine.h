@@ -4,10 +4,10 @@
 // kernel; tests/host_kernels/ runs the same body for every (block, thread)
 // of the same grid on the CPU, under sanitizers. No CUDA header is needed.
 //
-// A launch carries its tensors in its kernel parameters, by value (as
-// PyTorch's multi_tensor_apply does): no table in device memory, nothing
-// to allocate, copy, cache or free, and a CUDA graph captures a launch
-// whole. Every tensor is cut into chunks of kChunkElements; the launch's
+// NOTE [Kernel parameters]. A launch carries its tensors in its kernel
+// parameters, by value (as PyTorch's multi_tensor_apply does): no table in
+// device memory, nothing to allocate, copy, cache or free, and a CUDA graph
+// captures a launch whole. Every tensor is cut into chunks of kChunkElements; the launch's
 // chunks are numbered 0 .. num_chunks - 1 in tensor order, chunk_end holding
 // the running total per tensor. Block b takes chunks b, b + blocks, ...
 // (grid-stride) and finds each chunk's tensor by binary search in

@@ -305,9 +305,8 @@ def test_catch_up_blend_is_bitwise_the_two_passes_and_the_cpu_flavor(
 
 
 def test_launches_are_captured_in_a_cuda_graph_and_replayed() -> None:
-    # The tensor addresses travel in the kernel parameters, which the graph
-    # captures by value: a list of four dtypes, two launches each, replays
-    # with no table to keep alive or rebuild.
+    # NOTE [Kernel parameters] (kernels/multi_tensor_engine.h): a list of
+    # four dtypes, two launches each, replays with no table to keep alive.
     tensors = mixed_case(MIXED_SHAPES["many"], misaligned=False)
     layout = layout_of(tensors, torch.float32)
     buffer = torch.full((layout.buffer_numel,), float("nan"), device="cuda")

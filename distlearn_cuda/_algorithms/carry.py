@@ -8,7 +8,7 @@ so all ranks size the transfer alone. State dicts need not: a rank that took
 no step has no optimizer state. The source rank therefore first broadcasts a
 skeleton of its state dicts (hyperparameters, counters, and dtype and shape
 in place of each tensor on the parameters' device; other values as they are,
-as ``_gloo.encode`` bytes that receivers read without running code), then
+as ``_comm.gloo.encode`` bytes that receivers read without running code), then
 the buffers and those tensors travel as bytes in one broadcast, each segment
 aligned so that any dtype can be viewed in place. Receivers copy the buffers
 in place and load the rebuilt state dicts, so their optimizer, schedulers
@@ -171,7 +171,7 @@ class CarriedState:
 
         Raises:
             TypeError: on every rank, when rank ``src``'s state dicts hold a
-                value that cannot travel safely (see ``_gloo.encode``);
+                value that cannot travel safely (see ``_comm.gloo.encode``);
                 nothing changed.
         """
         skeleton: Any = None

@@ -1,6 +1,6 @@
 """The collectives the algorithms issue, each with a deadline, routed by device.
 
-Every object makes a private gloo group over the ranks of its group, with
+NOTE [Deadlines]. Every object makes a private gloo group over the ranks of its group, with
 the deadline as gloo's timeout: gloo then bounds each operation itself (a
 stalled peer raises after the deadline, a dead one as soon as its
 connections drop) and leaves nothing blocked behind, so the process can
@@ -123,7 +123,7 @@ class Collectives:
         self._side_streams: dict[int | None, torch.cuda.Stream] = {}
         self._failure: CommunicationError | None = None
         self._closed = False
-        self._pid = os.getpid()  # NOTE [Fork] in _nccl
+        self._pid = os.getpid()  # NOTE [Fork] in _comm/nccl.py
         # Every all_reduce_sum as if verify=True (elastic SGD redoes a failed step).
         self.verify_sums = False
 
@@ -305,7 +305,7 @@ class Collectives:
 
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (tensors, numbers, strings, containers; see
-        ``_gloo.encode``), by group rank (small host-side data)."""
+        ``_comm.gloo.encode``), by group rank (small host-side data)."""
         self.check_usable("gather_objects")
         self._positions.enter("gather_objects")
         started = time.monotonic()

@@ -1,7 +1,7 @@
 """What the ranks agree on in each call, at no extra collective.
 
 NOTE: [Call codes]. A rank that takes part in a step writes its 1 into a
-count slot (see ``_plan.count_slots_for``); here the slots are grouped, one
+count slot (see ``_tensors.plan.count_slots_for``); here the slots are grouped, one
 group per *code*, and the rank writes into the group of the code that says
 what it is doing: which call with which options, or that its own inputs are
 bad (a missing ``.grad``, a structure that changed), or that its trainable
@@ -100,7 +100,7 @@ class Problem:
 @dataclass
 class Description:
     """What one rank did in a step, exchanged when the ranks do not agree
-    (plain data: it travels as ``_gloo.encode`` bytes)."""
+    (plain data: it travels as ``_comm.gloo.encode`` bytes)."""
 
     call: str  # "sum_gradients", "sum_and_normalize_gradients", "synchronize_parameters"...
     nonfinite: str = ""

@@ -6,10 +6,9 @@ device: the extension's CPU or CUDA ones (when it was built with CUDA), or
 ``reference``'s for devices it was built without.
 
 CUDA ops are enqueued on the current stream of the plan's device and never
-wait for the device. The tensor addresses travel in each launch's kernel
-parameters, so any list of addresses costs the same (new gradients after
-``zero_grad(set_to_none=True)`` included), nothing is cached per list, and a
-CUDA graph captures the launches whole.
+wait for the device; any list of addresses costs the same (new gradients
+after ``zero_grad(set_to_none=True)`` included) and a CUDA graph captures
+the launches whole (NOTE [Kernel parameters], kernels/multi_tensor_engine.h).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ EXACT_INTEGER_LIMIT: dict[torch.dtype, int] = {
 
 # (device, per-tensor entries (dtype, shape, strides)): what must stay the
 # same between calls and across ranks. The strides are the tensor's memory
-# order (``_layouts.canonical_strides``; see the note "Segment order").
+# order (``_tensors.layouts.canonical_strides``; see the note "Segment order").
 Signature = tuple[torch.device, tuple[tuple[Any, ...], ...]]
 
 

@@ -7,8 +7,7 @@ An opt-in mode for both algorithms, needing torchft
     python -m distlearn_cuda.elastic.control --port 29400
 
 then each rank as a process of its own with ``ElasticSGD`` or ``ElasticEA``
-in place of ``AllReduceSGD`` or ``AllReduceEA``. See the README's "Elastic
-training" section.
+in place of ``AllReduceSGD`` or ``AllReduceEA``. See docs/elastic.md.
 """
 
 from ._membership import View

@@ -34,7 +34,7 @@ class Parent:
     """The communicators detached from a dropped view, and that view's members."""
 
     members: tuple[str, ...]
-    communicators: list = field(default_factory=list)  # of _nccl._Shared
+    communicators: list = field(default_factory=list)  # of _comm.nccl._Shared
 
     def discard(self) -> None:
         """Closes every communicator still held (idempotent)."""
