@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,8 @@ from . import nccl as _nccl
 from .gloo import PrivateGloo
 from .group import Group, GroupGoneError
 from .positions import Positions
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Collectives",
@@ -120,7 +123,8 @@ class Collectives:
         # CUDA buffers on the extension's communicator, else on the group's own NCCL.
         self._own_nccl = self._cuda_nccl and _C.has_nccl and nccl_mode == "own"
         self._leases: dict[int, _nccl.Lease] = {}  # by CUDA device index
-        self._side_streams: dict[int | None, torch.cuda.Stream] = {}
+        # How a device's buffers travel, chosen at its first collective.
+        self._routes: dict[torch.device, _GlooRoute | _GroupRoute | _OwnNcclRoute] = {}
         self._failure: CommunicationError | None = None
         self._closed = False
         self._pid = os.getpid()  # NOTE [Fork] in _comm/nccl.py
@@ -159,7 +163,7 @@ class Collectives:
         leases, self._leases = self._leases, {}
         for lease in leases.values():
             lease.release()
-        self._side_streams.clear()
+        self._routes.clear()
         self._gloo = None  # the backend goes with its last reference: this one
 
     def all_reduce_sum(self, buffer: torch.Tensor, verify: bool = False) -> None:
@@ -174,21 +178,7 @@ class Collectives:
         self._positions.enter("all_reduce_sum")
         started = time.monotonic()
         try:
-            comm = self._communicator(buffer.device)
-            if comm is not None:
-                code = DTYPE_CODES[buffer.dtype]
-                comm.all_reduce_sum(
-                    buffer.data_ptr(), buffer.numel(), code, _stream(buffer), self._timeout_s
-                )
-                if (verify or self.verify_sums) and not is_capturing(buffer.device):
-                    torch.cuda.current_stream(buffer.device).synchronize()
-                    comm.check()
-            elif self._on_group(buffer):
-                dist.all_reduce(buffer, group=self._group.group)
-                self._positions.completed_by_all()
-            else:
-                self.gloo.all_reduce(buffer).wait()
-                self._positions.completed_by_all()
+            self._route(buffer.device).all_reduce_sum(buffer, verify or self.verify_sums)
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
 
@@ -212,47 +202,15 @@ class Collectives:
         self._positions.enter("all_reduce_sum")
         started = time.monotonic()
         try:
-            comm = self._communicator(buffer.device)
-            if comm is not None:
-                current = torch.cuda.current_stream(buffer.device)
-                side = self._side_stream(buffer.device)
-                side.wait_stream(current)
-                # Freed while NCCL still writes it (its owner collected), the
-                # buffer must not go to another tensor before the side
-                # stream is done with it.
-                buffer.record_stream(side)
-                code = DTYPE_CODES[buffer.dtype]
-                comm.all_reduce_sum(
-                    buffer.data_ptr(), buffer.numel(), code, side.cuda_stream, self._timeout_s
-                )
-                done = torch.cuda.Event()
-                done.record(side)
-
-                def joined() -> None:
-                    # An event recorded in a capture cannot be queried.
-                    if verify and not is_capturing(buffer.device):
-                        try:
-                            if not done.query():
-                                done.synchronize()
-                            comm.check()
-                        except RuntimeError as error:
-                            self._fail("all_reduce_sum", started, error)
-                    torch.cuda.current_stream(buffer.device).wait_event(done)
-
-                return PendingSum(joined)
-            if self._on_group(buffer):
-                work = dist.all_reduce(buffer, group=self._group.group, async_op=True)
-            else:
-                work = self.gloo.all_reduce(buffer)
+            wait = self._route(buffer.device).all_reduce_sum_async(buffer, verify)
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
 
         def finish() -> None:
             try:
-                work.wait()
+                wait()
             except RuntimeError as error:
                 self._fail("all_reduce_sum", started, error)
-            self._positions.completed_by_all()
 
         return PendingSum(finish)
 
@@ -262,21 +220,7 @@ class Collectives:
         self._positions.enter("broadcast")
         started = time.monotonic()
         try:
-            comm = self._communicator(buffer.device)
-            if comm is not None:
-                code = DTYPE_CODES[buffer.dtype]
-                stream = _stream(buffer)
-                comm.broadcast(
-                    buffer.data_ptr(), buffer.numel(), code, src, stream, self._timeout_s
-                )
-                # What a broadcast brings overwrites params: know it arrived
-                # whole before the caller unpacks it (not on a hot path).
-                torch.cuda.current_stream(buffer.device).synchronize()
-                comm.check()
-            elif self._on_group(buffer):
-                dist.broadcast(buffer, src=self._ranks[src], group=self._group.group)
-            else:
-                self.gloo.broadcast(buffer, src)
+            self._route(buffer.device).broadcast(buffer, src)
         except RuntimeError as error:
             self._fail("broadcast", started, error)
 
@@ -341,26 +285,28 @@ class Collectives:
             self._fail("check_same_structure", started, error)
         raise ValueError(f"{arg}: " + _first_difference(gathered, noun))
 
-    def _on_group(self, buffer: torch.Tensor) -> bool:
-        """Whether the buffer goes through the user's group itself (CUDA
-        buffers on its NCCL: DISTLEARN_NCCL=group, or the CPU flavor)."""
-        return buffer.is_cuda and self._cuda_nccl
-
-    def _communicator(self, device: torch.device) -> _C.NcclCommunicator | None:
-        if device.type != "cuda" or not self._own_nccl:
-            return None
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        lease = self._leases.get(index)
-        if lease is None:
-            lease = _nccl.acquire(self._group, device, self, self._timeout_s)
-            self._leases[index] = lease
-        return lease.comm
-
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        stream = self._side_streams.get(device.index)
-        if stream is None:
-            stream = self._side_streams[device.index] = torch.cuda.Stream(device)
-        return stream
+    def _route(self, device: torch.device) -> _GlooRoute | _GroupRoute | _OwnNcclRoute:
+        """How ``device``'s buffers travel (see the module), chosen once: a
+        CUDA device on an NCCL group takes the extension's communicator (made
+        now, collectively: every rank's first CUDA collective is the same
+        one) or the group itself; anything else goes over the private gloo."""
+        route = self._routes.get(device)
+        if route is None:
+            if device.type == "cuda" and self._own_nccl:
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                lease = self._leases.get(index)
+                if lease is None:
+                    lease = self._leases[index] = _nccl.acquire(
+                        self._group, device, self, self._timeout_s
+                    )
+                route = _OwnNcclRoute(self, lease.comm, device)
+            elif device.type == "cuda" and self._cuda_nccl:
+                route = _GroupRoute(self)
+            else:
+                route = _GlooRoute(self)
+            self._routes[device] = route
+            logger.debug("collectives over ranks %s: %s by %s", self._ranks, device, route.name)
+        return route
 
     def _in_forked_child(self) -> bool:
         """Whether this process is a child forked after the object was made."""
@@ -413,6 +359,118 @@ class Collectives:
         # collector breaks, holding device buffers past close().
         self._failure = failure()
         raise failure() from error
+
+
+class _GlooRoute:
+    """Buffers over the object's private gloo group (CPU buffers, and CUDA
+    buffers on a group whose CUDA backend is not NCCL)."""
+
+    name = "the private gloo group"
+
+    def __init__(self, owner: Collectives) -> None:
+        self._owner = owner
+
+    def all_reduce_sum(self, buffer: torch.Tensor, verify: bool) -> None:
+        self._owner.gloo.all_reduce(buffer).wait()
+        self._owner._positions.completed_by_all()
+
+    def all_reduce_sum_async(self, buffer: torch.Tensor, verify: bool) -> Callable[[], None]:
+        return _waiter(self._owner, self._owner.gloo.all_reduce(buffer))
+
+    def broadcast(self, buffer: torch.Tensor, src: int) -> None:
+        self._owner.gloo.broadcast(buffer, src)
+
+
+class _GroupRoute:
+    """CUDA buffers through the user's NCCL group itself (``DISTLEARN_NCCL=group``,
+    or the CPU flavor of the extension), bounded by the group's timeout."""
+
+    name = "the group's own NCCL"
+
+    def __init__(self, owner: Collectives) -> None:
+        self._owner = owner
+
+    def all_reduce_sum(self, buffer: torch.Tensor, verify: bool) -> None:
+        dist.all_reduce(buffer, group=self._owner._group.group)
+        self._owner._positions.completed_by_all()
+
+    def all_reduce_sum_async(self, buffer: torch.Tensor, verify: bool) -> Callable[[], None]:
+        work = dist.all_reduce(buffer, group=self._owner._group.group, async_op=True)
+        return _waiter(self._owner, work)
+
+    def broadcast(self, buffer: torch.Tensor, src: int) -> None:
+        owner = self._owner
+        dist.broadcast(buffer, src=owner._ranks[src], group=owner._group.group)
+
+
+def _waiter(owner: Collectives, work: Any) -> Callable[[], None]:
+    """Waits for a torch.distributed work, then records that every rank completed it."""
+
+    def wait() -> None:
+        work.wait()
+        owner._positions.completed_by_all()
+
+    return wait
+
+
+class _OwnNcclRoute:
+    """CUDA buffers on the extension's NCCL communicator of one device,
+    enqueued on the current stream (asynchronous ones on a side stream), its
+    watchdog enforcing the deadline (NOTE [Deadlines])."""
+
+    name = "the extension's NCCL"
+
+    def __init__(self, owner: Collectives, comm: _C.NcclCommunicator, device: torch.device) -> None:
+        self._owner = owner
+        self._comm = comm
+        self._device = device
+        self._side: torch.cuda.Stream | None = None
+
+    def all_reduce_sum(self, buffer: torch.Tensor, verify: bool) -> None:
+        code = DTYPE_CODES[buffer.dtype]
+        self._comm.all_reduce_sum(
+            buffer.data_ptr(), buffer.numel(), code, _stream(buffer), self._owner._timeout_s
+        )
+        if verify and not is_capturing(buffer.device):
+            torch.cuda.current_stream(buffer.device).synchronize()
+            self._comm.check()
+
+    def all_reduce_sum_async(self, buffer: torch.Tensor, verify: bool) -> Callable[[], None]:
+        current = torch.cuda.current_stream(buffer.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self._device)
+        side = self._side
+        side.wait_stream(current)
+        # Freed while NCCL still writes it (its owner collected), the buffer
+        # must not go to another tensor before the side stream is done with it.
+        buffer.record_stream(side)
+        code = DTYPE_CODES[buffer.dtype]
+        comm = self._comm
+        comm.all_reduce_sum(
+            buffer.data_ptr(), buffer.numel(), code, side.cuda_stream, self._owner._timeout_s
+        )
+        done = torch.cuda.Event()
+        done.record(side)
+
+        def joined() -> None:
+            # An event recorded in a capture cannot be queried.
+            if verify and not is_capturing(buffer.device):
+                if not done.query():
+                    done.synchronize()
+                comm.check()
+            torch.cuda.current_stream(buffer.device).wait_event(done)
+
+        return joined
+
+    def broadcast(self, buffer: torch.Tensor, src: int) -> None:
+        code = DTYPE_CODES[buffer.dtype]
+        self._comm.broadcast(
+            buffer.data_ptr(), buffer.numel(), code, src, _stream(buffer), self._owner._timeout_s
+        )
+        # What a broadcast brings overwrites params: know it arrived whole
+        # before the caller unpacks it (not on a hot path).
+        torch.cuda.current_stream(buffer.device).synchronize()
+        self._comm.check()
 
 
 def _stream(buffer: torch.Tensor) -> int:
