@@ -345,3 +345,37 @@ def test_catch_up_blend_is_bitwise_the_two_passes(
     tol = tolerance(tensor_dtype, buffer_dtype)
     for got, want in zip(fused_params + fused_centers, ref_params + ref_centers, strict=True):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_a_plan_runs_the_reference_kernels_like_the_extensions() -> None:
+    # A device the extension has no kernels for gets reference's, through
+    # the same Plan calls (only CUDA without the CUDA flavor reaches it in
+    # use, so here a CPU plan is given them): every op, every argument.
+    from distlearn_cuda._tensors import plan as plan_module
+    from distlearn_cuda._tensors.tree import Flat
+    from distlearn_cuda._tensors.validate import signature
+
+    def run(kernels: object) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        params = random_tensors(ODD_SHAPES, [torch.float32] * len(ODD_SHAPES), generator)
+        centers = [p.flip(0).clone() for p in params]
+        grads = [p * 0.5 for p in params]
+        sig = signature(Flat(params, [str(i) for i in range(len(params))], list), "params")
+        plan = plan_module.Plan(sig, torch.float32, slots_per_code=2, codes=2)
+        plan._kernels = kernels
+        decision = plan_module.Plan(sig, torch.float32, slots_per_code=2, codes=2)
+        decision._kernels = kernels
+        plan.buffer.fill_(float("nan"))
+        plan.pack(grads, addresses(grads), count_slot=plan.count_slot(1, code=1))
+        decision.pack(grads, addresses(grads), count_slot=decision.count_slot(0, code=1))
+        packed = plan.buffer.clone()
+        plan.unpack(grads, addresses(grads), True, True, (decision, 1))
+        plan.ea_blend(params, addresses(params), centers, addresses(centers), 0.3, 0, True)
+        plan.center_update(centers, addresses(centers), skip_nonfinite=True)
+        return [packed, *grads, *params, *centers, plan.buffer]
+
+    seed = fresh_seed()
+    extension = run(plan_module._CPU_KERNELS)
+    oracle = run(plan_module._ReferenceKernels)
+    for got, want in zip(extension, oracle, strict=True):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)

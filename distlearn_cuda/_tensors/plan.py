@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,6 +24,21 @@ from .. import _C, reference
 from .._native import DTYPE_CODES, current_stream_handle
 from .layouts import segment_view
 from .validate import EXACT_INTEGER_LIMIT, Signature
+
+Tensors = Sequence[torch.Tensor]
+
+
+class Blend(NamedTuple):
+    """An EA blend's arguments, as the kernels take them."""
+
+    params: Tensors
+    param_addresses: _C.Addresses
+    centers: Tensors
+    center_addresses: _C.Addresses
+    alpha: float
+    slot: int
+    catch_up: bool
+
 
 # Tensor addresses as the ops take them: a list, or an _C.Addresses made
 # once from one (no conversion per call: the hot paths keep theirs).
@@ -173,8 +189,7 @@ class Plan:
     ) -> None:
         """The EA blend; with ``catch_up``, first centers += the buffer (the
         previous round's allreduced sum), in the same pass."""
-        self._kernels.ea_blend(
-            self,
+        blend = Blend(
             params,
             as_addresses(param_addresses),
             centers,
@@ -183,6 +198,7 @@ class Plan:
             count_slot,
             catch_up,
         )
+        self._kernels.ea_blend(self, blend)
 
     def center_update(
         self,
@@ -231,128 +247,58 @@ class Plan:
         return handle
 
 
-class _CpuKernels:
-    """The extension's CPU kernels, each op one pass over all tensors on
-    torch's intra-op threads."""
+class _ExtensionKernels:
+    """The extension's kernels: its CPU or its CUDA ones, called alike but
+    for the resource argument, torch's intra-op thread count (CPU) or the
+    current stream of the plan's device (CUDA, launched with that device
+    current)."""
 
-    @staticmethod
-    def pack(
-        plan: Plan, tensors: Sequence[torch.Tensor], addresses: _C.Addresses, slot: int
-    ) -> None:
-        _C.pack(plan.layout, addresses, plan._address, slot, torch.get_num_threads())
+    def __init__(self, cuda: bool) -> None:
+        suffix = "_cuda" if cuda else ""
+        self._cuda = cuda
+        self._pack = getattr(_C, "pack" + suffix)
+        self._unpack = getattr(_C, "unpack" + suffix)
+        self._ea_blend = getattr(_C, "ea_blend" + suffix)
+        self._center_update = getattr(_C, "center_update" + suffix)
 
-    @staticmethod
-    def unpack(
-        plan: Plan,
-        tensors: Sequence[torch.Tensor],
-        addresses: _C.Addresses,
-        normalize: bool,
-        skip_nonfinite: bool,
-        agreement: tuple[Plan, int] | None,
-    ) -> None:
-        threads = torch.get_num_threads()
-        _C.unpack(
-            plan.layout,
+    def _launch(self, plan: Plan, kernel: Any, *args: Any, then: tuple[Any, ...] = ()) -> None:
+        """``kernel(plan.layout, *args, resource, *then)``."""
+        if self._cuda:
+            with plan._on_device():
+                kernel(plan.layout, *args, plan._stream(), *then)
+        else:
+            kernel(plan.layout, *args, torch.get_num_threads(), *then)
+
+    def pack(self, plan: Plan, tensors: Tensors, addresses: _C.Addresses, slot: int) -> None:
+        self._launch(plan, self._pack, addresses, plan._address, slot)
+
+    def unpack(self, plan: Plan, tensors: Tensors, addresses: _C.Addresses, *options: Any) -> None:
+        normalize, skip_nonfinite, agreement = options
+        self._launch(
+            plan,
+            self._unpack,
             addresses,
             plan._address,
             normalize,
-            threads,
-            skip_nonfinite,
-            *plan.agreement_args(agreement),
+            then=(skip_nonfinite, *plan.agreement_args(agreement)),
         )
 
-    @staticmethod
-    def ea_blend(
-        plan: Plan,
-        params: Sequence[torch.Tensor],
-        param_addresses: _C.Addresses,
-        centers: Sequence[torch.Tensor],
-        center_addresses: _C.Addresses,
-        alpha: float,
-        slot: int,
-        catch_up: bool,
-    ) -> None:
-        _C.ea_blend(
-            plan.layout,
-            param_addresses,
-            center_addresses,
+    def ea_blend(self, plan: Plan, blend: Blend) -> None:
+        self._launch(
+            plan,
+            self._ea_blend,
+            blend.param_addresses,
+            blend.center_addresses,
             plan._address,
-            alpha,
-            slot,
-            torch.get_num_threads(),
-            catch_up,
+            blend.alpha,
+            blend.slot,
+            then=(blend.catch_up,),
         )
 
-    @staticmethod
     def center_update(
-        plan: Plan, centers: Sequence[torch.Tensor], addresses: _C.Addresses, skip_nonfinite: bool
+        self, plan: Plan, centers: Tensors, addresses: _C.Addresses, skip_nonfinite: bool
     ) -> None:
-        threads = torch.get_num_threads()
-        _C.center_update(plan.layout, addresses, plan._address, threads, skip_nonfinite)
-
-
-class _CudaKernels:
-    """The extension's CUDA kernels, enqueued on the current stream of the
-    plan's device (see the module's docstring)."""
-
-    @staticmethod
-    def pack(
-        plan: Plan, tensors: Sequence[torch.Tensor], addresses: _C.Addresses, slot: int
-    ) -> None:
-        with plan._on_device():
-            _C.pack_cuda(plan.layout, addresses, plan._address, slot, plan._stream())
-
-    @staticmethod
-    def unpack(
-        plan: Plan,
-        tensors: Sequence[torch.Tensor],
-        addresses: _C.Addresses,
-        normalize: bool,
-        skip_nonfinite: bool,
-        agreement: tuple[Plan, int] | None,
-    ) -> None:
-        with plan._on_device():
-            _C.unpack_cuda(
-                plan.layout,
-                addresses,
-                plan._address,
-                normalize,
-                plan._stream(),
-                skip_nonfinite,
-                *plan.agreement_args(agreement),
-            )
-
-    @staticmethod
-    def ea_blend(
-        plan: Plan,
-        params: Sequence[torch.Tensor],
-        param_addresses: _C.Addresses,
-        centers: Sequence[torch.Tensor],
-        center_addresses: _C.Addresses,
-        alpha: float,
-        slot: int,
-        catch_up: bool,
-    ) -> None:
-        with plan._on_device():
-            _C.ea_blend_cuda(
-                plan.layout,
-                param_addresses,
-                center_addresses,
-                plan._address,
-                alpha,
-                slot,
-                plan._stream(),
-                catch_up,
-            )
-
-    @staticmethod
-    def center_update(
-        plan: Plan, centers: Sequence[torch.Tensor], addresses: _C.Addresses, skip_nonfinite: bool
-    ) -> None:
-        with plan._on_device():
-            _C.center_update_cuda(
-                plan.layout, addresses, plan._address, plan._stream(), skip_nonfinite
-            )
+        self._launch(plan, self._center_update, addresses, plan._address, then=(skip_nonfinite,))
 
 
 class _ReferenceKernels:
@@ -360,22 +306,17 @@ class _ReferenceKernels:
     has no kernels for."""
 
     @staticmethod
-    def pack(
-        plan: Plan, tensors: Sequence[torch.Tensor], addresses: _C.Addresses, slot: int
-    ) -> None:
+    def pack(plan: Plan, tensors: Tensors, addresses: _C.Addresses, slot: int) -> None:
         reference.pack(
             tensors, plan.buffer, plan._offsets, *plan._count_args(), slot, plan._flag_at
         )
 
     @staticmethod
-    def unpack(
-        plan: Plan,
-        tensors: Sequence[torch.Tensor],
-        addresses: _C.Addresses,
-        normalize: bool,
-        skip_nonfinite: bool,
-        agreement: tuple[Plan, int] | None,
-    ) -> None:
+    def unpack(plan: Plan, tensors: Tensors, addresses: _C.Addresses, *options: Any) -> None:
+        normalize, skip_nonfinite, agreement = options
+        agree = None
+        if agreement is not None:
+            agree = (agreement[0]._counts, *plan.agreement_args(agreement)[1:])
         reference.unpack(
             tensors,
             plan.buffer,
@@ -384,50 +325,40 @@ class _ReferenceKernels:
             normalize,
             plan._flag_at,
             skip_nonfinite,
-            None
-            if agreement is None
-            else (agreement[0]._counts, *plan.agreement_args(agreement)[1:]),
+            agree,
         )
 
     @staticmethod
-    def ea_blend(
-        plan: Plan,
-        params: Sequence[torch.Tensor],
-        param_addresses: _C.Addresses,
-        centers: Sequence[torch.Tensor],
-        center_addresses: _C.Addresses,
-        alpha: float,
-        slot: int,
-        catch_up: bool,
-    ) -> None:
+    def ea_blend(plan: Plan, blend: Blend) -> None:
         reference.ea_blend(
-            params,
-            centers,
+            blend.params,
+            blend.centers,
             plan.buffer,
             plan._offsets,
-            alpha,
+            blend.alpha,
             *plan._count_args(),
-            slot,
+            blend.slot,
             plan._flag_at,
-            catch_up,
+            blend.catch_up,
         )
 
     @staticmethod
     def center_update(
-        plan: Plan, centers: Sequence[torch.Tensor], addresses: _C.Addresses, skip_nonfinite: bool
+        plan: Plan, centers: Tensors, addresses: _C.Addresses, skip_nonfinite: bool
     ) -> None:
         reference.center_update(centers, plan.buffer, plan._offsets, plan._flag_at, skip_nonfinite)
 
 
-_Kernels = type[_CpuKernels] | type[_CudaKernels] | type[_ReferenceKernels]
+_CPU_KERNELS = _ExtensionKernels(cuda=False)
+_CUDA_KERNELS = _ExtensionKernels(cuda=True) if _C.has_cuda else None
 
 
-def _kernels_for(device: torch.device) -> _Kernels:
+def _kernels_for(device: torch.device) -> _ExtensionKernels | type[_ReferenceKernels]:
     """Which kernels serve a device: the extension's CPU or CUDA ones, or the reference."""
     if device.type == "cpu":
-        return _CpuKernels
-    if device.type == "cuda" and _C.has_cuda:
-        return _CudaKernels
+        return _CPU_KERNELS
+    if device.type == "cuda" and _CUDA_KERNELS is not None:
+        return _CUDA_KERNELS
     return _ReferenceKernels
 
 
