@@ -93,8 +93,8 @@ def unpack(
         for tensor in tensors:
             tensor.zero_()
         return
-    count = float(buffer[count_offset : count_offset + count_slots].double().sum())
-    scale = 1.0 / count if normalize and count > 0 else 1.0
+    contributors = float(buffer[count_offset : count_offset + count_slots].double().sum())
+    scale = 1.0 / contributors if normalize and contributors > 0 else 1.0
     for tensor, offset in zip(tensors, offsets, strict=True):
         memory_view(tensor).copy_(_segment(buffer, offset, tensor).double() * scale)
 

@@ -310,7 +310,7 @@ class FlatParameters:
     as the gradient plan's (each in its own memory order), so that an
     optimizer's foreach kernels and the allreduce see two flat buffers."""
 
-    def __init__(self, module: nn.Module, params: Sequence[nn.Parameter], plan: Plan) -> None:
+    def __init__(self, module: nn.Module, params: Sequence[torch.Tensor], plan: Plan) -> None:
         self.module = module
         self.buffer = torch.zeros_like(plan.buffer)
         with torch.no_grad():

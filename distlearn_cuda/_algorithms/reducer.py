@@ -192,6 +192,7 @@ class GradientReducer:
         if self.modes.flat:
             # Its own plan, never a cache's: its buffer is the gradients.
             plan = self._plan((device, entries), dtype)
+            assert source.module is not None, "flat storage binds a module"
             self.flat_params = FlatParameters(source.module, params, plan)
         self.buckets = []
         for group in groups:

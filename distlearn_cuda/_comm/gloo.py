@@ -49,6 +49,7 @@ _made: Counter[str] = Counter()  # private groups made in this process, by user 
 # Store keys under a private group's prefix (see the construction handshake).
 _ARRIVED = "construct/arrived"
 _STATE = "construct/state"
+# Values as the store returns them (bytes); torch's stubs type compare_set's as str.
 _GO = b"go"
 _ABANDONED = b"abandoned"
 
@@ -124,15 +125,16 @@ class PrivateGloo:
     ) -> dist.Work:
         """Starts ``tensor`` <- its reduction over the ranks; ``wait()`` the work."""
         options = dist.AllreduceOptions()
-        options.reduceOp = op
-        return self.backend.allreduce([tensor], options)
+        options.reduceOp = op  # type: ignore[assignment]  # torch's stubs: ReduceOp, not RedOpType
+        # ProcessGroupGloo's collectives exist at run time, not in torch's stubs.
+        return self.backend.allreduce([tensor], options)  # type: ignore[attr-defined]
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         """``tensor`` <- group rank ``src``'s, in place."""
         options = dist.BroadcastOptions()
         options.rootRank = src
         options.rootTensor = 0
-        self.backend.broadcast([tensor], options).wait()
+        self.backend.broadcast([tensor], options).wait()  # type: ignore[attr-defined]
 
     def broadcast_object(self, value: Any, src: int) -> Any:
         """Group rank ``src``'s ``value`` (see ``encode``), on every rank."""
@@ -149,12 +151,13 @@ class PrivateGloo:
         """Every rank's ``value`` (see ``encode``), by rank."""
         data = encode(value)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-        self.backend.allgather([sizes], [torch.tensor([len(data)], dtype=torch.int64)]).wait()
+        lengths = [torch.tensor([len(data)], dtype=torch.int64)]
+        self.backend.allgather([sizes], lengths).wait()  # type: ignore[attr-defined]
         longest = max(int(s.item()) for s in sizes)
         mine = torch.zeros(longest, dtype=torch.uint8)
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         gathered = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.size)]
-        self.backend.allgather([gathered], [mine]).wait()
+        self.backend.allgather([gathered], [mine]).wait()  # type: ignore[attr-defined]
         return [decode(_bytes_of(g[: int(s.item())])) for g, s in zip(gathered, sizes, strict=True)]
 
 
@@ -167,12 +170,12 @@ def _arrive(
     size = len(ranks)
     store.set(f"construct/rank/{rank}", "1")
     if store.add(_ARRIVED, 1) == size:
-        store.compare_set(_STATE, "", _GO)
+        store.compare_set(_STATE, "", _GO)  # type: ignore[arg-type]
     try:
         store.wait([_STATE], timeout)
     except RuntimeError:  # DistStoreError: the deadline passed
         pass
-    if store.compare_set(_STATE, "", _ABANDONED) == _GO:
+    if store.compare_set(_STATE, "", _ABANDONED) == _GO:  # type: ignore[arg-type]
         return
     missing = [r for r in range(size) if not store.check([f"construct/rank/{r}"])]
     arrived = [r for r in range(size) if r not in missing]

@@ -71,6 +71,7 @@ def resolve(group: dist.ProcessGroup | None) -> Group:
     if group is None:
         init_default_group()
         group = dist.group.WORLD
+        assert group is not None, "initialized just now"
     elif not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"

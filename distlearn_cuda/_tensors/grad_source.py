@@ -120,7 +120,7 @@ class GradientSource:
         tensors cannot be averaged, nothing trainable included."""
         if isinstance(grads, nn.Module):
             named = list(grads.named_parameters())
-            items = [p for _, p in named]
+            items: list[torch.Tensor] = [p for _, p in named]
             names = [n for n, _ in named]
             roles = [True] * len(items)
             trainable = list(map(_REQUIRES_GRAD, items))

@@ -44,9 +44,9 @@ def flatten(structure: Any, arg: str) -> Flat:
         # The common case, on the hot path: a flat list of tensors.
         return Flat(list(structure), _list_names(arg, len(structure)), list)
     tensors: list[torch.Tensor] = []
-    names: list[str] = []
-    spec = _walk(structure, arg, tensors, names)
-    return Flat(tensors, names, lambda ts: _build(spec, iter(ts)))
+    walked: list[str] = []
+    spec = _walk(structure, arg, tensors, walked)
+    return Flat(tensors, walked, lambda ts: _build(spec, iter(ts)))
 
 
 @functools.lru_cache(maxsize=64)

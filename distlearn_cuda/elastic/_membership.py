@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch.distributed as dist
 
@@ -247,7 +248,7 @@ class Membership:
             use_libuv=True,
         )
 
-    def _client(self, store: dist.TCPStore) -> object:
+    def _client(self, store: dist.TCPStore) -> Any:
         """A client of the Lighthouse whose port the control process put in ``store``."""
         port = int(store.get(self.keys.lighthouse_port))
         return self._coordination.LighthouseClient(
@@ -259,7 +260,7 @@ class Membership:
         join_timeout, heartbeat_timeout = map(float, store.get(self.keys.timeouts).split())
         return join_timeout, heartbeat_timeout
 
-    def _lighthouse(self) -> tuple[object, float, float]:
+    def _lighthouse(self) -> tuple[Any, float, float]:
         """A client of the Lighthouse, and its join and heartbeat timeouts (s)."""
         return self._client(self.store), *self._timeouts(self.store)
 
@@ -277,7 +278,7 @@ class Membership:
             except Exception:  # the control process may be down: keep trying
                 client = store = None
 
-    def _lighthouse_from_new_store(self) -> tuple[dist.TCPStore, object]:
+    def _lighthouse_from_new_store(self) -> tuple[dist.TCPStore, Any]:
         # Its own store client: TCPStore clients are not shared across threads
         # here. A restarted control process has an empty store: say again
         # that the job runs, and its number, so a new rank joins it instead

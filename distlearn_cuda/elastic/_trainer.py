@@ -56,7 +56,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 import torch
 import torch.distributed as dist
@@ -161,7 +161,10 @@ def init_view_group(
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-class _ElasticMember:
+_Algorithm = TypeVar("_Algorithm", AllReduceSGD, AllReduceEA)
+
+
+class _ElasticMember(Generic[_Algorithm]):
     """What both algorithms share: the membership, the views and their groups,
     the state handed over at each change."""
 
@@ -234,7 +237,7 @@ class _ElasticMember:
             heartbeat_interval=float(heartbeat_interval),
             connect_timeout=self._timeout,
         )
-        self._algo: AllReduceSGD | AllReduceEA | None = None
+        self._algo: _Algorithm | None = None
         self._steps = 0  # steps the job took, as this rank knows them (handed over)
         self._syncs = 0  # synchronization points the job completed (handed over)
         self._synced_at = -1  # the step count at the last one (handed over)
@@ -318,7 +321,7 @@ class _ElasticMember:
 
     # -- views ----------------------------------------------------------------
 
-    def _current(self) -> AllReduceSGD | AllReduceEA:
+    def _current(self) -> _Algorithm:
         if self._closed or self._algo is None:
             raise RuntimeError("this elastic object was closed")
         return self._algo
@@ -328,7 +331,7 @@ class _ElasticMember:
         only ranks with state count."""
         return self._syncs * SYNC_WEIGHT + self._steps
 
-    def _make_algorithm(self) -> AllReduceSGD | AllReduceEA:
+    def _make_algorithm(self) -> _Algorithm:
         raise NotImplementedError
 
     def _check_options(self, options: dict[str, Any]) -> None:
@@ -383,6 +386,7 @@ class _ElasticMember:
             view.world_size,
             self._timeout,
         )
+        assert dist.group.WORLD is not None, "initialized just now"
         restart_numbering(dist.group.WORLD)
         self._algo = self._make_algorithm()
         self._check_structures()
@@ -595,7 +599,7 @@ class _ElasticMember:
             self._extra_state[1](value)
 
 
-class ElasticSGD(_ElasticMember):
+class ElasticSGD(_ElasticMember[AllReduceSGD]):
     """AllReduceSGD over a job whose ranks may be lost and may join.
 
     Start the control process once (``python -m distlearn_cuda.elastic.control
@@ -722,7 +726,7 @@ class ElasticSGD(_ElasticMember):
             self._optimizer.load_state_dict(state["optimizer"])
 
 
-class ElasticEA(_ElasticMember):
+class ElasticEA(_ElasticMember[AllReduceEA]):
     """AllReduceEA over a job whose ranks may be lost and may join.
 
     Used like ``ElasticSGD`` (same control process, launch and arguments),
@@ -812,7 +816,7 @@ class ElasticEA(_ElasticMember):
         the failed call's step count and the parameters it started from,
         restored exactly if its round is undone; the round in flight is
         older, so it is undone whenever the call's is, and maybe alone."""
-        params = list(self._model.parameters())
+        params: list[torch.Tensor] = list(self._model.parameters())
         with torch.no_grad():
             if call is not None:
                 step, start = call
@@ -836,7 +840,7 @@ class ElasticEA(_ElasticMember):
             # A call between rounds only counts, but it is where an
             # asynchronous round's failure can surface: it is handled alike.
             is_round = algo.next_call_is_round
-            params = list(self._model.parameters())
+            params: list[torch.Tensor] = list(self._model.parameters())
             before = None
             if is_round:
                 with torch.no_grad():

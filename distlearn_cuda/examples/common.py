@@ -24,7 +24,7 @@ from torch import nn
 
 import distlearn_cuda as dl
 
-from .data import NUM_CLASSES
+from .data import NUM_CLASSES, Dataset
 
 __all__ = [
     "EXTRA_HINT",
@@ -126,8 +126,8 @@ def train_and_evaluate(
     args: argparse.Namespace,
     algo: dl.AllReduceSGD | dl.AllReduceEA,
     model: nn.Module,
-    train: object,
-    test: object,
+    train: Dataset,
+    test: Dataset,
     settings: TrainSettings,
 ) -> float:
     """Trains ``model`` on this rank's ``train`` part for ``args.epochs``
@@ -136,10 +136,10 @@ def train_and_evaluate(
     ``images``, ``labels`` and ``len()``."""
     from tqdm import tqdm
 
-    sgd = isinstance(algo, dl.AllReduceSGD)
     rank, device = algo.rank, settings.device
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    # (torch's stubs lack Module.to's memory_format.)
+    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     shuffle = torch.Generator().manual_seed(args.seed + rank)
     steps_per_epoch = -(-len(train) // args.batch_size)
@@ -150,7 +150,7 @@ def train_and_evaluate(
         else contextlib.nullcontext
     )
 
-    if args.overlap and sgd:
+    if args.overlap and isinstance(algo, dl.AllReduceSGD):
         algo.attach(model)
     algo.synchronize_parameters(model, buffers=True)
     accuracy = 0.0
@@ -162,7 +162,7 @@ def train_and_evaluate(
             with autocast():
                 loss = nn.functional.cross_entropy(model(images), train.labels[batch])
             loss.backward()
-            if sgd:
+            if isinstance(algo, dl.AllReduceSGD):
                 algo.sum_and_normalize_gradients(model)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -172,7 +172,7 @@ def train_and_evaluate(
                 algo.average_parameters(model)
             loss_sum += loss.detach() * len(batch)
             progress.update()
-        if sgd:
+        if isinstance(algo, dl.AllReduceSGD):
             # After uneven epochs the momentum and BatchNorm statistics differ
             # too: carry the winner's.
             algo.synchronize_parameters(model, optimizer=optimizer, buffers=True)
@@ -182,7 +182,9 @@ def train_and_evaluate(
         # SGD evaluates the parameters, the same on every rank after the
         # synchronization; EA evaluates the center, the consensus of the ranks'
         # own parameters (which stay apart).
-        weights = dict(model.named_parameters()) if sgd else algo.center
+        weights: dict[str, torch.Tensor] = (
+            dict(model.named_parameters()) if isinstance(algo, dl.AllReduceSGD) else algo.center
+        )
         with autocast():
             confusion = confusion_matrix(model, weights, test, memory_format)
         dist.all_reduce(confusion, group=algo.group)
@@ -206,7 +208,7 @@ def train_and_evaluate(
 def confusion_matrix(
     model: nn.Module,
     weights: dict[str, torch.Tensor],
-    test: object,
+    test: Dataset,
     memory_format: torch.memory_format = torch.contiguous_format,
     batch_size: int = 1000,
 ) -> torch.Tensor:

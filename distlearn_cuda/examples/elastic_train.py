@@ -19,6 +19,7 @@ same on every rank), so evaluation needs no collective.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from torch import nn
 from distlearn_cuda.elastic import ElasticEA, ElasticSGD
 
 from .common import COMM_DTYPES, TrainSettings, confusion_matrix
-from .data import partition
+from .data import Dataset, partition
 
 __all__ = ["add_elastic_options", "train_and_evaluate_elastic"]
 
@@ -49,7 +50,11 @@ def add_elastic_options(parser: argparse.ArgumentParser) -> None:
 
 
 def train_and_evaluate_elastic(
-    args: argparse.Namespace, model: nn.Module, train: object, test: object, settings: TrainSettings
+    args: argparse.Namespace,
+    model: nn.Module,
+    train: Dataset,
+    test: Dataset,
+    settings: TrainSettings,
 ) -> float:
     """Trains ``model`` for ``args.epochs`` epochs of the whole job and returns
     the final test accuracy (the same on every rank)."""
@@ -57,7 +62,7 @@ def train_and_evaluate_elastic(
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     epoch = {"done": 0}
-    options: dict[str, object] = {}
+    options: dict[str, Any] = {}
     if args.comm_dtype:
         options["comm_dtype"] = COMM_DTYPES[args.comm_dtype]
     sgd = args.algo == "sgd"
@@ -85,7 +90,7 @@ def train_and_evaluate_elastic(
             for batch in torch.randperm(len(part)).to(device).split(args.batch_size):
                 loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
                 loss.backward()
-                if sgd:
+                if isinstance(job, ElasticSGD):
                     job.sum_and_normalize_gradients()
                     if not job.last_step_skipped:
                         optimizer.step()
@@ -95,11 +100,13 @@ def train_and_evaluate_elastic(
                 optimizer.zero_grad()
             # Counted before the synchronization, which may hand it to joiners.
             epoch["done"] += 1
-            if sgd:
+            if isinstance(job, ElasticSGD):
                 job.synchronize_parameters()
             else:
                 job.synchronize_center()
-            weights = dict(model.named_parameters()) if sgd else job.center
+            weights: dict[str, torch.Tensor] = (
+                dict(model.named_parameters()) if isinstance(job, ElasticSGD) else job.center
+            )
             confusion = confusion_matrix(model, weights, test)
             accuracy = (confusion.trace() / confusion.sum()).item()
             rank = job.rank
