@@ -125,3 +125,34 @@ def test_the_package_type_checks(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=MYPY_TIMEOUT_S, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_extensions_stub_declares_what_the_built_module_defines() -> None:
+    import ast
+
+    from distlearn_cuda import _C
+
+    stub = ast.parse((ROOT / "distlearn_cuda" / "_C.pyi").read_text())
+    declared: dict[str, set[str]] = {"": set()}
+    for node in stub.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            declared[""].add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            declared[""].add(node.target.id)
+        if isinstance(node, ast.ClassDef):
+            declared[node.name] = {
+                n.name for n in node.body if isinstance(n, ast.FunctionDef) and n.name[0] != "_"
+            }
+    # The CUDA ops and the NCCL communicator exist in the CUDA flavor only.
+    flavor_only = {"cuda_build_version", "pack_cuda", "unpack_cuda", "ea_blend_cuda"}
+    flavor_only |= {"center_update_cuda", "nccl_load", "nccl_loaded", "nccl_error_string"}
+    flavor_only |= {"NcclCommunicator"}
+    built = {name for name in dir(_C) if not name.startswith("_")}
+    assert built <= declared[""], f"not in _C.pyi: {built - declared['']}"
+    missing = declared[""] - built
+    assert not missing - flavor_only, f"in _C.pyi, not in the module: {missing - flavor_only}"
+    if _C.has_cuda:
+        assert not missing, f"the CUDA flavor lacks {missing}"
+    for cls in {"Layout", "NcclCommunicator"} & built:
+        members = {n for n in dir(getattr(_C, cls)) if not n.startswith("_")}
+        assert members == declared[cls], (cls, members ^ declared[cls])
