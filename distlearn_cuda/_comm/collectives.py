@@ -371,8 +371,7 @@ class _GlooRoute:
         self._owner = owner
 
     def all_reduce_sum(self, buffer: torch.Tensor, verify: bool) -> None:
-        self._owner.gloo.all_reduce(buffer).wait()
-        self._owner._positions.completed_by_all()
+        self.all_reduce_sum_async(buffer, verify)()
 
     def all_reduce_sum_async(self, buffer: torch.Tensor, verify: bool) -> Callable[[], None]:
         return _waiter(self._owner, self._owner.gloo.all_reduce(buffer))

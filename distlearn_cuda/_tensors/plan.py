@@ -272,8 +272,15 @@ class _ExtensionKernels:
     def pack(self, plan: Plan, tensors: Tensors, addresses: _C.Addresses, slot: int) -> None:
         self._launch(plan, self._pack, addresses, plan._address, slot)
 
-    def unpack(self, plan: Plan, tensors: Tensors, addresses: _C.Addresses, *options: Any) -> None:
-        normalize, skip_nonfinite, agreement = options
+    def unpack(
+        self,
+        plan: Plan,
+        tensors: Tensors,
+        addresses: _C.Addresses,
+        normalize: bool,
+        skip_nonfinite: bool,
+        agreement: tuple[Plan, int] | None,
+    ) -> None:
         self._launch(
             plan,
             self._unpack,
@@ -312,8 +319,14 @@ class _ReferenceKernels:
         )
 
     @staticmethod
-    def unpack(plan: Plan, tensors: Tensors, addresses: _C.Addresses, *options: Any) -> None:
-        normalize, skip_nonfinite, agreement = options
+    def unpack(
+        plan: Plan,
+        tensors: Tensors,
+        addresses: _C.Addresses,
+        normalize: bool,
+        skip_nonfinite: bool,
+        agreement: tuple[Plan, int] | None,
+    ) -> None:
         agree = None
         if agreement is not None:
             agree = (agreement[0]._counts, *plan.agreement_args(agreement)[1:])

@@ -836,7 +836,6 @@ class ElasticEA(_ElasticMember[AllReduceEA]):
         self._call = "step"
         for attempt in range(self._retries + 1):
             algo = self._current()
-            self._note_completed_round()
             # A call between rounds only counts, but it is where an
             # asynchronous round's failure can surface: it is handled alike.
             is_round = algo.next_call_is_round
@@ -845,14 +844,14 @@ class ElasticEA(_ElasticMember[AllReduceEA]):
             if is_round:
                 with torch.no_grad():
                     before = self._copy_of(params)
-            step, completed, call_step = algo.state_step, algo.rounds_completed, self._steps
+            step, call_step = algo.state_step, self._steps
             try:
                 algo.average_parameters(self._model)
             except CommunicationError:
                 if attempt == self._retries:
                     self._free(before)
                     raise
-                self._note_completed_round()
+                # (_change_view's _keep_state notes a round a reader completed.)
                 self._rollback_step = step
                 try:
                     behind = self._change_view()
@@ -863,8 +862,8 @@ class ElasticEA(_ElasticMember[AllReduceEA]):
                 if behind:
                     return  # the source completed this call
                 continue
-            if algo.rounds_completed != completed:
-                self._note_completed_round()
+            # The round in flight may have completed, in this call or in a reader's.
+            self._note_completed_round()
             if before is not None and algo.round_in_flight:
                 with torch.no_grad():
                     torch._foreach_sub_(before, params)
