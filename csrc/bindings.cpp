@@ -110,6 +110,26 @@ PYBIND11_MODULE(_C, m) {
   m.def("center_update", &distlearn::center_update_cpu, py::arg("layout"), py::arg("centers"),
         py::arg("buffer"), py::arg("num_threads"), py::arg("skip_nonfinite") = false, release,
         "centers += buffer; nothing when skip_nonfinite and the flag is set.");
+  m.def("outer_gradient", &distlearn::outer_gradient_cpu, py::arg("layout"), py::arg("locals"),
+        py::arg("globals"), py::arg("buffer"), py::arg("count_slot"), py::arg("num_threads"),
+        release,
+        "buffer <- globals - locals (DiLoCo's outer gradient); count slots and flag as pack.");
+  m.def(
+      "outer_step",
+      [](const Layout& layout, const Addresses& locals, const Addresses& globals,
+         const Addresses& momenta, uintptr_t buffer, double lr, double momentum, bool nesterov,
+         double mix, int num_threads, bool skip_nonfinite) {
+        distlearn::outer_step_cpu(layout, locals, globals, momenta, buffer,
+                                  distlearn::OuterSettings{lr, momentum, nesterov, mix},
+                                  num_threads, skip_nonfinite);
+      },
+      py::arg("layout"), py::arg("locals"), py::arg("globals"), py::arg("momenta"),
+      py::arg("buffer"), py::arg("lr"), py::arg("momentum"), py::arg("nesterov"), py::arg("mix"),
+      py::arg("num_threads"), py::arg("skip_nonfinite") = false, release,
+      "DiLoCo's outer step: the mean outer gradient (buffer / contributors) moves globals by "
+      "torch.optim.SGD(lr, momentum, nesterov) with momenta as its buffers; locals <- mix * "
+      "locals + (1 - mix) * globals. No contributor: nothing changes; skip_nonfinite and the "
+      "flag set: locals <- globals, nothing else.");
 
 #ifdef DISTLEARN_WITH_CUDA
   m.def("cuda_build_version", &distlearn::cuda_build_version,
@@ -136,6 +156,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("center_update_cuda", &distlearn::center_update_cuda, py::arg("layout"), py::arg("centers"),
         py::arg("buffer"), py::arg("stream"), py::arg("skip_nonfinite") = false, release,
         "center_update on CUDA tensors.");
+  m.def("outer_gradient_cuda", &distlearn::outer_gradient_cuda, py::arg("layout"),
+        py::arg("locals"), py::arg("globals"), py::arg("buffer"), py::arg("count_slot"),
+        py::arg("stream"), release, "outer_gradient on CUDA tensors.");
+  m.def(
+      "outer_step_cuda",
+      [](const Layout& layout, const Addresses& locals, const Addresses& globals,
+         const Addresses& momenta, uintptr_t buffer, double lr, double momentum, bool nesterov,
+         double mix, uintptr_t stream, bool skip_nonfinite) {
+        distlearn::outer_step_cuda(layout, locals, globals, momenta, buffer,
+                                   distlearn::OuterSettings{lr, momentum, nesterov, mix}, stream,
+                                   skip_nonfinite);
+      },
+      py::arg("layout"), py::arg("locals"), py::arg("globals"), py::arg("momenta"),
+      py::arg("buffer"), py::arg("lr"), py::arg("momentum"), py::arg("nesterov"), py::arg("mix"),
+      py::arg("stream"), py::arg("skip_nonfinite") = false, release,
+      "outer_step on CUDA tensors; the count and the flag are read on the device.");
 #endif
 
 #ifdef DISTLEARN_WITH_NCCL

@@ -83,4 +83,39 @@ void center_update_multi_tensor(Launcher& launcher, const Layout& layout,
   run_multi_tensor(launcher, layout, {&centers}, buffer, kNoCountSlots, op);
 }
 
+template <typename Launcher>
+void outer_gradient_multi_tensor(Launcher& launcher, const Layout& layout,
+                                 const std::vector<uintptr_t>& locals,
+                                 const std::vector<uintptr_t>& globals, uintptr_t buffer,
+                                 int64_t count_slot) {
+  check_addresses(layout, locals, "locals");
+  check_addresses(layout, globals, "globals");
+  check_buffer(buffer);
+  check_count_slot(layout, count_slot);
+  run_multi_tensor(launcher, layout, {&locals, &globals}, buffer,
+                   count_slot_write(layout, buffer, count_slot), OuterGradientOp{});
+}
+
+template <typename Launcher>
+void outer_step_multi_tensor(Launcher& launcher, const Layout& layout,
+                             const std::vector<uintptr_t>& locals,
+                             const std::vector<uintptr_t>& globals,
+                             const std::vector<uintptr_t>& momenta, uintptr_t buffer,
+                             const OuterSettings& settings, bool skip_nonfinite) {
+  check_addresses(layout, locals, "locals");
+  check_addresses(layout, globals, "globals");
+  check_addresses(layout, momenta, "momenta");
+  check_buffer(buffer);
+  check_outer_settings(settings);
+  const void* slots = buffer_element(layout, buffer, layout.count_offset);
+  const void* flag = buffer_element(layout, buffer, layout.flag_offset);
+  if (settings.mix == 0.0) {
+    const OuterStepOp<false> op{slots, layout.count_slots, flag, skip_nonfinite, settings};
+    run_multi_tensor(launcher, layout, {&locals, &globals, &momenta}, buffer, kNoCountSlots, op);
+  } else {
+    const OuterStepOp<true> op{slots, layout.count_slots, flag, skip_nonfinite, settings};
+    run_multi_tensor(launcher, layout, {&locals, &globals, &momenta}, buffer, kNoCountSlots, op);
+  }
+}
+
 }  // namespace distlearn

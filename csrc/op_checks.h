@@ -54,4 +54,18 @@ inline void check_count_slot(const Layout& layout, int64_t count_slot) {
   }
 }
 
+// The outer optimizer's settings: finite, lr >= 0, momentum and mix in [0, 1).
+inline void check_outer_settings(const OuterSettings& s) {
+  const auto finite = [](double v) { return v - v == 0.0; };
+  if (!finite(s.lr) || s.lr < 0.0) {
+    throw std::invalid_argument("lr must be finite and >= 0, got " + std::to_string(s.lr));
+  }
+  if (!finite(s.momentum) || s.momentum < 0.0 || s.momentum >= 1.0) {
+    throw std::invalid_argument("momentum must be in [0, 1), got " + std::to_string(s.momentum));
+  }
+  if (!finite(s.mix) || s.mix < 0.0 || s.mix >= 1.0) {
+    throw std::invalid_argument("mix must be in [0, 1), got " + std::to_string(s.mix));
+  }
+}
+
 }  // namespace distlearn

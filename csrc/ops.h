@@ -39,6 +39,21 @@ void ea_blend_cpu(const Layout& layout, const Addresses& params, const Addresses
 void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t buffer,
                        int num_threads, bool skip_nonfinite);
 
+// DiLoCo: buffer <- globals - locals (the outer gradient); count slots and
+// flag as pack.
+void outer_gradient_cpu(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                        uintptr_t buffer, int64_t count_slot, int num_threads);
+
+// DiLoCo's outer step (outer_step_element) from the allreduced buffer: the
+// mean over the contributors moves globals and momenta, and locals are
+// merged with the new globals. No contributor: nothing changes (locals take
+// the globals when settings.mix is 0, which they equal then); with
+// skip_nonfinite and the flag raised: globals and momenta stay, locals =
+// globals.
+void outer_step_cpu(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                    const Addresses& momenta, uintptr_t buffer, const OuterSettings& settings,
+                    int num_threads, bool skip_nonfinite);
+
 }  // namespace distlearn
 
 #ifdef DISTLEARN_WITH_CUDA
@@ -47,7 +62,7 @@ namespace distlearn {
 // CUDART_VERSION of the toolkit the extension was built with.
 int cuda_build_version();
 
-// The same four ops on CUDA tensors of the current device, enqueued on
+// The same ops on CUDA tensors of the current device, enqueued on
 // `stream` (a cudaStream_t) without synchronizing the host: the addresses
 // travel in the launches' parameters, one group of launches per tensor
 // dtype (see kernels/multi_tensor_engine.h). The buffer is a device address.
@@ -60,6 +75,11 @@ void ea_blend_cuda(const Layout& layout, const Addresses& params, const Addresse
                    bool catch_up);
 void center_update_cuda(const Layout& layout, const Addresses& centers, uintptr_t buffer,
                         uintptr_t stream, bool skip_nonfinite);
+void outer_gradient_cuda(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                         uintptr_t buffer, int64_t count_slot, uintptr_t stream);
+void outer_step_cuda(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                     const Addresses& momenta, uintptr_t buffer, const OuterSettings& settings,
+                     uintptr_t stream, bool skip_nonfinite);
 
 }  // namespace distlearn
 #endif  // DISTLEARN_WITH_CUDA

@@ -196,4 +196,76 @@ void center_update_cpu(const Layout& layout, const Addresses& centers, uintptr_t
       });
 }
 
+void outer_gradient_cpu(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                        uintptr_t buffer, int64_t count_slot, int num_threads) {
+  check_addresses(layout, locals, "locals");
+  check_addresses(layout, globals, "globals");
+  check_buffer(buffer);
+  check_threads(num_threads);
+  check_count_slot(layout, count_slot);
+  std::atomic<bool> nonfinite{false};
+  parallel_for_typed_ranges(
+      layout, num_threads,
+      [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
+        using T = typename decltype(tensor_tag)::type;
+        using B = typename decltype(buffer_tag)::type;
+        using Acc = typename AccumulateType<T, B>::type;
+        const T* __restrict__ local = tensor_at<T>(locals, t);
+        const T* __restrict__ global = tensor_at<T>(globals, t);
+        B* __restrict__ grad = segment_at<B>(layout, buffer, t);
+        int found = 0;  // the probe as in pack_cpu
+        for (int64_t i = begin; i < end; ++i) {
+          B g;
+          outer_gradient_element(local[i], global[i], g);
+          grad[i] = g;
+          found |= nonfinite_probe(to_acc<Acc>(g)) != Acc(0);  // NaN != 0
+        }
+        if (found != 0) nonfinite.store(true, std::memory_order_relaxed);
+      });
+  write_count_slots(layout, buffer, count_slot);
+  write_flag(layout, buffer, nonfinite.load());
+}
+
+void outer_step_cpu(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                    const Addresses& momenta, uintptr_t buffer, const OuterSettings& settings,
+                    int num_threads, bool skip_nonfinite) {
+  check_addresses(layout, locals, "locals");
+  check_addresses(layout, globals, "globals");
+  check_addresses(layout, momenta, "momenta");
+  check_buffer(buffer);
+  check_threads(num_threads);
+  check_outer_settings(settings);
+  double count = 0.0;
+  dispatch_dtype(layout.buffer_dtype, [&](auto buffer_tag) {
+    using B = typename decltype(buffer_tag)::type;
+    count = contributor_count(reinterpret_cast<const B*>(buffer) + layout.count_offset,
+                              layout.count_slots);
+  });
+  // No contributor: nothing moved since the fragment's last step. As
+  // OuterStepOp: with mix 0 the locals take the globals (which they equal),
+  // otherwise they keep their values.
+  if (count == 0.0 && settings.mix != 0.0) return;
+  const bool reset = count == 0.0 || (skip_nonfinite && flag_raised(layout, buffer));
+  const double scale = normalization_scale(count);
+  parallel_for_typed_ranges(
+      layout, num_threads,
+      [&](auto tensor_tag, auto buffer_tag, int64_t t, int64_t begin, int64_t end) {
+        using T = typename decltype(tensor_tag)::type;
+        using B = typename decltype(buffer_tag)::type;
+        using Acc = typename AccumulateType<T, B>::type;
+        T* __restrict__ local = tensor_at<T>(locals, t);
+        T* __restrict__ global = tensor_at<T>(globals, t);
+        T* __restrict__ momentum = tensor_at<T>(momenta, t);
+        const B* __restrict__ sum = segment_at<B>(layout, buffer, t);
+        if (reset) {
+          for (int64_t i = begin; i < end; ++i) local[i] = global[i];
+          return;
+        }
+        const Acc scale_acc = static_cast<Acc>(scale);
+        for (int64_t i = begin; i < end; ++i) {
+          outer_step_element(local[i], global[i], momentum[i], sum[i], scale_acc, settings);
+        }
+      });
+}
+
 }  // namespace distlearn

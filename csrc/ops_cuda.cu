@@ -42,4 +42,18 @@ void center_update_cuda(const Layout& layout, const Addresses& centers, uintptr_
   center_update_multi_tensor(launcher, layout, centers, buffer, skip_nonfinite);
 }
 
+void outer_gradient_cuda(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                         uintptr_t buffer, int64_t count_slot, uintptr_t stream) {
+  CudaLauncher launcher = on_stream(stream);
+  outer_gradient_multi_tensor(launcher, layout, locals, globals, buffer, count_slot);
+}
+
+void outer_step_cuda(const Layout& layout, const Addresses& locals, const Addresses& globals,
+                     const Addresses& momenta, uintptr_t buffer, const OuterSettings& settings,
+                     uintptr_t stream, bool skip_nonfinite) {
+  CudaLauncher launcher = on_stream(stream);
+  outer_step_multi_tensor(launcher, layout, locals, globals, momenta, buffer, settings,
+                          skip_nonfinite);
+}
+
 }  // namespace distlearn

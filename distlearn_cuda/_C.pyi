@@ -70,6 +70,27 @@ def center_update(
     num_threads: int,
     skip_nonfinite: bool = False,
 ) -> None: ...
+def outer_gradient(
+    layout: Layout,
+    locals: Addresses | list[int],
+    globals: Addresses | list[int],
+    buffer: int,
+    count_slot: int,
+    num_threads: int,
+) -> None: ...
+def outer_step(
+    layout: Layout,
+    locals: Addresses | list[int],
+    globals: Addresses | list[int],
+    momenta: Addresses | list[int],
+    buffer: int,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    mix: float,
+    num_threads: int,
+    skip_nonfinite: bool = False,
+) -> None: ...
 
 # The CUDA flavor.
 def cuda_build_version() -> int: ...
@@ -101,6 +122,27 @@ def center_update_cuda(
     layout: Layout,
     centers: Addresses | list[int],
     buffer: int,
+    stream: int,
+    skip_nonfinite: bool = False,
+) -> None: ...
+def outer_gradient_cuda(
+    layout: Layout,
+    locals: Addresses | list[int],
+    globals: Addresses | list[int],
+    buffer: int,
+    count_slot: int,
+    stream: int,
+) -> None: ...
+def outer_step_cuda(
+    layout: Layout,
+    locals: Addresses | list[int],
+    globals: Addresses | list[int],
+    momenta: Addresses | list[int],
+    buffer: int,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    mix: float,
     stream: int,
     skip_nonfinite: bool = False,
 ) -> None: ...

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["center_update", "ea_blend", "memory_view", "pack", "unpack"]
+__all__ = [
+    "center_update",
+    "ea_blend",
+    "memory_view",
+    "outer_gradient",
+    "outer_step",
+    "pack",
+    "unpack",
+]
 
 
 def memory_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,3 +148,67 @@ def center_update(
     for center, offset in zip(centers, offsets, strict=True):
         view = memory_view(center)
         view.copy_(view.double() + _segment(buffer, offset, center).double())
+
+
+def outer_gradient(
+    locals_: Sequence[torch.Tensor],
+    globals_: Sequence[torch.Tensor],
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    count_offset: int,
+    count_slots: int,
+    count_slot: int,
+    flag_offset: int | None = None,
+) -> None:
+    """buffer segments <- globals - locals (DiLoCo's outer gradient); count
+    slots and flag as ``pack``."""
+    for local, global_, offset in zip(locals_, globals_, offsets, strict=True):
+        grad = memory_view(global_).double() - memory_view(local).double()
+        _segment(buffer, offset, local).copy_(grad)
+    _write_count_slots(buffer, count_offset, count_slots, count_slot)
+    if flag_offset is not None:
+        _write_flag(buffer, offsets, locals_, flag_offset)
+
+
+def outer_step(
+    locals_: Sequence[torch.Tensor],
+    globals_: Sequence[torch.Tensor],
+    momenta: Sequence[torch.Tensor],
+    buffer: torch.Tensor,
+    offsets: Sequence[int],
+    count_offset: int,
+    count_slots: int,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    mix: float,
+    flag_offset: int | None = None,
+    skip_nonfinite: bool = False,
+) -> None:
+    """DiLoCo's outer step: g = buffer / contributors; as
+    ``torch.optim.SGD(lr, momentum, nesterov)`` with ``momenta`` as its
+    buffers (stored in their dtype), globals -= lr * direction; then
+    locals <- mix * locals + (1 - mix) * globals (mix 0: the globals). No
+    contributor: nothing changes but, with mix 0, locals <- globals; with
+    ``skip_nonfinite`` and the flag set: locals <- globals, nothing else."""
+    contributors = float(buffer[count_offset : count_offset + count_slots].double().sum())
+    reset = contributors == 0 and mix == 0
+    if contributors == 0 and not reset:
+        return
+    if reset or (skip_nonfinite and _flag_raised(buffer, flag_offset)):
+        for local, global_ in zip(locals_, globals_, strict=True):
+            local.copy_(global_)
+        return
+    for local, global_, m, offset in zip(locals_, globals_, momenta, offsets, strict=True):
+        g = _segment(buffer, offset, local).double() / contributors
+        direction = g
+        if momentum != 0:
+            buf = (momentum * memory_view(m).double() + g).to(m.dtype)
+            memory_view(m).copy_(buf)
+            direction = g + momentum * buf.double() if nesterov else buf.double()
+        updated = (memory_view(global_).double() - lr * direction).to(global_.dtype)
+        memory_view(global_).copy_(updated)
+        merged = updated.double() if mix == 0 else mix * memory_view(local).double() + (
+            1 - mix
+        ) * updated.double()
+        memory_view(local).copy_(merged)

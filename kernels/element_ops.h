@@ -59,6 +59,52 @@ DL_INLINE void ea_catch_up_blend_element(T& x, T& center, Acc alpha, B& sum_then
   ea_blend_element(x, center, alpha, sum_then_delta);
 }
 
+// DiLoCo's outer gradient (Douillard et al., arXiv 2311.08105, Algorithm 1):
+// global - local, rounded once to the buffer type.
+template <typename T, typename B>
+DL_INLINE void outer_gradient_element(const T& local, const T& global, B& grad) {
+  using Acc = typename AccumulateType<T, B>::type;
+  grad = from_acc<B>(to_acc<Acc>(global) - to_acc<Acc>(local));
+}
+
+// The outer optimizer's settings: PyTorch's SGD (dampening 0, no weight
+// decay), the paper's and torchft's outer optimizer, and the merge of
+// Streaming DiLoCo (arXiv 2501.18512): local = mix * local + (1 - mix) * global.
+struct OuterSettings {
+  double lr;
+  double momentum;
+  bool nesterov;
+  double mix;
+};
+
+// One element of the outer step. g = sum * scale (scale: 1 / contributors,
+// the mean outer gradient); as torch.optim.SGD: the momentum buffer
+// m = momentum * m + g is stored (rounded to T) and read back, the step
+// direction is g + momentum * m with Nesterov and m without (g when
+// momentum is 0, m untouched); global -= lr * direction, rounded to T; then
+// the merge from the rounded global (mix 0: local = global exactly, whatever
+// local held, NaN included).
+template <typename T, typename B, typename Acc>
+DL_INLINE void outer_step_element(T& local, T& global, T& momentum, const B& sum, Acc scale,
+                                  const OuterSettings& s) {
+  const Acc g = to_acc<Acc>(sum) * scale;
+  const Acc mu = static_cast<Acc>(s.momentum);
+  Acc direction = g;
+  if (s.momentum != 0.0) {
+    const T m = from_acc<T>(mu * to_acc<Acc>(momentum) + g);
+    momentum = m;
+    direction = s.nesterov ? g + mu * to_acc<Acc>(m) : to_acc<Acc>(m);
+  }
+  const T updated = from_acc<T>(to_acc<Acc>(global) - static_cast<Acc>(s.lr) * direction);
+  global = updated;
+  if (s.mix == 0.0) {
+    local = updated;
+  } else {
+    const Acc mix = static_cast<Acc>(s.mix);
+    local = from_acc<T>(mix * to_acc<Acc>(local) + (Acc(1) - mix) * to_acc<Acc>(updated));
+  }
+}
+
 // Non-finite probe: v - v is exactly 0 for every finite v and NaN for an
 // infinity or a NaN, so `probe != 0` flags exactly the non-finite values
 // (NaN compares unequal to everything) with one subtract and one compare.

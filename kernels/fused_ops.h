@@ -121,4 +121,59 @@ struct CenterUpdateOp {
   }
 };
 
+// DiLoCo's outer gradient into the buffer: reads the local params (primary)
+// and the global params (secondary), writes global - local; count slots
+// and the non-finite flag as pack.
+struct OuterGradientOp {
+  static constexpr bool kReadsPrimary = true, kWritesPrimary = false, kReadsSecondary = true,
+                        kWritesSecondary = false, kReadsBuffer = false, kWritesBuffer = true;
+  template <typename B>
+  DL_HOST_DEVICE void prepare() {}
+  template <typename T, typename B>
+  DL_HOST_DEVICE void operator()(T& local, T& global, B& grad) const {
+    outer_gradient_element(local, global, grad);
+  }
+};
+
+// DiLoCo's outer step from the allreduced outer gradients: reads the sum
+// and the count slots (the mean over the contributors), the global params
+// (secondary) and the momenta (tertiary), writes both and the local params
+// (primary), which it reads only to merge (kReadsLocal: mix != 0). On the
+// device, once per thread: no contributor (every rank was waiting) or, when
+// skipping, a raised flag leave the global params and the momenta as they
+// are; the local params then take the global ones (skip) or keep their own
+// (no contributor: nothing moved since the fragment's last step).
+template <bool kReadsLocal>
+struct OuterStepOp {
+  static constexpr bool kReadsPrimary = kReadsLocal, kWritesPrimary = true, kReadsSecondary = true,
+                        kWritesSecondary = true, kReadsTertiary = true, kWritesTertiary = true,
+                        kReadsBuffer = true, kWritesBuffer = false;
+  const void* count_slots;
+  int64_t num_slots;
+  const void* flag;
+  bool skip_nonfinite;
+  OuterSettings settings;
+  double scale = 1.0;  // set by prepare
+  bool step = true;    // set by prepare: take the outer step
+  bool reset = false;  // set by prepare: no step, local = global
+
+  template <typename B>
+  DL_HOST_DEVICE void prepare() {
+    const double count = contributor_count(static_cast<const B*>(count_slots), num_slots);
+    scale = normalization_scale(count);
+    reset = skip_nonfinite && count > 0.0 && flag_raised<B>(flag);
+    step = count > 0.0 && !reset;
+  }
+  template <typename T, typename B>
+  DL_HOST_DEVICE void operator()(T& local, T& global, T& momentum, B& sum) const {
+    using Acc = typename AccumulateType<T, B>::type;
+    if (step) {
+      outer_step_element(local, global, momentum, sum, static_cast<Acc>(scale), settings);
+    } else if (reset || !kReadsLocal) {
+      // With mix 0, local == global already when nobody contributed.
+      local = global;
+    }
+  }
+};
+
 }  // namespace distlearn

@@ -37,13 +37,17 @@
 //   template <typename B> void prepare();  // once per thread, on its own copy
 //   template <typename T, typename B>
 //   void operator()(T& primary, T& secondary, B& buffer) const;
-// all __host__ __device__ (DL_HOST_DEVICE).
+// all __host__ __device__ (DL_HOST_DEVICE). An op of three tensor streams
+// (the DiLoCo outer step: local params, global params, outer momentum) also
+// declares kReadsTertiary and kWritesTertiary and takes
+//   void operator()(T& primary, T& secondary, T& tertiary, B& buffer) const;
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "element_ops.h"
@@ -132,31 +136,61 @@ struct CountSlotWrite {
 };
 
 // The tensors of one launch. kDepth is the number of tensor streams: 1 (the
-// tensors), or 2 (the EA blend's params and centers). Structure of arrays:
-// a search over chunk_end touches only chunk_end.
+// tensors), 2 (the EA blend's params and centers) or 3 (the DiLoCo outer
+// step's local params, global params and momenta). Structure of arrays: a
+// search over chunk_end touches only chunk_end.
 template <int kDepth>
 struct TensorList {
   static constexpr int64_t kBytesPerTensor = (kDepth + 3) * 8;
   static constexpr int kCapacity =
-      static_cast<int>((kMaxKernelParamBytes - kParamHeaderBytes) / kBytesPerTensor);
+      static_cast<int>((kMaxKernelParamBytes - kParamHeaderBytes - 16) / kBytesPerTensor);
 
   int64_t num_tensors;                  // 0 .. kCapacity, none of them empty
   int64_t num_chunks;                   // chunk_end[num_tensors - 1], or 0
-  uintptr_t tensor[kDepth][kCapacity];  // [0]: primary, [1]: secondary
+  uintptr_t tensor[kDepth][kCapacity];  // [0]: primary, [1]: secondary, [2]: tertiary
   uintptr_t segment[kCapacity];         // the tensor's first buffer element
   int64_t numel[kCapacity];             // >= 1
   int64_t chunk_end[kCapacity];         // chunks of tensors 0 .. i, summed
 };
-// 1,015 tensors per launch for one stream, 812 for two.
-static_assert(TensorList<1>::kCapacity == 1015 && TensorList<2>::kCapacity == 812, "capacity");
+// 1,015 tensors per launch for one stream, 812 for two, 676 for three (the 16 bytes: the list's two
+// counts).
+static_assert(TensorList<1>::kCapacity == 1015 && TensorList<2>::kCapacity == 812 &&
+                  TensorList<3>::kCapacity == 676,
+              "capacity");
 static_assert(sizeof(TensorList<1>) == 16 + 1015 * 32, "no padding in the list");
 static_assert(sizeof(TensorList<2>) == 16 + 812 * 40, "no padding in the list");
+static_assert(sizeof(TensorList<3>) == 16 + 676 * 48, "no padding in the list");
 static_assert(sizeof(TensorList<1>) + kParamHeaderBytes <= kMaxKernelParamBytes, "fits");
 static_assert(sizeof(TensorList<2>) + kParamHeaderBytes <= kMaxKernelParamBytes, "fits");
+static_assert(sizeof(TensorList<3>) + kParamHeaderBytes <= kMaxKernelParamBytes, "fits");
 
-// Tensor streams of an op: 2 when it touches the secondary tensors.
+// Whether an op touches a third tensor stream (declares kReadsTertiary and
+// kWritesTertiary; ops of one or two streams declare neither).
+template <typename Op, typename = void>
+struct Tertiary {
+  static constexpr bool kReads = false, kWrites = false;
+};
 template <typename Op>
-constexpr int kDepthOf = Op::kReadsSecondary || Op::kWritesSecondary ? 2 : 1;
+struct Tertiary<Op, std::void_t<decltype(Op::kReadsTertiary)>> {
+  static constexpr bool kReads = Op::kReadsTertiary, kWrites = Op::kWritesTertiary;
+};
+
+// Tensor streams of an op: 3 with the tertiary tensors, 2 with the
+// secondary ones, else 1.
+template <typename Op>
+constexpr int kDepthOf = Tertiary<Op>::kReads || Tertiary<Op>::kWrites ? 3
+                         : Op::kReadsSecondary || Op::kWritesSecondary ? 2
+                                                                       : 1;
+
+// One element of every stream the op has, combined.
+template <typename Op, typename T, typename B>
+DL_INLINE void apply_op(const Op& op, T& primary, T& secondary, T& tertiary, B& buffer) {
+  if constexpr (kDepthOf<Op> == 3) {
+    op(primary, secondary, tertiary, buffer);
+  } else {
+    op(primary, secondary, buffer);
+  }
+}
 
 // Everything a launch needs, passed by value as its one kernel parameter.
 template <typename Op>
@@ -187,30 +221,42 @@ DL_HOST_DEVICE void write_count_slots(const CountSlotWrite& count, int64_t threa
   }
 }
 
+// The chunk's streams, each at the chunk's first element (nullptr for a
+// stream the op has not).
+template <typename T, typename B>
+struct ChunkStreams {
+  T* primary;
+  T* secondary;
+  T* tertiary;
+  B* segment;
+};
+
 template <typename T, typename B, typename Op>
-DL_HOST_DEVICE void apply_scalar(const Op& op, T* primary, T* secondary, B* segment, int i) {
+DL_HOST_DEVICE void apply_scalar(const Op& op, const ChunkStreams<T, B>& at, int i) {
   T p{};
   T s{};
+  T u{};
   B b{};
-  if constexpr (Op::kReadsPrimary) p = primary[i];
-  if constexpr (Op::kReadsSecondary) s = secondary[i];
-  if constexpr (Op::kReadsBuffer) b = segment[i];
-  op(p, s, b);
-  if constexpr (Op::kWritesPrimary) primary[i] = p;
-  if constexpr (Op::kWritesSecondary) secondary[i] = s;
-  if constexpr (Op::kWritesBuffer) segment[i] = b;
+  if constexpr (Op::kReadsPrimary) p = at.primary[i];
+  if constexpr (Op::kReadsSecondary) s = at.secondary[i];
+  if constexpr (Tertiary<Op>::kReads) u = at.tertiary[i];
+  if constexpr (Op::kReadsBuffer) b = at.segment[i];
+  apply_op(op, p, s, u, b);
+  if constexpr (Op::kWritesPrimary) at.primary[i] = p;
+  if constexpr (Op::kWritesSecondary) at.secondary[i] = s;
+  if constexpr (Tertiary<Op>::kWrites) at.tertiary[i] = u;
+  if constexpr (Op::kWritesBuffer) at.segment[i] = b;
 }
 
 // Chunk-relative indices are 32-bit (fewer registers than 64-bit ones);
 // sizes and positions in a tensor stay 64-bit.
 static_assert(kChunkElements <= (int64_t{1} << 30), "a chunk is indexed with int");
 
-// The n elements of one chunk at primary, secondary and segment (each
-// pointing at the chunk's first element), by thread `thread` of `threads`.
+// The n elements of one chunk at `at`, by thread `thread` of `threads`.
 // With check_buffer, sets nonfinite when a value written to the buffer is
 // not finite.
 template <typename T, typename B, typename Op>
-DL_HOST_DEVICE void run_chunk(const Op& op, T* primary, T* secondary, B* segment, int n, int thread,
+DL_HOST_DEVICE void run_chunk(const Op& op, const ChunkStreams<T, B>& at, int n, int thread,
                               int threads, bool check_buffer, bool& nonfinite) {
   using Acc = typename AccumulateType<T, B>::type;
   const bool probe = Op::kWritesBuffer && check_buffer;
@@ -223,28 +269,31 @@ DL_HOST_DEVICE void run_chunk(const Op& op, T* primary, T* secondary, B* segment
   constexpr int kN = kVectorBytes / kNarrow < 2 * kVectorBytes / kWide ? kVectorBytes / kNarrow
                                                                        : 2 * kVectorBytes / kWide;
   constexpr int kReadBytes =
-      kN * static_cast<int>(sizeof(T) * (int{Op::kReadsPrimary} + int{Op::kReadsSecondary}) +
+      kN * static_cast<int>(sizeof(T) * (int{Op::kReadsPrimary} + int{Op::kReadsSecondary} +
+                                         int{Tertiary<Op>::kReads}) +
                             sizeof(B) * int{Op::kReadsBuffer});
   // Groups each thread has in flight: kBytesInFlight of reads, at most kMaxGroupsInFlight.
   constexpr int kByBytes = kBytesInFlight / kReadBytes > 1 ? kBytesInFlight / kReadBytes : 1;
   constexpr int kIlp = kByBytes < kMaxGroupsInFlight ? kByBytes : kMaxGroupsInFlight;
-  constexpr bool kSecondary = kDepthOf<Op> == 2;
-  bool vectorized = is_vector_aligned(primary) && is_vector_aligned(segment);
-  if constexpr (kSecondary) vectorized = vectorized && is_vector_aligned(secondary);
+  bool vectorized = is_vector_aligned(at.primary) && is_vector_aligned(at.segment);
+  if constexpr (kDepthOf<Op> >= 2) vectorized = vectorized && is_vector_aligned(at.secondary);
+  if constexpr (kDepthOf<Op> == 3) vectorized = vectorized && is_vector_aligned(at.tertiary);
   int scalar_begin = 0;
   if (vectorized) {
     const int groups = n / kN;
     for (int first = thread; first < groups; first += threads * kIlp) {
       VectorRegisters<T, kN> p[kIlp];
       VectorRegisters<T, kN> s[kIlp];
+      VectorRegisters<T, kN> u[kIlp];
       VectorRegisters<B, kN> b[kIlp];
       DL_PRAGMA_UNROLL
       for (int k = 0; k < kIlp; ++k) {
         const int i = (first + k * threads) * kN;
         if (first + k * threads < groups) {
-          if constexpr (Op::kReadsPrimary) p[k].load(primary + i);
-          if constexpr (Op::kReadsSecondary) s[k].load(secondary + i);
-          if constexpr (Op::kReadsBuffer) b[k].load(segment + i);
+          if constexpr (Op::kReadsPrimary) p[k].load(at.primary + i);
+          if constexpr (Op::kReadsSecondary) s[k].load(at.secondary + i);
+          if constexpr (Tertiary<Op>::kReads) u[k].load(at.tertiary + i);
+          if constexpr (Op::kReadsBuffer) b[k].load(at.segment + i);
         }
       }
       DL_PRAGMA_UNROLL
@@ -253,20 +302,21 @@ DL_HOST_DEVICE void run_chunk(const Op& op, T* primary, T* secondary, B* segment
         if (first + k * threads < groups) {
           DL_PRAGMA_UNROLL
           for (int e = 0; e < kN; ++e) {
-            op(p[k].element[e], s[k].element[e], b[k].element[e]);
+            apply_op(op, p[k].element[e], s[k].element[e], u[k].element[e], b[k].element[e]);
             if (probe) nonfinite |= nonfinite_probe(to_acc<Acc>(b[k].element[e])) != Acc(0);
           }
-          if constexpr (Op::kWritesPrimary) p[k].store(primary + i);
-          if constexpr (Op::kWritesSecondary) s[k].store(secondary + i);
-          if constexpr (Op::kWritesBuffer) b[k].store(segment + i);
+          if constexpr (Op::kWritesPrimary) p[k].store(at.primary + i);
+          if constexpr (Op::kWritesSecondary) s[k].store(at.secondary + i);
+          if constexpr (Tertiary<Op>::kWrites) u[k].store(at.tertiary + i);
+          if constexpr (Op::kWritesBuffer) b[k].store(at.segment + i);
         }
       }
     }
     scalar_begin = groups * kN;
   }
   for (int i = scalar_begin + thread; i < n; i += threads) {
-    apply_scalar(op, primary, secondary, segment, i);
-    if (probe) nonfinite |= nonfinite_probe(to_acc<Acc>(segment[i])) != Acc(0);
+    apply_scalar(op, at, i);
+    if (probe) nonfinite |= nonfinite_probe(to_acc<Acc>(at.segment[i])) != Acc(0);
   }
 }
 
@@ -307,11 +357,15 @@ DL_HOST_DEVICE void multi_tensor_thread(const KernelParams<Op>& params, const Gr
     const int64_t begin = (c - first_chunk) * kChunkElements;
     const int64_t left = list.numel[t] - begin;
     const int n = static_cast<int>(left < kChunkElements ? left : kChunkElements);
-    T* secondary = nullptr;
-    if constexpr (kDepthOf<Op> == 2) secondary = reinterpret_cast<T*>(list.tensor[1][t]) + begin;
-    run_chunk(op, reinterpret_cast<T*>(list.tensor[0][t]) + begin, secondary,
-              reinterpret_cast<B*>(list.segment[t]) + begin, n, thread, threads, check_buffer,
-              nonfinite);
+    ChunkStreams<T, B> streams{reinterpret_cast<T*>(list.tensor[0][t]) + begin, nullptr, nullptr,
+                               reinterpret_cast<B*>(list.segment[t]) + begin};
+    if constexpr (kDepthOf<Op> >= 2) {
+      streams.secondary = reinterpret_cast<T*>(list.tensor[1][t]) + begin;
+    }
+    if constexpr (kDepthOf<Op> == 3) {
+      streams.tertiary = reinterpret_cast<T*>(list.tensor[2][t]) + begin;
+    }
+    run_chunk(op, streams, n, thread, threads, check_buffer, nonfinite);
   }
   // Every thread that saw a non-finite value stores 1 (the same value, so
   // racing stores agree); the flag was zeroed before the launches.

@@ -372,10 +372,127 @@ def test_a_plan_runs_the_reference_kernels_like_the_extensions() -> None:
         plan.unpack(grads, addresses(grads), True, True, (decision, 1))
         plan.ea_blend(params, addresses(params), centers, addresses(centers), 0.3, 0, True)
         plan.center_update(centers, addresses(centers), skip_nonfinite=True)
-        return [packed, *grads, *params, *centers, plan.buffer]
+        momenta = [p * 0.25 for p in params]
+        plan.outer_gradient(grads, addresses(grads), centers, addresses(centers), 1)
+        outer = plan.buffer.clone()
+        plan.outer_step(
+            plan_module.OuterStep(
+                *(grads, _C.Addresses(addresses(grads))),
+                *(centers, _C.Addresses(addresses(centers))),
+                *(momenta, _C.Addresses(addresses(momenta))),
+                *(0.7, 0.9, True, 0.5, True),
+            )
+        )
+        return [packed, outer, *grads, *params, *centers, *momenta, plan.buffer]
 
     seed = fresh_seed()
     extension = run(plan_module._CPU_KERNELS)
     oracle = run(plan_module._ReferenceKernels)
     for got, want in zip(extension, oracle, strict=True):
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+@pytest.mark.parametrize("count_slot", [1, -1])
+def test_outer_gradient_matches_reference(
+    tensor_dtype: torch.dtype, buffer_dtype: torch.dtype, count_slot: int
+) -> None:
+    locals_ = case(tensor_dtype, seed=fresh_seed())
+    globals_ = case(tensor_dtype, seed=fresh_seed())
+    before = [t.clone() for t in locals_ + globals_]
+    layout = make_layout(locals_, buffer_dtype)
+    got, expected = nan_buffer(layout, buffer_dtype), nan_buffer(layout, buffer_dtype)
+    _C.outer_gradient(
+        layout, addresses(locals_), addresses(globals_), got.data_ptr(), count_slot, 2
+    )
+    reference.outer_gradient(
+        locals_, globals_, expected, layout.offsets, *count_args(layout), count_slot
+    )
+    got, expected = written_part(layout, got), written_part(layout, expected)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, **tolerance(tensor_dtype, buffer_dtype))
+    for t, b in zip(locals_ + globals_, before, strict=True):
+        assert torch.equal(t, b), "outer_gradient only reads the params"
+
+
+# (lr, momentum, nesterov, mix): the paper's, plain momentum with a merge, none.
+OUTER_SETTINGS = [(0.7, 0.9, True, 0.0), (0.5, 0.8, False, 0.4), (1.0, 0.0, False, 0.25)]
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+@pytest.mark.parametrize("settings", OUTER_SETTINGS)
+def test_outer_step_matches_reference(
+    tensor_dtype: torch.dtype,
+    buffer_dtype: torch.dtype,
+    settings: tuple[float, float, bool, float],
+) -> None:
+    tensors = [case(tensor_dtype, seed=fresh_seed()) for _ in range(3)]
+    expected = [[t.clone() for t in group] for group in tensors]
+    layout = make_layout(tensors[0], buffer_dtype)
+    buffer = torch.randn(layout.buffer_numel, dtype=torch.float64).to(buffer_dtype)
+    buffer[layout.count_offset : layout.count_offset + 2] = torch.tensor([2.0, 1.0])
+    buffer[layout.flag_offset] = 0
+    lr, momentum, nesterov, mix = settings
+    _C.outer_step(
+        layout, *map(addresses, tensors), buffer.data_ptr(), lr, momentum, nesterov, mix, 2
+    )
+    reference.outer_step(
+        *expected, buffer, layout.offsets, *count_args(layout), lr, momentum, nesterov, mix
+    )
+    tol = tolerance(tensor_dtype, buffer_dtype)
+    tol = {"rtol": 4 * tol["rtol"], "atol": 4 * tol["atol"]}  # the momentum amplifies roundings
+    for name, got, want in zip(("locals", "globals", "momenta"), tensors, expected, strict=True):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.5])
+@pytest.mark.parametrize("input_", ["skipped", "nobody"])
+def test_outer_step_skips_alike_with_the_reference(mix: float, input_: str) -> None:
+    # A raised flag (skip): globals and momenta stay, locals take the globals.
+    # No contributor: nothing moves (locals equal the globals when mix is 0).
+    tensors = [case(torch.float32, seed=fresh_seed()) for _ in range(3)]
+    if input_ == "nobody" and mix == 0:
+        tensors[0] = [g.clone() for g in tensors[1]]
+    before = [[t.clone() for t in group] for group in tensors]
+    expected = [[t.clone() for t in group] for group in tensors]
+    layout = make_layout(tensors[0], torch.float32)
+    buffer = torch.randn(layout.buffer_numel)
+    counts = [2.0, 1.0] if input_ == "skipped" else [0.0, 0.0]
+    buffer[layout.count_offset : layout.count_offset + 2] = torch.tensor(counts)
+    buffer[layout.flag_offset] = 1.0 if input_ == "skipped" else 0.0
+    args = (0.7, 0.9, True, mix)
+    _C.outer_step(layout, *map(addresses, tensors), buffer.data_ptr(), *args, 2, True)
+    reference.outer_step(
+        *expected, buffer, layout.offsets, *count_args(layout), *args, layout.flag_offset, True
+    )
+    want_locals = before[1] if input_ == "skipped" else before[0]
+    for got, want in zip(tensors, [want_locals, before[1], before[2]], strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    for got, want in zip(tensors, expected, strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize(
+    ("lr", "momentum", "mix", "message"),
+    [
+        (-0.1, 0.9, 0.0, "lr must be finite"),
+        (float("nan"), 0.9, 0.0, "lr must be finite"),
+        (0.7, 1.0, 0.0, "momentum must be in"),
+        (0.7, 0.9, 1.0, "mix must be in"),
+    ],
+)
+def test_outer_step_rejects_bad_settings(
+    lr: float, momentum: float, mix: float, message: str
+) -> None:
+    tensors = [case(torch.float32, seed=1) for _ in range(3)]
+    layout = make_layout(tensors[0], torch.float32)
+    buffer = torch.zeros(layout.buffer_numel)
+    before = [t.clone() for group in tensors for t in group]
+    with pytest.raises(ValueError, match=message):
+        _C.outer_step(
+            layout, *map(addresses, tensors), buffer.data_ptr(), lr, momentum, True, mix, 1
+        )
+    assert all(torch.equal(t, b) for t, b in zip((t for g in tensors for t in g), before))

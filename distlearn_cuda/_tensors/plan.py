@@ -40,6 +40,23 @@ class Blend(NamedTuple):
     catch_up: bool
 
 
+class OuterStep(NamedTuple):
+    """A DiLoCo outer step's tensors and settings, as the kernels take them
+    (see ``kernels/element_ops.h``, ``outer_step_element``)."""
+
+    locals_: Tensors
+    local_addresses: _C.Addresses
+    globals_: Tensors
+    global_addresses: _C.Addresses
+    momenta: Tensors
+    momentum_addresses: _C.Addresses
+    lr: float
+    momentum: float
+    nesterov: bool
+    mix: float
+    skip_nonfinite: bool
+
+
 # Tensor addresses as the ops take them: a list, or an _C.Addresses made
 # once from one (no conversion per call: the hot paths keep theirs).
 Addresses = list[int] | _C.Addresses
@@ -208,6 +225,29 @@ class Plan:
     ) -> None:
         self._kernels.center_update(self, centers, as_addresses(center_addresses), skip_nonfinite)
 
+    def outer_gradient(
+        self,
+        locals_: Sequence[torch.Tensor],
+        local_addresses: Addresses,
+        globals_: Sequence[torch.Tensor],
+        global_addresses: Addresses,
+        count_slot: int,
+    ) -> None:
+        """buffer <- globals - locals (DiLoCo's outer gradient); count slots
+        and flag as ``pack``."""
+        self._kernels.outer_gradient(
+            self,
+            locals_,
+            as_addresses(local_addresses),
+            globals_,
+            as_addresses(global_addresses),
+            count_slot,
+        )
+
+    def outer_step(self, step: OuterStep) -> None:
+        """The outer step from the allreduced buffer (see ``OuterStep``)."""
+        self._kernels.outer_step(self, step)
+
     def agreement_args(self, agreement: tuple[Plan, int] | None) -> tuple[int, int, int]:
         """(the decision plan's count slots' address, first, count), or zeros."""
         if agreement is None:
@@ -260,6 +300,8 @@ class _ExtensionKernels:
         self._unpack = getattr(_C, "unpack" + suffix)
         self._ea_blend = getattr(_C, "ea_blend" + suffix)
         self._center_update = getattr(_C, "center_update" + suffix)
+        self._outer_gradient = getattr(_C, "outer_gradient" + suffix)
+        self._outer_step = getattr(_C, "outer_step" + suffix)
 
     def _launch(self, plan: Plan, kernel: Any, *args: Any, then: tuple[Any, ...] = ()) -> None:
         """``kernel(plan.layout, *args, resource, *then)``."""
@@ -306,6 +348,34 @@ class _ExtensionKernels:
         self, plan: Plan, centers: Tensors, addresses: _C.Addresses, skip_nonfinite: bool
     ) -> None:
         self._launch(plan, self._center_update, addresses, plan._address, then=(skip_nonfinite,))
+
+    def outer_gradient(
+        self,
+        plan: Plan,
+        locals_: Tensors,
+        local_addresses: _C.Addresses,
+        globals_: Tensors,
+        global_addresses: _C.Addresses,
+        slot: int,
+    ) -> None:
+        self._launch(
+            plan, self._outer_gradient, local_addresses, global_addresses, plan._address, slot
+        )
+
+    def outer_step(self, plan: Plan, step: OuterStep) -> None:
+        self._launch(
+            plan,
+            self._outer_step,
+            step.local_addresses,
+            step.global_addresses,
+            step.momentum_addresses,
+            plan._address,
+            step.lr,
+            step.momentum,
+            step.nesterov,
+            step.mix,
+            then=(step.skip_nonfinite,),
+        )
 
 
 class _ReferenceKernels:
@@ -360,6 +430,36 @@ class _ReferenceKernels:
         plan: Plan, centers: Tensors, addresses: _C.Addresses, skip_nonfinite: bool
     ) -> None:
         reference.center_update(centers, plan.buffer, plan._offsets, plan._flag_at, skip_nonfinite)
+
+    @staticmethod
+    def outer_gradient(
+        plan: Plan,
+        locals_: Tensors,
+        local_addresses: _C.Addresses,
+        globals_: Tensors,
+        global_addresses: _C.Addresses,
+        slot: int,
+    ) -> None:
+        reference.outer_gradient(
+            locals_, globals_, plan.buffer, plan._offsets, *plan._count_args(), slot, plan._flag_at
+        )
+
+    @staticmethod
+    def outer_step(plan: Plan, step: OuterStep) -> None:
+        reference.outer_step(
+            step.locals_,
+            step.globals_,
+            step.momenta,
+            plan.buffer,
+            plan._offsets,
+            *plan._count_args(),
+            step.lr,
+            step.momentum,
+            step.nesterov,
+            step.mix,
+            plan._flag_at,
+            step.skip_nonfinite,
+        )
 
 
 _CPU_KERNELS = _ExtensionKernels(cuda=False)

@@ -225,6 +225,11 @@ struct CountingOp : Op {
     ++*calls;
     Op::operator()(primary, secondary, buffer);
   }
+  template <typename T, typename B>
+  void operator()(T& primary, T& secondary, T& tertiary, B& buffer) const {
+    ++*calls;
+    Op::operator()(primary, secondary, tertiary, buffer);
+  }
 };
 
 struct LaunchRecord {
@@ -339,6 +344,15 @@ class Runner {
     ea_blend(true);
     center_update(false);
     center_update(true);
+    outer_gradient();
+    // DiLoCo's outer step: Nesterov, plain momentum and none; the merge and
+    // the reset; a skipped step and a step nobody contributed to.
+    outer_step({"outer_step (nesterov, reset)", {0.7, 0.9, true, 0.0}, OuterInput::kStep});
+    outer_step({"outer_step (momentum, mix)", {0.5, 0.8, false, 0.4}, OuterInput::kStep});
+    outer_step({"outer_step (no momentum, mix)", {1.0, 0.0, true, 0.25}, OuterInput::kStep});
+    outer_step({"outer_step (flag raised, skip)", {0.7, 0.9, true, 0.4}, OuterInput::kSkipped});
+    outer_step({"outer_step (no contributor, mix)", {0.7, 0.9, true, 0.4}, OuterInput::kNobody});
+    outer_step({"outer_step (no contributor, reset)", {0.7, 0.9, true, 0.0}, OuterInput::kNobody});
     ++totals_.cases;
   }
 
@@ -458,8 +472,9 @@ class Runner {
   // The launches the op took: the planning the device would get.
   void check_launches(const HostLauncher& launcher, bool writes_slots, int depth,
                       const std::vector<uintptr_t>& primary, const std::string& op) const {
-    const int64_t capacity =
-        depth == 1 ? dl::TensorList<1>::kCapacity : dl::TensorList<2>::kCapacity;
+    const int64_t capacity = depth == 1   ? dl::TensorList<1>::kCapacity
+                             : depth == 2 ? dl::TensorList<2>::kCapacity
+                                          : dl::TensorList<3>::kCapacity;
     int64_t expected = 0;
     for (DType d : kDtypes) {
       int64_t count = 0;
@@ -708,6 +723,112 @@ class Runner {
       }
     }
     check_sentinels(center, op);
+  }
+
+  // DiLoCo's outer gradient: buffer = global - local (rounded to B); count
+  // slots and flag as pack.
+  void outer_gradient() {
+    const std::string op = "outer_gradient";
+    Tensors local = random_tensors(true);
+    Tensors global = random_tensors(false, true);
+    Tensors local0 = clone(local), global0 = clone(global);
+    auto buffer = new_buffer();
+    auto buffer_cpu = new_buffer();
+    HostLauncher launcher(c_.max_blocks, rng_);
+    const auto la = addresses(local);
+    dl::outer_gradient_multi_tensor(launcher, layout_, la, addresses(global), buffer->address(),
+                                    c_.count_slot);
+    dl::outer_gradient_cpu(layout_, la, addresses(global), buffer_cpu->address(), c_.count_slot, 1);
+    check_launches(launcher, true, 2, la, op);
+    CHECK(launcher.zeroed == 1, where(op) + ": the flag is zeroed once, before the launches");
+    record(launcher);
+    CHECK(buffer->same_bits(*buffer_cpu), where(op) + ": buffer differs from the CPU flavor");
+    check_same_bits(local, local0, op + " (locals are only read)");
+    check_same_bits(global, global0, op + " (globals are only read)");
+    for (int64_t i = 0; i < n(); ++i) {
+      const double tol = tolerance(c_.dtypes[i], b_);
+      for (int64_t e = 0; e < layout_.numels[i]; ++e) {
+        const double want = round_to(b_, global0[i]->get(e) - local0[i]->get(e));
+        CHECK(close(buffer->get(layout_.offsets[i] + e), want, tol),
+              where(op) + ": tensor " + std::to_string(i) + " element " + std::to_string(e));
+      }
+    }
+    check_count_slots(*buffer, c_.count_slot, op);
+    check_flag(*buffer, has_bad(), op);
+    check_padding(*buffer, op);
+    check_sentinels(local, op);
+  }
+
+  // What an outer step's buffer holds: a sum over 3 contributors, the same
+  // with the flag raised (skip), or no contributor.
+  enum class OuterInput { kStep, kSkipped, kNobody };
+  struct OuterCase {
+    std::string op;
+    dl::OuterSettings settings;
+    OuterInput input;
+  };
+
+  // The outer step, against torch.optim.SGD's update written out in double
+  // (rounding where the op stores: the momentum, the global, the local).
+  void outer_step(const OuterCase& oc) {
+    const std::string& op = oc.op;
+    const dl::OuterSettings& s = oc.settings;
+    auto buffer = new_buffer();
+    buffer->copy_from(*packed_);  // finite or not as the case's values are
+    const bool nobody = oc.input == OuterInput::kNobody;
+    buffer->set(layout_.count_offset, nobody ? 0.0 : 2.0);
+    buffer->set(layout_.count_offset + 1, nobody ? 0.0 : 1.0);
+    buffer->set(layout_.flag_offset, oc.input == OuterInput::kSkipped ? 1.0 : 0.0);
+    Tensors local = random_tensors(false);
+    Tensors global = random_tensors(false, true);
+    Tensors momentum = random_tensors(false);
+    if (nobody && s.mix == 0.0) {  // the state such a step meets: locals equal the globals
+      for (int64_t i = 0; i < n(); ++i) local[i]->copy_from(*global[i]);
+    }
+    Tensors local0 = clone(local), global0 = clone(global), momentum0 = clone(momentum);
+    Tensors local_cpu = clone(local), global_cpu = clone(global), momentum_cpu = clone(momentum);
+    auto buffer0 = new_buffer();
+    buffer0->copy_from(*buffer);
+    HostLauncher launcher(c_.max_blocks, rng_);
+    const auto la = addresses(local);
+    dl::outer_step_multi_tensor(launcher, layout_, la, addresses(global), addresses(momentum),
+                                buffer->address(), s, true);
+    dl::outer_step_cpu(layout_, addresses(local_cpu), addresses(global_cpu),
+                       addresses(momentum_cpu), buffer->address(), s, 1, true);
+    check_launches(launcher, false, 3, la, op);
+    CHECK(launcher.zeroed == 0, where(op) + ": zeroed a flag it does not write");
+    record(launcher);
+    CHECK(buffer->same_bits(*buffer0), where(op) + ": the buffer is only read");
+    check_same_bits(local, local_cpu, op + " (locals)");
+    check_same_bits(global, global_cpu, op + " (globals)");
+    check_same_bits(momentum, momentum_cpu, op + " (momenta)");
+    for (int64_t i = 0; i < n(); ++i) {
+      const DType t = c_.dtypes[i];
+      const double tol = tolerance(t, b_);
+      for (int64_t e = 0; e < layout_.numels[i]; ++e) {
+        double l = local0[i]->get(e), g = global0[i]->get(e), m = momentum0[i]->get(e);
+        if (oc.input == OuterInput::kSkipped) {
+          l = g;
+        } else if (oc.input == OuterInput::kStep) {
+          const double grad = buffer0->get(layout_.offsets[i] + e) / 3.0;
+          double direction = grad;
+          if (s.momentum != 0.0) {
+            m = round_to(t, s.momentum * m + grad);
+            direction = s.nesterov ? grad + s.momentum * m : m;
+          }
+          g = round_to(t, g - s.lr * direction);
+          l = s.mix == 0.0 ? g : round_to(t, s.mix * l + (1.0 - s.mix) * g);
+        }
+        const std::string at = ": tensor " + std::to_string(i) + " element " + std::to_string(e);
+        // Momentum and the step amplify the rounding of the sum: 4 ulps' room.
+        CHECK(close(momentum[i]->get(e), m, 4 * tol), where(op) + at + " (momentum)");
+        CHECK(close(global[i]->get(e), g, 4 * tol), where(op) + at + " (global)");
+        CHECK(close(local[i]->get(e), l, 4 * tol), where(op) + at + " (local)");
+      }
+    }
+    check_sentinels(local, op);
+    check_sentinels(global, op);
+    check_sentinels(momentum, op);
   }
 
   const Case& c_;
