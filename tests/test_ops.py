@@ -495,4 +495,5 @@ def test_outer_step_rejects_bad_settings(
         _C.outer_step(
             layout, *map(addresses, tensors), buffer.data_ptr(), lr, momentum, True, mix, 1
         )
-    assert all(torch.equal(t, b) for t, b in zip((t for g in tensors for t in g), before))
+    after = [t for group in tensors for t in group]
+    assert all(torch.equal(t, b) for t, b in zip(after, before, strict=True))
