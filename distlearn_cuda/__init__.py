@@ -1,4 +1,4 @@
-"""distlearn_cuda: AllReduceSGD and elastic averaging (AllReduceEA) for PyTorch.
+"""distlearn_cuda: AllReduceSGD, elastic averaging (AllReduceEA) and DiLoCo for PyTorch.
 
 A port of torch-distlearn's two algorithms, with the averaging done by fused
 multi-tensor kernels in the ``_C`` extension: one pass over all tensors and
@@ -14,6 +14,7 @@ import logging
 
 from ._build_info import build_info
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .diloco import DiLoCo
 from .ea import AllReduceEA
 from .errors import CommunicationError
 from .sgd import AllReduceSGD
@@ -22,6 +23,7 @@ __all__ = [
     "AllReduceEA",
     "AllReduceSGD",
     "CommunicationError",
+    "DiLoCo",
     "build_info",
     "checkpoint_path",
     "load_checkpoint",

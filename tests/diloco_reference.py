@@ -151,3 +151,105 @@ def diloco(
         global_params = optimizer.step(global_params, grad)
         local = [list(global_params) for _ in range(workers)]
     return global_params, local
+
+
+@dataclass
+class Snapshot:
+    """After step t: the global parameters, each worker's local ones, and
+    each fragment's momentum buffer (zeros before its first outer step)."""
+
+    global_params: Vector
+    local: list[Vector]
+    momentum: Vector
+
+
+def streaming_diloco_uneven(
+    initial: Vector,
+    steps: Sequence[int],
+    inner_step: InnerStep,
+    H: int,
+    parts: Sequence[Sequence[int]],
+    delay: int = 0,
+    mix: float = 0.0,
+    lr: float = 0.7,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+) -> tuple[dict[int, Snapshot], Snapshot]:
+    """Streaming DiLoCo (fragment p: the indices ``parts[p]``, offset
+    ``p * H // len(parts)``) where worker w takes ``steps[w]`` inner steps,
+    then waits for the others, as the library's synchronization promises:
+
+    - fragment p's exchange at step t takes the outer gradient of the
+      workers that took an inner step since p's previous exchange, and the
+      mean over them; with none, it is dropped;
+    - its outer step and merge come ``delay`` steps later, at the start of
+      that step's processing (before its exchanges);
+    - the first exchange with no contributor ends the run (every worker is
+      then past its last step); the exchanges still in flight take their
+      outer steps in the order they were due.
+
+    Returns the snapshot after each step t (keyed by t), and the final one.
+    """
+    workers = len(steps)
+    global_params = list(initial)
+    local = [list(initial) for _ in range(workers)]
+    fragments = [
+        Fragment(list(part), p * H // len(parts), OuterOptimizer(lr, momentum, nesterov))
+        for p, part in enumerate(parts)
+    ]
+    last_send = [0] * len(fragments)
+    last_step = [0] * workers
+
+    def apply(part: Fragment, grad: Vector) -> None:
+        values = part.optimizer.step([global_params[i] for i in part.indices], grad)
+        for i, value in zip(part.indices, values, strict=True):
+            global_params[i] = value
+            for w in range(workers):
+                local[w][i] = value if mix == 0 else mix * local[w][i] + (1 - mix) * value
+
+    def snapshot() -> Snapshot:
+        buffers = [0.0] * len(initial)
+        for part in fragments:
+            if part.optimizer.buffer is not None:
+                for i, b in zip(part.indices, part.optimizer.buffer, strict=True):
+                    buffers[i] = b
+        return Snapshot(list(global_params), [list(x) for x in local], buffers)
+
+    snapshots: dict[int, Snapshot] = {}
+    t = 0
+    while True:
+        t += 1
+        for w in range(workers):
+            if t <= steps[w]:
+                local[w] = inner_step(w, t, local[w])
+                last_step[w] = t
+        for part in fragments:
+            while part.in_flight and part.in_flight[0][0] == t and delay > 0:
+                apply(part, part.in_flight.pop(0)[1])
+        nobody = False
+        for p, part in enumerate(fragments):
+            if (t - part.offset) % H != 0:
+                continue
+            senders = [w for w in range(workers) if last_step[w] > last_send[p]]
+            last_send[p] = t
+            if not senders:
+                nobody = True
+                continue
+            grad = mean_outer_gradient(
+                [global_params[i] for i in part.indices],
+                [[local[w][i] for i in part.indices] for w in senders],
+            )
+            if delay == 0:
+                apply(part, grad)
+            else:
+                part.in_flight.append((t + delay, grad))
+        snapshots[t] = snapshot()
+        if nobody:
+            break
+    pending = sorted(
+        ((due, p, grad) for p, part in enumerate(fragments) for due, grad in part.in_flight),
+        key=lambda entry: entry[:2],
+    )
+    for _, p, grad in pending:
+        apply(fragments[p], grad)
+    return snapshots, snapshot()

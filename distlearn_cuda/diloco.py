@@ -1,0 +1,810 @@
+"""DiLoCo and Streaming DiLoCo: elastic averaging's descendants.
+
+DiLoCo (Douillard et al., arXiv 2311.08105): every rank takes ``tau`` inner
+steps of its own optimizer from the global parameters; the mean over the
+ranks of the outer gradient ``global - local`` is applied to the global
+parameters by an outer optimizer (Nesterov momentum SGD), and every rank
+starts again from them. Streaming DiLoCo (arXiv 2501.18512) splits the
+parameters into fragments synchronized on staggered steps, overlaps each
+fragment's exchange with ``delay`` more inner steps, and merges the new
+global fragment into the local one with a mixing factor.
+
+One exchange of a fragment is two fused passes and one allreduce: the
+outer gradient is written into the flat buffer (with this rank's count slot
+and the non-finite flag), the buffer is summed, and one pass reads the sum,
+the count, the global parameters, the outer momentum and the local
+parameters and writes the new momentum, global and local parameters
+(``kernels/fused_ops.h``, ``OuterStepOp``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd.graph import increment_version
+
+from . import _C
+from ._algorithms.carry import CarriedState, check_carry_args, pick_source
+from ._algorithms.member import GroupMember
+from ._comm.collectives import PendingSum
+from ._native import addresses_of
+from ._tensors import tree as _tree
+from ._tensors.plan import OuterStep, Plan, PlanCache, lossless_dtype
+from ._tensors.tree import Flat
+from ._tensors.validate import (
+    DEFAULT_TIMEOUT,
+    NonFinite,
+    Signature,
+    check_comm_dtype,
+    check_no_overlap,
+    check_nonfinite,
+    check_same_signature,
+    check_tau,
+    check_timeout,
+    signature,
+    state_value,
+    structure_entries,
+)
+
+__all__ = ["DiLoCo"]
+
+# The count-slot codes of an exchange (see "Call codes" in _tensors.agreement):
+# a rank contributes its outer gradient, or takes part with a problem of its
+# own (its params no longer match the bound ones) and contributes zeros.
+_OUTER_STEP = 0
+_OUTER_PROBLEM = 1
+_OUTER_CODES = 2
+
+
+@dataclass
+class _Exchange:
+    """A fragment's exchange: its allreduce (None once waited for) and the
+    step at whose call its outer step is taken."""
+
+    merge_at: int
+    pending: PendingSum | None
+
+
+class _Fragment:
+    """Some of the params (consecutive tensors of the bound list), with
+    their global values, outer momenta, buffer and schedule."""
+
+    def __init__(
+        self, indices: range, offset: int, plan: Plan, params: Sequence[torch.Tensor]
+    ) -> None:
+        self.indices = indices
+        self.offset = offset  # sends at the steps t >= 1 with t = offset (mod tau)
+        self.plan = plan
+        self.globals_ = [params[i].detach().clone() for i in indices]
+        self.momenta = [torch.zeros_like(g) for g in self.globals_]
+        self.global_addresses = _C.Addresses(addresses_of(self.globals_))
+        self.momentum_addresses = _C.Addresses(addresses_of(self.momenta))
+        self.local_addresses = _C.Addresses()
+        self.last_send = 0  # the step of this fragment's last exchange
+        self.in_flight: _Exchange | None = None
+
+    def bind_locals(self, addresses: Sequence[int]) -> None:
+        self.local_addresses = _C.Addresses([addresses[i] for i in self.indices])
+
+
+class DiLoCo(GroupMember):
+    """DiLoCo and Streaming DiLoCo over a process group.
+
+    Each rank trains its own copy of the parameters with its own (inner)
+    optimizer and calls ``average_parameters`` after every inner step. Every
+    ``tau`` steps, a fragment's outer step runs: the mean over the ranks of
+    ``global - local`` moves the global parameters by PyTorch's
+    ``SGD(lr=outer_lr, momentum=momentum, nesterov=nesterov)``, and the local
+    parameters are merged with them: ``local = mix * local + (1 - mix) *
+    global`` (``mix=0``, the default, is DiLoCo's reset).
+
+    With ``fragments=P`` the parameters are split into P fragments of
+    consecutive tensors, of about equal bytes (``fragment_names``);
+    fragment p exchanges on the steps ``t = p * tau // P (mod tau)``, so the
+    traffic of one exchange is about 1/P of the parameters. With
+    ``delay=d`` a fragment's allreduce runs while d more inner steps run,
+    and its outer step is taken in the call of step ``t + d``: the results
+    are bitwise those of an allreduce that finished at once. Several
+    fragments may be in flight; ``tau`` need not be a multiple of P.
+
+    Ranks may take different numbers of steps: the outer gradient is the
+    mean over the ranks that took inner steps since the fragment's last
+    exchange (the count slots travel in the same allreduce), and a rank
+    that ran out of data keeps joining the others' exchanges in
+    ``synchronize_parameters`` / ``synchronize_global`` until all have
+    arrived. The global parameters and the outer momenta are bitwise the
+    same on every rank.
+
+    Every call is collective: all ranks must make the calls in the same
+    order with tensors of the same dtypes, shapes and strides.
+
+    Args:
+        group: a ``torch.distributed`` process group, or None for the default
+            group (initialized on demand, see ``AllReduceSGD``).
+        tau: inner steps per outer step (the papers' H; int >= 1).
+        outer_lr: the outer optimizer's learning rate (default 0.7, the paper's).
+        momentum: its momentum, in [0, 1) (default 0.9).
+        nesterov: Nesterov momentum (default True; needs momentum > 0).
+        fragments: how many fragments the parameters are split into (int
+            >= 1, at most the number of tensors).
+        delay: inner steps each exchange overlaps, in [0, tau) (default 0).
+        mix: the merge's share of the local parameters, in [0, 1) (default 0).
+        comm_dtype: dtype in which outer gradients travel; default: the
+            parameters' own dtype (their promotion when they differ).
+        nonfinite: what an outer step does when some rank's outer gradient
+            holds a NaN or an infinity (the flag travels in the same
+            allreduce, so every rank decides alike): ``"propagate"``
+            (default), ``"skip"`` (the global parameters and the momenta
+            keep their values and every rank's local fragment is reset to
+            the global one; see ``last_outer_step_skipped``) or ``"raise"``
+            (every rank raises ``FloatingPointError`` before anything
+            changes; exchanges are then synchronous).
+        timeout: deadline of every collective (seconds or a
+            ``datetime.timedelta``, default 5 minutes).
+
+    Constructing one is collective too: it sets up a private gloo group
+    (with ``timeout``) over the ranks of ``group``.
+
+    Example (``torchrun --nproc_per_node 2 train.py``; ``python train.py``
+    is a world of one)::
+
+        import torch
+        import distlearn_cuda as dl
+
+        diloco = dl.DiLoCo(tau=5)
+        torch.manual_seed(diloco.rank)
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        diloco.synchronize_parameters(model)  # every rank starts from rank 0's weights
+        x, y = torch.randn(64, 8), torch.randn(64, 1)
+        for step in range(20):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            diloco.average_parameters(model)  # every 5th call: the outer step
+        diloco.synchronize_parameters(model)  # every rank: the global parameters
+        diloco.close()
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        tau: int = 100,
+        *,
+        outer_lr: float = 0.7,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        fragments: int = 1,
+        delay: int = 0,
+        mix: float = 0.0,
+        comm_dtype: torch.dtype | None = None,
+        nonfinite: NonFinite = "propagate",
+        timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._tau = check_tau(tau)
+        self._outer_lr = _check_real("outer_lr", outer_lr, 0.0, None)
+        self._momentum = _check_real("momentum", momentum, 0.0, 1.0)
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+        if nesterov and self._momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0 (as torch.optim.SGD)")
+        self._nesterov = nesterov
+        self._fragment_count = _check_int("fragments", fragments, 1)
+        self._delay = _check_int("delay", delay, 0)
+        if self._delay >= self._tau:
+            raise ValueError(
+                f"delay must be below tau ({self._tau}), got {self._delay}: a fragment's "
+                f"exchange must complete before its next one starts"
+            )
+        self._mix = _check_real("mix", mix, 0.0, 1.0)
+        self._nonfinite = check_nonfinite(nonfinite)
+        self._comm_dtype = check_comm_dtype(comm_dtype)
+        timeout = check_timeout(timeout)
+        super().__init__(group, timeout)
+        self._plans = PlanCache(self._group.world_size)
+        self._signature: Signature | None = None
+        self._fragments: list[_Fragment] = []
+        self._names: list[str] = []
+        self._rebuild: _tree.Rebuild = list
+        self._addresses: list[int] = []
+        self._loaded: dict[str, Any] | None = None  # from load_state_dict, before binding
+        self._step = 0  # calls (inner steps) since the start or the last synchronization
+        self._last_active = 0  # the step of this rank's last inner step
+        # Whether step t (mod tau) sends or takes an outer step: the fast path.
+        self._event_at = [False] * self._tau
+        self._outer_steps = 0
+        self._skipped = False
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def tau(self) -> int:
+        """Inner steps per outer step of each fragment."""
+        return self._tau
+
+    @property
+    def fragments(self) -> int:
+        """How many fragments the parameters are split into."""
+        return self._fragment_count
+
+    @property
+    def delay(self) -> int:
+        """Inner steps each exchange overlaps."""
+        return self._delay
+
+    @property
+    def outer_steps(self) -> int:
+        """Outer steps taken (fragment by fragment) since this object was made."""
+        return self._outer_steps
+
+    @property
+    def last_outer_step_skipped(self) -> bool:
+        """Whether the last outer step left the global parameters unchanged
+        because some rank's outer gradient was not finite (``nonfinite="skip"``;
+        the same answer on every rank)."""
+        return self._skipped
+
+    @property
+    def fragment_names(self) -> list[list[str]] | None:
+        """The params' names (as ``global_parameters`` keys them) in each
+        fragment; None before the first call."""
+        if not self._fragments:
+            return None
+        return [[self._names[i] for i in f.indices] for f in self._fragments]
+
+    @property
+    def global_parameters(self) -> Any:
+        """The global parameters, in the structure of the params last passed
+        (a dict by parameter name for an ``nn.Module``); None before the
+        first call. Exchanges in flight are not in them yet."""
+        if not self._fragments:
+            return None
+        return self._rebuild([g for f in self._fragments for g in f.globals_])
+
+    def _settings(self) -> list[tuple[str, object]]:
+        return [
+            *super()._settings(),
+            ("tau", self._tau),
+            ("outer_lr", repr(self._outer_lr)),
+            ("momentum", repr(self._momentum)),
+            ("nesterov", self._nesterov),
+            ("fragments", self._fragment_count),
+            ("delay", self._delay),
+            ("mix", repr(self._mix)),
+            ("comm_dtype", self._comm_dtype),
+            ("nonfinite", self._nonfinite),
+        ]
+
+    def _position_step(self) -> int:
+        return self._step
+
+    # -- the loop -----------------------------------------------------------
+
+    def average_parameters(self, params: Any) -> None:
+        """Counts an inner step; on the steps a fragment exchanges, or takes
+        its outer step, runs them. Call it after each inner optimizer step.
+        Updates ``params`` in place on those steps.
+
+        Between them a call only counts, so it costs next to nothing;
+        ``params`` is checked against the bound structure on the calls that
+        use them (the first, and every exchange), before anything changes.
+
+        Args:
+            params: a tensor, a list/tuple/dict nesting of tensors, any
+                iterable of tensors (``model.parameters()``), or an
+                ``nn.Module`` (all its parameters).
+        """
+        self._collectives.check_usable("average_parameters")
+        step = self._step + 1
+        if self._signature is not None and not self._event_at[step % self._tau]:
+            self._step = self._last_active = step
+            return
+        try:
+            flat = self._bind(params)
+        except (TypeError, ValueError) as error:
+            if self._signature is None:
+                raise  # the first call: every rank raised in the structure check
+            self._step = self._last_active = step
+            self._take_part_with_problem(error)
+            raise
+        self._step = self._last_active = step
+        self._run_step(flat, waiting=False)
+
+    def synchronize_global(self, params: Any) -> None:
+        """Waits for all ranks (joining their exchanges), then completes every
+        exchange in flight: the global parameters then hold every rank's
+        progress, the same on every rank. The local parameters are merged as
+        the outer steps say, not replaced. The step count restarts at 0."""
+        self._collectives.check_usable("synchronize_global")
+        flat = self._bind_for_synchronization(params)
+        self._wait_for_all_ranks(flat)
+
+    def synchronize_parameters(
+        self,
+        params: Any,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        buffers: bool = False,
+        state: Any = (),
+    ) -> None:
+        """``synchronize_global``, then every rank's params are set to the
+        global parameters (before the first call: rank 0's params). Call it
+        before training and at the end of an epoch.
+
+        Never spreads a NaN: when the global parameters are not all finite,
+        every rank raises ``FloatingPointError`` and the params are left as
+        they are.
+
+        Args:
+            params: as for ``average_parameters``.
+            optimizer: also give every rank rank 0's optimizer state, bitwise
+                (see ``AllReduceSGD.synchronize_parameters``; the lowest rank
+                whose state is finite when rank 0's is not).
+            buffers: also give every rank rank 0's module buffers.
+            state: more state dicts to give every rank.
+        """
+        self._collectives.check_usable("synchronize_parameters")
+        try:
+            states = check_carry_args(params, optimizer, buffers, state)
+        except (TypeError, ValueError) as error:
+            self._bind_for_synchronization(params, error)
+            raise AssertionError("unreachable: _bind_for_synchronization raised") from error
+        params = _tree.materialize(params)
+        flat = self._bind_for_synchronization(params)
+        carried = CarriedState(
+            params if buffers else None, optimizer, flat.tensors[0].device, states
+        )
+        self._wait_for_all_ranks(flat)
+        globals_ = [g for f in self._fragments for g in f.globals_]
+        if not all(bool(torch.isfinite(g).all()) for g in globals_):
+            raise FloatingPointError(
+                "synchronize_parameters: the global parameters hold NaN or infinite values "
+                "(the same on every rank); the params were left as they are"
+            )
+        if carried.names():
+            src = pick_source(self._collectives, 0, carried.finite(), "optimizer/buffers/state")
+            carried.broadcast(self._collectives, src, self.rank)
+        with torch.no_grad():
+            torch._foreach_copy_(flat.tensors, globals_)
+        increment_version(flat.tensors)
+
+    def _release(self) -> None:
+        # An exchange in flight completes (every rank is in it already), so
+        # that state_dict() can still report it; a failure was recorded.
+        for fragment in self._fragments:
+            exchange = fragment.in_flight
+            if exchange is not None and exchange.pending is not None:
+                try:
+                    exchange.pending.wait()
+                    exchange.pending = None
+                except Exception:  # close() never raises a failed collective
+                    fragment.in_flight = None
+
+    # -- state --------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs, to continue bitwise as if uninterrupted:
+        the step counters, copies of the global parameters and outer momenta
+        (in the order of the params' tensors; None before the first call),
+        and each fragment's last exchange step and exchange in flight (its
+        allreduced sum, waited for, and the step its outer step is due).
+        The local parameters and the inner optimizer are the caller's to save."""
+        fragments: list[dict[str, Any]] = []
+        for fragment in self._fragments:
+            exchange = fragment.in_flight
+            in_flight = None
+            if exchange is not None:
+                if exchange.pending is not None:
+                    exchange.pending.wait()
+                    exchange.pending = None
+                in_flight = {"merge_at": exchange.merge_at, "sum": fragment.plan.buffer.clone()}
+            fragments.append({"last_send": fragment.last_send, "in_flight": in_flight})
+        bound = bool(self._fragments)
+        return {
+            "step": self._step,
+            "last_active": self._last_active,
+            "outer_steps": self._outer_steps,
+            "globals": [g.clone() for f in self._fragments for g in f.globals_] if bound else None,
+            "momenta": [m.clone() for f in self._fragments for m in f.momenta] if bound else None,
+            "fragments": fragments if bound else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``'s output (of an object with the same
+        settings). Before the first call it is kept and taken up by it;
+        after, it must match the bound params. Everything is checked before
+        anything changes."""
+        loaded = {
+            "step": state_value(state, "step", int),
+            "last_active": state_value(state, "last_active", int),
+            "outer_steps": state_value(state, "outer_steps", int),
+            "globals": _tensor_list(state, "globals"),
+            "momenta": _tensor_list(state, "momenta"),
+            "fragments": state_value(state, "fragments", object),
+        }
+        if (loaded["globals"] is None) != (loaded["momenta"] is None) or (
+            loaded["globals"] is None
+        ) != (loaded["fragments"] is None):
+            raise ValueError("state: globals, momenta and fragments are all None or none is")
+        if loaded["fragments"] is not None:
+            _check_fragment_states(loaded["fragments"], self._fragment_count, self._tau)
+        if self._fragments:
+            for fragment in self._fragments:
+                if fragment.in_flight is not None and fragment.in_flight.pending is not None:
+                    fragment.in_flight.pending.wait()
+                    fragment.in_flight.pending = None
+            self._check_loaded_matches(loaded)
+            self._apply_loaded(loaded)
+        else:
+            self._loaded = loaded
+
+    def _check_loaded_matches(self, loaded: dict[str, Any]) -> None:
+        if loaded["globals"] is None:
+            raise ValueError("state['globals'] is None: it comes from an object never bound")
+        like = [g for f in self._fragments for g in f.globals_]
+        _check_tensors_like(loaded["globals"], like, "globals")
+        _check_tensors_like(loaded["momenta"], like, "momenta")
+        for fragment, saved in zip(self._fragments, loaded["fragments"], strict=True):
+            in_flight = saved["in_flight"]
+            if in_flight is not None and in_flight["sum"].shape != fragment.plan.buffer.shape:
+                raise ValueError("state['fragments']: an exchange's sum does not fit the buffer")
+
+    def _apply_loaded(self, loaded: dict[str, Any]) -> None:
+        self._step = loaded["step"]
+        self._last_active = loaded["last_active"]
+        self._outer_steps = loaded["outer_steps"]
+        globals_, momenta = iter(loaded["globals"]), iter(loaded["momenta"])
+        with torch.no_grad():
+            for fragment, saved in zip(self._fragments, loaded["fragments"], strict=True):
+                for g, m in zip(fragment.globals_, fragment.momenta, strict=True):
+                    g.copy_(next(globals_))
+                    m.copy_(next(momenta))
+                fragment.last_send = saved["last_send"]
+                in_flight = saved["in_flight"]
+                fragment.in_flight = None
+                if in_flight is not None:
+                    fragment.plan.buffer.copy_(in_flight["sum"])
+                    fragment.in_flight = _Exchange(in_flight["merge_at"], None)
+
+    # -- binding ------------------------------------------------------------
+
+    def _bind(self, params: Any) -> Flat:
+        """Validates params against the bound structure (binding it on the
+        first call: the fragments, their plans, the global parameters
+        (rank 0's, or loaded) and zero momenta); returns them."""
+        flat = _tree.flatten(_tree.materialize(params), "params")
+        addresses = addresses_of(flat.tensors)
+        if self._signature is None:
+            self._bind_first(flat, addresses)
+        else:
+            check_same_signature(self._signature, signature(flat, "params"), "params")
+            if addresses != self._addresses:
+                check_no_overlap(flat, "params")
+                self._bind_addresses(addresses)
+        self._rebuild = flat.rebuild
+        self._names = flat.names
+        return flat
+
+    def _bind_first(self, flat: Flat, addresses: list[int]) -> None:
+        problem: Exception | None = None
+        loaded = self._loaded
+        try:
+            params_signature = signature(flat, "params")
+            check_no_overlap(flat, "params")
+            bounds = split_fragments([_nbytes(t) for t in flat.tensors], self._fragment_count)
+            if loaded is not None and loaded["globals"] is not None:
+                _check_tensors_like(loaded["globals"], flat.tensors, "globals")
+                _check_tensors_like(loaded["momenta"], flat.tensors, "momenta")
+            entries, names = structure_entries(params_signature), flat.names
+        except (TypeError, ValueError) as error:
+            entries, names, problem = [f"cannot be bound: {error}"], ["params"], error
+        # Each rank binds once, in its first call of any kind; a rank that
+        # cannot bind (its params, or the state it loaded) makes every rank
+        # raise here.
+        self._collectives.check_same_structure(entries, names, "params")
+        if problem is not None:
+            raise problem
+        dtype = self._comm_dtype or lossless_dtype([t.dtype for t in flat.tensors])
+        device, entries_ = params_signature
+        self._fragments = []
+        for p, (begin, end) in enumerate(itertools.pairwise(bounds)):
+            part: Signature = (device, entries_[begin:end])
+            plan = self._plans.get(f"outer{p}", part, dtype, _OUTER_CODES)
+            offset = p * self._tau // self._fragment_count
+            self._fragments.append(_Fragment(range(begin, end), offset, plan, flat.tensors))
+        for fragment in self._fragments:
+            self._event_at[fragment.offset % self._tau] = True
+            self._event_at[(fragment.offset + self._delay) % self._tau] = True
+        self._signature = params_signature
+        self._bind_addresses(addresses)
+        if loaded is not None and loaded["globals"] is not None:
+            self._check_loaded_matches(loaded)
+            self._apply_loaded(loaded)
+        else:
+            if loaded is not None:
+                self._step, self._last_active = loaded["step"], loaded["last_active"]
+            # The global parameters start as rank 0's params, on every rank.
+            self._broadcast_globals()
+        self._loaded = None
+
+    def _bind_addresses(self, addresses: list[int]) -> None:
+        self._addresses = addresses
+        for fragment in self._fragments:
+            fragment.bind_locals(addresses)
+
+    def _broadcast_globals(self) -> None:
+        plan = self._plans.get(
+            "synchronize",
+            self._bound_signature(),
+            lossless_dtype([entry[0] for entry in self._bound_signature()[1]]),
+        )
+        globals_ = [g for f in self._fragments for g in f.globals_]
+        plan.pack(globals_, addresses_of(globals_), count_slot=-1)
+        self._collectives.broadcast(plan.buffer, src=0)
+        plan.unpack(globals_, addresses_of(globals_), normalize=False)
+
+    def _bound_signature(self) -> Signature:
+        assert self._signature is not None, "bound by the first call"
+        return self._signature
+
+    def _bind_for_synchronization(self, params: Any, problem: Exception | None = None) -> Flat:
+        """``_bind`` for a synchronization; a rank whose input is bad (a
+        ``problem``, or params ``_bind`` rejects) takes part in the
+        exchanges with its problem instead of raising alone, so that every
+        rank raises."""
+        if problem is None:
+            try:
+                return self._bind(params)
+            except (TypeError, ValueError) as error:
+                problem = error
+        if self._signature is None:
+            # Not bound: the structure check every rank's first call makes.
+            self._collectives.check_same_structure(
+                [f"cannot take part: {problem}"], ["params"], "params", noun="check"
+            )
+            raise problem
+        self._take_part_with_problem(problem, waiting=True)
+        raise problem
+
+    # -- exchanges ----------------------------------------------------------
+
+    def _run_step(self, flat: Flat, waiting: bool) -> bool:
+        """What step ``self._step`` does: the outer steps due at it, then the
+        exchanges it starts (with delay 0, their outer steps too). Returns
+        whether one of its exchanges had no contributor (every rank waiting)."""
+        step, tensors = self._step, flat.tensors
+        for fragment in self._fragments:
+            if fragment.in_flight is not None and fragment.in_flight.merge_at == step:
+                self._outer_step(fragment, tensors)
+        nobody = False
+        for fragment in self._fragments:
+            if step >= 1 and (step - fragment.offset) % self._tau == 0:
+                if self._send(fragment, tensors, waiting):
+                    # No rank took a step since this fragment's last
+                    # exchange: no outer step to take (nothing moved).
+                    fragment.in_flight = None
+                    nobody = True
+                elif self._delay == 0:
+                    self._outer_step(fragment, tensors)
+        return nobody
+
+    def _send(self, fragment: _Fragment, tensors: Sequence[torch.Tensor], waiting: bool) -> bool:
+        """Starts a fragment's exchange: this rank's outer gradient when it
+        took inner steps since the fragment's last exchange, else zeros that
+        count for nothing. Returns (when waiting, which reads the count)
+        whether no rank contributed."""
+        plan = fragment.plan
+        if self._last_active > fragment.last_send:
+            locals_ = [tensors[i] for i in fragment.indices]
+            slot = plan.count_slot(self.rank, _OUTER_STEP)
+            plan.outer_gradient(
+                locals_,
+                fragment.local_addresses,
+                fragment.globals_,
+                fragment.global_addresses,
+                slot,
+            )
+        else:
+            plan.buffer.zero_()  # no count, no flag
+        fragment.last_send = self._step
+        merge_at = self._step + self._delay
+        if waiting or self._delay == 0 or self._nonfinite == "raise":
+            self._collectives.all_reduce_sum(plan.buffer, verify=True)
+            fragment.in_flight = _Exchange(merge_at, None)
+        else:
+            pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
+            fragment.in_flight = _Exchange(merge_at, pending)
+        if self._nonfinite == "raise" and plan.code_counts()[_OUTER_PROBLEM] == 0:
+            if (ranks := plan.nonfinite_ranks()) > 0:
+                fragment.in_flight = None
+                raise FloatingPointError(
+                    f"params: NaN or infinite outer gradients on {ranks} of {self.world_size} "
+                    f"ranks; every rank raises before the global parameters change"
+                )
+        return waiting and plan.contributor_count() == 0
+
+    def _outer_step(self, fragment: _Fragment, tensors: Sequence[torch.Tensor]) -> None:
+        exchange, fragment.in_flight = fragment.in_flight, None
+        assert exchange is not None
+        if exchange.pending is not None:
+            exchange.pending.wait()
+        plan = fragment.plan
+        problems = plan.code_counts()[_OUTER_PROBLEM]
+        if problems > 0:
+            raise ValueError(_problem_message(problems, self.world_size))
+        skip = self._nonfinite == "skip"
+        plan.outer_step(
+            OuterStep(
+                [tensors[i] for i in fragment.indices],
+                fragment.local_addresses,
+                fragment.globals_,
+                fragment.global_addresses,
+                fragment.momenta,
+                fragment.momentum_addresses,
+                self._outer_lr,
+                self._momentum,
+                self._nesterov,
+                self._mix,
+                skip,
+            )
+        )
+        increment_version([tensors[i] for i in fragment.indices])
+        self._outer_steps += 1
+        self._skipped = skip and plan.nonfinite_ranks() > 0
+
+    def _take_part_with_problem(self, problem: Exception, waiting: bool = False) -> None:
+        """This rank cannot take part as usual (its params no longer match
+        the bound ones, or a synchronization's arguments are bad): it takes
+        part in the exchanges of this step (when ``waiting``: of the next
+        step that has any) with zeros and its problem's code, and takes the
+        outer steps due on scratch copies, so that the global parameters
+        stay the same on every rank; every rank raises the same ValueError
+        when the exchange completes (this one: now, with ``problem`` as its
+        cause)."""
+        if not waiting:
+            self._problem_step(problem)
+            return
+        while True:  # an exchange comes within tau steps; _problem_step raises there
+            self._step += 1
+            self._problem_step(problem)
+
+    def _problem_step(self, problem: Exception) -> None:
+        step = self._step
+        for fragment in self._fragments:
+            exchange = fragment.in_flight
+            if exchange is not None and exchange.merge_at == step:
+                scratch = [g.clone() for g in fragment.globals_]
+                fragment.local_addresses = _C.Addresses(addresses_of(scratch))
+                indices, fragment.indices = fragment.indices, range(len(scratch))
+                try:
+                    self._outer_step(fragment, scratch)
+                finally:
+                    fragment.indices = indices
+                    fragment.bind_locals(self._addresses)
+        problems = 0
+        for fragment in self._fragments:
+            if step >= 1 and (step - fragment.offset) % self._tau == 0:
+                plan = fragment.plan
+                plan.buffer.zero_()
+                plan.buffer[
+                    plan.layout.count_offset + plan.count_slot(self.rank, _OUTER_PROBLEM)
+                ] = 1
+                fragment.last_send = step
+                self._collectives.all_reduce_sum(plan.buffer, verify=True)
+                fragment.in_flight = None  # dropped on every rank (see _outer_step)
+                problems = plan.code_counts()[_OUTER_PROBLEM]
+        if problems:
+            raise ValueError(_problem_message(problems, self.world_size)) from problem
+
+    def _wait_for_all_ranks(self, flat: Flat) -> None:
+        """Joins the others' exchanges, step by step without inner steps,
+        until one has no contributor (every rank is here, and no rank took a
+        step since that fragment's previous exchange, so every other
+        fragment's progress is in an exchange already), then completes
+        every exchange in flight, in the order they were due."""
+        while True:
+            self._step += 1
+            if self._run_step(flat, waiting=True):
+                break
+        for fragment in sorted(
+            (f for f in self._fragments if f.in_flight is not None),
+            key=lambda f: f.in_flight.merge_at if f.in_flight is not None else 0,
+        ):
+            self._outer_step(fragment, flat.tensors)
+        self._step = self._last_active = 0
+        for fragment in self._fragments:
+            fragment.last_send = 0
+
+
+def split_fragments(sizes: Sequence[int], count: int) -> list[int]:
+    """Bounds [0, b1, ..., len(sizes)] of ``count`` runs of consecutive
+    tensors, each of about sum(sizes) / count bytes and none empty: each cut
+    is the one nearest to its share of the total. ValueError when there are
+    fewer tensors than fragments."""
+    n = len(sizes)
+    if count > n:
+        raise ValueError(f"fragments={count}, but the params have only {n} tensors")
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+    bounds = [0]
+    for k in range(1, count):
+        target = prefix[n] * k / count
+        low, high = bounds[-1] + 1, n - (count - k)
+        best = min(range(low, high + 1), key=lambda j: (abs(prefix[j] - target), j))
+        bounds.append(best)
+    bounds.append(n)
+    return bounds
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _problem_message(problems: int, world_size: int) -> str:
+    return (
+        f"params: on {problems} of {world_size} ranks the params no longer match the ones "
+        f"bound by the first call; every rank raises, and that exchange's outer step is not taken"
+    )
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_real(name: str, value: object, low: float, high: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (high is not None and value >= high):
+        where = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be finite and {where}, got {value}")
+    return value
+
+
+def _tensor_list(state: Mapping[str, Any], key: str) -> list[torch.Tensor] | None:
+    value = state_value(state, key, object)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in value):
+        raise TypeError(f"state[{key!r}] must be None or a list of tensors")
+    return [t.detach().clone() for t in value]
+
+
+def _check_tensors_like(
+    tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], key: str
+) -> None:
+    if len(tensors) != len(like):
+        raise ValueError(f"state[{key!r}] has {len(tensors)} tensors, the params have {len(like)}")
+    for index, (got, want) in enumerate(zip(tensors, like, strict=True)):
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise ValueError(
+                f"state[{key!r}][{index}] is {got.dtype} {tuple(got.shape)}, the params' "
+                f"tensor {index} is {want.dtype} {tuple(want.shape)}"
+            )
+
+
+def _check_fragment_states(fragments: object, count: int, tau: int) -> None:
+    if not isinstance(fragments, (list, tuple)) or len(fragments) != count:
+        raise ValueError(f"state['fragments'] must be a list of {count} fragment states")
+    for saved in fragments:
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("last_send"), int):
+            raise TypeError("state['fragments']: each must be a dict with an int 'last_send'")
+        in_flight = saved.get("in_flight")
+        if in_flight is not None and (
+            not isinstance(in_flight, Mapping)
+            or not isinstance(in_flight.get("merge_at"), int)
+            or not isinstance(in_flight.get("sum"), torch.Tensor)
+        ):
+            raise TypeError("state['fragments']: 'in_flight' must be None or {merge_at, sum}")
