@@ -10,6 +10,7 @@ instead of CI's few.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -141,29 +142,22 @@ def check(config: Config, rank: int, result: dict) -> None:
         momentum=config.momentum,
         nesterov=config.nesterov,
     )
-    close = {"rtol": 1e-9, "atol": 1e-9}
     for t, (local, global_, momenta) in result["after"].items():
         want = snapshots[t]
         where = f"rank {rank} after step {t}: {asdict(config)}"
-        torch.testing.assert_close(
-            local, want.local[rank], **close, msg=lambda m: f"{where}: local: {m}"
+        assert_state(
+            where, (local, global_, momenta), (want.local[rank], want.global_params, want.momentum)
         )
-        torch.testing.assert_close(
-            global_, want.global_params, **close, msg=lambda m: f"{where}: global: {m}"
-        )
-        torch.testing.assert_close(
-            momenta, want.momentum, **close, msg=lambda m: f"{where}: momentum: {m}"
-        )
-    local, global_, momenta = result["final"]
-    where = f"rank {rank} at the end: {asdict(config)}"
     want_local = final.global_params if config.end == "parameters" else final.local[rank]
-    torch.testing.assert_close(local, want_local, **close, msg=lambda m: f"{where}: local: {m}")
-    torch.testing.assert_close(
-        global_, final.global_params, **close, msg=lambda m: f"{where}: global: {m}"
-    )
-    torch.testing.assert_close(
-        momenta, final.momentum, **close, msg=lambda m: f"{where}: momentum: {m}"
-    )
+    where = f"rank {rank} at the end: {asdict(config)}"
+    assert_state(where, result["final"], (want_local, final.global_params, final.momentum))
+
+
+def assert_state(where: str, got: tuple, want: tuple) -> None:
+    for name, g, w in zip(("local", "global", "momentum"), got, want, strict=True):
+        torch.testing.assert_close(
+            g, w, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{where}: {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -194,7 +188,7 @@ def test_fragments_are_consecutive_nonempty_and_balanced(count: int) -> None:
     sizes = [rng.randint(1, 1000) for _ in range(rng.randint(count, 20))]
     bounds = split_fragments(sizes, count)
     assert bounds[0] == 0 and bounds[-1] == len(sizes) and len(bounds) == count + 1
-    assert all(a < b for a, b in zip(bounds, bounds[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(bounds))
     # Each cut is within one tensor of its share of the total.
     total = sum(sizes)
     for k, cut in enumerate(bounds[1:-1], start=1):
