@@ -52,6 +52,7 @@ from ._tensors.validate import (
     state_value,
     structure_entries,
 )
+from .errors import CommunicationError
 
 __all__ = ["DiLoCo"]
 
@@ -302,19 +303,18 @@ class DiLoCo(GroupMember):
                 ``nn.Module`` (all its parameters).
         """
         self._collectives.check_usable("average_parameters")
-        step = self._step + 1
-        if self._signature is not None and not self._event_at[step % self._tau]:
-            self._step = self._last_active = step
+        if self._signature is not None and not self._event_at[(self._step + 1) % self._tau]:
+            self._step = self._last_active = self._step + 1
             return
         try:
-            flat = self._bind(params)
+            flat = self._bind(params)  # the first binding takes up a loaded step count
         except (TypeError, ValueError) as error:
             if self._signature is None:
                 raise  # the first call: every rank raised in the structure check
-            self._step = self._last_active = step
+            self._step = self._last_active = self._step + 1
             self._take_part_with_problem(error)
             raise
-        self._step = self._last_active = step
+        self._step = self._last_active = self._step + 1
         self._run_step(flat, waiting=False)
 
     def synchronize_global(self, params: Any) -> None:
@@ -377,15 +377,23 @@ class DiLoCo(GroupMember):
 
     def _release(self) -> None:
         # An exchange in flight completes (every rank is in it already), so
-        # that state_dict() can still report it; a failure was recorded.
+        # that state_dict() can still report it.
         for fragment in self._fragments:
-            exchange = fragment.in_flight
-            if exchange is not None and exchange.pending is not None:
-                try:
-                    exchange.pending.wait()
-                    exchange.pending = None
-                except Exception:  # close() never raises a failed collective
-                    fragment.in_flight = None
+            self._complete_for_reading(fragment)
+
+    @staticmethod
+    def _complete_for_reading(fragment: _Fragment) -> None:
+        """Waits for a fragment's allreduce in flight, for a reader of the
+        state; a failed one is dropped (the failure is recorded, and every
+        later collective call raises it): the state stays that of the last
+        exchange that completed."""
+        exchange = fragment.in_flight
+        if exchange is not None and exchange.pending is not None:
+            try:
+                exchange.pending.wait()
+                exchange.pending = None
+            except CommunicationError:
+                fragment.in_flight = None
 
     # -- state --------------------------------------------------------------
 
@@ -398,12 +406,10 @@ class DiLoCo(GroupMember):
         The local parameters and the inner optimizer are the caller's to save."""
         fragments: list[dict[str, Any]] = []
         for fragment in self._fragments:
+            self._complete_for_reading(fragment)
             exchange = fragment.in_flight
             in_flight = None
             if exchange is not None:
-                if exchange.pending is not None:
-                    exchange.pending.wait()
-                    exchange.pending = None
                 in_flight = {"merge_at": exchange.merge_at, "sum": fragment.plan.buffer.clone()}
             fragments.append({"last_send": fragment.last_send, "in_flight": in_flight})
         bound = bool(self._fragments)
@@ -436,11 +442,9 @@ class DiLoCo(GroupMember):
         if loaded["fragments"] is not None:
             _check_fragment_states(loaded["fragments"], self._fragment_count, self._tau)
         if self._fragments:
-            for fragment in self._fragments:
-                if fragment.in_flight is not None and fragment.in_flight.pending is not None:
-                    fragment.in_flight.pending.wait()
-                    fragment.in_flight.pending = None
             self._check_loaded_matches(loaded)
+            for fragment in self._fragments:
+                self._complete_for_reading(fragment)
             self._apply_loaded(loaded)
         else:
             self._loaded = loaded

@@ -13,12 +13,14 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
+import time
 from dataclasses import asdict, dataclass
 
 import pytest
 import torch
 from diloco_reference import streaming_diloco_uneven
-from multiproc import run_world
+from multiproc import run_world, run_world_outcomes
 from tensor_cases import fresh_seed
 
 import distlearn_cuda as dl
@@ -199,3 +201,275 @@ def test_fragments_are_consecutive_nonempty_and_balanced(count: int) -> None:
 def test_more_fragments_than_tensors_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="fragments=4, but the params have only 3 tensors"):
         split_fragments([1, 2, 3], 4)
+
+
+# -- checkpoints, overlap, faults, bad input ---------------------------------
+
+
+def _train(
+    rank: int,
+    seed: int,
+    diloco: dl.DiLoCo,
+    params: list[torch.Tensor],
+    steps: range,
+) -> None:
+    for t in steps:
+        with torch.no_grad():
+            for p, n in zip(params, as_tensors(noise(seed, rank, t)), strict=True):
+                p.mul_(0.97).add_(n.to(p.dtype))
+        diloco.average_parameters(params)
+
+
+def _resume(rank: int, world_size: int, seed: int, settings: dict, cut: int, steps: int) -> dict:
+    """An uninterrupted run, and one checkpointed after step ``cut`` (an
+    exchange in flight) and resumed by a new object: their params, global
+    parameters and momenta must be bitwise the same."""
+    runs = []
+    for interrupted in (False, True):
+        params = [t.float() for t in as_tensors(initial(seed, rank))]
+        diloco = dl.DiLoCo(**settings)
+        diloco.synchronize_parameters(params)
+        if interrupted:
+            _train(rank, seed, diloco, params, range(1, cut + 1))
+            state = diloco.state_dict()
+            in_flight = sum(f["in_flight"] is not None for f in state["fragments"])
+            saved = [p.clone() for p in params]
+            diloco.close()
+            del diloco
+            params = [torch.full_like(p, float("nan")) for p in params]  # poisoned
+            diloco = dl.DiLoCo(**settings)
+            diloco.load_state_dict(state)
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+            _train(rank, seed, diloco, params, range(cut + 1, steps + 1))
+        else:
+            _train(rank, seed, diloco, params, range(1, steps + 1))
+        end = diloco.state_dict()
+        runs.append([*params, *end["globals"], *end["momenta"]])
+        diloco.close()
+    same = all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    return {"same": same, "in_flight": in_flight}
+
+
+def test_a_checkpoint_with_an_exchange_in_flight_resumes_bitwise() -> None:
+    seed = fresh_seed()
+    settings = {"tau": 5, "fragments": 3, "delay": 2, "mix": 0.5}
+    # Fragment 1 exchanges at steps 1, 6, 11, ...: after step 7 it is in flight.
+    results = run_world(_resume, 2, seed, settings, 7, 23, timeout=60)
+    assert all(r["in_flight"] >= 1 for r in results), results
+    assert all(r["same"] for r in results), results
+
+
+def _overlapped_and_not(rank: int, world_size: int, seed: int) -> bool:
+    # nonfinite="raise" waits for every allreduce when it starts; with
+    # finite values it computes the same: the overlap must not change a bit.
+    finals = []
+    for nonfinite in ("propagate", "raise"):
+        params = [t.float() for t in as_tensors(initial(seed, rank))]
+        diloco = dl.DiLoCo(tau=4, fragments=2, delay=3, mix=0.25, nonfinite=nonfinite)
+        diloco.synchronize_parameters(params)
+        _train(rank, seed, diloco, params, range(1, 18 + 3 * rank))
+        diloco.synchronize_global(params)
+        finals.append([*params, *diloco.state_dict()["globals"]])
+        diloco.close()
+    return all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+
+
+def test_overlapped_exchanges_are_bitwise_the_waited_ones() -> None:
+    assert all(run_world(_overlapped_and_not, 3, fresh_seed(), timeout=60))
+
+
+def _nan_on_rank_1(rank: int, world_size: int, mode: str) -> dict:
+    params = [t.float() for t in as_tensors(initial(5, rank))]
+    diloco = dl.DiLoCo(tau=2, nonfinite=mode)
+    diloco.synchronize_parameters(params)
+    _train(rank, 5, diloco, params, range(1, 3))  # one outer step
+    before = [g.clone() for g in diloco.state_dict()["globals"]]
+    report: dict = {"error": None}
+    with torch.no_grad():
+        params[0].add_(0.5)
+        if rank == 1:
+            params[1][0] = float("nan")
+    try:
+        diloco.average_parameters(params)
+        diloco.average_parameters(params)  # the exchange of step 4
+    except FloatingPointError as error:
+        report["error"] = str(error)
+    after = diloco.state_dict()["globals"]
+    report["globals_unchanged"] = all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    report["globals_finite"] = all(bool(g.isfinite().all()) for g in after)
+    report["skipped"] = diloco.last_outer_step_skipped
+    report["params_are_globals"] = all(
+        torch.equal(p, g) for p, g in zip(params, after, strict=True)
+    )
+    try:
+        diloco.synchronize_parameters(params)
+        report["synchronized"] = "ok"
+    except FloatingPointError as error:
+        report["synchronized"] = str(error)
+    diloco.close()
+    return report
+
+
+@pytest.mark.parametrize("mode", ["propagate", "skip", "raise"])
+def test_a_nan_on_one_rank_gets_the_same_decision_on_every_rank(mode: str) -> None:
+    reports = run_world(_nan_on_rank_1, 3, mode, timeout=60)
+    for rank, r in enumerate(reports):
+        where = f"rank {rank}: {r}"
+        if mode == "propagate":
+            assert r["error"] is None and not r["globals_finite"], where
+            assert "hold NaN or infinite values" in r["synchronized"], where
+        elif mode == "skip":
+            assert r["error"] is None and r["skipped"] and r["globals_unchanged"], where
+            assert r["params_are_globals"], where  # every rank restarts from the globals
+            assert r["synchronized"] == "ok", where
+        else:
+            assert "NaN or infinite outer gradients on 1 of 3 ranks" in r["error"], where
+            assert r["globals_unchanged"], where
+    assert len({r["error"] for r in reports}) == 1
+
+
+def _params_change_on_rank_1(rank: int, world_size: int, delay: int) -> dict:
+    params = [t.float() for t in as_tensors(initial(3, rank))]
+    diloco = dl.DiLoCo(tau=3, delay=delay, fragments=2)
+    diloco.synchronize_parameters(params)
+    _train(rank, 3, diloco, params, range(1, 6))
+    if rank == 1:
+        params = [*params[:-1], torch.zeros(6, dtype=torch.float64)]  # its dtype changed
+    error = None
+    for t in range(6, 12):
+        with torch.no_grad():
+            for p, n in zip(params, as_tensors(noise(3, rank, t)), strict=True):
+                p.mul_(0.97).add_(n.to(p.dtype))
+        kept = [p.clone() for p in params]
+        try:
+            diloco.average_parameters(params)
+        except ValueError as raised:
+            error = str(raised)
+            break
+    return {
+        "error": error,
+        "globals": [g.tolist() for g in diloco.state_dict()["globals"]],
+        "untouched": rank != 1 or all(torch.equal(p, k) for p, k in zip(params, kept, strict=True)),
+    }
+
+
+@pytest.mark.parametrize("delay", [0, 2])
+def test_a_rank_whose_params_changed_makes_every_rank_raise_alike(delay: int) -> None:
+    reports = run_world(_params_change_on_rank_1, 3, delay, timeout=60)
+    assert all(r["error"] is not None for r in reports), reports
+    assert len({r["error"] for r in reports}) == 1, reports
+    assert "on 1 of 3 ranks the params no longer match" in reports[0]["error"]
+    assert all(r["globals"] == reports[0]["globals"] for r in reports)
+    assert reports[1]["untouched"]
+
+
+def _peer_fails(rank: int, world_size: int, fault: str) -> dict:
+    params = [t.float() for t in as_tensors(initial(9, rank))]
+    diloco = dl.DiLoCo(tau=2, fragments=2, delay=1, timeout=DEADLINE_S)
+    diloco.synchronize_parameters(params)
+    good = None
+    for t in range(1, 200):
+        if rank == 1 and t == 6:
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        started = time.time()
+        try:
+            good = [g.clone() for g in diloco.state_dict()["globals"]]
+            _train(rank, 9, diloco, params, range(t, t + 1))
+        except dl.CommunicationError as error:
+            state = diloco.state_dict()  # does not raise after the failure
+            diloco.close()
+            diloco.close()
+            return {
+                "step": t,
+                "seconds": time.time() - started,
+                "message": str(error),
+                "last_good": all(
+                    torch.equal(a, b) for a, b in zip(state["globals"], good, strict=True)
+                ),
+            }
+    return {"step": None}
+
+
+DEADLINE_S = 4.0
+
+
+@pytest.mark.parametrize("fault", ["kill", "stall"])
+def test_survivors_raise_within_the_deadline_and_keep_the_last_good_state(fault: str) -> None:
+    outcomes = run_world_outcomes(_peer_fails, 3, fault, timeout=40, expected=[0, 2])
+    for rank in (0, 2):
+        assert outcomes[rank].status == "ok", outcomes[rank].value
+        report = outcomes[rank].value
+        assert report["step"] is not None, f"rank {rank} never noticed the failure"
+        assert report["seconds"] <= DEADLINE_S + 3.0, report
+        assert f"failed on rank {rank}" in report["message"], report
+        assert report["last_good"], report
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"tau": 0}, ValueError, "tau"),
+        ({"tau": 4, "delay": 4}, ValueError, "delay must be below tau"),
+        ({"delay": -1}, ValueError, "delay must be >= 0"),
+        ({"fragments": 0}, ValueError, "fragments must be >= 1"),
+        ({"fragments": 2.0}, TypeError, "fragments must be an int"),
+        ({"mix": 1.0}, ValueError, "mix must be finite and in"),
+        ({"momentum": 1.0}, ValueError, "momentum must be finite and in"),
+        ({"momentum": 0.0}, ValueError, "nesterov=True needs momentum > 0"),
+        ({"outer_lr": float("nan")}, ValueError, "outer_lr must be finite"),
+        ({"outer_lr": "0.7"}, TypeError, "outer_lr must be a float"),
+        ({"nesterov": 1}, TypeError, "nesterov must be a bool"),
+        ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_argument(
+    kwargs: dict, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        dl.DiLoCo(**kwargs)
+
+
+def _first_call_with_too_many_fragments(rank: int, world_size: int) -> str:
+    diloco = dl.DiLoCo(tau=2, fragments=4)
+    try:
+        diloco.average_parameters([torch.zeros(3), torch.zeros(2)])
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_more_fragments_than_tensors_raises_on_every_rank() -> None:
+    for message in run_world(_first_call_with_too_many_fragments, 2, timeout=60):
+        assert "fragments=4, but the params have only 2 tensors" in message
+
+
+def _module_run(rank: int, world_size: int) -> dict:
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    diloco = dl.DiLoCo(tau=3, fragments=2, comm_dtype=torch.bfloat16)
+    diloco.synchronize_parameters(model, optimizer=opt)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(7 + rank):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        diloco.average_parameters(model)
+    diloco.synchronize_parameters(model, optimizer=opt)
+    return {
+        "keys": sorted(diloco.global_parameters),
+        "names": diloco.fragment_names,
+        "state": {k: v.tolist() for k, v in model.state_dict().items()},
+        "moments": opt.state_dict()["state"][0]["exp_avg"].tolist(),
+    }
+
+
+def test_a_module_with_bf16_exchanges_ends_the_same_on_every_rank() -> None:
+    reports = run_world(_module_run, 2, timeout=60)
+    assert reports[0]["keys"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert reports[0]["state"] == reports[1]["state"]
+    assert reports[0]["moments"] == reports[1]["moments"]
+    assert reports[0]["names"] == reports[1]["names"]
