@@ -208,7 +208,9 @@ def outer_step(
             direction = g + momentum * buf.double() if nesterov else buf.double()
         updated = (memory_view(global_).double() - lr * direction).to(global_.dtype)
         memory_view(global_).copy_(updated)
-        merged = updated.double() if mix == 0 else mix * memory_view(local).double() + (
-            1 - mix
-        ) * updated.double()
+        merged = (
+            updated.double()
+            if mix == 0
+            else mix * memory_view(local).double() + (1 - mix) * updated.double()
+        )
         memory_view(local).copy_(merged)
