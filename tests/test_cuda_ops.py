@@ -326,3 +326,58 @@ def test_launches_are_captured_in_a_cuda_graph_and_replayed() -> None:
     expected = torch.full_like(buffer, float("nan"))
     reference.pack(tensors, expected, layout.offsets, layout.count_offset, 2, 1)
     assert torch.equal(written(layout, buffer), written(layout, expected))
+
+
+@pytest.mark.parametrize(("tensor_dtype", "buffer_dtype"), PAIRS)
+@pytest.mark.parametrize(("name", "shapes", "misaligned"), CASES)
+@pytest.mark.parametrize("mix", [0.0, 0.4])
+def test_outer_gradient_and_outer_step_match_reference(
+    tensor_dtype: torch.dtype,
+    buffer_dtype: torch.dtype,
+    name: str,
+    shapes: list,
+    misaligned: bool,
+    mix: float,
+) -> None:
+    # DiLoCo's two ops: three tensor streams (locals, globals, momenta).
+    locals_, globals_, momenta = (cuda_case(shapes, tensor_dtype, misaligned) for _ in range(3))
+    expected = [[t.clone() for t in group] for group in (locals_, globals_, momenta)]
+    layout = layout_of(locals_, buffer_dtype)
+    got = torch.full((layout.buffer_numel,), float("nan"), dtype=buffer_dtype, device="cuda")
+    want = got.clone()
+    _C.outer_gradient_cuda(
+        layout, addresses(locals_), addresses(globals_), got.data_ptr(), 1, stream()
+    )
+    reference.outer_gradient(
+        expected[0], expected[1], want, layout.offsets, layout.count_offset, 2, 1
+    )
+    tol = tolerance(tensor_dtype, buffer_dtype)
+    torch.testing.assert_close(written(layout, got), written(layout, want), **tol)
+    got[layout.count_offset] = 2  # contributor count 3 = 2 + 1
+    want.copy_(got)
+    settings = (0.7, 0.9, True, mix)
+    _C.outer_step_cuda(
+        layout, *map(addresses, (locals_, globals_, momenta)), got.data_ptr(), *settings, stream()
+    )
+    reference.outer_step(*expected, want, layout.offsets, layout.count_offset, 2, *settings)
+    tol = {"rtol": 4 * tol["rtol"], "atol": 4 * tol["atol"]}
+    for got_group, want_group in zip((locals_, globals_, momenta), expected, strict=True):
+        for g, w in zip(got_group, want_group, strict=True):
+            torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outer_ops_cuda_and_cpu_flavors_are_bit_identical(dtype: torch.dtype) -> None:
+    groups = [cuda_case(ODD_SHAPES, dtype, misaligned=False) for _ in range(3)]
+    groups_cpu = [[t.cpu() for t in group] for group in groups]
+    layout = layout_of(groups[0], torch.float32)
+    buffer = torch.zeros(layout.buffer_numel, device="cuda")
+    buffer_cpu = torch.zeros(layout.buffer_numel)
+    _C.outer_gradient_cuda(layout, *map(addresses, groups[:2]), buffer.data_ptr(), 0, stream())
+    _C.outer_gradient(layout, *map(addresses, groups_cpu[:2]), buffer_cpu.data_ptr(), 0, 2)
+    assert torch.equal(buffer.cpu(), buffer_cpu)
+    settings = (0.7, 0.9, True, 0.3)
+    _C.outer_step_cuda(layout, *map(addresses, groups), buffer.data_ptr(), *settings, stream())
+    _C.outer_step(layout, *map(addresses, groups_cpu), buffer_cpu.data_ptr(), *settings, 2)
+    for group, group_cpu in zip(groups, groups_cpu, strict=True):
+        assert all(torch.equal(t.cpu(), u) for t, u in zip(group, group_cpu, strict=True))
