@@ -16,7 +16,15 @@ The eager baselines are PyTorch best practice: ``torch._foreach_*`` ops and
 SGD 16 (pack reads 4 and writes 4; unpack the same); EA ops 28 (blend reads
 x and c, writes x and delta; center update reads c and the sum, writes c);
 an EA round 24 (asynchronous, it folds the previous round's center update
-into its blend: reads x, c and the sum, writes x, c and delta).
+into its blend: reads x, c and the sum, writes x, c and delta); DiLoCo's
+outer step 36 (the outer gradient reads the local and global params and
+writes the buffer; the outer step reads the sum, the global params and the
+momenta and writes the three tensors).
+
+DiLoCo's eager baseline is the outer step as torchft's DiLoCo takes it,
+without its host copies: the outer gradient with ``_foreach_sub``, flattened,
+divided by the count, then ``torch.optim.SGD(nesterov=True)`` (foreach)
+stepping the global params, and the local params set to them.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from .shapes import resnet50_shapes
 SGD_BYTES_PER_ELEMENT = 16  # fp32: pack 4 + 4, unpack 4 + 4
 EA_BYTES_PER_ELEMENT = 28  # fp32: blend 4 * 4, center update 3 * 4
 EA_ROUND_BYTES_PER_ELEMENT = 24  # fp32: the folded blend, 6 * 4
+DILOCO_BYTES_PER_ELEMENT = 36  # fp32: outer gradient 3 * 4, outer step 6 * 4
+OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9  # the DiLoCo paper's
 ALPHA = 0.2
 DEFAULT_OUT = Path(__file__).parent / "results"
 
@@ -166,6 +176,76 @@ class EaOps:
         eager_ea_round(self.eager_x, self.eager_c, allreduce=None)
 
 
+class DilocoOps:
+    """DiLoCo's outer gradient + outer step (mix 0), fused and eager, without
+    communication (a world of one: the sum is the rank's own gradient).
+    ``reset`` (untimed) restores the starting values before each timed step."""
+
+    def __init__(self, locals_: list[torch.Tensor], globals_: list[torch.Tensor]) -> None:
+        self.start = (locals_, globals_)
+        self.fused = _FusedOuter(locals_, globals_)
+        self.eager_locals = [t.clone() for t in locals_]
+        self.eager_globals = [t.clone().requires_grad_() for t in globals_]
+        self.optimizer = torch.optim.SGD(
+            self.eager_globals, lr=OUTER_LR, momentum=OUTER_MOMENTUM, nesterov=True, foreach=True
+        )
+        self.count = torch.ones(1)
+
+    def reset(self) -> None:
+        self.fused.reset(*self.start)
+        torch._foreach_copy_(self.eager_locals, self.start[0])
+        with torch.no_grad():
+            torch._foreach_copy_(self.eager_globals, self.start[1])
+
+    def eager(self) -> None:
+        eager_outer_step(self.eager_locals, self.eager_globals, self.optimizer, self.count)
+
+
+class _FusedOuter:
+    def __init__(self, locals_: list[torch.Tensor], globals_: list[torch.Tensor]) -> None:
+        self.locals_ = [t.clone() for t in locals_]
+        self.globals_ = [t.clone() for t in globals_]
+        self.momenta = [torch.zeros_like(t) for t in globals_]
+        self.layout = _C.Layout([t.numel() for t in locals_], [0] * len(locals_), 0, 1)
+        self.buffer = torch.zeros(self.layout.buffer_numel)
+        self.addresses = [
+            [t.data_ptr() for t in g] for g in (self.locals_, self.globals_, self.momenta)
+        ]
+
+    def reset(self, locals_: list[torch.Tensor], globals_: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(self.locals_, locals_)
+        torch._foreach_copy_(self.globals_, globals_)
+
+    def __call__(self) -> None:
+        threads, buffer = torch.get_num_threads(), self.buffer.data_ptr()
+        _C.outer_gradient(self.layout, *self.addresses[:2], buffer, 0, threads)
+        _C.outer_step(
+            self.layout, *self.addresses, buffer, OUTER_LR, OUTER_MOMENTUM, True, 0.0, threads
+        )
+
+
+def eager_outer_step(
+    locals_: list[torch.Tensor],
+    globals_: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    count: torch.Tensor,
+    allreduce: Callable[[torch.Tensor], object] | None = None,
+) -> None:
+    """Eager DiLoCo outer step: the mean of global - local as the globals'
+    gradient, a Nesterov SGD step, the locals reset to the globals."""
+    with torch.no_grad():
+        grads = torch._foreach_sub([g.detach() for g in globals_], locals_)
+        flat = _flatten_dense_tensors([*grads, count])
+        if allreduce is not None:
+            allreduce(flat)
+        flat[:-1].div_(flat[-1])
+        for g, grad in zip(globals_, _unflatten_dense_tensors(flat[:-1], grads), strict=True):
+            g.grad = grad
+    optimizer.step()
+    with torch.no_grad():
+        torch._foreach_copy_(locals_, [g.detach() for g in globals_])
+
+
 def check_same(case: str, fused: list[torch.Tensor], eager: list[torch.Tensor]) -> None:
     """Fails the benchmark if the two paths did not compute the same thing."""
     for i, (a, b) in enumerate(zip(fused, eager, strict=True)):
@@ -213,6 +293,19 @@ def run(quick: bool, repeats: int, warmup: int) -> tuple[list[Comparison], dict[
         ea_ops.eager,
         EA_BYTES_PER_ELEMENT,
         reset=ea_ops.reset,
+    )
+
+    diloco_ops = DilocoOps(random_tensors(shapes, generator), random_tensors(shapes, generator))
+    diloco_ops.fused()
+    diloco_ops.eager()
+    check_same("DiLoCo ops (globals)", diloco_ops.fused.globals_, diloco_ops.eager_globals)
+    check_same("DiLoCo ops (locals)", diloco_ops.fused.locals_, diloco_ops.eager_locals)
+    compare(
+        "DiLoCo ops: outer gradient+outer step",
+        diloco_ops.fused,
+        diloco_ops.eager,
+        DILOCO_BYTES_PER_ELEMENT,
+        reset=diloco_ops.reset,
     )
 
     group = dist.group.WORLD
