@@ -24,7 +24,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -48,11 +48,13 @@ from ._tensors.validate import (
     check_same_signature,
     check_tau,
     check_timeout,
+    entry,
     signature,
     state_value,
     structure_entries,
 )
 from .errors import CommunicationError
+from .reference import memory_view
 
 __all__ = ["DiLoCo"]
 
@@ -73,26 +75,52 @@ class _Exchange:
     pending: PendingSum | None
 
 
+class Piece(NamedTuple):
+    """Elements [begin, end) of tensor ``tensor`` of the bound params, in
+    memory order: a fragment is a run of pieces."""
+
+    tensor: int
+    begin: int
+    end: int
+
+
 class _Fragment:
-    """Some of the params (consecutive tensors of the bound list), with
-    their global values, outer momenta, buffer and schedule."""
+    """A run of the params' elements (pieces of consecutive tensors), with
+    views of their global values and outer momenta, a buffer and a schedule."""
 
     def __init__(
-        self, indices: range, offset: int, plan: Plan, params: Sequence[torch.Tensor]
+        self,
+        pieces: list[Piece],
+        offset: int,
+        plan: Plan,
+        globals_: Sequence[torch.Tensor],
+        momenta: Sequence[torch.Tensor],
     ) -> None:
-        self.indices = indices
+        self.pieces = pieces
+        self.tensors = sorted({piece.tensor for piece in pieces})
         self.offset = offset  # sends at the steps t >= 1 with t = offset (mod tau)
         self.plan = plan
-        self.globals_ = [params[i].detach().clone() for i in indices]
-        self.momenta = [torch.zeros_like(g) for g in self.globals_]
+        self.globals_ = _views(globals_, pieces)
+        self.momenta = _views(momenta, pieces)
         self.global_addresses = _C.Addresses(addresses_of(self.globals_))
         self.momentum_addresses = _C.Addresses(addresses_of(self.momenta))
         self.local_addresses = _C.Addresses()
         self.last_send = 0  # the step of this fragment's last exchange
         self.in_flight: _Exchange | None = None
 
-    def bind_locals(self, addresses: Sequence[int]) -> None:
-        self.local_addresses = _C.Addresses([addresses[i] for i in self.indices])
+    def bind_locals(self, addresses: Sequence[int], element_sizes: Sequence[int]) -> None:
+        self.local_addresses = _C.Addresses(
+            [addresses[p.tensor] + p.begin * element_sizes[p.tensor] for p in self.pieces]
+        )
+
+    def locals_of(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The pieces of ``tensors`` (the bound params) as 1-D views."""
+        return _views(tensors, self.pieces)
+
+
+def _views(tensors: Sequence[torch.Tensor], pieces: Sequence[Piece]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [memory_view(tensors[p.tensor].detach())[p.begin : p.end] for p in pieces]
 
 
 class DiLoCo(GroupMember):
@@ -106,8 +134,10 @@ class DiLoCo(GroupMember):
     parameters are merged with them: ``local = mix * local + (1 - mix) *
     global`` (``mix=0``, the default, is DiLoCo's reset).
 
-    With ``fragments=P`` the parameters are split into P fragments of
-    consecutive tensors, of about equal bytes (``fragment_names``);
+    With ``fragments=P`` the parameters' elements, tensor after tensor in
+    memory order, are split into P runs of about equal bytes (a tensor may
+    be split between two; cuts fall on multiples of 64 elements where the
+    sizes allow; see ``fragment_pieces``);
     fragment p exchanges on the steps ``t = p * tau // P (mod tau)``, so the
     traffic of one exchange is about 1/P of the parameters. With
     ``delay=d`` a fragment's allreduce runs while d more inner steps run,
@@ -134,7 +164,7 @@ class DiLoCo(GroupMember):
         momentum: its momentum, in [0, 1) (default 0.9).
         nesterov: Nesterov momentum (default True; needs momentum > 0).
         fragments: how many fragments the parameters are split into (int
-            >= 1, at most the number of tensors).
+            >= 1, at most the number of elements).
         delay: inner steps each exchange overlaps, in [0, tau) (default 0).
         mix: the merge's share of the local parameters, in [0, 1) (default 0).
         comm_dtype: dtype in which outer gradients travel; default: the
@@ -212,6 +242,9 @@ class DiLoCo(GroupMember):
         self._plans = PlanCache(self._group.world_size)
         self._signature: Signature | None = None
         self._fragments: list[_Fragment] = []
+        self._globals: list[torch.Tensor] = []  # in the params' shapes and memory order
+        self._momenta: list[torch.Tensor] = []
+        self._element_sizes: list[int] = []
         self._names: list[str] = []
         self._rebuild: _tree.Rebuild = list
         self._addresses: list[int] = []
@@ -253,12 +286,16 @@ class DiLoCo(GroupMember):
         return self._skipped
 
     @property
-    def fragment_names(self) -> list[list[str]] | None:
-        """The params' names (as ``global_parameters`` keys them) in each
-        fragment; None before the first call."""
+    def fragment_pieces(self) -> list[list[tuple[str, int, int]]] | None:
+        """Each fragment's pieces: (a tensor's name, its first element, its
+        end), elements counted in memory order; names as
+        ``global_parameters`` keys them for a module, else as error messages
+        name them. None before the first call."""
         if not self._fragments:
             return None
-        return [[self._names[i] for i in f.indices] for f in self._fragments]
+        return [
+            [(self._names[p.tensor], p.begin, p.end) for p in f.pieces] for f in self._fragments
+        ]
 
     @property
     def global_parameters(self) -> Any:
@@ -267,7 +304,7 @@ class DiLoCo(GroupMember):
         first call. Exchanges in flight are not in them yet."""
         if not self._fragments:
             return None
-        return self._rebuild([g for f in self._fragments for g in f.globals_])
+        return self._rebuild(self._globals)
 
     def _settings(self) -> list[tuple[str, object]]:
         return [
@@ -362,7 +399,7 @@ class DiLoCo(GroupMember):
             params if buffers else None, optimizer, flat.tensors[0].device, states
         )
         self._wait_for_all_ranks(flat)
-        globals_ = [g for f in self._fragments for g in f.globals_]
+        globals_ = self._globals
         if not all(bool(torch.isfinite(g).all()) for g in globals_):
             raise FloatingPointError(
                 "synchronize_parameters: the global parameters hold NaN or infinite values "
@@ -417,8 +454,8 @@ class DiLoCo(GroupMember):
             "step": self._step,
             "last_active": self._last_active,
             "outer_steps": self._outer_steps,
-            "globals": [g.clone() for f in self._fragments for g in f.globals_] if bound else None,
-            "momenta": [m.clone() for f in self._fragments for m in f.momenta] if bound else None,
+            "globals": [g.clone() for g in self._globals] if bound else None,
+            "momenta": [m.clone() for m in self._momenta] if bound else None,
             "fragments": fragments if bound else None,
         }
 
@@ -452,7 +489,7 @@ class DiLoCo(GroupMember):
     def _check_loaded_matches(self, loaded: dict[str, Any]) -> None:
         if loaded["globals"] is None:
             raise ValueError("state['globals'] is None: it comes from an object never bound")
-        like = [g for f in self._fragments for g in f.globals_]
+        like = self._globals
         _check_tensors_like(loaded["globals"], like, "globals")
         _check_tensors_like(loaded["momenta"], like, "momenta")
         for fragment, saved in zip(self._fragments, loaded["fragments"], strict=True):
@@ -464,12 +501,10 @@ class DiLoCo(GroupMember):
         self._step = loaded["step"]
         self._last_active = loaded["last_active"]
         self._outer_steps = loaded["outer_steps"]
-        globals_, momenta = iter(loaded["globals"]), iter(loaded["momenta"])
         with torch.no_grad():
+            torch._foreach_copy_(self._globals, loaded["globals"])
+            torch._foreach_copy_(self._momenta, loaded["momenta"])
             for fragment, saved in zip(self._fragments, loaded["fragments"], strict=True):
-                for g, m in zip(fragment.globals_, fragment.momenta, strict=True):
-                    g.copy_(next(globals_))
-                    m.copy_(next(momenta))
                 fragment.last_send = saved["last_send"]
                 in_flight = saved["in_flight"]
                 fragment.in_flight = None
@@ -502,7 +537,8 @@ class DiLoCo(GroupMember):
         try:
             params_signature = signature(flat, "params")
             check_no_overlap(flat, "params")
-            bounds = split_fragments([_nbytes(t) for t in flat.tensors], self._fragment_count)
+            sizes = [(t.numel(), t.element_size()) for t in flat.tensors]
+            runs = split_fragments(sizes, self._fragment_count)
             if loaded is not None and loaded["globals"] is not None:
                 _check_tensors_like(loaded["globals"], flat.tensors, "globals")
                 _check_tensors_like(loaded["momenta"], flat.tensors, "momenta")
@@ -516,13 +552,16 @@ class DiLoCo(GroupMember):
         if problem is not None:
             raise problem
         dtype = self._comm_dtype or lossless_dtype([t.dtype for t in flat.tensors])
-        device, entries_ = params_signature
+        self._globals = [t.detach().clone() for t in flat.tensors]  # strides kept
+        self._momenta = [torch.zeros_like(g) for g in self._globals]
+        self._element_sizes = [t.element_size() for t in flat.tensors]
         self._fragments = []
-        for p, (begin, end) in enumerate(itertools.pairwise(bounds)):
-            part: Signature = (device, entries_[begin:end])
+        for p, pieces in enumerate(runs):
+            views = _views(self._globals, pieces)
+            part: Signature = (params_signature[0], tuple(entry(v) for v in views))
             plan = self._plans.get(f"outer{p}", part, dtype, _OUTER_CODES)
             offset = p * self._tau // self._fragment_count
-            self._fragments.append(_Fragment(range(begin, end), offset, plan, flat.tensors))
+            self._fragments.append(_Fragment(pieces, offset, plan, self._globals, self._momenta))
         for fragment in self._fragments:
             self._event_at[fragment.offset % self._tau] = True
             self._event_at[(fragment.offset + self._delay) % self._tau] = True
@@ -541,7 +580,7 @@ class DiLoCo(GroupMember):
     def _bind_addresses(self, addresses: list[int]) -> None:
         self._addresses = addresses
         for fragment in self._fragments:
-            fragment.bind_locals(addresses)
+            fragment.bind_locals(addresses, self._element_sizes)
 
     def _broadcast_globals(self) -> None:
         plan = self._plans.get(
@@ -549,7 +588,7 @@ class DiLoCo(GroupMember):
             self._bound_signature(),
             lossless_dtype([entry[0] for entry in self._bound_signature()[1]]),
         )
-        globals_ = [g for f in self._fragments for g in f.globals_]
+        globals_ = self._globals
         plan.pack(globals_, addresses_of(globals_), count_slot=-1)
         self._collectives.broadcast(plan.buffer, src=0)
         plan.unpack(globals_, addresses_of(globals_), normalize=False)
@@ -606,7 +645,7 @@ class DiLoCo(GroupMember):
         whether no rank contributed."""
         plan = fragment.plan
         if self._last_active > fragment.last_send:
-            locals_ = [tensors[i] for i in fragment.indices]
+            locals_ = fragment.locals_of(tensors)
             slot = plan.count_slot(self.rank, _OUTER_STEP)
             plan.outer_gradient(
                 locals_,
@@ -646,7 +685,7 @@ class DiLoCo(GroupMember):
         skip = self._nonfinite == "skip"
         plan.outer_step(
             OuterStep(
-                [tensors[i] for i in fragment.indices],
+                fragment.locals_of(tensors),
                 fragment.local_addresses,
                 fragment.globals_,
                 fragment.global_addresses,
@@ -659,7 +698,7 @@ class DiLoCo(GroupMember):
                 skip,
             )
         )
-        increment_version([tensors[i] for i in fragment.indices])
+        increment_version([tensors[i] for i in fragment.tensors])
         self._outer_steps += 1
         self._skipped = skip and plan.nonfinite_ranks() > 0
 
@@ -684,14 +723,12 @@ class DiLoCo(GroupMember):
         for fragment in self._fragments:
             exchange = fragment.in_flight
             if exchange is not None and exchange.merge_at == step:
-                scratch = [g.clone() for g in fragment.globals_]
-                fragment.local_addresses = _C.Addresses(addresses_of(scratch))
-                indices, fragment.indices = fragment.indices, range(len(scratch))
+                scratch = [g.clone() for g in self._globals]
+                fragment.bind_locals(addresses_of(scratch), self._element_sizes)
                 try:
                     self._outer_step(fragment, scratch)
                 finally:
-                    fragment.indices = indices
-                    fragment.bind_locals(self._addresses)
+                    fragment.bind_locals(self._addresses, self._element_sizes)
         problems = 0
         for fragment in self._fragments:
             if step >= 1 and (step - fragment.offset) % self._tau == 0:
@@ -727,29 +764,56 @@ class DiLoCo(GroupMember):
             fragment.last_send = 0
 
 
-def split_fragments(sizes: Sequence[int], count: int) -> list[int]:
-    """Bounds [0, b1, ..., len(sizes)] of ``count`` runs of consecutive
-    tensors, each of about sum(sizes) / count bytes and none empty: each cut
-    is the one nearest to its share of the total. ValueError when there are
-    fewer tensors than fragments."""
-    n = len(sizes)
-    if count > n:
-        raise ValueError(f"fragments={count}, but the params have only {n} tensors")
-    prefix = [0]
-    for size in sizes:
-        prefix.append(prefix[-1] + size)
-    bounds = [0]
-    for k in range(1, count):
-        target = prefix[n] * k / count
-        low, high = bounds[-1] + 1, n - (count - k)
-        best = min(range(low, high + 1), key=lambda j: (abs(prefix[j] - target), j))
-        bounds.append(best)
-    bounds.append(n)
-    return bounds
+def split_fragments(sizes: Sequence[tuple[int, int]], count: int) -> list[list[Piece]]:
+    """``count`` runs of the elements of tensors of (numel, element size)
+    ``sizes``, tensor after tensor, each of about 1 / count of the bytes and
+    none empty. Cut k falls at the element nearest k / count of the bytes,
+    on a multiple of 64 elements within its tensor (16-byte aligned pieces:
+    the vector path) unless that leaves a run empty; a tensor without
+    elements is in no run. ValueError when there are fewer elements than
+    runs."""
+    total = sum(n * size for n, size in sizes)
+    elements = sum(n for n, _ in sizes)
+    if count > elements:
+        raise ValueError(f"fragments={count}, but the params have only {elements} elements")
+    for granule in (_CUT_GRANULE, 1):
+        cuts = [(0, 0), *(_position(sizes, total * k / count, granule) for k in range(1, count))]
+        cuts.append((len(sizes), 0))
+        runs = [_pieces(sizes, a, b) for a, b in itertools.pairwise(cuts)]
+        if all(runs):
+            return runs
+    raise AssertionError("unreachable: with cuts on elements, every run holds one")
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+# Cuts fall on multiples of this many elements within a tensor: 64 elements
+# keep a piece's address 16-byte aligned for every dtype (vector_io.h).
+_CUT_GRANULE = 64
+
+
+def _position(sizes: Sequence[tuple[int, int]], target: float, granule: int) -> tuple[int, int]:
+    """(tensor, element) of the cut nearest ``target`` bytes, rounded to
+    ``granule`` elements within the tensor; (i + 1, 0) rather than (i, numel)."""
+    start = 0
+    for index, (n, size) in enumerate(sizes):
+        if start + n * size > target:
+            element = round((target - start) / size / granule) * granule
+            element = min(max(element, 0), n)
+            return (index + 1, 0) if element == n else (index, element)
+        start += n * size
+    return (len(sizes), 0)
+
+
+def _pieces(
+    sizes: Sequence[tuple[int, int]], a: tuple[int, int], b: tuple[int, int]
+) -> list[Piece]:
+    """The pieces from position a up to position b (tensor, element)."""
+    pieces = []
+    for index in range(a[0], min(b[0], len(sizes) - 1) + 1):
+        begin = a[1] if index == a[0] else 0
+        end = b[1] if index == b[0] else sizes[index][0]
+        if end > begin:
+            pieces.append(Piece(index, begin, end))
+    return pieces
 
 
 def _problem_message(problems: int, world_size: int) -> str:

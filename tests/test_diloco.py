@@ -10,7 +10,6 @@ instead of CI's few.
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import signal
@@ -98,7 +97,7 @@ def _run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
             nesterov=c.nesterov,
         )
         diloco.synchronize_parameters(params)
-        names = diloco.fragment_names
+        names = diloco.fragment_pieces
         after: dict[int, tuple] = {}
         for t in range(1, c.steps[rank] + 1):
             with torch.no_grad():
@@ -125,7 +124,7 @@ def check(config: Config, rank: int, result: dict) -> None:
     names = [f"params[{i}]" for i in range(len(SHAPES))]
     offsets = [sum(SIZES[:i]) for i in range(len(SHAPES))]
     parts = [
-        [offsets[names.index(n)] + k for n in fragment for k in range(SIZES[names.index(n)])]
+        [offsets[names.index(name)] + k for name, begin, end in fragment for k in range(begin, end)]
         for fragment in result["names"]
     ]
 
@@ -184,23 +183,28 @@ def test_the_globals_and_momenta_are_bitwise_the_same_on_every_rank() -> None:
         )
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 5])
-def test_fragments_are_consecutive_nonempty_and_balanced(count: int) -> None:
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+def test_fragments_cover_every_element_once_in_order_and_balanced(count: int) -> None:
     rng = random.Random(fresh_seed())
-    sizes = [rng.randint(1, 1000) for _ in range(rng.randint(count, 20))]
-    bounds = split_fragments(sizes, count)
-    assert bounds[0] == 0 and bounds[-1] == len(sizes) and len(bounds) == count + 1
-    assert all(a < b for a, b in itertools.pairwise(bounds))
-    # Each cut is within one tensor of its share of the total.
-    total = sum(sizes)
-    for k, cut in enumerate(bounds[1:-1], start=1):
-        before = sum(sizes[:cut])
-        assert abs(before - total * k / count) <= max(sizes), (sizes, bounds)
+    sizes = [(rng.choice([0, 1, 7, 64, 300, 5000]), rng.choice([2, 4, 8])) for _ in range(12)]
+    runs = split_fragments(sizes, count)
+    assert len(runs) == count and all(runs)
+    flat = [(p.tensor, e) for run in runs for p in run for e in range(p.begin, p.end)]
+    assert flat == [(t, e) for t, (n, _) in enumerate(sizes) for e in range(n)], (sizes, runs)
+    total = sum(n * size for n, size in sizes)
+    # Each run's bytes within 64 elements of the widest type of its share.
+    for run in runs:
+        got = sum((p.end - p.begin) * sizes[p.tensor][1] for p in run)
+        assert abs(got - total / count) <= 2 * 64 * 8, (sizes, runs)
+    # Cuts inside a tensor fall on multiples of 64 elements when they can.
+    if total >= count * 64 * 8 * 4:
+        assert all(p.begin % 64 == 0 for run in runs for p in run), (sizes, runs)
 
 
-def test_more_fragments_than_tensors_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="fragments=4, but the params have only 3 tensors"):
-        split_fragments([1, 2, 3], 4)
+def test_more_fragments_than_elements_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="fragments=7, but the params have only 6 elements"):
+        split_fragments([(1, 4), (2, 4), (3, 4)], 7)
+    assert len(split_fragments([(1, 4), (2, 4), (3, 4)], 6)) == 6
 
 
 # -- checkpoints, overlap, faults, bad input ---------------------------------
@@ -433,7 +437,7 @@ def test_bad_settings_are_refused_naming_the_argument(
 
 
 def _first_call_with_too_many_fragments(rank: int, world_size: int) -> str:
-    diloco = dl.DiLoCo(tau=2, fragments=4)
+    diloco = dl.DiLoCo(tau=2, fragments=6)
     try:
         diloco.average_parameters([torch.zeros(3), torch.zeros(2)])
     except ValueError as error:
@@ -441,35 +445,44 @@ def _first_call_with_too_many_fragments(rank: int, world_size: int) -> str:
     return "no error"
 
 
-def test_more_fragments_than_tensors_raises_on_every_rank() -> None:
+def test_more_fragments_than_elements_raises_on_every_rank() -> None:
     for message in run_world(_first_call_with_too_many_fragments, 2, timeout=60):
-        assert "fragments=4, but the params have only 2 tensors" in message
+        assert "fragments=6, but the params have only 5 elements" in message
 
 
 def _module_run(rank: int, world_size: int) -> dict:
+    # Options together: a channels_last conv, bf16 exchanges, fragments, an
+    # overlap, the non-finite skip, uneven steps, optimizer state carried.
     torch.manual_seed(rank)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(16, 1)
+    ).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    diloco = dl.DiLoCo(tau=3, fragments=2, comm_dtype=torch.bfloat16)
+    diloco = dl.DiLoCo(tau=3, fragments=2, delay=1, nonfinite="skip", comm_dtype=torch.bfloat16)
     diloco.synchronize_parameters(model, optimizer=opt)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    x = torch.randn(8, 3, 4, 4).to(memory_format=torch.channels_last)
+    y = torch.randn(8, 1)
     for _ in range(7 + rank):
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
         diloco.average_parameters(model)
     diloco.synchronize_parameters(model, optimizer=opt)
+    weight = diloco.global_parameters["0.weight"]
     return {
         "keys": sorted(diloco.global_parameters),
-        "names": diloco.fragment_names,
+        "names": diloco.fragment_pieces,
+        "channels_last": weight.is_contiguous(memory_format=torch.channels_last)
+        and not weight.is_contiguous(),
         "state": {k: v.tolist() for k, v in model.state_dict().items()},
         "moments": opt.state_dict()["state"][0]["exp_avg"].tolist(),
     }
 
 
-def test_a_module_with_bf16_exchanges_ends_the_same_on_every_rank() -> None:
+def test_a_channels_last_module_with_every_option_ends_the_same_on_every_rank() -> None:
     reports = run_world(_module_run, 2, timeout=60)
-    assert reports[0]["keys"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert reports[0]["keys"] == ["0.bias", "0.weight", "3.bias", "3.weight"]
+    assert reports[0]["channels_last"], "the global parameters keep the params' layout"
     assert reports[0]["state"] == reports[1]["state"]
     assert reports[0]["moments"] == reports[1]["moments"]
     assert reports[0]["names"] == reports[1]["names"]

@@ -31,6 +31,7 @@ LAYERS = {
     "_algorithms": 3,
     "sgd": 4,
     "ea": 4,
+    "diloco": 4,
     "checkpoint": 4,
     "_build_info": 4,
     "": 4,  # the package's __init__
