@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -577,6 +578,18 @@ def time_to_loss(evaluations: list[dict[str, Any]], target: float) -> dict[str, 
     return next((e for e in evaluations if e["val_loss"] <= target), None)
 
 
+def seconds_to_loss(evaluations: list[dict[str, Any]], target: float) -> float | None:
+    """When the curve first reaches ``target``, interpolated linearly in
+    wall-clock between the two evaluations around it (None: not reached)."""
+    if evaluations and evaluations[0]["val_loss"] <= target:
+        return float(evaluations[0]["wall_s"])
+    for before, after in itertools.pairwise(evaluations):
+        if after["val_loss"] <= target < before["val_loss"]:
+            share = (before["val_loss"] - target) / (before["val_loss"] - after["val_loss"])
+            return float(before["wall_s"] + share * (after["wall_s"] - before["wall_s"]))
+    return None
+
+
 def peak_sync_bytes(fragment_numels: list[int], num_params: int) -> int:
     """Bytes of the most parameters one synchronization sends (fp32), computed
     from the fragment sizes: Streaming DiLoCo's largest fragment, else all."""
@@ -618,8 +631,14 @@ def _compare(row: dict[str, Any], sgd: dict[str, Any] | None) -> None:
     """Adds the row's ratios against sgd (None without an sgd row)."""
     keys = ("loss_ratio", "bytes_ratio", "sgd_loss_reached_s", "sgd_loss_reached_tokens")
     row.update(dict.fromkeys(keys), time_to_loss_speedup=None)
+    row.update(sgd_s_to_this_loss=None, equal_loss_speedup=None)
     if sgd is None:
         return
+    # The other way round: how long sgd took to reach this row's final loss.
+    sgd_s = seconds_to_loss(sgd["evaluations"], row["final_val_loss"])
+    if sgd_s is not None:
+        row["sgd_s_to_this_loss"] = sgd_s
+        row["equal_loss_speedup"] = sgd_s / max(row["wall_s"], 1e-9)
     row["loss_ratio"] = row["final_val_loss"] / sgd["final_val_loss"]
     row["bytes_ratio"] = sgd["bytes_per_rank"] / max(row["bytes_per_rank"], 1.0)
     reached = time_to_loss(row["evaluations"], sgd["final_val_loss"])
@@ -651,15 +670,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if row["sgd_loss_reached_s"] is None
             else f"{row['sgd_loss_reached_s']:.1f}",
             ratio(row["time_to_loss_speedup"], 2),
+            ratio(row["sgd_s_to_this_loss"], 1),
+            ratio(row["equal_loss_speedup"], 2),
         ]
         for row in rows
     ]
     return markdown_table(
         ["config", "algorithm", "tokens (all ranks)", "final val loss", "loss / sgd",
          "wall-clock s", "MB sent per rank", "sgd bytes / bytes", "peak MB per sync (computed)",
-         "s to sgd's final loss", "time-to-loss speedup"],
+         "s to sgd's final loss", "time-to-loss speedup", "sgd's s to this final loss",
+         "equal-loss speedup"],
         cells,
-        [False, False, True, True, True, True, True, True, True, True, True],
+        [False, False, True, True, True, True, True, True, True, True, True, True, True],
     )  # fmt: skip
 
 
@@ -693,7 +715,7 @@ def format_targets(rows: list[dict[str, Any]], limited: bool, quick: bool) -> li
         loss = streaming["final_val_loss"] / d50["final_val_loss"]
         lines.append(
             f"- Streaming DiLoCo's peak bytes per synchronization {fragments}x lower than "
-            f"{name}'s (computed from the fragment sizes): {peak:.2f}x, "
+            f"{name}'s (computed from the fragment sizes): {peak:.3f}x, "
             f"{met(peak >= fragments)}; at a loss within 1% of {name}'s: "
             f"{loss:.4f} x, {met(loss <= 1.01)}"
         )
@@ -737,14 +759,35 @@ def report(
     draw: bool,
 ) -> dict[str, Path]:  # fmt: skip
     """Writes the table, JSON and chart; prints the table, ratios and targets."""
+    return write_report(rows, settings.steps, settings.tokens_per_step, meta, name, out, draw)
+
+
+def rerender(path: Path, out: Path, draw: bool) -> dict[str, Path]:
+    """The report of a saved run (its JSON) again, with this version's
+    columns and targets: nothing is measured again."""
+    saved = json.loads(path.read_text())
+    meta, rows = saved["meta"], saved["rows"]
+    sgd = next((r for r in rows if r["config"] == "sgd"), None)
+    for row in rows:
+        _compare(row, sgd)
+    run = meta["settings"]
+    tokens_per_step = run["batch"] * run["shape"]["context"]
+    return write_report(rows, run["steps"], tokens_per_step, meta, path.stem, out, draw)
+
+
+def write_report(
+    rows: list[dict[str, Any]], steps: int, tokens_per_step: int, meta: dict[str, Any],
+    name: str, out: Path, draw: bool,
+) -> dict[str, Path]:  # fmt: skip
+    """The table, JSON and chart of ``rows``."""
     limited = meta["link"] != "unlimited"
     targets = format_targets(rows, limited, bool(meta["quick"]))
     table = format_table(rows) + "\n\nTargets:\n\n" + "\n".join(targets)
     header = (
         f"{meta['date']}, {meta['cpu']} ({meta['cores_available']} cores), torch "
         f"{meta['torch']}, commit {meta['commit']}\n\n{meta['ranks']} ranks over gloo, "
-        f"link: {meta['link_description']}; {meta['model']}, {settings.tokens_per_step} tokens "
-        f"per rank per step, {settings.steps} steps; validation: "
+        f"link: {meta['link_description']}; {meta['model']}, {tokens_per_step} tokens "
+        f"per rank per step, {steps} steps; validation: "
         f"{meta['data']['validation_tokens']:,} bytes from {meta['data']['validation_files']} "
         f"held-out stdlib files; bytes: {meta['bytes_source']}"
     )
@@ -825,7 +868,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-chart", action="store_true")
     parser.add_argument("--timeout", type=float, help="seconds before the ranks are killed")
+    parser.add_argument(
+        "--from-json", type=Path, help="report a saved run's JSON again (measures nothing)"
+    )
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        paths = rerender(args.from_json, args.out, not args.no_chart)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     if any(value is not None and value < 1 for value in (args.steps, args.eval_every)):
         parser.error("--steps and --eval-every must be at least 1")
     by_name = all_configs(args.quick)

@@ -77,6 +77,7 @@ def test_targets_say_met_or_missed() -> None:
             "period": 50,
             "fragments": fragments,
             "final_val_loss": loss,
+            "wall_s": seconds,
             "bytes_per_rank": mb * 1e6,
             "peak_sync_bytes_computed": bench.peak_sync_bytes(numels, 1000),
             "evaluations": evaluations,
@@ -90,7 +91,7 @@ def test_targets_say_met_or_missed() -> None:
     assert "0.9950 x sgd's, met" in lines[0]
     assert "52.6x fewer, met" in lines[1]
     assert "10.00x, met" in lines[2]
-    assert "3.33x, missed" in lines[3]  # the largest fragment: 300 of 1000
+    assert "3.333x, missed" in lines[3]  # the largest fragment: 300 of 1000
     assert lines[3].endswith("missed")  # 5% worse than DiLoCo's loss
     assert "not the target's setting" in bench.format_targets(rows, False, False)[2]
     assert "a quick run" in bench.format_targets(rows, True, quick=True)[0]
@@ -131,3 +132,13 @@ def test_namespace_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(bench.NamespaceUnavailable, match="not root"):
         with bench.limited_namespace("50mbit"):
             pass
+
+
+def test_a_saved_run_is_reported_again_with_the_equal_loss_columns(tmp_path: Path) -> None:
+    saved = REPO / "benchmarks" / "results" / "slow_link.json"
+    bench.main(["--from-json", str(saved), "--out", str(tmp_path), "--no-chart"])
+    report = json.loads((tmp_path / "slow_link.json").read_text())
+    rows = {row["config"]: row for row in report["rows"]}
+    assert rows["sgd"]["equal_loss_speedup"] == pytest.approx(1.0)
+    for row in rows.values():  # sgd reaches every other final loss within its own run
+        assert row["sgd_s_to_this_loss"] <= rows["sgd"]["wall_s"] + 1e-9
