@@ -1,0 +1,132 @@
+"""Low-bit formats in float64, written from their specifications, as the
+oracle of issue 24's tests: plain Python over lists of floats, no library
+code, no torch.
+
+Every format quantizes a block of values with one shared scale:
+
+- ``int8``: codes in [-127, 127], scale = amax / 127 (symmetric, so that
+  -x and x round alike and 0 is exact); code = round(x / scale), ties to
+  even.
+- ``int4``: codes in [-7, 7], scale = amax / 7, the same way.
+- ``fp8_e4m3``: OCP 8-bit floating point, E4M3 (OCP "OFP8 Formats for Deep
+  Learning" v1.0, 2023, table 1): exponent bias 7, no infinities, one NaN
+  pattern per sign (S.1111.111), largest finite 448 = 1.75 * 2^8, smallest
+  subnormal 2^-9; scale = amax / 448, element = x / scale rounded to the
+  nearest E4M3 value, ties to even, saturated to +-448.
+- ``mxfp4``: OCP Microscaling (MX) v1.0 (2023), section 6.3: blocks of 32
+  elements in FP4 E2M1 (bias 1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their
+  negatives) with one E8M0 scale, a power of two X = 2^(floor(log2(amax))
+  - 2) (2 = the largest exponent of E2M1); element = x / X rounded to the
+  nearest E2M1 value, ties to even, saturated to +-6.
+
+A block whose values are all zero gets scale 0 (int, fp8) or the smallest
+E8M0 scale (MX) and all-zero codes. Non-finite inputs are not quantized:
+the library's non-finite flag travels beside the codes, losslessly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Vector = list[float]
+
+FORMATS = ("int8", "int4", "fp8_e4m3", "mxfp4")
+MX_BLOCK = 32  # OCP MX v1.0: k = 32 elements per shared scale
+
+
+def round_half_even(x: float) -> float:
+    """Nearest integer, ties to even (Python's round)."""
+    return float(round(x))
+
+
+def _grid_e4m3() -> list[float]:
+    """Every non-negative finite E4M3 value, ascending (OCP OFP8 v1.0)."""
+    values = []
+    for exponent in range(16):
+        for mantissa in range(8):
+            if exponent == 15 and mantissa == 7:
+                continue  # NaN
+            if exponent == 0:
+                values.append(2.0**-6 * mantissa / 8)
+            else:
+                values.append(2.0 ** (exponent - 7) * (1 + mantissa / 8))
+    return values
+
+
+def _grid_e2m1() -> list[float]:
+    """Every non-negative E2M1 value, ascending (OCP MX v1.0, 5.3.3)."""
+    values = []
+    for exponent in range(4):
+        for mantissa in range(2):
+            if exponent == 0:
+                values.append(mantissa / 2)  # subnormal: 2^(1-1) * m / 2
+            else:
+                values.append(2.0 ** (exponent - 1) * (1 + mantissa / 2))
+    return values
+
+
+E4M3 = _grid_e4m3()
+E2M1 = _grid_e2m1()
+assert E4M3[-1] == 448.0 and E4M3[1] == 2.0**-9 and len(E4M3) == 127
+assert E2M1 == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def round_to_grid(x: float, grid: Sequence[float]) -> float:
+    """x rounded to the nearest value of a symmetric grid (given by its
+    non-negative half, ascending), ties to the value with an even mantissa
+    (an even index in the grid), saturated to the largest."""
+    magnitude = abs(x)
+    if magnitude >= grid[-1]:
+        return math.copysign(grid[-1], x)
+    low = max(i for i, v in enumerate(grid) if v <= magnitude)
+    high = low + 1
+    below, above = magnitude - grid[low], grid[high] - magnitude
+    pick = low if below < above or (below == above and low % 2 == 0) else high
+    return math.copysign(grid[pick], x)
+
+
+def quantize_block(values: Sequence[float], fmt: str) -> tuple[float, Vector]:
+    """(scale, elements) of one block; ``dequantize_block`` inverts it."""
+    amax = max((abs(v) for v in values), default=0.0)
+    if fmt in ("int8", "int4"):
+        top = 127.0 if fmt == "int8" else 7.0
+        if amax == 0:
+            return 0.0, [0.0] * len(values)
+        scale = amax / top
+        return scale, [max(-top, min(top, round_half_even(v / scale))) for v in values]
+    if fmt == "fp8_e4m3":
+        if amax == 0:
+            return 0.0, [0.0] * len(values)
+        scale = amax / 448.0
+        return scale, [round_to_grid(v / scale, E4M3) for v in values]
+    if fmt == "mxfp4":
+        if amax == 0:
+            return 2.0**-127, [0.0] * len(values)
+        scale = 2.0 ** (math.floor(math.log2(amax)) - 2)
+        return scale, [round_to_grid(v / scale, E2M1) for v in values]
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def dequantize_block(scale: float, elements: Sequence[float]) -> Vector:
+    return [scale * e for e in elements]
+
+
+def quantize(values: Sequence[float], fmt: str, block: int) -> list[tuple[float, Vector]]:
+    """Consecutive blocks of ``block`` values (the last may be shorter)."""
+    return [quantize_block(values[i : i + block], fmt) for i in range(0, len(values), block)]
+
+
+def dequantize(blocks: Sequence[tuple[float, Vector]]) -> Vector:
+    return [v for scale, elements in blocks for v in dequantize_block(scale, elements)]
+
+
+def with_error_feedback(
+    values: Sequence[float], residual: Sequence[float], fmt: str, block: int
+) -> tuple[Vector, Vector]:
+    """Error feedback (Seide et al. 2014; Karimireddy et al. 2019, EF-SGD):
+    quantize values + residual; the new residual is what the quantization
+    lost. Returns (the dequantized message, the new residual)."""
+    corrected = [v + r for v, r in zip(values, residual, strict=True)]
+    sent = dequantize(quantize(corrected, fmt, block))
+    return sent, [c - s for c, s in zip(corrected, sent, strict=True)]
