@@ -27,7 +27,7 @@ from distlearn_cuda.diloco import split_fragments
 
 SHAPES = [(3,), (5, 4), (7,), (2, 3, 2), (1,), (6,)]
 SIZES = [int(torch.Size(s).numel()) for s in SHAPES]
-EXAMPLES = int(os.environ.get("DISTLEARN_DILOCO_EXAMPLES", "4"))
+EXAMPLES = int(os.environ.get("DISTLEARN_DILOCO_EXAMPLES", "3"))
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class Config:
     nesterov: bool
     steps: tuple[int, ...]  # inner steps per rank
     end: str  # "global" or "parameters": the synchronization that ends the run
+    dtype: str = "float64"  # the params'
+    comm_dtype: str | None = None
+    nonfinite: str = "propagate"  # no value is non-finite: every mode computes alike
 
 
 def draw(rng: random.Random, world_size: int) -> Config:
@@ -58,6 +61,9 @@ def draw(rng: random.Random, world_size: int) -> Config:
         nesterov=momentum > 0 and rng.random() < 0.7,
         steps=tuple(rng.randint(0, 3 * tau + 4) for _ in range(world_size)),
         end=rng.choice(["global", "parameters"]),
+        dtype=rng.choice(["float64", "float32"]),
+        comm_dtype=rng.choice([None, None, "float64"]),
+        nonfinite=rng.choice(["propagate", "skip", "raise"]),
     )
 
 
@@ -86,8 +92,11 @@ def _run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
     results = []
     for raw in configs:
         c = Config(**raw)
-        params = as_tensors(initial(c.seed, rank))  # each rank its own: synchronized below
+        dtype = getattr(torch, c.dtype)
+        params = [t.to(dtype) for t in as_tensors(initial(c.seed, rank))]  # synchronized below
         diloco = dl.DiLoCo(
+            comm_dtype=None if c.comm_dtype is None else getattr(torch, c.comm_dtype),
+            nonfinite=c.nonfinite,  # type: ignore[arg-type]
             tau=c.tau,
             fragments=c.fragments,
             delay=c.delay,
@@ -103,7 +112,7 @@ def _run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
             with torch.no_grad():
                 step = as_tensors(noise(c.seed, rank, t))
                 for p, n in zip(params, step, strict=True):
-                    p.mul_(0.97).add_(n)
+                    p.mul_(0.97).add_(n.to(dtype))
             diloco.average_parameters(params)
             after[t] = (
                 flat(params),
@@ -146,18 +155,24 @@ def check(config: Config, rank: int, result: dict) -> None:
     for t, (local, global_, momenta) in result["after"].items():
         want = snapshots[t]
         where = f"rank {rank} after step {t}: {asdict(config)}"
-        assert_state(
-            where, (local, global_, momenta), (want.local[rank], want.global_params, want.momentum)
-        )
+        want_state = (want.local[rank], want.global_params, want.momentum)
+        assert_state(where, (local, global_, momenta), want_state, config.dtype)
     want_local = final.global_params if config.end == "parameters" else final.local[rank]
     where = f"rank {rank} at the end: {asdict(config)}"
-    assert_state(where, result["final"], (want_local, final.global_params, final.momentum))
+    want_state = (want_local, final.global_params, final.momentum)
+    assert_state(where, result["final"], want_state, config.dtype)
 
 
-def assert_state(where: str, got: tuple, want: tuple) -> None:
+# float32 params: the inner steps round too (the oracle's are float64),
+# a few ulps a step over at most 22 steps, amplified by the momentum.
+TOLERANCE = {"float64": 1e-9, "float32": 2e-4}
+
+
+def assert_state(where: str, got: tuple, want: tuple, dtype: str) -> None:
+    tol = TOLERANCE[dtype]
     for name, g, w in zip(("local", "global", "momentum"), got, want, strict=True):
         torch.testing.assert_close(
-            g, w, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{where}: {name}: {m}"
+            g, w, rtol=tol, atol=tol, msg=lambda m, name=name: f"{where}: {name}: {m}"
         )
 
 
@@ -170,17 +185,9 @@ def test_every_step_matches_the_papers_float64_algorithm(world_size: int) -> Non
         print(f"config {index}: {asdict(config)}")
         for rank in range(world_size):
             check(config, rank, results[rank][index])
-
-
-def test_the_globals_and_momenta_are_bitwise_the_same_on_every_rank() -> None:
-    rng = random.Random(fresh_seed())
-    configs = [draw(rng, 3) for _ in range(2)]
-    results = run_world(_run_configs, 3, [asdict(c) for c in configs], timeout=120)
-    for index in range(len(configs)):
-        finals = [results[rank][index]["final"] for rank in range(3)]
-        assert all(f[1] == finals[0][1] and f[2] == finals[0][2] for f in finals), asdict(
-            configs[index]
-        )
+        # The global parameters and momenta: bitwise the same on every rank.
+        finals = [results[rank][index]["final"] for rank in range(world_size)]
+        assert all(f[1:] == finals[0][1:] for f in finals), asdict(config)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
@@ -397,7 +404,7 @@ def _peer_fails(rank: int, world_size: int, fault: str) -> dict:
     return {"step": None}
 
 
-DEADLINE_S = 4.0
+DEADLINE_S = 2.0
 
 
 @pytest.mark.parametrize("fault", ["kill", "stall"])
