@@ -118,14 +118,15 @@ if [ $have_gpu = 0 ]; then
 fi
 
 # The GPU tests: kernels, the API on CUDA and NCCL, the CUDA cases of the
-# multi-process tests (gloo over CUDA tensors), NCCL loading and the build.
+# multi-process tests (gloo over CUDA tensors; DiLoCo's against its float64
+# oracle), NCCL loading and the build.
 # Spread over 8 workers where pytest-xdist is installed (the GPU machine has
 # 16 cores; the tests' stores take ports the OS picks, so workers cannot clash).
 parallel=()
 "$python" -c "import xdist" 2> /dev/null && parallel=(-n 8)
 step gpu_tests 180 pytest_figure "$python" -m pytest -q -rfEs -p no:cacheprovider "${parallel[@]}" \
   tests/test_cuda_ops.py tests/test_cuda_api.py tests/test_nccl.py tests/test_build.py \
-  tests/test_sgd.py tests/test_ea.py -k "cuda or nccl or Nccl or build or kernel"
+  tests/test_sgd.py tests/test_ea.py tests/test_diloco.py -k "cuda or nccl or Nccl or build or kernel"
 step cuda_graphs 60 pytest_figure "$python" -m pytest -q -rfEs -p no:cacheprovider \
   tests/test_cuda_graphs.py
 

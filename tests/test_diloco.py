@@ -14,13 +14,13 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pytest
 import torch
 from diloco_reference import streaming_diloco_uneven
 from multiproc import run_world, run_world_outcomes
-from tensor_cases import fresh_seed
+from tensor_cases import fresh_seed, needs_gpu
 
 import distlearn_cuda as dl
 from distlearn_cuda.diloco import split_fragments
@@ -45,6 +45,7 @@ class Config:
     dtype: str = "float64"  # the params'
     comm_dtype: str | None = None
     nonfinite: str = "propagate"  # no value is non-finite: every mode computes alike
+    device: str = "cpu"  # CUDA tensors travel over gloo (NCCL refuses two ranks on one GPU)
 
 
 def draw(rng: random.Random, world_size: int) -> Config:
@@ -93,7 +94,7 @@ def _run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
     for raw in configs:
         c = Config(**raw)
         dtype = getattr(torch, c.dtype)
-        params = [t.to(dtype) for t in as_tensors(initial(c.seed, rank))]  # synchronized below
+        params = [t.to(c.device, dtype) for t in as_tensors(initial(c.seed, rank))]  # synced below
         diloco = dl.DiLoCo(
             comm_dtype=None if c.comm_dtype is None else getattr(torch, c.comm_dtype),
             nonfinite=c.nonfinite,  # type: ignore[arg-type]
@@ -112,7 +113,7 @@ def _run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
             with torch.no_grad():
                 step = as_tensors(noise(c.seed, rank, t))
                 for p, n in zip(params, step, strict=True):
-                    p.mul_(0.97).add_(n.to(dtype))
+                    p.mul_(0.97).add_(n.to(c.device, dtype))
             diloco.average_parameters(params)
             after[t] = (
                 flat(params),
@@ -176,10 +177,13 @@ def assert_state(where: str, got: tuple, want: tuple, dtype: str) -> None:
         )
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_every_step_matches_the_papers_float64_algorithm(world_size: int) -> None:
+@pytest.mark.parametrize(
+    ("world_size", "device"),
+    [(2, "cpu"), (3, "cpu"), pytest.param(2, "cuda", marks=needs_gpu)],
+)
+def test_every_step_matches_the_papers_float64_algorithm(world_size: int, device: str) -> None:
     rng = random.Random(fresh_seed())
-    configs = [draw(rng, world_size) for _ in range(EXAMPLES)]
+    configs = [replace(draw(rng, world_size), device=device) for _ in range(EXAMPLES)]
     results = run_world(_run_configs, world_size, [asdict(c) for c in configs], timeout=120)
     for index, config in enumerate(configs):
         print(f"config {index}: {asdict(config)}")
