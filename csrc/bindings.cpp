@@ -131,6 +131,14 @@ PYBIND11_MODULE(_C, m) {
       "locals + (1 - mix) * globals. No contributor: nothing changes; skip_nonfinite and the "
       "flag set: locals <- globals, nothing else.");
 
+  m.def("quantize_blocks", &distlearn::quantize_blocks_cpu, py::arg("format"), py::arg("values"),
+        py::arg("n"), py::arg("block"), py::arg("codes"), py::arg("scales"), release,
+        "float32 values -> a byte code each and a float32 scale per block (format: 0 int8, "
+        "1 int4, 2 fp8 e4m3, 3 mxfp4; issue 24's codecs, kernels/low_bit.h).");
+  m.def("dequantize_blocks", &distlearn::dequantize_blocks_cpu, py::arg("format"), py::arg("codes"),
+        py::arg("scales"), py::arg("n"), py::arg("block"), py::arg("out"), release,
+        "codes and block scales -> float32 values (quantize_blocks' inverse).");
+
 #ifdef DISTLEARN_WITH_CUDA
   m.def("cuda_build_version", &distlearn::cuda_build_version,
         "CUDART_VERSION of the toolkit the extension was built with.");
