@@ -293,9 +293,8 @@ class DiLoCo(GroupMember):
         name them. None before the first call."""
         if not self._fragments:
             return None
-        return [
-            [(self._names[p.tensor], p.begin, p.end) for p in f.pieces] for f in self._fragments
-        ]
+        names = [name.removeprefix("params.") for name in self._names]  # a module's: its keys
+        return [[(names[p.tensor], p.begin, p.end) for p in f.pieces] for f in self._fragments]
 
     @property
     def global_parameters(self) -> Any:

@@ -493,6 +493,8 @@ def _module_run(rank: int, world_size: int) -> dict:
 def test_a_channels_last_module_with_every_option_ends_the_same_on_every_rank() -> None:
     reports = run_world(_module_run, 2, timeout=60)
     assert reports[0]["keys"] == ["0.bias", "0.weight", "3.bias", "3.weight"]
+    named = {name for pieces in reports[0]["names"] for name, _, _ in pieces}
+    assert named == set(reports[0]["keys"]), "fragment_pieces names the global_parameters keys"
     assert reports[0]["channels_last"], "the global parameters keep the params' layout"
     assert reports[0]["state"] == reports[1]["state"]
     assert reports[0]["moments"] == reports[1]["moments"]
