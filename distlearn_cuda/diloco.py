@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -43,13 +42,17 @@ from ._tensors.validate import (
     NonFinite,
     Signature,
     check_comm_dtype,
+    check_int,
     check_no_overlap,
     check_nonfinite,
+    check_real,
     check_same_signature,
+    check_state_tensors,
     check_tau,
     check_timeout,
     entry,
     signature,
+    state_tensors,
     state_value,
     structure_entries,
 )
@@ -220,21 +223,21 @@ class DiLoCo(GroupMember):
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         self._tau = check_tau(tau)
-        self._outer_lr = _check_real("outer_lr", outer_lr, 0.0, None)
-        self._momentum = _check_real("momentum", momentum, 0.0, 1.0)
+        self._outer_lr = check_real(outer_lr, "outer_lr", 0.0, None)
+        self._momentum = check_real(momentum, "momentum", 0.0, 1.0)
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
         if nesterov and self._momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0 (as torch.optim.SGD)")
         self._nesterov = nesterov
-        self._fragment_count = _check_int("fragments", fragments, 1)
-        self._delay = _check_int("delay", delay, 0)
+        self._fragment_count = check_int(fragments, "fragments", 1)
+        self._delay = check_int(delay, "delay", 0)
         if self._delay >= self._tau:
             raise ValueError(
                 f"delay must be below tau ({self._tau}), got {self._delay}: a fragment's "
                 f"exchange must complete before its next one starts"
             )
-        self._mix = _check_real("mix", mix, 0.0, 1.0)
+        self._mix = check_real(mix, "mix", 0.0, 1.0)
         self._nonfinite = check_nonfinite(nonfinite)
         self._comm_dtype = check_comm_dtype(comm_dtype)
         timeout = check_timeout(timeout)
@@ -467,13 +470,11 @@ class DiLoCo(GroupMember):
             "step": state_value(state, "step", int),
             "last_active": state_value(state, "last_active", int),
             "outer_steps": state_value(state, "outer_steps", int),
-            "globals": _tensor_list(state, "globals"),
-            "momenta": _tensor_list(state, "momenta"),
+            "globals": _cloned(state_tensors(state, "globals")),
+            "momenta": _cloned(state_tensors(state, "momenta")),
             "fragments": state_value(state, "fragments", object),
         }
-        if (loaded["globals"] is None) != (loaded["momenta"] is None) or (
-            loaded["globals"] is None
-        ) != (loaded["fragments"] is None):
+        if len({loaded[key] is None for key in ("globals", "momenta", "fragments")}) > 1:
             raise ValueError("state: globals, momenta and fragments are all None or none is")
         if loaded["fragments"] is not None:
             _check_fragment_states(loaded["fragments"], self._fragment_count, self._tau)
@@ -488,9 +489,11 @@ class DiLoCo(GroupMember):
     def _check_loaded_matches(self, loaded: dict[str, Any]) -> None:
         if loaded["globals"] is None:
             raise ValueError("state['globals'] is None: it comes from an object never bound")
-        like = self._globals
-        _check_tensors_like(loaded["globals"], like, "globals")
-        _check_tensors_like(loaded["momenta"], like, "momenta")
+        check_state_tensors(loaded["globals"], self._globals, "globals")
+        check_state_tensors(loaded["momenta"], self._globals, "momenta")
+        self._check_loaded_sums(loaded)
+
+    def _check_loaded_sums(self, loaded: dict[str, Any]) -> None:
         for fragment, saved in zip(self._fragments, loaded["fragments"], strict=True):
             in_flight = saved["in_flight"]
             if in_flight is not None and in_flight["sum"].shape != fragment.plan.buffer.shape:
@@ -539,8 +542,8 @@ class DiLoCo(GroupMember):
             sizes = [(t.numel(), t.element_size()) for t in flat.tensors]
             runs = split_fragments(sizes, self._fragment_count)
             if loaded is not None and loaded["globals"] is not None:
-                _check_tensors_like(loaded["globals"], flat.tensors, "globals")
-                _check_tensors_like(loaded["momenta"], flat.tensors, "momenta")
+                check_state_tensors(loaded["globals"], flat.tensors, "globals")
+                check_state_tensors(loaded["momenta"], flat.tensors, "momenta")
             entries, names = structure_entries(params_signature), flat.names
         except (TypeError, ValueError) as error:
             entries, names, problem = [f"cannot be bound: {error}"], ["params"], error
@@ -567,7 +570,7 @@ class DiLoCo(GroupMember):
         self._signature = params_signature
         self._bind_addresses(addresses)
         if loaded is not None and loaded["globals"] is not None:
-            self._check_loaded_matches(loaded)
+            self._check_loaded_sums(loaded)  # its tensors were checked with the params
             self._apply_loaded(loaded)
         else:
             if loaded is not None:
@@ -753,11 +756,9 @@ class DiLoCo(GroupMember):
             self._step += 1
             if self._run_step(flat, waiting=True):
                 break
-        for fragment in sorted(
-            (f for f in self._fragments if f.in_flight is not None),
-            key=lambda f: f.in_flight.merge_at if f.in_flight is not None else 0,
-        ):
-            self._outer_step(fragment, flat.tensors)
+        due = [(f.in_flight.merge_at, p) for p, f in enumerate(self._fragments) if f.in_flight]
+        for _, p in sorted(due):
+            self._outer_step(self._fragments[p], flat.tensors)
         self._step = self._last_active = 0
         for fragment in self._fragments:
             fragment.last_send = 0
@@ -822,46 +823,6 @@ def _problem_message(problems: int, world_size: int) -> str:
     )
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _check_real(name: str, value: object, low: float, high: float | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (high is not None and value >= high):
-        where = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name} must be finite and {where}, got {value}")
-    return value
-
-
-def _tensor_list(state: Mapping[str, Any], key: str) -> list[torch.Tensor] | None:
-    value = state_value(state, key, object)
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in value):
-        raise TypeError(f"state[{key!r}] must be None or a list of tensors")
-    return [t.detach().clone() for t in value]
-
-
-def _check_tensors_like(
-    tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], key: str
-) -> None:
-    if len(tensors) != len(like):
-        raise ValueError(f"state[{key!r}] has {len(tensors)} tensors, the params have {len(like)}")
-    for index, (got, want) in enumerate(zip(tensors, like, strict=True)):
-        if got.dtype != want.dtype or got.shape != want.shape:
-            raise ValueError(
-                f"state[{key!r}][{index}] is {got.dtype} {tuple(got.shape)}, the params' "
-                f"tensor {index} is {want.dtype} {tuple(want.shape)}"
-            )
-
-
 def _check_fragment_states(fragments: object, count: int, tau: int) -> None:
     if not isinstance(fragments, (list, tuple)) or len(fragments) != count:
         raise ValueError(f"state['fragments'] must be a list of {count} fragment states")
@@ -875,3 +836,7 @@ def _check_fragment_states(fragments: object, count: int, tau: int) -> None:
             or not isinstance(in_flight.get("sum"), torch.Tensor)
         ):
             raise TypeError("state['fragments']: 'in_flight' must be None or {merge_at, sum}")
+
+
+def _cloned(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    return None if tensors is None else [t.detach().clone() for t in tensors]

@@ -6,7 +6,7 @@ import contextlib
 import datetime
 import operator
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,9 +33,11 @@ from ._tensors.validate import (
     check_no_overlap,
     check_nonfinite,
     check_same_signature,
+    check_state_tensors,
     check_tau,
     check_timeout,
     signature,
+    state_tensors,
     state_value,
     structure_entries,
 )
@@ -248,14 +250,10 @@ class AllReduceEA(GroupMember):
         Everything is checked before anything changes."""
         self._finish_pending_round()
         step = state_value(state, "step", int)
-        center = state_value(state, "center", object)
+        center = state_tensors(state, "center")
         if center is not None:
-            if not isinstance(center, (list, tuple)) or not all(
-                isinstance(t, torch.Tensor) for t in center
-            ):
-                raise TypeError("state['center'] must be None or a list of tensors")
             if self._centers:
-                check_center_matches(center, self._centers)
+                check_state_tensors(center, self._centers, "center")
                 with torch.no_grad():
                     torch._foreach_copy_(self._centers, list(center))
             else:
@@ -434,7 +432,7 @@ class AllReduceEA(GroupMember):
                 params_signature = signature(flat, "params")
                 check_no_overlap(flat, "params")
                 if self._loaded_center is not None:
-                    check_center_matches(self._loaded_center, flat.tensors)
+                    check_state_tensors(self._loaded_center, flat.tensors, "center")
                 entries, names, problem = structure_entries(params_signature), flat.names, None
             except (TypeError, ValueError) as error:
                 entries, names, problem = [f"cannot be bound: {error}"], ["params"], error
@@ -620,18 +618,6 @@ class AllReduceEA(GroupMember):
             plan.unpack(tensors, addresses, normalize=False)
         if carried is not None:
             carried.broadcast(self._collectives, src, self.rank)
-
-
-def check_center_matches(center: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> None:
-    """ValueError unless a loaded center has the bound tensors' count, dtypes and shapes."""
-    if len(center) != len(like):
-        raise ValueError(f"state['center'] has {len(center)} tensors, the params have {len(like)}")
-    for index, (loaded, bound) in enumerate(zip(center, like, strict=True)):
-        if loaded.dtype != bound.dtype or loaded.shape != bound.shape:
-            raise ValueError(
-                f"state['center'][{index}] is {loaded.dtype} {tuple(loaded.shape)}, "
-                f"the params' tensor {index} is {bound.dtype} {tuple(bound.shape)}"
-            )
 
 
 def _problem(error: Exception) -> Problem:

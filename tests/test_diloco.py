@@ -435,7 +435,7 @@ def test_survivors_raise_within_the_deadline_and_keep_the_last_good_state(fault:
         ({"momentum": 1.0}, ValueError, "momentum must be finite and in"),
         ({"momentum": 0.0}, ValueError, "nesterov=True needs momentum > 0"),
         ({"outer_lr": float("nan")}, ValueError, "outer_lr must be finite"),
-        ({"outer_lr": "0.7"}, TypeError, "outer_lr must be a float"),
+        ({"outer_lr": "0.7"}, TypeError, "outer_lr must be a real number"),
         ({"nesterov": 1}, TypeError, "nesterov must be a bool"),
         ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
     ],

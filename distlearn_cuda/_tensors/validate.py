@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any, Literal, get_args
 
@@ -127,12 +127,17 @@ def check_no_overlap(flat: Flat, arg: str) -> None:
             raise ValueError(f"{arg}: {name} and {next_name} share memory")
 
 
+def check_int(value: Any, name: str, low: int) -> int:
+    """An int (not a bool) >= ``low``; TypeError or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 def check_tau(tau: Any) -> int:
-    if isinstance(tau, bool) or not isinstance(tau, int):
-        raise TypeError(f"tau must be an int, got {type(tau).__name__}")
-    if tau < 1:
-        raise ValueError(f"tau must be >= 1, got {tau}")
-    return tau
+    return check_int(tau, "tau", 1)
 
 
 # The elastic-averaging paper's beta = p * alpha (arXiv 1412.6651, section 3:
@@ -145,6 +150,40 @@ def _real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def check_real(value: Any, name: str, low: float, high: float | None) -> float:
+    """A finite real number in [low, high) ([low, inf) when ``high`` is None)."""
+    value = _real(value, name)
+    if not math.isfinite(value) or value < low or (high is not None and value >= high):
+        where = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be finite and {where}, got {value}")
+    return value
+
+
+def state_tensors(state: Any, key: str) -> list[torch.Tensor] | None:
+    """``state[key]``: None or a list (or tuple) of tensors, as a list."""
+    value = state_value(state, key, object)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in value):
+        raise TypeError(f"state[{key!r}] must be None or a list of tensors")
+    return list(value)
+
+
+def check_state_tensors(
+    tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor], key: str
+) -> None:
+    """ValueError unless loaded ``state[key]`` has the bound tensors' count,
+    dtypes and shapes."""
+    if len(tensors) != len(like):
+        raise ValueError(f"state[{key!r}] has {len(tensors)} tensors, the params have {len(like)}")
+    for index, (got, want) in enumerate(zip(tensors, like, strict=True)):
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise ValueError(
+                f"state[{key!r}][{index}] is {got.dtype} {tuple(got.shape)}, the params' "
+                f"tensor {index} is {want.dtype} {tuple(want.shape)}"
+            )
 
 
 def check_ea_rate(alpha: Any, beta: Any, world_size: int) -> float:
