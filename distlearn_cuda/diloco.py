@@ -19,11 +19,13 @@ parameters and writes the new momentum, global and local parameters
 
 from __future__ import annotations
 
+import copy
 import datetime
+import inspect
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -109,7 +111,21 @@ class _Fragment:
         self.momentum_addresses = _C.Addresses(addresses_of(self.momenta))
         self.local_addresses = _C.Addresses()
         self.last_send = 0  # the step of this fragment's last exchange
+        # The one before: restored when an exchange fails (it never happened).
+        self.previous_send = 0
         self.in_flight: _Exchange | None = None
+        # Outer steps applied to this rank's local fragment, and whether the
+        # last one was a skip's reset (local = global, whatever the mix): a
+        # view change in elastic mode compares them with the source's.
+        self.merges = 0
+        self.last_reset = False
+
+    def drop_exchange(self) -> None:
+        """Forgets the exchange in flight, as if it had never started: no
+        state absorbs it, and the progress it carried goes into the next."""
+        if self.in_flight is not None:
+            self.in_flight = None
+            self.last_send = self.previous_send
 
     def bind_locals(self, addresses: Sequence[int], element_sizes: Sequence[int]) -> None:
         self.local_addresses = _C.Addresses(
@@ -222,24 +238,22 @@ class DiLoCo(GroupMember):
         nonfinite: NonFinite = "propagate",
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
-        self._tau = check_tau(tau)
-        self._outer_lr = check_real(outer_lr, "outer_lr", 0.0, None)
-        self._momentum = check_real(momentum, "momentum", 0.0, 1.0)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
-        if nesterov and self._momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0 (as torch.optim.SGD)")
-        self._nesterov = nesterov
-        self._fragment_count = check_int(fragments, "fragments", 1)
-        self._delay = check_int(delay, "delay", 0)
-        if self._delay >= self._tau:
-            raise ValueError(
-                f"delay must be below tau ({self._tau}), got {self._delay}: a fragment's "
-                f"exchange must complete before its next one starts"
-            )
-        self._mix = check_real(mix, "mix", 0.0, 1.0)
-        self._nonfinite = check_nonfinite(nonfinite)
-        self._comm_dtype = check_comm_dtype(comm_dtype)
+        settings = check_settings(
+            tau=tau,
+            outer_lr=outer_lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            fragments=fragments,
+            delay=delay,
+            mix=mix,
+            comm_dtype=comm_dtype,
+            nonfinite=nonfinite,
+        )
+        self._tau, self._outer_lr = settings.tau, settings.outer_lr
+        self._momentum, self._nesterov = settings.momentum, settings.nesterov
+        self._fragment_count = settings.fragments
+        self._delay, self._mix = settings.delay, settings.mix
+        self._comm_dtype, self._nonfinite = settings.comm_dtype, settings.nonfinite
         timeout = check_timeout(timeout)
         super().__init__(group, timeout)
         self._plans = PlanCache(self._group.world_size)
@@ -258,6 +272,10 @@ class DiLoCo(GroupMember):
         self._event_at = [False] * self._tau
         self._outer_steps = 0
         self._skipped = False
+        # Elastic mode's copy of each local fragment before its last outer
+        # step, in buffers shaped like the params (ElasticPort.keep_premerge).
+        self._premerge: list[torch.Tensor] | None = None
+        self._broadcast_at_bind = True  # see _bind_ahead
 
     # -- properties ---------------------------------------------------------
 
@@ -432,7 +450,7 @@ class DiLoCo(GroupMember):
                 exchange.pending.wait()
                 exchange.pending = None
             except CommunicationError:
-                fragment.in_flight = None
+                fragment.drop_exchange()
 
     # -- state --------------------------------------------------------------
 
@@ -442,7 +460,16 @@ class DiLoCo(GroupMember):
         (in the order of the params' tensors; None before the first call),
         and each fragment's last exchange step and exchange in flight (its
         allreduced sum, waited for, and the step its outer step is due).
-        The local parameters and the inner optimizer are the caller's to save."""
+        The local parameters and the inner optimizer are the caller's to save.
+        Before the first call, a loaded state is returned as it was loaded."""
+        if not self._fragments and self._loaded is not None:
+            loaded = self._loaded
+            return {
+                **loaded,
+                "globals": _cloned(loaded["globals"]),
+                "momenta": _cloned(loaded["momenta"]),
+                "fragments": copy.deepcopy(loaded["fragments"]),
+            }
         fragments: list[dict[str, Any]] = []
         for fragment in self._fragments:
             self._complete_for_reading(fragment)
@@ -450,7 +477,15 @@ class DiLoCo(GroupMember):
             in_flight = None
             if exchange is not None:
                 in_flight = {"merge_at": exchange.merge_at, "sum": fragment.plan.buffer.clone()}
-            fragments.append({"last_send": fragment.last_send, "in_flight": in_flight})
+            fragments.append(
+                {
+                    "last_send": fragment.last_send,
+                    "previous_send": fragment.previous_send,
+                    "in_flight": in_flight,
+                    "merges": fragment.merges,
+                    "last_reset": fragment.last_reset,
+                }
+            )
         bound = bool(self._fragments)
         return {
             "step": self._step,
@@ -508,6 +543,9 @@ class DiLoCo(GroupMember):
             torch._foreach_copy_(self._momenta, loaded["momenta"])
             for fragment, saved in zip(self._fragments, loaded["fragments"], strict=True):
                 fragment.last_send = saved["last_send"]
+                fragment.previous_send = saved.get("previous_send", 0)
+                fragment.merges = saved.get("merges", 0)
+                fragment.last_reset = saved.get("last_reset", False)
                 in_flight = saved["in_flight"]
                 fragment.in_flight = None
                 if in_flight is not None:
@@ -515,6 +553,24 @@ class DiLoCo(GroupMember):
                     fragment.in_flight = _Exchange(in_flight["merge_at"], None)
 
     # -- binding ------------------------------------------------------------
+
+    def _bind_ahead(self, params: Any) -> None:
+        # Elastic mode: the view's hand-over gives every member the source's
+        # global parameters, and a joiner (nothing loaded) must not broadcast
+        # alone while the survivors (loaded) do not.
+        self._broadcast_at_bind = False
+        self._bind(params)
+
+    def _drop_exchanges(self) -> None:
+        for fragment in self._fragments:
+            self._complete_for_reading(fragment)  # nothing left pending on the old group
+            fragment.drop_exchange()
+
+    def _keep_premerge(self, buffers: list[torch.Tensor]) -> None:
+        self._premerge = buffers
+
+    def _fragment_views(self, tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        return [fragment.locals_of(tensors) for fragment in self._fragments]
 
     def _bind(self, params: Any) -> Flat:
         """Validates params against the bound structure (binding it on the
@@ -576,7 +632,8 @@ class DiLoCo(GroupMember):
             if loaded is not None:
                 self._step, self._last_active = loaded["step"], loaded["last_active"]
             # The global parameters start as rank 0's params, on every rank.
-            self._broadcast_globals()
+            if self._broadcast_at_bind:
+                self._broadcast_globals()
         self._loaded = None
 
     def _bind_addresses(self, addresses: list[int]) -> None:
@@ -658,14 +715,18 @@ class DiLoCo(GroupMember):
             )
         else:
             plan.buffer.zero_()  # no count, no flag
-        fragment.last_send = self._step
+        fragment.previous_send, fragment.last_send = fragment.last_send, self._step
         merge_at = self._step + self._delay
-        if waiting or self._delay == 0 or self._nonfinite == "raise":
-            self._collectives.all_reduce_sum(plan.buffer, verify=True)
-            fragment.in_flight = _Exchange(merge_at, None)
-        else:
-            pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
-            fragment.in_flight = _Exchange(merge_at, pending)
+        fragment.in_flight = _Exchange(merge_at, None)
+        try:
+            if waiting or self._delay == 0 or self._nonfinite == "raise":
+                self._collectives.all_reduce_sum(plan.buffer, verify=True)
+            else:
+                pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
+                fragment.in_flight.pending = pending
+        except CommunicationError:
+            fragment.drop_exchange()
+            raise
         if self._nonfinite == "raise" and plan.code_counts()[_OUTER_PROBLEM] == 0:
             if (ranks := plan.nonfinite_ranks()) > 0:
                 fragment.in_flight = None
@@ -675,16 +736,29 @@ class DiLoCo(GroupMember):
                 )
         return waiting and plan.contributor_count() == 0
 
-    def _outer_step(self, fragment: _Fragment, tensors: Sequence[torch.Tensor]) -> None:
-        exchange, fragment.in_flight = fragment.in_flight, None
+    def _outer_step(
+        self, fragment: _Fragment, tensors: Sequence[torch.Tensor], scratch: bool = False
+    ) -> None:
+        """Takes a fragment's outer step (waiting for its sum): the global
+        parameters, the momenta and ``tensors``' local fragment; ``scratch``:
+        ``tensors`` are copies, not the rank's params."""
+        exchange = fragment.in_flight
         assert exchange is not None
         if exchange.pending is not None:
-            exchange.pending.wait()
+            try:
+                exchange.pending.wait()
+            except CommunicationError:
+                fragment.drop_exchange()
+                raise
+        fragment.in_flight = None
         plan = fragment.plan
         problems = plan.code_counts()[_OUTER_PROBLEM]
         if problems > 0:
             raise ValueError(_problem_message(problems, self.world_size))
         skip = self._nonfinite == "skip"
+        if self._premerge is not None and not scratch:  # see ElasticPort.keep_premerge
+            premerge = _views(self._premerge, fragment.pieces)
+            torch._foreach_copy_(premerge, fragment.locals_of(tensors))
         plan.outer_step(
             OuterStep(
                 fragment.locals_of(tensors),
@@ -703,6 +777,9 @@ class DiLoCo(GroupMember):
         increment_version([tensors[i] for i in fragment.tensors])
         self._outer_steps += 1
         self._skipped = skip and plan.nonfinite_ranks() > 0
+        if not scratch:
+            fragment.merges += 1
+            fragment.last_reset = self._skipped
 
     def _take_part_with_problem(self, problem: Exception, waiting: bool = False) -> None:
         """This rank cannot take part as usual (its params no longer match
@@ -728,7 +805,7 @@ class DiLoCo(GroupMember):
                 scratch = [g.clone() for g in self._globals]
                 fragment.bind_locals(addresses_of(scratch), self._element_sizes)
                 try:
-                    self._outer_step(fragment, scratch)
+                    self._outer_step(fragment, scratch, scratch=True)
                 finally:
                     fragment.bind_locals(self._addresses, self._element_sizes)
         problems = 0
@@ -739,7 +816,7 @@ class DiLoCo(GroupMember):
                 plan.buffer[
                     plan.layout.count_offset + plan.count_slot(self.rank, _OUTER_PROBLEM)
                 ] = 1
-                fragment.last_send = step
+                fragment.previous_send, fragment.last_send = fragment.last_send, step
                 self._collectives.all_reduce_sum(plan.buffer, verify=True)
                 fragment.in_flight = None  # dropped on every rank (see _outer_step)
                 problems = plan.code_counts()[_OUTER_PROBLEM]
@@ -761,7 +838,57 @@ class DiLoCo(GroupMember):
             self._outer_step(self._fragments[p], flat.tensors)
         self._step = self._last_active = 0
         for fragment in self._fragments:
-            fragment.last_send = 0
+            fragment.last_send = fragment.previous_send = 0
+
+
+class Settings(NamedTuple):
+    """A DiLoCo object's settings, checked (see ``check_settings``)."""
+
+    tau: int
+    outer_lr: float
+    momentum: float
+    nesterov: bool
+    fragments: int
+    delay: int
+    mix: float
+    comm_dtype: torch.dtype | None
+    nonfinite: NonFinite
+
+
+def check_settings(**options: Any) -> Settings:
+    """``DiLoCo``'s settings (every keyword of its constructor but ``group``
+    and ``timeout``; missing ones take its defaults), checked: TypeError or
+    ValueError naming the argument. Elastic mode checks them before it
+    connects."""
+    parameters = inspect.signature(DiLoCo.__init__).parameters
+    for name in options:
+        if name not in Settings._fields:
+            raise TypeError(f"DiLoCo got an unexpected keyword argument {name!r}")
+    given = {name: options.get(name, parameters[name].default) for name in Settings._fields}
+    tau = check_tau(given["tau"])
+    momentum = check_real(given["momentum"], "momentum", 0.0, 1.0)
+    nesterov = given["nesterov"]
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs momentum > 0 (as torch.optim.SGD)")
+    delay = check_int(given["delay"], "delay", 0)
+    if delay >= tau:
+        raise ValueError(
+            f"delay must be below tau ({tau}), got {delay}: a fragment's "
+            f"exchange must complete before its next one starts"
+        )
+    return Settings(
+        tau=tau,
+        outer_lr=check_real(given["outer_lr"], "outer_lr", 0.0, None),
+        momentum=momentum,
+        nesterov=nesterov,
+        fragments=check_int(given["fragments"], "fragments", 1),
+        delay=delay,
+        mix=check_real(given["mix"], "mix", 0.0, 1.0),
+        comm_dtype=check_comm_dtype(given["comm_dtype"]),
+        nonfinite=cast(NonFinite, check_nonfinite(given["nonfinite"])),
+    )
 
 
 def split_fragments(sizes: Sequence[tuple[int, int]], count: int) -> list[list[Piece]]:
@@ -829,6 +956,9 @@ def _check_fragment_states(fragments: object, count: int, tau: int) -> None:
     for saved in fragments:
         if not isinstance(saved, Mapping) or not isinstance(saved.get("last_send"), int):
             raise TypeError("state['fragments']: each must be a dict with an int 'last_send'")
+        for key, kind in (("previous_send", int), ("merges", int), ("last_reset", bool)):
+            if key in saved and not isinstance(saved[key], kind):
+                raise TypeError(f"state['fragments']: '{key}' must be a {kind.__name__}")
         in_flight = saved.get("in_flight")
         if in_flight is not None and (
             not isinstance(in_flight, Mapping)

@@ -1,17 +1,18 @@
 """One rank of an elastic job, for tests/test_elastic.py (run as a process).
 
-    python tests/elastic_worker.py CONTROL OUT --algo sgd|ea --world N --stop FILE
+    python tests/elastic_worker.py CONTROL OUT --algo sgd|ea|diloco --world N --stop FILE
         [--sync-every N] [--pause S] [--timeout S] [--die-in-view] [--wait-for FILE]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--fragments P --delay D --mix A --sync-global]
 
 Trains a small linear model on data drawn from this process's own seed and
 the job's step count until the job's step count reaches the number the
 test writes to the --stop file (the same for every rank, written well
 ahead of all of them), and writes one JSON line per event to OUT: "view"
 (after each membership change: rank, world size, steps, parameters, EA
-center), "step" (the step's number; for SGD this rank's own gradient and
-the averaged one; the algorithm objects of this rank still alive, with the
-garbage collector off: a dropped view's object must go with its last
+center or DiLoCo's global parameters, logged as "center"), "step" (the
+step's number; for SGD this rank's own gradient and the averaged one;
+the algorithm objects of this rank still alive, with the garbage
+collector off: a dropped view's object must go with its last
 reference, buffers and all), "done" (final parameters and center).
 ``--die-in-view``: exits as soon as its first quorum is agreed, before it
 has the job's state (a joiner lost during the change). ``--wait-for``:
@@ -85,14 +86,15 @@ class Fault:
 
 
 def flat(tensors: object) -> list[float]:
-    return torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
+    parts = [t.detach().reshape(-1).double() for t in tensors]  # type: ignore[attr-defined]
+    return torch.cat(parts).tolist() if parts else []
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("control")
     parser.add_argument("out")
-    parser.add_argument("--algo", choices=("sgd", "ea"), required=True)
+    parser.add_argument("--algo", choices=("sgd", "ea", "diloco"), required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--stop", required=True)
     parser.add_argument("--sync-every", type=int, default=10)
@@ -104,6 +106,12 @@ def main() -> None:
     parser.add_argument("--fault", help="ACTION@POINT:N:DELAY_MS (see the module)")
     parser.add_argument("--shape", type=int, default=5, help="the model's inputs (misbuilt: not 5)")
     parser.add_argument("--asynchronous", action="store_true", help="EA: rounds in flight")
+    parser.add_argument("--fragments", type=int, default=1, help="DiLoCo")
+    parser.add_argument("--delay", type=int, default=0, help="DiLoCo")
+    parser.add_argument("--mix", type=float, default=0.0, help="DiLoCo")
+    parser.add_argument(
+        "--sync-global", action="store_true", help="DiLoCo: synchronize_global, not _parameters"
+    )
     args = parser.parse_args()
     # The library's view changes, timed, in the rank's log (read when a test fails).
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
@@ -159,6 +167,14 @@ def main() -> None:
     epoch = {"value": 0}
     holder: dict[str, object] = {}
 
+    def center_of(obj: object) -> list[float] | None:
+        """EA's center, DiLoCo's global parameters; None for SGD."""
+        if args.algo == "ea":
+            return flat(obj.center.values())  # type: ignore[attr-defined]
+        if args.algo == "diloco":
+            return flat(obj.global_parameters.values())  # type: ignore[attr-defined]
+        return None
+
     def on_change(view: elastic.View) -> None:
         obj = holder.get("obj")
         emit(
@@ -168,15 +184,22 @@ def main() -> None:
             prefix=view.prefix,
             params=flat(model.parameters()),
             steps=None if obj is None else obj.steps,
-            center=None if obj is None or args.algo == "sgd" else flat(obj.center.values()),
+            center=None if obj is None else center_of(obj),
         )
 
     while args.wait_for and not Path(args.wait_for).exists():
         time.sleep(0.02)
-    kind = elastic.ElasticSGD if args.algo == "sgd" else elastic.ElasticEA
-    options = {}
+    kind = {"sgd": elastic.ElasticSGD, "ea": elastic.ElasticEA, "diloco": elastic.ElasticDiLoCo}[
+        args.algo
+    ]
+    options: dict[str, object] = {}
     if args.algo == "ea":  # AllReduceEA's rounds are asynchronous unless told
         options = {"tau": 2, "beta": 0.9, "asynchronous": args.asynchronous}
+    if args.algo == "diloco":  # tests/test_elastic_faults.py's DILOCO settings
+        options = {
+            "tau": 3, "outer_lr": 0.5, "momentum": 0.5, "nesterov": True,
+            "fragments": args.fragments, "delay": args.delay, "mix": args.mix,
+        }  # fmt: skip
     obj = kind(
         args.control,
         model,
@@ -200,7 +223,7 @@ def main() -> None:
             steps=obj.steps,
             epoch=epoch["value"],
             params=flat(model.parameters()),
-            center=None if args.algo == "sgd" else flat(obj.center.values()),
+            center=center_of(obj),
         )
 
     algorithms: list[weakref.ref] = []
@@ -236,6 +259,34 @@ def main() -> None:
             )
             if not obj.last_step_skipped:
                 optimizer.step()
+        elif args.algo == "diloco":
+            optimizer.step()
+            # What the outer step starts from, for the harness's float64
+            # reference (synchronous exchanges only: state_dict() would wait
+            # for an exchange in flight).
+            synchronous = args.fragments == 1 and args.delay == 0
+            state = obj._algo.state_dict() if synchronous else {"globals": [], "momenta": []}
+            before, prefix_before = flat(model.parameters()), obj.view.prefix
+            outer_before = obj.outer_steps
+            fault.enter("step", emit)
+            obj.average_parameters()
+            emit(
+                "step",
+                steps=obj.steps - 1,
+                world=obj.world_size,
+                rank=obj.rank,
+                alive=alive_algorithms(),
+                prefix=obj.view.prefix,
+                prefix_before=prefix_before,
+                # An outer step in this call, on the view it began in.
+                round=prefix_before == obj.view.prefix and obj.outer_steps > outer_before,
+                before=before,
+                center_before=flat(state["globals"]),
+                momenta_before=flat(state["momenta"]),
+                params=flat(model.parameters()),
+                center=center_of(obj),
+                momenta=flat(obj._algo.state_dict()["momenta"] if synchronous else []),
+            )
         else:
             optimizer.step()
             # What the round starts from, for the harness's float64 reference.
@@ -268,8 +319,12 @@ def main() -> None:
             fault.enter("sync", emit)
             if args.algo == "sgd":
                 obj.synchronize_parameters()
-            else:
+            elif args.algo == "ea":
                 obj.synchronize_center()
+            elif args.sync_global:
+                obj.synchronize_global()
+            else:
+                obj.synchronize_parameters()
             emit(
                 "synced",
                 steps=obj.steps,
@@ -277,7 +332,7 @@ def main() -> None:
                 prefix=obj.view.prefix,
                 world=obj.world_size,
                 params=flat(model.parameters()),
-                center=None if args.algo == "sgd" else flat(obj.center.values()),
+                center=center_of(obj),
             )
     emit_state("done")
     obj.close()

@@ -254,6 +254,18 @@ def _resume(rank: int, world_size: int, seed: int, settings: dict, cut: int, ste
             params = [torch.full_like(p, float("nan")) for p in params]  # poisoned
             diloco = dl.DiLoCo(**settings)
             diloco.load_state_dict(state)
+            # Saved again before the first call: the loaded state, as it was.
+            again = diloco.state_dict()
+            kept = [again[k] == state[k] for k in ("step", "last_active", "outer_steps")] + [
+                torch.equal(a, b)
+                for key in ("globals", "momenta")
+                for a, b in zip(again[key], state[key], strict=True)
+            ]
+            for mine, theirs in zip(again["fragments"], state["fragments"], strict=True):
+                kept.append(mine["last_send"] == theirs["last_send"])
+                kept.append(mine["merges"] == theirs["merges"])
+                if theirs["in_flight"] is not None:
+                    kept.append(torch.equal(mine["in_flight"]["sum"], theirs["in_flight"]["sum"]))
             with torch.no_grad():
                 torch._foreach_copy_(params, saved)
             _train(rank, seed, diloco, params, range(cut + 1, steps + 1))
@@ -263,7 +275,7 @@ def _resume(rank: int, world_size: int, seed: int, settings: dict, cut: int, ste
         runs.append([*params, *end["globals"], *end["momenta"]])
         diloco.close()
     same = all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
-    return {"same": same, "in_flight": in_flight}
+    return {"same": same, "in_flight": in_flight, "kept": all(kept)}
 
 
 def test_a_checkpoint_with_an_exchange_in_flight_resumes_bitwise() -> None:
@@ -272,7 +284,7 @@ def test_a_checkpoint_with_an_exchange_in_flight_resumes_bitwise() -> None:
     # Fragment 1 exchanges at steps 1, 6, 11, ...: after step 7 it is in flight.
     results = run_world(_resume, 2, seed, settings, 7, 23, timeout=60)
     assert all(r["in_flight"] >= 1 for r in results), results
-    assert all(r["same"] for r in results), results
+    assert all(r["same"] and r["kept"] for r in results), results
 
 
 def _overlapped_and_not(rank: int, world_size: int, seed: int) -> bool:

@@ -55,7 +55,7 @@ def make_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
 # ranks on one device): the CUDA kernels, and the state handed over from and
 # to CUDA tensors.
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
-@pytest.mark.parametrize("algo", ["sgd", "ea"])
+@pytest.mark.parametrize("algo", ["sgd", "ea", "diloco"])
 def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(
     make_job, algo: str, device: str
 ) -> None:
@@ -91,7 +91,7 @@ def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(
     # The joiner starts from the furthest rank's state, bitwise, and at its step.
     assert joiner_start["params"] == source["params"]
     assert joiner_start["steps"] == source["steps"]
-    if algo == "ea":
+    if algo != "sgd":  # the EA center, DiLoCo's global parameters
         assert joiner_start["center"] == source["center"]
     # The extra state (an epoch counter) came along.
     assert joiner_start["epoch"] >= 4
@@ -309,7 +309,7 @@ def test_nccl_views_are_made_aborted_and_made_again_in_a_loop(tmp_path: Path) ->
         ({"backend": 1}, TypeError, "backend"),
     ],
 )
-@pytest.mark.parametrize("algo", ["sgd", "ea"])
+@pytest.mark.parametrize("algo", ["sgd", "ea", "diloco"])
 def test_bad_arguments_are_refused_before_anything_connects(
     algo: str, kwargs: dict, error: type, names: str
 ) -> None:
@@ -320,10 +320,33 @@ def test_bad_arguments_are_refused_before_anything_connects(
     model = torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in model.parameters()]
     arguments = {"control": "127.0.0.1:1", "model": model, **kwargs}
-    kind = elastic.ElasticSGD if algo == "sgd" else elastic.ElasticEA
+    kind = {"sgd": elastic.ElasticSGD, "ea": elastic.ElasticEA, "diloco": elastic.ElasticDiLoCo}
     with pytest.raises(error, match=names):
-        kind(arguments.pop("control"), arguments.pop("model"), **arguments)
+        kind[algo](arguments.pop("control"), arguments.pop("model"), **arguments)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"tau": 0}, ValueError, "tau"),
+        ({"tau": 3, "delay": 3}, ValueError, "delay must be below tau"),
+        ({"mix": 1.5}, ValueError, "mix"),
+        ({"nesterov": "yes"}, TypeError, "nesterov"),
+        ({"fragmnets": 2}, TypeError, "fragmnets"),
+        ({"group": None}, ValueError, "group"),
+    ],
+)
+def test_bad_diloco_settings_are_refused_before_anything_connects(
+    kwargs: dict, error: type, names: str
+) -> None:
+    import torch
+
+    from distlearn_cuda import elastic
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(error, match=names):
+        elastic.ElasticDiLoCo("127.0.0.1:1", model, **kwargs)
 
 
 def test_nccl_backend_without_cuda_is_refused_naming_the_argument() -> None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import atexit
 import datetime
 import weakref
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from .._comm.collectives import Collectives
@@ -140,6 +142,18 @@ class GroupMember:
         """Binds ``params`` before the first call (see ``ElasticPort.bind``);
         nothing to bind ahead unless a subclass says so."""
 
+    def _drop_exchanges(self) -> None:
+        """Forgets the exchanges in flight (see ``ElasticPort.drop_exchanges``);
+        none unless a subclass keeps some across calls."""
+
+    def _keep_premerge(self, buffers: list[torch.Tensor]) -> None:
+        """See ``ElasticPort.keep_premerge``: only DiLoCo merges fragments."""
+        raise TypeError(f"{type(self).__name__} has no fragments to merge")
+
+    def _fragment_views(self, tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """See ``ElasticPort.fragment_views``: only DiLoCo has fragments."""
+        raise TypeError(f"{type(self).__name__} has no fragments")
+
     def __enter__(self: _Member) -> _Member:
         return self
 
@@ -195,3 +209,20 @@ class ElasticPort:
         """Binds ``params`` now, not at the first call (EA: the center
         exists, so ``state_dict()`` holds it before the first round)."""
         self._member._bind_ahead(params)
+
+    def drop_exchanges(self) -> None:
+        """Forgets every exchange in flight as if it had never started
+        (DiLoCo: their fragments exchange again at their next turn); for a
+        view change, whose new group cannot complete the old one's."""
+        self._member._drop_exchanges()
+
+    def keep_premerge(self, buffers: list[torch.Tensor]) -> None:
+        """DiLoCo copies each local fragment into its place in ``buffers``
+        (shaped like the bound params) before the fragment's outer step, so
+        that a merge the job did not take can be undone."""
+        self._member._keep_premerge(buffers)
+
+    def fragment_views(self, tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """DiLoCo: each fragment's pieces of ``tensors`` (shaped like the
+        bound params), as 1-D views."""
+        return self._member._fragment_views(tensors)

@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._algorithms.member import ElasticPort
+from .._algorithms.member import ElasticPort, GroupMember
 from .._comm import nccl as _nccl
 from .._comm.gloo import restart_numbering
 from .._tensors.validate import check_timeout
@@ -161,7 +161,7 @@ def init_view_group(
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-_Algorithm = TypeVar("_Algorithm", AllReduceSGD, AllReduceEA)
+_Algorithm = TypeVar("_Algorithm", bound=GroupMember)
 
 
 class _ElasticMember(Generic[_Algorithm]):
