@@ -34,7 +34,7 @@ from torch.autograd.graph import increment_version
 from . import _C
 from ._algorithms.carry import CarriedState, check_carry_args, pick_source
 from ._algorithms.member import GroupMember
-from ._comm.collectives import PendingSum
+from ._comm.collectives import PendingSum, is_capturing
 from ._native import addresses_of
 from ._tensors import tree as _tree
 from ._tensors.plan import OuterStep, Plan, PlanCache, lossless_dtype
@@ -371,8 +371,45 @@ class DiLoCo(GroupMember):
             self._step = self._last_active = self._step + 1
             self._take_part_with_problem(error)
             raise
+        self._check_capture(flat, "average_parameters")
         self._step = self._last_active = self._step + 1
         self._run_step(flat, waiting=False)
+
+    def wait(self) -> None:
+        """Completes the allreduces of the exchanges in flight (their outer
+        steps stay due at their steps). Call it before capturing a CUDA
+        graph: a capture cannot wait on work from outside it."""
+        self._collectives.check_usable("wait")
+        for fragment in self._fragments:
+            exchange = fragment.in_flight
+            if exchange is not None and exchange.pending is not None:
+                try:
+                    exchange.pending.wait()
+                except CommunicationError:
+                    fragment.drop_exchange()
+                    raise
+                exchange.pending = None
+
+    def _check_capture(self, flat: Flat, call: str) -> None:
+        """Inside a CUDA graph capture, refuses (RuntimeError, before anything
+        changes) what the capture cannot hold: a wait on an exchange started
+        before it, a synchronization (its loop reads counts on the host),
+        and ``nonfinite="raise"`` (it reads the flag on the host)."""
+        if not flat.tensors or not is_capturing(flat.tensors[0].device):
+            return
+        if call != "average_parameters":
+            raise RuntimeError(f"{call} cannot be captured in a CUDA graph: call it eagerly")
+        if self._nonfinite == "raise":
+            raise RuntimeError(
+                "average_parameters: nonfinite='raise' reads the non-finite flag on the host "
+                "and cannot be captured in a CUDA graph; use 'skip' or 'propagate'"
+            )
+        exchanges = [f.in_flight for f in self._fragments if f.in_flight is not None]
+        if any(exchange.pending is not None for exchange in exchanges):
+            raise RuntimeError(
+                "average_parameters: an exchange started before this CUDA graph capture is "
+                "still in flight; call diloco.wait() before capturing"
+            )
 
     def synchronize_global(self, params: Any) -> None:
         """Waits for all ranks (joining their exchanges), then completes every
@@ -381,6 +418,7 @@ class DiLoCo(GroupMember):
         the outer steps say, not replaced. The step count restarts at 0."""
         self._collectives.check_usable("synchronize_global")
         flat = self._bind_for_synchronization(params)
+        self._check_capture(flat, "synchronize_global")
         self._wait_for_all_ranks(flat)
 
     def synchronize_parameters(
@@ -415,6 +453,7 @@ class DiLoCo(GroupMember):
             raise AssertionError("unreachable: _bind_for_synchronization raised") from error
         params = _tree.materialize(params)
         flat = self._bind_for_synchronization(params)
+        self._check_capture(flat, "synchronize_parameters")
         carried = CarriedState(
             params if buffers else None, optimizer, flat.tensors[0].device, states
         )
@@ -718,8 +757,11 @@ class DiLoCo(GroupMember):
         fragment.previous_send, fragment.last_send = fragment.last_send, self._step
         merge_at = self._step + self._delay
         fragment.in_flight = _Exchange(merge_at, None)
+        # A captured exchange completes within the capture (a graph must join
+        # what it forks); its outer step stays due at its step.
+        capturing = is_capturing(plan.buffer.device)
         try:
-            if waiting or self._delay == 0 or self._nonfinite == "raise":
+            if waiting or self._delay == 0 or self._nonfinite == "raise" or capturing:
                 self._collectives.all_reduce_sum(plan.buffer, verify=True)
             else:
                 pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
@@ -752,8 +794,10 @@ class DiLoCo(GroupMember):
                 raise
         fragment.in_flight = None
         plan = fragment.plan
-        problems = plan.code_counts()[_OUTER_PROBLEM]
-        if problems > 0:
+        # Captured: no host reads (a rank with a problem raises in an eager
+        # call, never in a captured one: its params were bound at capture).
+        capturing = is_capturing(plan.buffer.device)
+        if not capturing and (problems := plan.code_counts()[_OUTER_PROBLEM]) > 0:
             raise ValueError(_problem_message(problems, self.world_size))
         skip = self._nonfinite == "skip"
         if self._premerge is not None and not scratch:  # see ElasticPort.keep_premerge
@@ -776,7 +820,8 @@ class DiLoCo(GroupMember):
         )
         increment_version([tensors[i] for i in fragment.tensors])
         self._outer_steps += 1
-        self._skipped = skip and plan.nonfinite_ranks() > 0
+        if not capturing:  # a captured step leaves it as it was
+            self._skipped = skip and plan.nonfinite_ranks() > 0
         if not scratch:
             fragment.merges += 1
             fragment.last_reset = self._skipped
