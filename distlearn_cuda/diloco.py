@@ -35,6 +35,7 @@ from . import _C
 from ._algorithms.carry import CarriedState, check_carry_args, pick_source
 from ._algorithms.member import GroupMember
 from ._comm.collectives import PendingSum, is_capturing
+from ._comm.low_bit import LowBitFormat, LowBitSum, check_compression
 from ._native import addresses_of
 from ._tensors import tree as _tree
 from ._tensors.plan import OuterStep, Plan, PlanCache, lossless_dtype
@@ -119,6 +120,10 @@ class _Fragment:
         # view change in elastic mode compares them with the source's.
         self.merges = 0
         self.last_reset = False
+        # With compression: the low-bit sum's scratch, and the error
+        # feedback's residual (None without it).
+        self.low_bit: LowBitSum | None = None
+        self.residual: torch.Tensor | None = None
 
     def drop_exchange(self) -> None:
         """Forgets the exchange in flight, as if it had never started: no
@@ -188,6 +193,13 @@ class DiLoCo(GroupMember):
         mix: the merge's share of the local parameters, in [0, 1) (default 0).
         comm_dtype: dtype in which outer gradients travel; default: the
             parameters' own dtype (their promotion when they differ).
+        compression: None, or the low-bit format outer gradients travel in
+            (``"int8"``, ``"fp8_e4m3"``: 8 bits; ``"int4"``, ``"mxfp4"``: 4
+            bits; a float32 scale per block): an all-to-all, a float32 sum
+            of each shard, an all-gather (``_comm/low_bit.py``). CPU
+            params only, for now; the exchanges are then synchronous.
+        error_feedback: keep what each quantization lost and add it to the
+            next exchange of the fragment (default: on for 4-bit formats).
         nonfinite: what an outer step does when some rank's outer gradient
             holds a NaN or an infinity (the flag travels in the same
             allreduce, so every rank decides alike): ``"propagate"``
@@ -235,6 +247,8 @@ class DiLoCo(GroupMember):
         delay: int = 0,
         mix: float = 0.0,
         comm_dtype: torch.dtype | None = None,
+        compression: LowBitFormat | None = None,
+        error_feedback: bool | None = None,
         nonfinite: NonFinite = "propagate",
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
@@ -247,6 +261,8 @@ class DiLoCo(GroupMember):
             delay=delay,
             mix=mix,
             comm_dtype=comm_dtype,
+            compression=compression,
+            error_feedback=error_feedback,
             nonfinite=nonfinite,
         )
         self._tau, self._outer_lr = settings.tau, settings.outer_lr
@@ -254,6 +270,7 @@ class DiLoCo(GroupMember):
         self._fragment_count = settings.fragments
         self._delay, self._mix = settings.delay, settings.mix
         self._comm_dtype, self._nonfinite = settings.comm_dtype, settings.nonfinite
+        self._compression, self._error_feedback = settings.compression, settings.error_feedback
         timeout = check_timeout(timeout)
         super().__init__(group, timeout)
         self._plans = PlanCache(self._group.world_size)
@@ -337,6 +354,8 @@ class DiLoCo(GroupMember):
             ("delay", self._delay),
             ("mix", repr(self._mix)),
             ("comm_dtype", self._comm_dtype),
+            ("compression", self._compression),
+            ("error_feedback", self._error_feedback),
             ("nonfinite", self._nonfinite),
         ]
 
@@ -523,6 +542,7 @@ class DiLoCo(GroupMember):
                     "in_flight": in_flight,
                     "merges": fragment.merges,
                     "last_reset": fragment.last_reset,
+                    "residual": _cloned_one(fragment.residual),
                 }
             )
         bound = bool(self._fragments)
@@ -569,6 +589,14 @@ class DiLoCo(GroupMember):
 
     def _check_loaded_sums(self, loaded: dict[str, Any]) -> None:
         for fragment, saved in zip(self._fragments, loaded["fragments"], strict=True):
+            residual = saved.get("residual")
+            if residual is not None and (
+                fragment.residual is None or residual.shape != fragment.residual.shape
+            ):
+                raise ValueError(
+                    "state['fragments']: a residual that does not fit this object's error "
+                    "feedback (another compression setting?)"
+                )
             in_flight = saved["in_flight"]
             if in_flight is not None and in_flight["sum"].shape != fragment.plan.buffer.shape:
                 raise ValueError("state['fragments']: an exchange's sum does not fit the buffer")
@@ -585,6 +613,12 @@ class DiLoCo(GroupMember):
                 fragment.previous_send = saved.get("previous_send", 0)
                 fragment.merges = saved.get("merges", 0)
                 fragment.last_reset = saved.get("last_reset", False)
+                if fragment.residual is not None:
+                    residual = saved.get("residual")
+                    if residual is None:
+                        fragment.residual.zero_()
+                    else:
+                        fragment.residual.copy_(residual)
                 in_flight = saved["in_flight"]
                 fragment.in_flight = None
                 if in_flight is not None:
@@ -610,6 +644,9 @@ class DiLoCo(GroupMember):
 
     def _fragment_views(self, tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
         return [fragment.locals_of(tensors) for fragment in self._fragments]
+
+    def _residuals(self) -> list[torch.Tensor | None]:
+        return [fragment.residual for fragment in self._fragments]
 
     def _bind(self, params: Any) -> Flat:
         """Validates params against the bound structure (binding it on the
@@ -639,6 +676,11 @@ class DiLoCo(GroupMember):
             if loaded is not None and loaded["globals"] is not None:
                 check_state_tensors(loaded["globals"], flat.tensors, "globals")
                 check_state_tensors(loaded["momenta"], flat.tensors, "momenta")
+            if self._compression is not None and params_signature[0].type != "cpu":
+                raise ValueError(
+                    f"params: compression={self._compression!r} runs on CPU tensors only for "
+                    f"now; these are on {params_signature[0]}"
+                )
             entries, names = structure_entries(params_signature), flat.names
         except (TypeError, ValueError) as error:
             entries, names, problem = [f"cannot be bound: {error}"], ["params"], error
@@ -658,7 +700,13 @@ class DiLoCo(GroupMember):
             part: Signature = (params_signature[0], tuple(entry(v) for v in views))
             plan = self._plans.get(f"outer{p}", part, dtype, _OUTER_CODES)
             offset = p * self._tau // self._fragment_count
-            self._fragments.append(_Fragment(pieces, offset, plan, self._globals, self._momenta))
+            fragment = _Fragment(pieces, offset, plan, self._globals, self._momenta)
+            if self._compression is not None:
+                payload = plan.layout.count_offset
+                fragment.low_bit = LowBitSum(self._compression, payload, self.world_size, self.rank)
+                if self._error_feedback:
+                    fragment.residual = torch.zeros(payload)
+            self._fragments.append(fragment)
         for fragment in self._fragments:
             self._event_at[fragment.offset % self._tau] = True
             self._event_at[(fragment.offset + self._delay) % self._tau] = True
@@ -742,7 +790,8 @@ class DiLoCo(GroupMember):
         count for nothing. Returns (when waiting, which reads the count)
         whether no rank contributed."""
         plan = fragment.plan
-        if self._last_active > fragment.last_send:
+        contributes = self._last_active > fragment.last_send
+        if contributes:
             locals_ = fragment.locals_of(tensors)
             slot = plan.count_slot(self.rank, _OUTER_STEP)
             plan.outer_gradient(
@@ -761,7 +810,13 @@ class DiLoCo(GroupMember):
         # what it forks); its outer step stays due at its step.
         capturing = is_capturing(plan.buffer.device)
         try:
-            if waiting or self._delay == 0 or self._nonfinite == "raise" or capturing:
+            if fragment.low_bit is not None:
+                # Only a contributor's residual goes in: zeros count for nothing.
+                residual = fragment.residual if contributes else None
+                self._collectives.all_reduce_low_bit(plan.buffer, fragment.low_bit, residual)
+                if fragment.residual is not None and plan.nonfinite_ranks() > 0:
+                    fragment.residual.zero_()  # no NaN carried into the next exchanges
+            elif waiting or self._delay == 0 or self._nonfinite == "raise" or capturing:
                 self._collectives.all_reduce_sum(plan.buffer, verify=True)
             else:
                 pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
@@ -862,7 +917,10 @@ class DiLoCo(GroupMember):
                     plan.layout.count_offset + plan.count_slot(self.rank, _OUTER_PROBLEM)
                 ] = 1
                 fragment.previous_send, fragment.last_send = fragment.last_send, step
-                self._collectives.all_reduce_sum(plan.buffer, verify=True)
+                if fragment.low_bit is not None:  # the others' collective
+                    self._collectives.all_reduce_low_bit(plan.buffer, fragment.low_bit, None)
+                else:
+                    self._collectives.all_reduce_sum(plan.buffer, verify=True)
                 fragment.in_flight = None  # dropped on every rank (see _outer_step)
                 problems = plan.code_counts()[_OUTER_PROBLEM]
         if problems:
@@ -897,6 +955,8 @@ class Settings(NamedTuple):
     delay: int
     mix: float
     comm_dtype: torch.dtype | None
+    compression: LowBitFormat | None
+    error_feedback: bool
     nonfinite: NonFinite
 
 
@@ -923,6 +983,19 @@ def check_settings(**options: Any) -> Settings:
             f"delay must be below tau ({tau}), got {delay}: a fragment's "
             f"exchange must complete before its next one starts"
         )
+    compression = check_compression(given["compression"])
+    comm_dtype = check_comm_dtype(given["comm_dtype"])
+    if compression is not None and comm_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"comm_dtype must be None or torch.float32 with compression={compression!r} "
+            f"(the low-bit sum quantizes float32 values), got {comm_dtype}"
+        )
+    error_feedback = given["error_feedback"]
+    if error_feedback is not None and not isinstance(error_feedback, bool):
+        kind = type(error_feedback).__name__
+        raise TypeError(f"error_feedback must be a bool or None, got {kind}")
+    if error_feedback is None:
+        error_feedback = compression in ("int4", "mxfp4")
     return Settings(
         tau=tau,
         outer_lr=check_real(given["outer_lr"], "outer_lr", 0.0, None),
@@ -931,7 +1004,9 @@ def check_settings(**options: Any) -> Settings:
         fragments=check_int(given["fragments"], "fragments", 1),
         delay=delay,
         mix=check_real(given["mix"], "mix", 0.0, 1.0),
-        comm_dtype=check_comm_dtype(given["comm_dtype"]),
+        comm_dtype=comm_dtype,
+        compression=compression,
+        error_feedback=error_feedback,
         nonfinite=cast(NonFinite, check_nonfinite(given["nonfinite"])),
     )
 
@@ -1004,6 +1079,9 @@ def _check_fragment_states(fragments: object, count: int, tau: int) -> None:
         for key, kind in (("previous_send", int), ("merges", int), ("last_reset", bool)):
             if key in saved and not isinstance(saved[key], kind):
                 raise TypeError(f"state['fragments']: '{key}' must be a {kind.__name__}")
+        residual = saved.get("residual")
+        if residual is not None and not isinstance(residual, torch.Tensor):
+            raise TypeError("state['fragments']: 'residual' must be None or a tensor")
         in_flight = saved.get("in_flight")
         if in_flight is not None and (
             not isinstance(in_flight, Mapping)
@@ -1011,6 +1089,10 @@ def _check_fragment_states(fragments: object, count: int, tau: int) -> None:
             or not isinstance(in_flight.get("sum"), torch.Tensor)
         ):
             raise TypeError("state['fragments']: 'in_flight' must be None or {merge_at, sum}")
+
+
+def _cloned_one(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
 
 
 def _cloned(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:

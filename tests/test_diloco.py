@@ -266,6 +266,9 @@ def _resume(rank: int, world_size: int, seed: int, settings: dict, cut: int, ste
                 kept.append(mine["merges"] == theirs["merges"])
                 if theirs["in_flight"] is not None:
                     kept.append(torch.equal(mine["in_flight"]["sum"], theirs["in_flight"]["sum"]))
+                if theirs["residual"] is not None:
+                    kept.append(torch.equal(mine["residual"], theirs["residual"]))
+                    kept.append(bool(theirs["residual"].abs().sum() > 0))  # feedback ran
             with torch.no_grad():
                 torch._foreach_copy_(params, saved)
             _train(rank, seed, diloco, params, range(cut + 1, steps + 1))
@@ -278,9 +281,11 @@ def _resume(rank: int, world_size: int, seed: int, settings: dict, cut: int, ste
     return {"same": same, "in_flight": in_flight, "kept": all(kept)}
 
 
-def test_a_checkpoint_with_an_exchange_in_flight_resumes_bitwise() -> None:
+@pytest.mark.parametrize("compression", [None, "int4"])
+def test_a_checkpoint_with_an_exchange_in_flight_resumes_bitwise(compression: str | None) -> None:
     seed = fresh_seed()
-    settings = {"tau": 5, "fragments": 3, "delay": 2, "mix": 0.5}
+    # int4: the error feedback's residuals are in the state too.
+    settings = {"tau": 5, "fragments": 3, "delay": 2, "mix": 0.5, "compression": compression}
     # Fragment 1 exchanges at steps 1, 6, 11, ...: after step 7 it is in flight.
     results = run_world(_resume, 2, seed, settings, 7, 23, timeout=60)
     assert all(r["in_flight"] >= 1 for r in results), results

@@ -154,6 +154,10 @@ class GroupMember:
         """See ``ElasticPort.fragment_views``: only DiLoCo has fragments."""
         raise TypeError(f"{type(self).__name__} has no fragments")
 
+    def _residuals(self) -> list[torch.Tensor | None]:
+        """See ``ElasticPort.residuals``: none without error feedback."""
+        return []
+
     def __enter__(self: _Member) -> _Member:
         return self
 
@@ -226,3 +230,8 @@ class ElasticPort:
         """DiLoCo: each fragment's pieces of ``tensors`` (shaped like the
         bound params), as 1-D views."""
         return self._member._fragment_views(tensors)
+
+    def residuals(self) -> list[torch.Tensor | None]:
+        """DiLoCo with compression: each fragment's error-feedback residual
+        (this rank's own: a hand-over must not give it the source's)."""
+        return self._member._residuals()

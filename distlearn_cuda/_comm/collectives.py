@@ -41,6 +41,7 @@ from ..errors import CommunicationError
 from . import nccl as _nccl
 from .gloo import PrivateGloo
 from .group import Group, GroupGoneError
+from .low_bit import LowBitSum
 from .positions import Positions
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class Collectives:
         self._pid = os.getpid()  # NOTE [Fork] in _comm/nccl.py
         # Every all_reduce_sum as if verify=True (elastic SGD redoes a failed step).
         self.verify_sums = False
+        # Bytes the low-bit sums sent (LowBitSum.wire_bytes, summed over the calls).
+        self.low_bit_wire_bytes = 0
 
     @property
     def timeout(self) -> datetime.timedelta:
@@ -181,6 +184,32 @@ class Collectives:
             self._route(buffer.device).all_reduce_sum(buffer, verify or self.verify_sums)
         except RuntimeError as error:
             self._fail("all_reduce_sum", started, error)
+
+    def all_reduce_low_bit(
+        self, buffer: torch.Tensor, low_bit: LowBitSum, residual: torch.Tensor | None
+    ) -> None:
+        """buffer <- its sum over the ranks, its first ``low_bit.payload``
+        elements in ``low_bit``'s format (see ``_comm.low_bit``), the rest
+        exactly; ``residual``: the error feedback of the call site, updated
+        only when the call succeeds. CPU float32 buffers, over the private
+        gloo group (each of its three collectives bounded by the deadline)."""
+        self.check_usable("all_reduce_low_bit")
+        self._positions.enter("all_reduce_low_bit")
+        started = time.monotonic()
+        payload, tail = buffer[: low_bit.payload], buffer[low_bit.payload :]
+        try:
+            backend = self.gloo.backend
+            low_bit.quantize_into_messages(payload, residual)
+            low_bit.exchange_shards(backend)
+            low_bit.sum_shard()
+            low_bit.gather_shards(backend)
+            self.gloo.all_reduce(tail).wait()
+        except RuntimeError as error:
+            self._fail("all_reduce_low_bit", started, error)
+        low_bit.dequantize_into(payload)
+        if residual is not None:
+            low_bit.commit_residual(residual)
+        self.low_bit_wire_bytes += low_bit.wire_bytes
 
     def all_reduce_sum_async(self, buffer: torch.Tensor, *, verify: bool) -> PendingSum:
         """Starts buffer <- its sum over the ranks; the caller must not touch

@@ -193,8 +193,15 @@ class ElasticDiLoCo(_ElasticMember[DiLoCo]):
                 self._optimizer.load_state_dict(state["optimizer"])
             with torch.no_grad():
                 torch._foreach_copy_(params, globals_)
+            for residual in ElasticPort(algo).residuals():  # its own: none yet
+                if residual is not None:
+                    residual.zero_()
             return
         self._reconcile(mine["fragments"], source["fragments"], params, globals_)
+        # The error feedback's residuals are each rank's own: kept.
+        for own, fragment in zip(mine["fragments"], ElasticPort(algo).residuals(), strict=True):
+            if fragment is not None and own.get("residual") is not None:
+                fragment.copy_(own["residual"])
 
     def _reconcile(
         self,

@@ -1,0 +1,187 @@
+"""The low-bit sum: a float32 buffer summed over the ranks in 8 or 4 bits.
+
+Values quantized with different scales do not add, and 4-bit sums
+overflow, so the network's own reduction cannot sum codes. Instead (issue
+24; as torchft's fp8 allreduce, with block scales and error feedback):
+
+1. each rank quantizes its values (plus its error-feedback residual, which
+   then becomes what the quantization lost) into codes and a float32 scale
+   per block (``kernels/low_bit.h``);
+2. an all-to-all gives rank j every rank's codes and scales of shard j
+   (the payload cut into ``world`` shards of whole blocks);
+3. rank j dequantizes them and sums them in float32, in rank order, and
+   quantizes the sum;
+4. an all-gather returns every shard's codes and scales, which every rank
+   dequantizes into the buffer: the result is bitwise the same everywhere.
+
+The buffer's tail (count slots, the non-finite flag) is summed exactly by
+a small float32 allreduce. 4-bit codes travel two to a byte. Bytes on the
+wire per rank and call: 2 * (world - 1) messages of one shard's codes and
+scales (``wire_bytes``), against 2 * (world - 1) / world of the buffer for
+a ring allreduce.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+import torch.distributed as dist
+
+from .. import _C
+
+__all__ = ["FORMATS", "LowBitFormat", "LowBitSum", "check_compression"]
+
+LowBitFormat = Literal["int8", "int4", "fp8_e4m3", "mxfp4"]
+FORMATS: tuple[LowBitFormat, ...] = get_args(LowBitFormat)
+# (the extension's format code, bits per code) of each format.
+_CODECS = {"int8": (0, 8), "int4": (1, 4), "fp8_e4m3": (2, 8), "mxfp4": (3, 4)}
+# Elements per scale: OCP MX v1.0 fixes 32 for MXFP4; the others take 128,
+# where a float32 scale costs 0.25 bits per element.
+_BLOCK = {"int8": 128, "int4": 128, "fp8_e4m3": 128, "mxfp4": 32}
+
+
+def check_compression(compression: object) -> LowBitFormat | None:
+    """``compression`` checked: None or one of ``FORMATS``."""
+    if compression is None:
+        return None
+    if not isinstance(compression, str) or compression not in FORMATS:
+        raise ValueError(
+            f"compression must be None or one of {', '.join(FORMATS)}; got {compression!r}"
+        )
+    return compression  # type: ignore[return-value]  # one of FORMATS, checked
+
+
+class LowBitSum:
+    """The scratch of one call site's low-bit sum over ``world`` ranks of a
+    float32 buffer whose first ``payload`` elements are compressed, made
+    once (nothing allocates per call)."""
+
+    def __init__(self, fmt: LowBitFormat, payload: int, world: int, rank: int) -> None:
+        self.format, (self._code, self._bits) = fmt, _CODECS[fmt]
+        self.block = _BLOCK[fmt]
+        self.payload, self.world, self.rank = payload, world, rank
+        blocks_per_shard = max(1, math.ceil(payload / world / self.block))
+        self.shard = blocks_per_shard * self.block
+        padded = self.shard * world
+        self._values = torch.zeros(padded)
+        self._codes = torch.zeros(padded, dtype=torch.uint8)
+        self._scales = torch.zeros(padded // self.block)
+        self._decoded = torch.zeros(padded)
+        # The residual a call leaves, kept until the call succeeded (no state
+        # absorbs a failed collective).
+        self._next_residual = torch.zeros(payload)
+        code_bytes = self.shard * self._bits // 8
+        # One shard's message: its codes (two 4-bit codes a byte), then its scales.
+        self.message = code_bytes + 4 * blocks_per_shard
+        self._code_bytes = code_bytes
+        self._send = torch.zeros(world * self.message, dtype=torch.uint8)
+        self._received = torch.zeros(world * self.message, dtype=torch.uint8)
+        self._gathered = torch.zeros(world * self.message, dtype=torch.uint8)
+        self._shard_sum = torch.zeros(self.shard)
+        self._shard_codes = torch.zeros(self.shard, dtype=torch.uint8)
+        self._shard_scales = torch.zeros(blocks_per_shard)
+        self._shard_decoded = torch.zeros(self.shard)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes this rank sends per call (all-to-all and all-gather), the
+        exact tail's allreduce aside."""
+        return 2 * (self.world - 1) * self.message
+
+    def quantize_into_messages(self, values: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Step 1: ``values`` (float32, ``payload`` long) plus ``residual``
+        into the outgoing messages; what the quantization lost is the next
+        residual, taken by ``commit_residual`` once the call succeeded."""
+        n = self.payload
+        self._values[:n].copy_(values)
+        if residual is not None:
+            self._values[:n].add_(residual)
+        self._quantize(self._values, self._codes, self._scales)
+        if residual is not None:
+            self._dequantize(self._codes, self._scales, self._decoded)
+            torch.sub(self._values[:n], self._decoded[:n], out=self._next_residual)
+        blocks = self.shard // self.block
+        for j in range(self.world):
+            codes = self._codes[j * self.shard : (j + 1) * self.shard]
+            scales = self._scales[j * blocks : (j + 1) * blocks]
+            self._write_message(self._send, j, codes, scales)
+
+    def exchange_shards(self, backend: dist.ProcessGroupGloo) -> None:
+        """Step 2: the all-to-all (rank j gets every rank's shard j)."""
+        splits = [self.message] * self.world
+        options = dist.AllToAllOptions()
+        # ProcessGroupGloo's collectives exist at run time, not in torch's stubs.
+        work = backend.alltoall_base(self._received, self._send, splits, splits, options)  # type: ignore[attr-defined]
+        work.wait()
+
+    def sum_shard(self) -> None:
+        """Step 3: this rank's shard, summed in float32 in rank order and quantized."""
+        self._shard_sum.zero_()
+        for i in range(self.world):
+            self._read_message(self._received, i, self._shard_codes, self._shard_scales)
+            self._dequantize(self._shard_codes, self._shard_scales, self._shard_decoded)
+            self._shard_sum.add_(self._shard_decoded)
+        self._quantize(self._shard_sum, self._shard_codes, self._shard_scales)
+        self._write_message(self._send, 0, self._shard_codes, self._shard_scales)
+
+    def gather_shards(self, backend: dist.ProcessGroupGloo) -> None:
+        """Step 4's communication: every rank's summed shard."""
+        mine = self._send[: self.message]
+        backend._allgather_base(self._gathered, mine).wait()  # type: ignore[attr-defined]
+
+    def commit_residual(self, residual: torch.Tensor) -> None:
+        """``residual`` <- what this call's quantization lost (error feedback)."""
+        residual.copy_(self._next_residual)
+
+    def dequantize_into(self, values: torch.Tensor) -> None:
+        """Step 4: the summed shards, dequantized into ``values`` (``payload`` long)."""
+        for j in range(self.world):
+            self._read_message(self._gathered, j, self._shard_codes, self._shard_scales)
+            self._dequantize(self._shard_codes, self._shard_scales, self._shard_decoded)
+            first = j * self.shard
+            end = min(first + self.shard, self.payload)
+            if end > first:
+                values[first:end].copy_(self._shard_decoded[: end - first])
+
+    # -- codecs and messages ----------------------------------------------
+
+    def _quantize(self, values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        n = values.numel()
+        _C.quantize_blocks(
+            self._code, values.data_ptr(), n, self.block, codes.data_ptr(), scales.data_ptr()
+        )
+
+    def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        n = codes.numel()
+        _C.dequantize_blocks(
+            self._code, codes.data_ptr(), scales.data_ptr(), n, self.block, out.data_ptr()
+        )
+
+    def _write_message(
+        self, into: torch.Tensor, j: int, codes: torch.Tensor, scales: torch.Tensor
+    ) -> None:
+        message = into[j * self.message : (j + 1) * self.message]
+        code_part = message[: self._code_bytes]
+        if self._bits == 4:  # two codes a byte, the first in the low nibble
+            torch.bitwise_or(codes[0::2] & 0x0F, codes[1::2] << 4, out=code_part)
+        else:
+            code_part.copy_(codes)
+        message[self._code_bytes :].copy_(scales.view(torch.uint8))
+
+    def _read_message(
+        self, source: torch.Tensor, i: int, codes: torch.Tensor, scales: torch.Tensor
+    ) -> None:
+        message = source[i * self.message : (i + 1) * self.message]
+        code_part = message[: self._code_bytes]
+        if self.format == "int4":  # a two's complement nibble: sign-extended to a byte
+            signed = code_part.view(torch.int8)
+            codes[0::2].view(torch.int8).copy_((signed << 4) >> 4)
+            codes[1::2].view(torch.int8).copy_(signed >> 4)
+        elif self._bits == 4:  # an E2M1 code: its sign is the nibble's bit 3
+            torch.bitwise_and(code_part, 0x0F, out=codes[0::2])
+            torch.bitwise_right_shift(code_part, 4, out=codes[1::2])
+        else:
+            codes.copy_(code_part)
+        scales.view(torch.uint8).copy_(message[self._code_bytes :])
