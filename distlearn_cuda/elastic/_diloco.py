@@ -17,10 +17,12 @@ calls (as ``ElasticEA`` does):
   took and this member did not (its wait failed) is merged from the new
   global parameters as the outer step would have merged it; one whose
   outer step this member took and the source did not is restored from the
-  copy taken before that step (``ElasticPort.keep_premerge``). Members are
-  at most one exchange apart per fragment: the collectives of a view run
+  copy taken before that step (``ElasticPort.keep_premerge``). Members of
+  a view are at most one exchange apart per fragment: its collectives run
   in the same order on every member, and none starts another after one
-  failed.
+  failed. A member further behind was away (stalled, then back) while the
+  job went on: its stale local fragment starts again from the global one,
+  as a joiner's does.
 
 A synchronization point (``synchronize_global``) that fails is redone on the
 new view unless the source completed it (NOTE [Transactions] in
@@ -220,17 +222,22 @@ class ElasticDiLoCo(_ElasticMember[DiLoCo]):
         mix = self._settings.mix
         with torch.no_grad():
             for p, (own, theirs) in enumerate(zip(mine, source, strict=True)):
-                if own["merges"] != theirs["merges"]:
+                behind = theirs["merges"] - own["merges"]
+                if behind != 0:
+                    action = "restored" if behind < 0 else "merged" if behind == 1 else "reset"
                     logger.info(
                         "elastic: fragment %d took %d outer steps here, %d at the source: %s",
-                        p, own["merges"], theirs["merges"],
-                        "merged" if own["merges"] < theirs["merges"] else "restored",
+                        p, own["merges"], theirs["merges"], action,
                     )  # fmt: skip
-                if own["merges"] < theirs["merges"]:
-                    if mix == 0.0 or theirs["last_reset"]:
+                if behind > 0:
+                    # More than one behind: this rank was away (stalled, then
+                    # back) while the job went on; its local fragment is
+                    # stale, and it starts again from the global one, as a
+                    # joiner does.
+                    if behind > 1 or mix == 0.0 or theirs["last_reset"]:
                         torch._foreach_copy_(local_views[p], global_views[p])
                     else:
                         for local, global_ in zip(local_views[p], global_views[p], strict=True):
                             local.mul_(mix).add_(global_, alpha=1.0 - mix)
-                elif own["merges"] > theirs["merges"]:
+                elif behind < 0:
                     torch._foreach_copy_(local_views[p], premerge_views[p])
