@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--fragments", type=int, default=1, help="DiLoCo")
     parser.add_argument("--delay", type=int, default=0, help="DiLoCo")
     parser.add_argument("--mix", type=float, default=0.0, help="DiLoCo")
+    parser.add_argument("--compression", help="DiLoCo: a low-bit format")
     parser.add_argument(
         "--sync-global", action="store_true", help="DiLoCo: synchronize_global, not _parameters"
     )
@@ -199,6 +200,7 @@ def main() -> None:
         options = {
             "tau": 3, "outer_lr": 0.5, "momentum": 0.5, "nesterov": True,
             "fragments": args.fragments, "delay": args.delay, "mix": args.mix,
+            "compression": args.compression,
         }  # fmt: skip
     obj = kind(
         args.control,

@@ -122,6 +122,7 @@ class Schedule:
     delay: int = 0
     mix: float = 0.0
     sync_global: bool = False
+    compression: str | None = None  # a low-bit format of the outer gradients
 
     def worker_args(self) -> list[str]:
         """What every rank of the schedule's jobs is started with."""
@@ -129,6 +130,7 @@ class Schedule:
         if self.algo == "diloco":
             args += ["--fragments", str(self.fragments), "--delay", str(self.delay)]
             args += ["--mix", str(self.mix)] + (["--sync-global"] if self.sync_global else [])
+            args += ["--compression", self.compression] if self.compression else []
         return args
 
 
@@ -183,6 +185,7 @@ def draw(seed: int) -> Schedule:
         schedule.delay = rng.choice([0, 1, 2]) if schedule.fragments > 1 else 0
         schedule.mix = rng.choice([0.0, 0.0, 0.5])
         schedule.sync_global = rng.random() < 0.5
+        schedule.compression = rng.choice([None, None, "int8", "mxfp4"])
     return schedule
 
 
@@ -374,8 +377,8 @@ def check_outer_steps(job: Job, everyone: list[str], schedule: Schedule) -> None
         for e in events:
             if e["round"]:
                 steps_by[e["prefix"], e["steps"]].append(e)
-    if schedule.fragments != 1 or schedule.delay != 0:
-        return
+    if schedule.fragments != 1 or schedule.delay != 0 or schedule.compression:
+        return  # (the float64 update needs the exact sum)
     lr, mu, mix = DILOCO_OUTER_LR, DILOCO_MOMENTUM, schedule.mix
     checked = 0
     for (prefix, steps), events in steps_by.items():
