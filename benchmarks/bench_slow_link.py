@@ -108,6 +108,11 @@ STREAMING_DELAY = 5  # inner steps a fragment's exchange overlaps (see all_confi
 PORT = 29511  # inside a fresh namespace every port is free
 LO_TX_BYTES = Path("/sys/class/net/lo/statistics/tx_bytes")
 CONFIG_NAMES = ("sgd", "ea", "diloco10", "diloco50", "diloco100", "streaming")
+# Issue 24: outer gradients in low bits, against the same configuration in
+# float32 (run it in the same run: "diloco50-int4" against "diloco50").
+COMPRESSED_NAMES = (
+    "diloco50-int8", "diloco50-int4", "diloco50-mxfp4", "diloco50-mxfp4-noef", "streaming-mxfp4",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,8 @@ class Config:
     fragments: int = 1
     delay: int = 0
     mix: float = 0.0
+    compression: str | None = None  # DiLoCo's low-bit format (issue 24)
+    error_feedback: bool | None = None  # None: DiLoCo's default (on for 4 bits)
 
     def describe(self) -> str:
         """The configuration in words, for tables."""
@@ -131,11 +138,17 @@ class Config:
             return "AllReduceSGD, every step"
         if self.algorithm == "ea":
             return f"AllReduceEA, tau {self.period}"
+        low_bit = ""
+        if self.compression is not None:
+            feedback = self.error_feedback
+            if feedback is None:
+                feedback = self.compression in ("int4", "mxfp4")
+            low_bit = f", {self.compression}{' + error feedback' if feedback else ''}"
         if self.fragments == 1:
-            return f"DiLoCo, H {self.period}"
+            return f"DiLoCo, H {self.period}{low_bit}"
         return (
             f"Streaming DiLoCo, H {self.period}, {self.fragments} fragments, "
-            f"delay {self.delay}, mix {self.mix}"
+            f"delay {self.delay}, mix {self.mix}{low_bit}"
         )
 
 
@@ -184,15 +197,24 @@ def all_configs(quick: bool) -> dict[str, Config]:
     else:
         periods = {"ea": 10, "diloco10": 10, "diloco50": 50, "diloco100": 100, "streaming": 50}
         delay = STREAMING_DELAY
+    streaming = Config(
+        "streaming", "diloco", periods["streaming"], fragments=4, delay=delay, mix=0.5
+    )
+    diloco50 = Config("diloco50", "diloco", periods["diloco50"])
     return {
         "sgd": Config("sgd", "sgd"),
         "ea": Config("ea", "ea", periods["ea"]),
         "diloco10": Config("diloco10", "diloco", periods["diloco10"]),
-        "diloco50": Config("diloco50", "diloco", periods["diloco50"]),
+        "diloco50": diloco50,
         "diloco100": Config("diloco100", "diloco", periods["diloco100"]),
-        "streaming": Config(
-            "streaming", "diloco", periods["streaming"], fragments=4, delay=delay, mix=0.5
+        "streaming": streaming,
+        "diloco50-int8": replace(diloco50, name="diloco50-int8", compression="int8"),
+        "diloco50-int4": replace(diloco50, name="diloco50-int4", compression="int4"),
+        "diloco50-mxfp4": replace(diloco50, name="diloco50-mxfp4", compression="mxfp4"),
+        "diloco50-mxfp4-noef": replace(
+            diloco50, name="diloco50-mxfp4-noef", compression="mxfp4", error_feedback=False
         ),
+        "streaming-mxfp4": replace(streaming, name="streaming-mxfp4", compression="mxfp4"),
     }
 
 
@@ -333,6 +355,8 @@ def make_hooks(config: Config, model: nn.Module) -> Hooks:
         fragments=config.fragments,
         delay=config.delay,
         mix=config.mix,
+        compression=config.compression,  # type: ignore[arg-type]  # one of the formats
+        error_feedback=config.error_feedback,
         timeout=COLLECTIVE_TIMEOUT_S,
     )
     diloco.synchronize_parameters(model)
@@ -690,10 +714,11 @@ def format_targets(rows: list[dict[str, Any]], limited: bool, quick: bool) -> li
     is at most (1 + x%) times the other (lower is within too)."""
     by = {row["config"]: row for row in rows}
     d50, streaming = by.get("diloco50"), by.get("streaming")
-    if "sgd" not in by or d50 is None:
-        return ["- the targets need the sgd and diloco50 configurations"]
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
     lines = ["- a quick run: its model, steps and periods are not the targets' setting"] * quick
+    lines += compression_targets(rows, met)
+    if "sgd" not in by or d50 is None:
+        return [*lines, "- the sgd targets need the sgd and diloco50 configurations"]
     name = f"DiLoCo H={d50['period']}"
     lines.append(
         f"- {name} within 3% of sgd's validation loss at equal tokens: "
@@ -718,6 +743,27 @@ def format_targets(rows: list[dict[str, Any]], limited: bool, quick: bool) -> li
             f"{name}'s (computed from the fragment sizes): {peak:.3f}x, "
             f"{met(peak >= fragments)}; at a loss within 1% of {name}'s: "
             f"{loss:.4f} x, {met(loss <= 1.01)}"
+        )
+    return lines
+
+
+def compression_targets(rows: list[dict[str, Any]], met: Callable[[bool], str]) -> list[str]:
+    """Issue 24's: a 4-bit configuration within 1% of its float32 one's loss
+    at 8x fewer bytes (measured); an 8-bit one's ratios, for the record."""
+    by = {row["config"]: row for row in rows}
+    lines = []
+    for row in rows:
+        base = by.get(row["config"].split("-")[0]) if row.get("compression") else None
+        if base is None:
+            continue
+        loss = row["final_val_loss"] / base["final_val_loss"]
+        fewer = base["bytes_per_rank"] / max(row["bytes_per_rank"], 1.0)
+        four_bit = row["compression"] in ("int4", "mxfp4")
+        verdict = f", {met(loss <= 1.01 and fewer >= 8)}" if four_bit else ""
+        target = " (target: within 1% at 8x fewer bytes)" if four_bit else ""
+        lines.append(
+            f"- {row['description']} against {base['description']}{target}: loss "
+            f"{loss:.4f} x, {fewer:.2f}x fewer bytes (measured){verdict}"
         )
     return lines
 
@@ -856,8 +902,9 @@ def main(argv: list[str] | None = None) -> int:
         rank_main(argv[1:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    every = ", ".join(CONFIG_NAMES + COMPRESSED_NAMES)
     parser.add_argument("--configs", default=",".join(CONFIG_NAMES),
-                        help=f"comma-separated, of {', '.join(CONFIG_NAMES)}")  # fmt: skip
+                        help=f"comma-separated, of {every}")  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="2 ranks, no namespace, a tiny model: a smoke run"
     )
@@ -882,7 +929,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:
-        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIG_NAMES)}")
+        choices = ", ".join(CONFIG_NAMES + COMPRESSED_NAMES)
+        parser.error(f"--configs: unknown {unknown}; choose from {choices}")
     settings = replace(QUICK if args.quick else FULL, configs=tuple(by_name[n] for n in names))
     settings = replace(
         settings,

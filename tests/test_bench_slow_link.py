@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_quick_run_trains_every_configuration_and_reports(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "benchmarks.bench_slow_link", "--quick", "--no-netns"]
+    configs = [*bench.CONFIG_NAMES, "diloco50-mxfp4"]
     done = subprocess.run(
-        [*command, "--out", str(tmp_path)],
+        [*command, "--configs", ",".join(configs), "--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -38,7 +39,7 @@ def test_quick_run_trains_every_configuration_and_reports(tmp_path: Path) -> Non
     assert {"date", "cpu", "torch", "commit", "link", "num_params"} <= report["meta"].keys()
     assert report["meta"]["ranks"] == 2 and report["meta"]["link"] == "unlimited"
     rows = {row["config"]: row for row in report["rows"]}
-    assert list(rows) == list(bench.CONFIG_NAMES)
+    assert list(rows) == configs
     tokens = {name: [e["tokens_total"] for e in row["evaluations"]] for name, row in rows.items()}
     assert len({tuple(t) for t in tokens.values()}) == 1, tokens  # equal tokens everywhere
     for name, row in rows.items():
@@ -51,6 +52,7 @@ def test_quick_run_trains_every_configuration_and_reports(tmp_path: Path) -> Non
     assert (tmp_path / "slow_link_quick.png").stat().st_size > 0
     table = (tmp_path / "slow_link_quick.md").read_text()
     assert "| config |" in table and "Targets:" in table
+    assert "mxfp4 + error feedback against DiLoCo, H 5 (target: within 1%" in table
 
 
 def test_peak_bytes_per_synchronization_is_the_largest_fragment() -> None:
@@ -142,3 +144,21 @@ def test_a_saved_run_is_reported_again_with_the_equal_loss_columns(tmp_path: Pat
     assert rows["sgd"]["equal_loss_speedup"] == pytest.approx(1.0)
     for row in rows.values():  # sgd reaches every other final loss within its own run
         assert row["sgd_s_to_this_loss"] <= rows["sgd"]["wall_s"] + 1e-9
+
+
+def test_compressed_configurations_are_compared_with_their_float32_one() -> None:
+    base = {"config": "diloco50", "description": "DiLoCo, H 50", "final_val_loss": 2.0,
+            "bytes_per_rank": 80e6}  # fmt: skip
+    rows = [
+        base,
+        {"config": "diloco50-int4", "description": "int4", "compression": "int4",
+         "final_val_loss": 2.01, "bytes_per_rank": 9e6},
+        {"config": "diloco50-mxfp4", "description": "mxfp4", "compression": "mxfp4",
+         "final_val_loss": 2.03, "bytes_per_rank": 10e6},
+        {"config": "diloco50-int8", "description": "int8", "compression": "int8",
+         "final_val_loss": 2.0, "bytes_per_rank": 20e6},
+    ]  # fmt: skip
+    lines = bench.compression_targets(rows, lambda ok: "met" if ok else "missed")
+    assert lines[0].endswith("loss 1.0050 x, 8.89x fewer bytes (measured), met")
+    assert lines[1].endswith("loss 1.0150 x, 8.00x fewer bytes (measured), missed")
+    assert lines[2].endswith("loss 1.0000 x, 4.00x fewer bytes (measured)")  # no 8-bit target

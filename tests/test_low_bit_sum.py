@@ -116,7 +116,8 @@ def test_the_low_bit_sum_is_the_float64_sum_of_the_oracles_messages(fmt: str) ->
     assert same > 0.9, f"{where}: only {same:.1%} of the elements as the oracle's"
     # What each rank sent: its codes and scales, 2 (world - 1) messages.
     bits = 4 if fmt in ("int4", "mxfp4") else 8
-    assert results[0]["message"] == shard * bits // 8 + 4 * (shard // block)
+    scale_bytes = 1 if fmt == "mxfp4" else 4  # MXFP4's E8M0 scales, float32 otherwise
+    assert results[0]["message"] == shard * bits // 8 + scale_bytes * (shard // block)
     assert all(r["wire"] == 2 * (WORLD - 1) * r["message"] for r in results)
 
 
@@ -215,3 +216,16 @@ def test_bad_compression_settings_are_refused_naming_the_argument(
 ) -> None:
     with pytest.raises(error, match=message):
         dl.DiLoCo(**kwargs)
+
+
+def test_mx_scales_travel_as_e8m0_bytes_exactly() -> None:
+    from distlearn_cuda._comm.low_bit import _e8m0_of, _from_e8m0
+
+    powers = torch.tensor([2.0**e for e in range(-126, 128)])
+    codes = _e8m0_of(powers)
+    assert codes.tolist() == list(range(1, 255))  # OCP MX v1.0: byte - 127 is the exponent
+    assert torch.equal(_from_e8m0(codes), powers)
+    special = _e8m0_of(torch.tensor([0.0, float("nan")]))
+    assert special.tolist() == [0, 255]  # a zero block's scale; NaN
+    decoded = _from_e8m0(special)
+    assert decoded[0] == 2.0**-127 and decoded[1].isnan()

@@ -15,10 +15,12 @@ overflow, so the network's own reduction cannot sum codes. Instead (issue
    dequantizes into the buffer: the result is bitwise the same everywhere.
 
 The buffer's tail (count slots, the non-finite flag) is summed exactly by
-a small float32 allreduce. 4-bit codes travel two to a byte. Bytes on the
-wire per rank and call: 2 * (world - 1) messages of one shard's codes and
-scales (``wire_bytes``), against 2 * (world - 1) / world of the buffer for
-a ring allreduce.
+a small float32 allreduce. 4-bit codes travel two to a byte; MXFP4's
+power-of-two scales as one E8M0 byte each (OCP MX v1.0), the others' as
+float32. Bytes on the wire per rank and call: 2 * (world - 1) messages of
+one shard's codes and scales (``wire_bytes``), against 2 * (world - 1) /
+world of the buffer for a ring allreduce: per element, 4.25 bits for
+MXFP4 (block 32) and int4 (block 128), 8.25 for int8 and fp8, against 32.
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ class LowBitSum:
         # absorbs a failed collective).
         self._next_residual = torch.zeros(payload)
         code_bytes = self.shard * self._bits // 8
-        # One shard's message: its codes (two 4-bit codes a byte), then its scales.
-        self.message = code_bytes + 4 * blocks_per_shard
+        # One shard's message: its codes (two 4-bit codes a byte), then its
+        # scales (E8M0 bytes for MXFP4, float32 otherwise).
+        self._scale_bytes = 1 if fmt == "mxfp4" else 4
+        self.message = code_bytes + self._scale_bytes * blocks_per_shard
         self._code_bytes = code_bytes
         self._send = torch.zeros(world * self.message, dtype=torch.uint8)
         self._received = torch.zeros(world * self.message, dtype=torch.uint8)
@@ -168,7 +172,10 @@ class LowBitSum:
             torch.bitwise_or(codes[0::2] & 0x0F, codes[1::2] << 4, out=code_part)
         else:
             code_part.copy_(codes)
-        message[self._code_bytes :].copy_(scales.view(torch.uint8))
+        if self._scale_bytes == 1:
+            message[self._code_bytes :].copy_(_e8m0_of(scales))
+        else:
+            message[self._code_bytes :].copy_(scales.view(torch.uint8))
 
     def _read_message(
         self, source: torch.Tensor, i: int, codes: torch.Tensor, scales: torch.Tensor
@@ -184,4 +191,23 @@ class LowBitSum:
             torch.bitwise_right_shift(code_part, 4, out=codes[1::2])
         else:
             codes.copy_(code_part)
-        scales.view(torch.uint8).copy_(message[self._code_bytes :])
+        if self._scale_bytes == 1:
+            scales.copy_(_from_e8m0(message[self._code_bytes :]))
+        else:
+            scales.view(torch.uint8).copy_(message[self._code_bytes :])
+
+
+# OCP MX v1.0's E8M0 scale: 2 ** (byte - 127), 255 NaN. The codec's scales
+# are powers of two (0 for a block of zeros, whose codes are 0: byte 0).
+_E8M0_NAN = 255
+
+
+def _e8m0_of(scales: torch.Tensor) -> torch.Tensor:
+    exponents = torch.log2(scales) + 127  # exact for powers of two
+    exponents = torch.nan_to_num(exponents, nan=_E8M0_NAN, posinf=_E8M0_NAN, neginf=0)
+    return exponents.clamp(0, _E8M0_NAN).to(torch.uint8)
+
+
+def _from_e8m0(codes: torch.Tensor) -> torch.Tensor:
+    scales = torch.exp2(codes.float() - 127)
+    return scales.masked_fill(codes == _E8M0_NAN, float("nan"))
