@@ -690,7 +690,9 @@ class DiLoCo(GroupMember):
         self._collectives.check_same_structure(entries, names, "params")
         if problem is not None:
             raise problem
-        dtype = self._comm_dtype or lossless_dtype([t.dtype for t in flat.tensors])
+        # The low-bit sum quantizes float32 values.
+        dtype = torch.float32 if self._compression else self._comm_dtype
+        dtype = dtype or lossless_dtype([t.dtype for t in flat.tensors])
         self._globals = [t.detach().clone() for t in flat.tensors]  # strides kept
         self._momenta = [torch.zeros_like(g) for g in self._globals]
         self._element_sizes = [t.element_size() for t in flat.tensors]
@@ -983,19 +985,10 @@ def check_settings(**options: Any) -> Settings:
             f"delay must be below tau ({tau}), got {delay}: a fragment's "
             f"exchange must complete before its next one starts"
         )
-    compression = check_compression(given["compression"])
     comm_dtype = check_comm_dtype(given["comm_dtype"])
-    if compression is not None and comm_dtype not in (None, torch.float32):
-        raise ValueError(
-            f"comm_dtype must be None or torch.float32 with compression={compression!r} "
-            f"(the low-bit sum quantizes float32 values), got {comm_dtype}"
-        )
-    error_feedback = given["error_feedback"]
-    if error_feedback is not None and not isinstance(error_feedback, bool):
-        kind = type(error_feedback).__name__
-        raise TypeError(f"error_feedback must be a bool or None, got {kind}")
-    if error_feedback is None:
-        error_feedback = compression in ("int4", "mxfp4")
+    compression, error_feedback = check_compression(
+        given["compression"], given["error_feedback"], comm_dtype
+    )
     return Settings(
         tau=tau,
         outer_lr=check_real(given["outer_lr"], "outer_lr", 0.0, None),

@@ -19,6 +19,7 @@ from ._algorithms.carry import CarriedState, check_carry_args, pick_source
 from ._algorithms.member import GroupMember
 from ._comm.collectives import PendingSum, is_capturing
 from ._comm.group import resolve
+from ._comm.low_bit import LowBitFormat, LowBitSum, check_compression
 from ._native import addresses_of
 from ._tensors import tree as _tree
 from ._tensors.agreement import EA_CODES, EA_PROBLEM, EA_ROUND, Description, Problem, decide
@@ -99,6 +100,13 @@ class AllReduceEA(GroupMember):
             False. A failed allreduce surfaces at that later point. With
             ``nonfinite="raise"`` rounds are synchronous: the host must see
             the flag before the round completes.
+        compression: None, or the low-bit format deltas travel in
+            (``"int8"``, ``"fp8_e4m3"``, ``"int4"``, ``"mxfp4"``; see
+            ``DiLoCo``): the center then moves by the low-bit sum of the
+            deltas while each x moves by its own exact delta. CPU params
+            only, for now; rounds are then synchronous.
+        error_feedback: add what each round's quantization lost to this
+            rank's next delta (default: on for the 4-bit formats).
         timeout: deadline of every collective (seconds or a
             ``datetime.timedelta``, default 5 minutes); see ``AllReduceSGD``.
             A rank that finished its epoch waits for the others' next
@@ -118,14 +126,22 @@ class AllReduceEA(GroupMember):
         comm_dtype: torch.dtype | None = None,
         nonfinite: NonFinite = "propagate",
         asynchronous: bool = True,
+        compression: LowBitFormat | None = None,
+        error_feedback: bool | None = None,
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         if not isinstance(asynchronous, bool):
             raise TypeError(f"asynchronous must be a bool, got {type(asynchronous).__name__}")
         self._nonfinite = check_nonfinite(nonfinite)
-        self._asynchronous = asynchronous and self._nonfinite != "raise"
         self._tau = check_tau(tau)
         self._comm_dtype = check_comm_dtype(comm_dtype)
+        self._compression, self._error_feedback = check_compression(
+            compression, error_feedback, self._comm_dtype
+        )
+        # The low-bit sum is synchronous; "raise" reads the flag before the round completes.
+        self._asynchronous = (
+            asynchronous and self._nonfinite != "raise" and self._compression is None
+        )
         timeout = check_timeout(timeout)
         self._alpha = check_ea_rate(alpha, beta, resolve(group).world_size)
         super().__init__(group, timeout)
@@ -150,6 +166,12 @@ class AllReduceEA(GroupMember):
         # A completed round held a rank's problem: the next round raises it.
         self._agreement_due = False
         self._rounds_completed = 0  # rounds whose sum reached the center
+        # With compression: the low-bit sum's scratch and this rank's
+        # error-feedback residual (made with the delta plan; a loaded one
+        # waits for it).
+        self._low_bit: LowBitSum | None = None
+        self._residual: torch.Tensor | None = None
+        self._loaded_residual: torch.Tensor | None = None
 
     @property
     def last_round_skipped(self) -> bool:
@@ -221,6 +243,8 @@ class AllReduceEA(GroupMember):
             ("comm_dtype", self._comm_dtype),
             ("nonfinite", self._nonfinite),
             ("asynchronous", self._asynchronous),
+            ("compression", self._compression),
+            ("error_feedback", self._error_feedback),
         ]
 
     @property
@@ -242,7 +266,11 @@ class AllReduceEA(GroupMember):
         last round that completed, never one that absorbed a failed round."""
         self._complete_for_reading()
         center = [c.detach().clone() for c in self._centers] if self._centers else None
-        return {"step": self._step, "center": center}
+        residual = self._residual if self._residual is not None else self._loaded_residual
+        state: dict[str, Any] = {"step": self._step, "center": center}
+        if self._error_feedback:  # this rank's own, like its params
+            state["residual"] = None if residual is None else residual.clone()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()``'s output. Before the first call the center
@@ -251,6 +279,16 @@ class AllReduceEA(GroupMember):
         self._finish_pending_round()
         step = state_value(state, "step", int)
         center = state_tensors(state, "center")
+        residual = state.get("residual")
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor) or not self._error_feedback:
+                raise ValueError(
+                    "state['residual'] must be None or a tensor, and only an object with "
+                    "error feedback (compression) takes one"
+                )
+            current = self._residual
+            if current is not None and residual.shape != current.shape:
+                raise ValueError("state['residual'] does not fit the bound params")
         if center is not None:
             if self._centers:
                 check_state_tensors(center, self._centers, "center")
@@ -258,6 +296,11 @@ class AllReduceEA(GroupMember):
                     torch._foreach_copy_(self._centers, list(center))
             else:
                 self._loaded_center = [t.detach().clone() for t in center]
+        if residual is not None:
+            if self._residual is not None:
+                self._residual.copy_(residual)
+            else:
+                self._loaded_residual = residual.detach().clone()
         self._step = step
 
     def average_parameters(self, params: Any) -> None:
@@ -421,7 +464,7 @@ class AllReduceEA(GroupMember):
         plan = self._delta_plan()
         plan.buffer.zero_()
         plan.buffer[plan.layout.count_offset + plan.count_slot(self.rank, EA_PROBLEM)] = 1
-        self._collectives.all_reduce_sum(plan.buffer, verify=True)
+        self._sum(plan, active=False)
         mine = Description(call, waiting=waiting, problems=[_problem(problem)])
         self._finish_round(plan, mine)
         raise AssertionError("unreachable: the round's codes hold this rank's problem")
@@ -433,6 +476,11 @@ class AllReduceEA(GroupMember):
                 check_no_overlap(flat, "params")
                 if self._loaded_center is not None:
                     check_state_tensors(self._loaded_center, flat.tensors, "center")
+                if self._compression is not None and params_signature[0].type != "cpu":
+                    raise ValueError(
+                        f"params: compression={self._compression!r} runs on CPU tensors only "
+                        f"for now; these are on {params_signature[0]}"
+                    )
                 entries, names, problem = structure_entries(params_signature), flat.names, None
             except (TypeError, ValueError) as error:
                 entries, names, problem = [f"cannot be bound: {error}"], ["params"], error
@@ -467,11 +515,33 @@ class AllReduceEA(GroupMember):
 
     def _delta_plan(self) -> Plan:
         if self._delta_plan_cache is None:
-            dtype = self._comm_dtype or self._lossless_dtype()
-            self._delta_plan_cache = self._plans.get(
-                "delta", self._bound_signature(), dtype, EA_CODES
-            )
+            # The low-bit sum quantizes float32 values.
+            dtype = torch.float32 if self._compression else self._comm_dtype
+            dtype = dtype or self._lossless_dtype()
+            plan = self._plans.get("delta", self._bound_signature(), dtype, EA_CODES)
+            if self._compression is not None:
+                payload = plan.layout.count_offset
+                self._low_bit = LowBitSum(self._compression, payload, self.world_size, self.rank)
+                if self._error_feedback:
+                    self._residual = torch.zeros(payload)
+                    if self._loaded_residual is not None:
+                        if self._loaded_residual.shape != self._residual.shape:
+                            raise ValueError("state['residual'] does not fit the bound params")
+                        self._residual.copy_(self._loaded_residual)
+                        self._loaded_residual = None
+            self._delta_plan_cache = plan
         return self._delta_plan_cache
+
+    def _sum(self, plan: Plan, active: bool) -> None:
+        """The round's allreduce, waited for: low-bit (a contributor's
+        residual goes in) or exact."""
+        if self._low_bit is not None:
+            residual = self._residual if active else None
+            self._collectives.all_reduce_low_bit(plan.buffer, self._low_bit, residual)
+            if self._residual is not None and plan.nonfinite_ranks() > 0:
+                self._residual.zero_()  # no NaN carried into the next rounds
+        else:
+            self._collectives.all_reduce_sum(plan.buffer, verify=True)
 
     def _lossless_dtype(self) -> torch.dtype:
         return lossless_dtype([entry[0] for entry in self._bound_signature()[1]])
@@ -525,7 +595,7 @@ class AllReduceEA(GroupMember):
             self._pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
         else:
             # The center update below cannot be undone: know the sum arrived.
-            self._collectives.all_reduce_sum(plan.buffer, verify=True)
+            self._sum(plan, active)
             self._finish_round(plan)
         return plan
 

@@ -209,6 +209,7 @@ def test_diloco_with_compression_stays_near_the_uncompressed_run(
         ({"compression": "int3"}, ValueError, "compression must be None or one of"),
         ({"compression": "int8", "comm_dtype": torch.bfloat16}, ValueError, "comm_dtype"),
         ({"error_feedback": 1}, TypeError, "error_feedback"),
+        ({"error_feedback": True}, ValueError, "error_feedback=True needs a compression"),
     ],
 )
 def test_bad_compression_settings_are_refused_naming_the_argument(
@@ -229,3 +230,55 @@ def test_mx_scales_travel_as_e8m0_bytes_exactly() -> None:
     assert special.tolist() == [0, 255]  # a zero block's scale; NaN
     decoded = _from_e8m0(special)
     assert decoded[0] == 2.0**-127 and decoded[1].isnan()
+
+
+def _ea_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:
+    """AllReduceEA with and without ``settings``' compression, the same steps;
+    then a checkpoint of the compressed one resumed by a new object."""
+    finals, states = [], []
+    for compression in (None, settings["compression"]):
+        generator = torch.Generator().manual_seed(seed)
+        params = [torch.randn(29, 13, generator=generator), torch.randn(257, generator=generator)]
+        ea = dl.AllReduceEA(tau=2, **{**settings, "compression": compression})
+        ea.synchronize_parameters(params)
+        noise = torch.Generator().manual_seed(seed + rank + 1)
+        for _ in range(10):
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn(p.shape, generator=noise) * 0.05)
+            ea.average_parameters(params)
+        states.append(ea.state_dict())
+        finals.append([*params, *states[-1]["center"]])
+        ea.close()
+    resumed = dl.AllReduceEA(tau=2, **settings)
+    resumed.load_state_dict(states[1])
+    again = resumed.state_dict()
+    resumed.close()
+    plain, compressed = finals
+    scale = max(float(t.abs().max()) for t in plain)
+    off = max(float((a - b).abs().max()) for a, b in zip(plain, compressed, strict=True))
+    residual = states[1].get("residual")
+    return {
+        "center": [c.tolist() for c in states[1]["center"]],
+        "off": off / scale,
+        "residual": None if residual is None else float(residual.abs().sum()),
+        "kept": residual is None or torch.equal(again["residual"], residual),
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "tolerance"),
+    [({"compression": "int8"}, 0.005), ({"compression": "int4", "nonfinite": "skip"}, 0.05)],
+)
+def test_ea_with_compression_stays_near_the_uncompressed_run(
+    settings: dict, tolerance: float
+) -> None:
+    seed = fresh_seed()
+    results = run_world(_ea_runs, WORLD, seed, settings, timeout=90)
+    where = f"seed {seed}, {settings}"
+    print(f"{where}: relative distance to the uncompressed run {[r['off'] for r in results]}")
+    assert all(r["center"] == results[0]["center"] for r in results), where
+    assert all(r["off"] <= tolerance for r in results), (where, [r["off"] for r in results])
+    feedback = settings["compression"] == "int4"  # the default: on for 4 bits
+    assert all((r["residual"] is not None and r["residual"] > 0) == feedback for r in results)
+    assert all(r["kept"] for r in results), where

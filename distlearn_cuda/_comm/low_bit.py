@@ -44,15 +44,30 @@ _CODECS = {"int8": (0, 8), "int4": (1, 4), "fp8_e4m3": (2, 8), "mxfp4": (3, 4)}
 _BLOCK = {"int8": 128, "int4": 128, "fp8_e4m3": 128, "mxfp4": 32}
 
 
-def check_compression(compression: object) -> LowBitFormat | None:
-    """``compression`` checked: None or one of ``FORMATS``."""
-    if compression is None:
-        return None
-    if not isinstance(compression, str) or compression not in FORMATS:
+def check_compression(
+    compression: object, error_feedback: object, comm_dtype: torch.dtype | None
+) -> tuple[LowBitFormat | None, bool]:
+    """``compression`` (None or one of ``FORMATS``) and ``error_feedback``
+    (a bool, or None: on for the 4-bit formats) checked, with the checked
+    ``comm_dtype`` they go with (None or float32: the sum quantizes float32
+    values); TypeError or ValueError naming the argument."""
+    if compression is not None and (not isinstance(compression, str) or compression not in FORMATS):
         raise ValueError(
             f"compression must be None or one of {', '.join(FORMATS)}; got {compression!r}"
         )
-    return compression  # type: ignore[return-value]  # one of FORMATS, checked
+    if compression is not None and comm_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"comm_dtype must be None or torch.float32 with compression={compression!r} "
+            f"(the low-bit sum quantizes float32 values), got {comm_dtype}"
+        )
+    if error_feedback is not None and not isinstance(error_feedback, bool):
+        kind = type(error_feedback).__name__
+        raise TypeError(f"error_feedback must be a bool or None, got {kind}")
+    if error_feedback and compression is None:
+        raise ValueError("error_feedback=True needs a compression: nothing else loses values")
+    if error_feedback is None:
+        error_feedback = compression in ("int4", "mxfp4")
+    return compression, error_feedback  # type: ignore[return-value]  # checked above
 
 
 class LowBitSum:

@@ -747,6 +747,11 @@ class ElasticEA(_ElasticMember[AllReduceEA]):
     """
 
     def _check_options(self, options: dict[str, Any]) -> None:
+        if options.get("compression") is not None:
+            raise ValueError(
+                "ElasticEA does not take compression yet: its hand-over would give every "
+                "member the source's error-feedback residual (ElasticDiLoCo keeps each own)"
+            )
         if options.get("alpha") is not None:
             raise ValueError(
                 "ElasticEA takes beta, not alpha: the world size changes with the views, and "
