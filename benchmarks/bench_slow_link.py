@@ -963,6 +963,8 @@ def run(
     rows = build_rows(results, settings, by_name)
     meta = run_meta(settings, args, split, limited)
     name = "slow_link" + ("_quick" if args.quick else "" if limited else "_unlimited")
+    if not args.quick and any(config.compression for config in settings.configs):
+        name += "_low_bit"  # beside the float32 study, not over it
     if rows:
         paths = report(rows, settings, meta, name, args.out, not args.no_chart)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
