@@ -533,3 +533,46 @@ def test_a_second_job_starts_on_the_same_control_process(make_job) -> None:
     assert all(d["world"] == 2 for d in [*first.values(), *third.values()])
     prefixes = {job.view_of(n).split("/job-")[1].split("/")[0] for n in ("a0", "b0", "c0")}
     assert len(prefixes) == 3, prefixes  # three jobs, three numbers
+
+
+@pytest.mark.usefixtures("world_of_one")
+@pytest.mark.parametrize("mix", [0.0, 0.5])
+def test_diloco_local_fragments_follow_the_sources_outer_steps(mix: float) -> None:
+    # NOTE [DiLoCo transactions]: after a hand-over, a fragment whose outer
+    # step the source took and this member missed is merged from the new
+    # global parameters; one more than one step behind starts again from
+    # them; one whose step this member took and the source did not is
+    # restored from the copy taken before it. The rules on a real DiLoCo
+    # object (a world of one), against values computed here.
+    import torch
+
+    from distlearn_cuda import DiLoCo
+    from distlearn_cuda._algorithms.member import ElasticPort
+    from distlearn_cuda.diloco import check_settings
+    from distlearn_cuda.elastic import ElasticDiLoCo
+
+    params = [torch.randn(70, 3), torch.randn(200)]
+    algo = DiLoCo(tau=2, fragments=3, mix=mix)
+    algo.average_parameters(params)  # binds
+    member = object.__new__(ElasticDiLoCo)  # the reconciliation alone: no job
+    member._algo, member._closed = algo, False
+    member._settings = check_settings(tau=2, fragments=3, mix=mix)
+    member._premerge = [torch.randn_like(p) for p in params]  # "before the outer step"
+    globals_ = [torch.randn_like(p) for p in params]  # "the source's"
+    local = [p.clone() for p in params]
+    mine = [{"merges": 5}, {"merges": 5}, {"merges": 5}]
+    source = [
+        {"merges": 6, "last_reset": False},  # behind by one: merged
+        {"merges": 9, "last_reset": False},  # far behind: reset to the global one
+        {"merges": 4, "last_reset": False},  # ahead: restored
+    ]
+    member._reconcile(mine, source, params, globals_)
+    port = ElasticPort(algo)
+    got = [torch.cat(v) for v in port.fragment_views(params)]
+    old = [torch.cat(v) for v in port.fragment_views(local)]
+    glob = [torch.cat(v) for v in port.fragment_views(globals_)]
+    before = [torch.cat(v) for v in port.fragment_views(member._premerge)]
+    torch.testing.assert_close(got[0], mix * old[0] + (1 - mix) * glob[0])
+    assert torch.equal(got[1], glob[1])
+    assert torch.equal(got[2], before[2])
+    algo.close()

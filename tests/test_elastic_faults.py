@@ -76,7 +76,15 @@ POINTS = ("step", "sync", "view", "handover")
 # replacements could not be admitted before it had one). Seed 41 (a round's
 # failure surfacing between rounds) ran here until
 # test_a_round_a_peer_died_in_is_rolled_back_and_redone_whole pinned it.
-CI_SEEDS = [int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 5 494502454").split()]
+# DiLoCo (2027, synchronous, checked against the reference): two of four
+# ranks lost in a synchronization point (one killed, one stalled and
+# killed, under torchrun and started again), a replacement at once, then a
+# next job. Streaming DiLoCo (2012: 3 fragments, delay 1, mix 0.5): a rank
+# stalled in a step, a misbuilt joiner and a late replacement, then every
+# rank killed at once and a next job.
+CI_SEEDS = [
+    int(s) for s in os.environ.get("DISTLEARN_ELASTIC_SEEDS", "1 10 5 494502454 2027 2012").split()
+]
 SOAK = int(os.environ.get("DISTLEARN_ELASTIC_SOAK", "0"))
 SYNC_EVERY = 10
 NEXT_WORLD = 2
