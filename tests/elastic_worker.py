@@ -235,6 +235,19 @@ def main() -> None:
             algorithms.append(weakref.ref(obj._algo))
         return sum(r() is not None for r in algorithms)
 
+    def emit_step(prefix_before: str, **fields: object) -> None:
+        """An EA or DiLoCo call's "step" event (the call counted already)."""
+        emit(
+            "step",
+            steps=obj.steps - 1,
+            world=obj.world_size,
+            rank=obj.rank,
+            alive=alive_algorithms(),
+            prefix=obj.view.prefix,
+            prefix_before=prefix_before,
+            **fields,
+        )
+
     emit_state("started")
     stop = Path(args.stop)
     while not (stop.exists() and obj.steps >= int(stop.read_text() or "0")):
@@ -272,14 +285,8 @@ def main() -> None:
             outer_before = obj.outer_steps
             fault.enter("step", emit)
             obj.average_parameters()
-            emit(
-                "step",
-                steps=obj.steps - 1,
-                world=obj.world_size,
-                rank=obj.rank,
-                alive=alive_algorithms(),
-                prefix=obj.view.prefix,
-                prefix_before=prefix_before,
+            emit_step(
+                prefix_before,
                 # An outer step in this call, on the view it began in.
                 round=prefix_before == obj.view.prefix and obj.outer_steps > outer_before,
                 before=before,
@@ -298,14 +305,8 @@ def main() -> None:
             is_round = obj._algo.next_call_is_round
             fault.enter("step", emit)
             obj.average_parameters()
-            emit(
-                "step",
-                steps=obj.steps - 1,
-                world=obj.world_size,
-                rank=obj.rank,
-                alive=alive_algorithms(),
-                prefix=obj.view.prefix,
-                prefix_before=prefix_before,
+            emit_step(
+                prefix_before,
                 round=is_round,
                 before=before,
                 center_before=center_before,

@@ -12,6 +12,8 @@ import datetime
 import math
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -151,20 +153,32 @@ def test_a_lost_peer_fails_the_sum_within_the_deadline_and_keeps_the_residual() 
         assert report["residual_kept"], report
 
 
+def _start_and_train(
+    make: Callable[[], Any], seed: int, rank: int, steps: int, size: float
+) -> tuple[Any, list[torch.Tensor]]:
+    """An algorithm object from ``make``, on params drawn from ``seed`` (the
+    same on every rank), after ``steps`` noisy local steps of this rank's."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(37, 11, generator=generator), torch.randn(301, generator=generator)]
+    sync = make()
+    sync.synchronize_parameters(params)
+    noise = torch.Generator().manual_seed(seed + rank + 1)
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=noise) * size)
+        sync.average_parameters(params)
+    return sync, params
+
+
 def _diloco_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:
     """DiLoCo with and without ``settings``' compression, on the same steps."""
     finals, wire = [], []
     for compression in (None, settings["compression"]):
-        generator = torch.Generator().manual_seed(seed)
-        params = [torch.randn(37, 11, generator=generator), torch.randn(301, generator=generator)]
-        diloco = dl.DiLoCo(tau=3, fragments=2, **{**settings, "compression": compression})
-        diloco.synchronize_parameters(params)
-        noise = torch.Generator().manual_seed(seed + rank + 1)
-        for _ in range(12):
-            with torch.no_grad():
-                for p in params:
-                    p.add_(torch.randn(p.shape, generator=noise) * 0.01)
-            diloco.average_parameters(params)
+        options = {**settings, "compression": compression}
+        diloco, params = _start_and_train(
+            lambda options=options: dl.DiLoCo(tau=3, fragments=2, **options), seed, rank, 12, 0.01
+        )
         diloco.synchronize_global(params)
         state = diloco.state_dict()
         finals.append(state["globals"])
@@ -237,16 +251,10 @@ def _ea_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:
     then a checkpoint of the compressed one resumed by a new object."""
     finals, states = [], []
     for compression in (None, settings["compression"]):
-        generator = torch.Generator().manual_seed(seed)
-        params = [torch.randn(29, 13, generator=generator), torch.randn(257, generator=generator)]
-        ea = dl.AllReduceEA(tau=2, **{**settings, "compression": compression})
-        ea.synchronize_parameters(params)
-        noise = torch.Generator().manual_seed(seed + rank + 1)
-        for _ in range(10):
-            with torch.no_grad():
-                for p in params:
-                    p.add_(torch.randn(p.shape, generator=noise) * 0.05)
-            ea.average_parameters(params)
+        options = {**settings, "compression": compression}
+        ea, params = _start_and_train(
+            lambda options=options: dl.AllReduceEA(tau=2, **options), seed, rank, 10, 0.05
+        )
         states.append(ea.state_dict())
         finals.append([*params, *states[-1]["center"]])
         ea.close()
