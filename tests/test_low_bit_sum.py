@@ -234,15 +234,25 @@ def test_bad_compression_settings_are_refused_naming_the_argument(
 
 
 def test_mx_scales_travel_as_e8m0_bytes_exactly() -> None:
-    from distlearn_cuda._comm.low_bit import _e8m0_of, _from_e8m0
+    from distlearn_cuda._comm.low_bit import decode_e8m0, encode_e8m0
+
+    def encode(scales: torch.Tensor) -> torch.Tensor:
+        codes = torch.full(scales.shape, 0xAB, dtype=torch.uint8)  # poisoned
+        encode_e8m0(scales, torch.full(scales.shape, float("nan")), codes)
+        return codes
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        scales = torch.full(codes.shape, 3.0)  # poisoned
+        decode_e8m0(codes, torch.ones(codes.shape, dtype=torch.bool), scales)
+        return scales
 
     powers = torch.tensor([2.0**e for e in range(-126, 128)])
-    codes = _e8m0_of(powers)
+    codes = encode(powers)
     assert codes.tolist() == list(range(1, 255))  # OCP MX v1.0: byte - 127 is the exponent
-    assert torch.equal(_from_e8m0(codes), powers)
-    special = _e8m0_of(torch.tensor([0.0, float("nan")]))
+    assert torch.equal(decode(codes), powers)
+    special = encode(torch.tensor([0.0, float("nan")]))
     assert special.tolist() == [0, 255]  # a zero block's scale; NaN
-    decoded = _from_e8m0(special)
+    decoded = decode(special)
     assert decoded[0] == 2.0**-127 and decoded[1].isnan()
 
 

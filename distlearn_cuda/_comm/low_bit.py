@@ -102,6 +102,11 @@ class LowBitSum:
         self._shard_codes = torch.zeros(self.shard, dtype=torch.uint8)
         self._shard_scales = torch.zeros(blocks_per_shard)
         self._shard_decoded = torch.zeros(self.shard)
+        # Scratch of the message packing: a shard's high nibbles (as int8
+        # too), its E8M0 scales as floats, and which of them are NaN.
+        self._nibbles = torch.zeros(self.shard // 2, dtype=torch.uint8)
+        self._exponents = torch.zeros(blocks_per_shard)
+        self._nan_scales = torch.zeros(blocks_per_shard, dtype=torch.bool)
 
     @property
     def wire_bytes(self) -> int:
@@ -184,11 +189,13 @@ class LowBitSum:
         message = into[j * self.message : (j + 1) * self.message]
         code_part = message[: self._code_bytes]
         if self._bits == 4:  # two codes a byte, the first in the low nibble
-            torch.bitwise_or(codes[0::2] & 0x0F, codes[1::2] << 4, out=code_part)
+            torch.bitwise_and(codes[0::2], 0x0F, out=code_part)
+            torch.bitwise_left_shift(codes[1::2], 4, out=self._nibbles)
+            code_part.bitwise_or_(self._nibbles)
         else:
             code_part.copy_(codes)
         if self._scale_bytes == 1:
-            message[self._code_bytes :].copy_(_e8m0_of(scales))
+            encode_e8m0(scales, self._exponents, message[self._code_bytes :])
         else:
             message[self._code_bytes :].copy_(scales.view(torch.uint8))
 
@@ -198,16 +205,17 @@ class LowBitSum:
         message = source[i * self.message : (i + 1) * self.message]
         code_part = message[: self._code_bytes]
         if self.format == "int4":  # a two's complement nibble: sign-extended to a byte
-            signed = code_part.view(torch.int8)
-            codes[0::2].view(torch.int8).copy_((signed << 4) >> 4)
-            codes[1::2].view(torch.int8).copy_(signed >> 4)
+            signed, low = code_part.view(torch.int8), self._nibbles.view(torch.int8)
+            torch.bitwise_left_shift(signed, 4, out=low)  # wraps: the low nibble on top
+            torch.bitwise_right_shift(low, 4, out=codes[0::2].view(torch.int8))  # arithmetic
+            torch.bitwise_right_shift(signed, 4, out=codes[1::2].view(torch.int8))
         elif self._bits == 4:  # an E2M1 code: its sign is the nibble's bit 3
             torch.bitwise_and(code_part, 0x0F, out=codes[0::2])
             torch.bitwise_right_shift(code_part, 4, out=codes[1::2])
         else:
             codes.copy_(code_part)
         if self._scale_bytes == 1:
-            scales.copy_(_from_e8m0(message[self._code_bytes :]))
+            decode_e8m0(message[self._code_bytes :], self._nan_scales, scales)
         else:
             scales.view(torch.uint8).copy_(message[self._code_bytes :])
 
@@ -217,12 +225,21 @@ class LowBitSum:
 _E8M0_NAN = 255
 
 
-def _e8m0_of(scales: torch.Tensor) -> torch.Tensor:
-    exponents = torch.log2(scales) + 127  # exact for powers of two
-    exponents = torch.nan_to_num(exponents, nan=_E8M0_NAN, posinf=_E8M0_NAN, neginf=0)
-    return exponents.clamp(0, _E8M0_NAN).to(torch.uint8)
+def encode_e8m0(scales: torch.Tensor, exponents: torch.Tensor, out: torch.Tensor) -> None:
+    """Power-of-two float32 ``scales`` as E8M0 bytes into ``out`` (uint8),
+    through ``exponents`` (float32 scratch of the same length)."""
+    torch.log2(scales, out=exponents)  # exact for powers of two
+    exponents.add_(127)
+    torch.nan_to_num(exponents, nan=_E8M0_NAN, posinf=_E8M0_NAN, neginf=0, out=exponents)
+    exponents.clamp_(0, _E8M0_NAN)
+    out.copy_(exponents)
 
 
-def _from_e8m0(codes: torch.Tensor) -> torch.Tensor:
-    scales = torch.exp2(codes.float() - 127)
-    return scales.masked_fill(codes == _E8M0_NAN, float("nan"))
+def decode_e8m0(codes: torch.Tensor, nan: torch.Tensor, out: torch.Tensor) -> None:
+    """E8M0 bytes ``codes`` as float32 scales into ``out``, through ``nan``
+    (bool scratch of the same length)."""
+    out.copy_(codes)
+    out.sub_(127)
+    torch.exp2(out, out=out)
+    torch.eq(codes, _E8M0_NAN, out=nan)
+    out.masked_fill_(nan, float("nan"))
