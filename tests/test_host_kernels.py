@@ -16,6 +16,9 @@ from tensor_cases import fresh_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "host_kernels" / "host_kernels.cpp"
+# The fused ops' instantiations for the host launcher (the kernel bodies for
+# every dtype pair, most of the compile time), compiled beside the harness.
+LAUNCHES = sorted((ROOT / "tests" / "host_kernels").glob("launch_*.cpp"))
 # The CPU flavor, linked in for the bit-for-bit comparison.
 CPU_FLAVOR = ROOT / "csrc" / "ops_cpu.cpp"
 
@@ -36,12 +39,14 @@ FLAGS = [
 
 
 def build(out_dir: Path) -> Path:
-    """Compiles the harness and the CPU flavor in parallel, then links."""
-    objects = [out_dir / "host_kernels.o", out_dir / "ops_cpu.o"]
+    """Compiles the harness, its launches and the CPU flavor in parallel, then links."""
+    sources = [HARNESS, *LAUNCHES, CPU_FLAVOR]
+    assert len(LAUNCHES) == 2, LAUNCHES
+    objects = [out_dir / f"{source.stem}.o" for source in sources]
     compile_all(
         [
             [compiler(), *FLAGS, "-c", str(source), "-o", str(obj)]
-            for source, obj in zip([HARNESS, CPU_FLAVOR], objects, strict=True)
+            for source, obj in zip(sources, objects, strict=True)
         ]
     )
     return link(objects, out_dir / "host_kernels")

@@ -1,8 +1,10 @@
 // Runs the CUDA flavor's kernels on the CPU: the real launch planning
 // (csrc/multi_tensor_ops.h, kernels/multi_tensor_engine.h) and the real
 // kernel body, for every (block, thread) of every planned launch's grid,
-// one at a time, in a random order. Built by tests/test_host_kernels.py with
-// the host compiler under AddressSanitizer and UndefinedBehaviorSanitizer.
+// one at a time, in a random order (the launcher: host_launcher.h, whose
+// instantiations of the ops are compiled apart, in launch_*.cpp). Built by
+// tests/test_host_kernels.py with the host compiler under AddressSanitizer
+// and UndefinedBehaviorSanitizer.
 //
 // Each op's results are compared with an independent reference (plain loops
 // in double, rounding only where the op stores) within a dtype tolerance,
@@ -42,9 +44,12 @@
 #include "../../csrc/multi_tensor_ops.h"
 #include "../../csrc/ops.h"
 #include "../host_common/check.h"
+#include "host_launcher.h"
 
 namespace dl = distlearn;
 using dl::DType;
+using host_kernels::HostLauncher;
+using host_kernels::LaunchRecord;
 
 namespace {
 
@@ -210,95 +215,6 @@ class HostTensor {
 };
 
 using Tensors = std::vector<std::unique_ptr<HostTensor>>;
-
-// ---------------------------------------------------------------------------
-// The host launcher: runs every (block, thread) of each launch's grid.
-
-// An op that counts its element operations (one call per element) and
-// otherwise is the op: same flags, so the same vector width and groups in
-// flight, and the same planning.
-template <typename Op>
-struct CountingOp : Op {
-  int64_t* calls;
-  template <typename T, typename B>
-  void operator()(T& primary, T& secondary, B& buffer) const {
-    ++*calls;
-    Op::operator()(primary, secondary, buffer);
-  }
-  template <typename T, typename B>
-  void operator()(T& primary, T& secondary, T& tertiary, B& buffer) const {
-    ++*calls;
-    Op::operator()(primary, secondary, tertiary, buffer);
-  }
-};
-
-struct LaunchRecord {
-  DType dtype;
-  bool writes_count_slots;
-  int64_t blocks;
-  int64_t num_chunks;
-  std::vector<uintptr_t> primary;
-  std::vector<int64_t> numel;
-  std::vector<int64_t> chunk_end;
-};
-
-class HostLauncher {
- public:
-  HostLauncher(int64_t max_blocks, std::mt19937_64& rng) : max_blocks_(max_blocks), rng_(rng) {}
-
-  int64_t max_blocks() const { return max_blocks_; }
-
-  void zero(void* address, int64_t bytes) {
-    std::memset(address, 0, static_cast<size_t>(bytes));
-    ++zeroed;
-  }
-
-  template <typename T, typename B, typename Op>
-  void launch(const dl::KernelParams<Op>& params, int64_t blocks) {
-    const auto& list = params.list;
-    LaunchRecord record;
-    record.dtype = dtype_of<T>();
-    record.writes_count_slots = params.count.slots != nullptr;
-    record.blocks = blocks;
-    record.num_chunks = list.num_chunks;
-    for (int64_t i = 0; i < list.num_tensors; ++i) {
-      record.primary.push_back(list.tensor[0][i]);
-      record.numel.push_back(list.numel[i]);
-      record.chunk_end.push_back(list.chunk_end[i]);
-    }
-    launches.push_back(std::move(record));
-    // The device gets the parameters by value: so does this grid.
-    auto counted = std::make_unique<dl::KernelParams<CountingOp<Op>>>();
-    counted->list = params.list;
-    counted->count = params.count;
-    counted->op = CountingOp<Op>{params.op, &calls};
-    std::vector<std::pair<int64_t, int64_t>> order;
-    order.reserve(static_cast<size_t>(blocks) * dl::kThreadsPerBlock);
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int64_t t = 0; t < dl::kThreadsPerBlock; ++t) order.emplace_back(b, t);
-    }
-    std::shuffle(order.begin(), order.end(), rng_);
-    for (const auto& [b, t] : order) {
-      dl::multi_tensor_thread<T, B>(*counted, dl::GridPosition{b, blocks, t, dl::kThreadsPerBlock});
-    }
-  }
-
-  std::vector<LaunchRecord> launches;
-  int64_t calls = 0;
-  int zeroed = 0;
-
- private:
-  template <typename T>
-  static DType dtype_of() {
-    if (std::is_same_v<T, double>) return DType::kFloat64;
-    if (std::is_same_v<T, dl::Half>) return DType::kFloat16;
-    if (std::is_same_v<T, dl::BFloat16>) return DType::kBFloat16;
-    return DType::kFloat32;
-  }
-
-  int64_t max_blocks_;
-  std::mt19937_64& rng_;
-};
 
 // ---------------------------------------------------------------------------
 // Cases
