@@ -148,7 +148,8 @@ def run_world_outcomes(
             except queue.Empty:
                 continue
             outcomes[rank] = Outcome(status, value)
-        time.sleep(0.2)  # reports of ranks that finished alongside the last expected one
+        if len(outcomes) < world_size:
+            time.sleep(0.2)  # reports of ranks that finished alongside the last expected one
         while True:
             try:
                 rank, status, value = results.get_nowait()
