@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Sequence
+from typing import TypeVar
 
 import pytest
 import torch
@@ -50,6 +53,19 @@ def random_tensors(
 def poisoned_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Same shapes and strides, every element NaN: an element a kernel forgets shows."""
     return [torch.full_like(t, float("nan")) for t in tensors]
+
+
+T = TypeVar("T")
+
+# Choices made while tests are collected (parameters drawn into test ids):
+# under pytest-xdist every worker collects, and all must draw alike, so the
+# run's id (the same on every worker, new each run) seeds them.
+_COLLECTION = random.Random(os.environ.get("PYTEST_XDIST_TESTRUNUID"))
+
+
+def collection_choice(options: Sequence[T]) -> T:
+    """One of ``options``, drawn anew each run but alike on every worker."""
+    return _COLLECTION.choice(options)
 
 
 def fresh_seed() -> int:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from multiproc import run_world
-from tensor_cases import needs_gpu
+from tensor_cases import collection_choice, needs_gpu
 from torch import nn
 
 import distlearn_cuda as dl
@@ -93,7 +93,7 @@ def simulate_ea(
 @pytest.mark.parametrize(
     ("world_size", "min_steps", "device"),
     [
-        (random.choice([2, 3, 4]), 45, "cpu"),
+        (collection_choice([2, 3, 4]), 45, "cpu"),
         (8, 45, "cpu"),
         (3, 0, "cpu"),
         pytest.param(3, 0, "cuda", marks=needs_gpu),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from multiproc import run_world
-from tensor_cases import needs_gpu, tolerance
+from tensor_cases import collection_choice, needs_gpu, tolerance
 from torch import nn
 
 import distlearn_cuda as dl
@@ -126,7 +126,7 @@ def expected_epoch_update(steps: list[int]) -> float:
 @pytest.mark.parametrize(
     ("world_size", "min_steps", "device"),
     [
-        (random.choice([2, 3, 5]), 4, "cpu"),
+        (collection_choice([2, 3, 5]), 4, "cpu"),
         (8, 4, "cpu"),
         (4, 0, "cpu"),
         (3, 0, "cpu"),
