@@ -55,7 +55,8 @@ def make_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
 # ranks on one device): the CUDA kernels, and the state handed over from and
 # to CUDA tensors.
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
-@pytest.mark.parametrize("algo", ["sgd", "ea", "diloco"])
+# (DiLoCo's joiners and kills: the fault harness's CI seeds 2027 and 2012.)
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
 def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(
     make_job, algo: str, device: str
 ) -> None:
