@@ -15,6 +15,7 @@ from torch.autograd.graph import increment_version
 from ._algorithms.carry import CarriedState, check_carry_args, pick_source
 from ._algorithms.member import GroupMember
 from ._algorithms.reducer import GradientReducer, Modes, split_into_buckets
+from ._comm.low_bit import LowBitFormat, LowBitSettings, check_compression
 from ._native import addresses_of
 from ._tensors import tree as _tree
 from ._tensors.agreement import Problem
@@ -77,6 +78,13 @@ class AllReduceSGD(GroupMember):
             counts travel in the same allreduce; reading them costs one
             small device read per call. Without it, a missing ``.grad`` is a
             ValueError on every rank.
+        compression: None, or the low-bit format gradients travel in
+            (``"int8"``, ``"fp8_e4m3"``, ``"int4"``, ``"mxfp4"``; see
+            ``DiLoCo``); the counts (``allow_unused``'s included) stay
+            exact. CPU gradients, without ``attach`` or flat storage, for
+            now.
+        error_feedback: add what each step's quantization lost to this
+            rank's next gradients (default: on for the 4-bit formats).
 
     Constructing one is collective too: it sets up a private gloo group
     (with ``timeout``) over the ranks of ``group``, and the ranks check that
@@ -101,15 +109,25 @@ class AllReduceSGD(GroupMember):
         comm_dtype: torch.dtype | None = None,
         timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
         allow_unused: bool = False,
+        compression: LowBitFormat | None = None,
+        error_feedback: bool | None = None,
     ) -> None:
         if not isinstance(allow_unused, bool):
             raise TypeError(f"allow_unused must be a bool, got {type(allow_unused).__name__}")
         self._allow_unused = allow_unused
         self._comm_dtype = check_comm_dtype(comm_dtype)
+        self._compression, self._error_feedback = check_compression(
+            compression, error_feedback, self._comm_dtype
+        )
         super().__init__(group, check_timeout(timeout))
         self._plans = PlanCache(self._group.world_size)
         self._reducer = GradientReducer(
-            self._collectives, self.rank, self.world_size, self._comm_dtype, allow_unused
+            self._collectives,
+            self.rank,
+            self.world_size,
+            self._comm_dtype,
+            allow_unused,
+            LowBitSettings(self._compression, self._error_feedback),
         )
         self._param_signature: Signature | None = None
 
@@ -118,6 +136,8 @@ class AllReduceSGD(GroupMember):
             *super()._settings(),
             ("comm_dtype", self._comm_dtype),
             ("allow_unused", self._allow_unused),
+            ("compression", self._compression),
+            ("error_feedback", self._error_feedback),
         ]
 
     @property
@@ -127,12 +147,26 @@ class AllReduceSGD(GroupMember):
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the gradient steps taken since the last
-        ``synchronize_parameters`` (they decide whose parameters win it)."""
-        return {"steps": self._reducer.steps}
+        ``synchronize_parameters`` (they decide whose parameters win it);
+        with error feedback, this rank's residual too."""
+        state: dict[str, Any] = {"steps": self._reducer.steps}
+        if self._error_feedback:
+            state["residual"] = self._reducer.residual()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores ``state_dict()``'s output (checked before anything changes)."""
-        self._reducer.steps = state_value(state, "steps", int)
+        steps = state_value(state, "steps", int)
+        residual = state.get("residual")
+        if residual is not None and (
+            not isinstance(residual, torch.Tensor) or not self._error_feedback
+        ):
+            raise ValueError(
+                "state['residual'] must be None or a tensor, and only an object with error "
+                "feedback (compression) takes one"
+            )
+        self._reducer.load_residual(residual)
+        self._reducer.steps = steps
 
     @property
     def last_step_skipped(self) -> bool:
@@ -325,6 +359,11 @@ class AllReduceSGD(GroupMember):
         instead, the same decision on every rank.
         """
         problem = None
+        if self._compression is not None:
+            raise ValueError(
+                f"attach: not with compression={self._compression!r} yet (the low-bit sum "
+                f"is synchronous, one bucket)"
+            )
         try:
             if not isinstance(gradient_as_bucket_view, bool):
                 kind = type(gradient_as_bucket_view).__name__
@@ -412,6 +451,11 @@ class AllReduceSGD(GroupMember):
         gradients. Not with ``attach``. Collective.
         """
         problem: Exception | None = None
+        if self._compression is not None:
+            raise ValueError(
+                f"use_flat_storage: not with compression={self._compression!r} yet (the "
+                f"buffer is the gradients, and the low-bit sum writes it whole)"
+            )
         if not isinstance(module, nn.Module):
             problem = TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         elif self._reducer.modes != Modes():

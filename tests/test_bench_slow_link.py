@@ -157,8 +157,13 @@ def test_compressed_configurations_are_compared_with_their_float32_one() -> None
          "final_val_loss": 2.03, "bytes_per_rank": 10e6},
         {"config": "diloco50-int8", "description": "int8", "compression": "int8",
          "final_val_loss": 2.0, "bytes_per_rank": 20e6},
+        {"config": "sgd", "description": "SGD", "final_val_loss": 1.0, "bytes_per_rank": 800e6},
+        {"config": "sgd-int8-ef", "description": "SGD int8", "compression": "int8",
+         "final_val_loss": 1.005, "bytes_per_rank": 210e6},
     ]  # fmt: skip
     lines = bench.compression_targets(rows, lambda ok: "met" if ok else "missed")
     assert lines[0].endswith("loss 1.0050 x, 8.89x fewer bytes (measured), met")
     assert lines[1].endswith("loss 1.0150 x, 8.00x fewer bytes (measured), missed")
     assert lines[2].endswith("loss 1.0000 x, 4.00x fewer bytes (measured)")  # no 8-bit target
+    assert "(target: within 1% at 4x fewer bytes)" in lines[3]  # SGD's 8-bit target
+    assert lines[3].endswith("loss 1.0050 x, 3.81x fewer bytes (measured), missed")

@@ -40,6 +40,7 @@ from torch import nn
 
 from .. import _C
 from .._comm.collectives import PendingSum
+from .._comm.low_bit import LowBitSum
 from .._native import addresses_of
 from .._tensors.layouts import empty_in_order, segment_view
 from .._tensors.plan import Plan
@@ -79,6 +80,10 @@ class Bucket:
         self._pack_addresses = _C.Addresses()
         self._unpack_addresses = _C.Addresses()
         self.views: list[torch.Tensor] | None = None
+        # With compression (see GradientReducer._install_low_bit): the
+        # low-bit sum's scratch and the error feedback's residual.
+        self.low_bit: LowBitSum | None = None
+        self.residual: torch.Tensor | None = None
         if in_place:
             self.views = [plan.segment(i) for i in range(count)]
             with torch.no_grad():

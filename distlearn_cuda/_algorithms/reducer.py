@@ -35,6 +35,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from .._comm.collectives import Collectives, is_capturing
+from .._comm.low_bit import LowBitSettings, LowBitSum
 from .._tensors import agreement as _agreement
 from .._tensors.agreement import CHANGED, PROBLEM, SGD_CODES, Description, Problem
 from .._tensors.grad_source import Gathered, GradientSource
@@ -109,7 +110,11 @@ class GradientReducer:
         world_size: int,
         comm_dtype: torch.dtype | None,
         allow_unused: bool,
+        low_bit: LowBitSettings | None = None,
     ) -> None:
+        self._low_bit = low_bit if low_bit is not None and low_bit.format else None
+        # A residual loaded before the buckets exist (see load_residual).
+        self._loaded_residual: torch.Tensor | None = None
         self._collectives = collectives
         self._rank = rank
         self._world_size = world_size
@@ -166,7 +171,14 @@ class GradientReducer:
         self._remove_hooks()
         self.source = source
         device, entries = source.signature
-        dtype = self._comm_dtype or lossless_dtype([e[0] for e in entries])
+        # The low-bit sum quantizes float32 values.
+        dtype = torch.float32 if self._low_bit else self._comm_dtype
+        dtype = dtype or lossless_dtype([e[0] for e in entries])
+        if self._low_bit is not None and device.type != "cpu":
+            raise ValueError(
+                f"{source.arg}: compression={self._low_bit.format!r} runs on CPU tensors only "
+                f"for now; these are on {device}"
+            )
         if self._allow_unused and self._world_size > EXACT_INTEGER_LIMIT[dtype]:
             raise ValueError(
                 f"allow_unused counts the ranks per tensor in the {dtype} buffer, exact up to "
@@ -208,6 +220,8 @@ class GradientReducer:
             )
         for bucket in self.buckets:
             bucket.whole = bucket.indices == list(range(len(params)))
+        if self._low_bit is not None:
+            self._install_low_bit()
         if self.modes.attach is not None:
             # The last bucket's hooks only count: the call starts it.
             self._hooks = [
@@ -216,6 +230,51 @@ class GradientReducer:
                 for param in bucket.params
             ]
         self._next = 0
+
+    def _install_low_bit(self) -> None:
+        """The bucket's low-bit sum (one bucket: attach and flat storage are
+        refused with compression): its gradients' segments are quantized,
+        the presence segment and the count slots after them stay exact. A
+        new trainable set starts a new residual."""
+        assert self._low_bit is not None and len(self.buckets) == 1
+        (bucket,) = self.buckets
+        payload = bucket.plan.layout.offsets[-1]  # where the presence segment begins
+        fmt = self._low_bit.format
+        assert fmt is not None
+        bucket.low_bit = LowBitSum(fmt, payload, self._world_size, self._rank)
+        bucket.residual = torch.zeros(payload) if self._low_bit.error_feedback else None
+        loaded, self._loaded_residual = self._loaded_residual, None
+        if loaded is not None and bucket.residual is not None:
+            if loaded.shape != bucket.residual.shape:
+                raise ValueError("state['residual'] does not fit the bound gradients")
+            bucket.residual.copy_(loaded)
+
+    def residual(self) -> torch.Tensor | None:
+        """A copy of the error feedback's residual (None before binding, or without it)."""
+        residual = self.buckets[0].residual if self.buckets else self._loaded_residual
+        return None if residual is None else residual.clone()
+
+    def load_residual(self, residual: torch.Tensor | None) -> None:
+        """Takes a saved residual: now when bound (its shape checked), else at binding."""
+        if residual is None:
+            return
+        if self.buckets and self.buckets[0].residual is not None:
+            if residual.shape != self.buckets[0].residual.shape:
+                raise ValueError("state['residual'] does not fit the bound gradients")
+            self.buckets[0].residual.copy_(residual)
+        else:
+            self._loaded_residual = residual.detach().clone()
+
+    def _all_reduce(self, bucket: Bucket, contributes: bool) -> None:
+        """A bucket's synchronous allreduce: low-bit (a contributor's residual
+        goes in) or exact."""
+        if bucket.low_bit is None:
+            self._collectives.all_reduce_sum(bucket.plan.buffer)
+            return
+        residual = bucket.residual if contributes else None
+        self._collectives.all_reduce_low_bit(bucket.plan.buffer, bucket.low_bit, residual)
+        if bucket.residual is not None and bucket.plan.nonfinite_ranks() > 0:
+            bucket.residual.zero_()  # no NaN carried into the next steps
 
     def _plan(self, signature_: Signature, dtype: torch.dtype) -> Plan:
         """A bucket's plan, with the presence segment (see ``_algorithms.buckets``);
@@ -480,7 +539,7 @@ class GradientReducer:
             )
             bucket.started = True
             if len(self.buckets) == 1:
-                self._collectives.all_reduce_sum(bucket.plan.buffer)
+                self._all_reduce(bucket, contributes=True)
             else:
                 bucket.pending = self._collectives.all_reduce_sum_async(
                     bucket.plan.buffer, verify=False
@@ -641,7 +700,7 @@ class GradientReducer:
                 plan = buckets[-1].plan
                 plan.buffer[plan.layout.count_offset + plan.count_slot(self._rank, PROBLEM)] = 1
             for bucket in buckets:
-                self._collectives.all_reduce_sum(bucket.plan.buffer)
+                self._all_reduce(bucket, contributes=False)
             verdict = _agreement.verdict(buckets[-1].plan.code_counts())
             if verdict == -1:
                 return

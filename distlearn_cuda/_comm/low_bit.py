@@ -26,14 +26,14 @@ MXFP4 (block 32) and int4 (block 128), 8.25 for int8 and fp8, against 32.
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.distributed as dist
 
 from .. import _C
 
-__all__ = ["FORMATS", "LowBitFormat", "LowBitSum", "check_compression"]
+__all__ = ["FORMATS", "LowBitFormat", "LowBitSettings", "LowBitSum", "check_compression"]
 
 LowBitFormat = Literal["int8", "int4", "fp8_e4m3", "mxfp4"]
 FORMATS: tuple[LowBitFormat, ...] = get_args(LowBitFormat)
@@ -42,6 +42,13 @@ _CODECS = {"int8": (0, 8), "int4": (1, 4), "fp8_e4m3": (2, 8), "mxfp4": (3, 4)}
 # Elements per scale: OCP MX v1.0 fixes 32 for MXFP4; the others take 128,
 # where a float32 scale costs 0.25 bits per element.
 _BLOCK = {"int8": 128, "int4": 128, "fp8_e4m3": 128, "mxfp4": 32}
+
+
+class LowBitSettings(NamedTuple):
+    """A call site's compression (None: exact sums) and error feedback."""
+
+    format: LowBitFormat | None
+    error_feedback: bool
 
 
 def check_compression(
