@@ -577,3 +577,14 @@ def test_diloco_local_fragments_follow_the_sources_outer_steps(mix: float) -> No
     assert torch.equal(got[1], glob[1])
     assert torch.equal(got[2], before[2])
     algo.close()
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_compression_is_refused_by_elastic_sgd_and_ea_for_now(algo: str) -> None:
+    import torch
+
+    from distlearn_cuda import elastic
+
+    kind = elastic.ElasticSGD if algo == "sgd" else elastic.ElasticEA
+    with pytest.raises(ValueError, match="does not take compression yet"):
+        kind("127.0.0.1:1", torch.nn.Linear(2, 2), compression="int8")

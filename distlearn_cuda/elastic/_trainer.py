@@ -662,6 +662,13 @@ class ElasticSGD(_ElasticMember[AllReduceSGD]):
 
     _skipped = False  # whether the last step was left out (see last_step_skipped)
 
+    def _check_options(self, options: dict[str, Any]) -> None:
+        if options.get("compression") is not None:
+            raise ValueError(
+                "ElasticSGD does not take compression yet (its redone steps with a "
+                "residual have not been through the fault harness)"
+            )
+
     @property
     def last_step_skipped(self) -> bool:
         """Whether the last ``sum_and_normalize_gradients`` left this rank's
