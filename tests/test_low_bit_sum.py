@@ -189,11 +189,26 @@ def _diloco_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:
     scale = max(float(g.abs().max()) for g in plain)
     off = max(float((a - b).abs().max()) for a, b in zip(plain, compressed, strict=True))
     return {
-        "globals": [g.tolist() for g in compressed],
+        "shared": [g.tolist() for g in compressed],  # the global parameters
         "off": off / scale,
         "wire": wire[1],
         "residuals": [r is not None for r in residuals],
     }
+
+
+def _near_the_uncompressed_run(
+    runs: Callable[..., dict], settings: dict, tolerance: float
+) -> tuple[list[dict], str]:
+    """Runs ``runs`` on every rank: what the ranks share (DiLoCo's global
+    parameters, EA's center) is bitwise the same on each, and within
+    ``tolerance`` of the uncompressed run (relative to its largest value)."""
+    seed = fresh_seed()
+    results = run_world(runs, WORLD, seed, settings, timeout=90)
+    where = f"seed {seed}, {settings}"
+    print(f"{where}: relative distance to the uncompressed run {[r['off'] for r in results]}")
+    assert all(r["shared"] == results[0]["shared"] for r in results), where
+    assert all(r["off"] <= tolerance for r in results), (where, [r["off"] for r in results])
+    return results, where
 
 
 @pytest.mark.parametrize(
@@ -207,12 +222,7 @@ def _diloco_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:
 def test_diloco_with_compression_stays_near_the_uncompressed_run(
     settings: dict, tolerance: float, feedback: bool
 ) -> None:
-    seed = fresh_seed()
-    results = run_world(_diloco_runs, WORLD, seed, settings, timeout=90)
-    where = f"seed {seed}, {settings}"
-    print(f"{where}: relative distance to the uncompressed run {[r['off'] for r in results]}")
-    assert all(r["globals"] == results[0]["globals"] for r in results), where
-    assert all(r["off"] <= tolerance for r in results), (where, [r["off"] for r in results])
+    results, where = _near_the_uncompressed_run(_diloco_runs, settings, tolerance)
     assert all(r["wire"] > 0 for r in results), where
     assert all(all(f == feedback for f in r["residuals"]) for r in results), where
 
@@ -277,7 +287,7 @@ def _ea_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:
     off = max(float((a - b).abs().max()) for a, b in zip(plain, compressed, strict=True))
     residual = states[1].get("residual")
     return {
-        "center": [c.tolist() for c in states[1]["center"]],
+        "shared": [c.tolist() for c in states[1]["center"]],
         "off": off / scale,
         "residual": None if residual is None else float(residual.abs().sum()),
         "kept": residual is None or torch.equal(again["residual"], residual),
@@ -291,12 +301,7 @@ def _ea_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:
 def test_ea_with_compression_stays_near_the_uncompressed_run(
     settings: dict, tolerance: float
 ) -> None:
-    seed = fresh_seed()
-    results = run_world(_ea_runs, WORLD, seed, settings, timeout=90)
-    where = f"seed {seed}, {settings}"
-    print(f"{where}: relative distance to the uncompressed run {[r['off'] for r in results]}")
-    assert all(r["center"] == results[0]["center"] for r in results), where
-    assert all(r["off"] <= tolerance for r in results), (where, [r["off"] for r in results])
+    results, where = _near_the_uncompressed_run(_ea_runs, settings, tolerance)
     feedback = settings["compression"] == "int4"  # the default: on for 4 bits
     assert all((r["residual"] is not None and r["residual"] > 0) == feedback for r in results)
     assert all(r["kept"] for r in results), where
