@@ -705,7 +705,9 @@ class DiLoCo(GroupMember):
             fragment = _Fragment(pieces, offset, plan, self._globals, self._momenta)
             if self._compression is not None:
                 payload = plan.layout.count_offset
-                fragment.low_bit = LowBitSum(self._compression, payload, self.world_size, self.rank)
+                fragment.low_bit = LowBitSum(
+                    self._compression, payload, self.world_size, self.rank, plan.layout.flag_offset
+                )
                 if self._error_feedback:
                     fragment.residual = torch.zeros(payload)
             self._fragments.append(fragment)
@@ -814,10 +816,9 @@ class DiLoCo(GroupMember):
         try:
             if fragment.low_bit is not None:
                 # Only a contributor's residual goes in: zeros count for nothing.
-                residual = fragment.residual if contributes else None
-                self._collectives.all_reduce_low_bit(plan.buffer, fragment.low_bit, residual)
-                if fragment.residual is not None and plan.nonfinite_ranks() > 0:
-                    fragment.residual.zero_()  # no NaN carried into the next exchanges
+                self._collectives.all_reduce_low_bit(
+                    plan.buffer, fragment.low_bit, fragment.residual, contributes
+                )
             elif waiting or self._delay == 0 or self._nonfinite == "raise" or capturing:
                 self._collectives.all_reduce_sum(plan.buffer, verify=True)
             else:

@@ -521,7 +521,9 @@ class AllReduceEA(GroupMember):
             plan = self._plans.get("delta", self._bound_signature(), dtype, EA_CODES)
             if self._compression is not None:
                 payload = plan.layout.count_offset
-                self._low_bit = LowBitSum(self._compression, payload, self.world_size, self.rank)
+                self._low_bit = LowBitSum(
+                    self._compression, payload, self.world_size, self.rank, plan.layout.flag_offset
+                )
                 if self._error_feedback:
                     self._residual = torch.zeros(payload)
                     if self._loaded_residual is not None:
@@ -536,10 +538,7 @@ class AllReduceEA(GroupMember):
         """The round's allreduce, waited for: low-bit (a contributor's
         residual goes in) or exact."""
         if self._low_bit is not None:
-            residual = self._residual if active else None
-            self._collectives.all_reduce_low_bit(plan.buffer, self._low_bit, residual)
-            if self._residual is not None and plan.nonfinite_ranks() > 0:
-                self._residual.zero_()  # no NaN carried into the next rounds
+            self._collectives.all_reduce_low_bit(plan.buffer, self._low_bit, self._residual, active)
         else:
             self._collectives.all_reduce_sum(plan.buffer, verify=True)
 

@@ -241,7 +241,8 @@ class GradientReducer:
         payload = bucket.plan.layout.offsets[-1]  # where the presence segment begins
         fmt = self._low_bit.format
         assert fmt is not None
-        bucket.low_bit = LowBitSum(fmt, payload, self._world_size, self._rank)
+        flag = bucket.plan.layout.flag_offset
+        bucket.low_bit = LowBitSum(fmt, payload, self._world_size, self._rank, flag)
         bucket.residual = torch.zeros(payload) if self._low_bit.error_feedback else None
         loaded, self._loaded_residual = self._loaded_residual, None
         if loaded is not None and bucket.residual is not None:
@@ -271,10 +272,9 @@ class GradientReducer:
         if bucket.low_bit is None:
             self._collectives.all_reduce_sum(bucket.plan.buffer)
             return
-        residual = bucket.residual if contributes else None
-        self._collectives.all_reduce_low_bit(bucket.plan.buffer, bucket.low_bit, residual)
-        if bucket.residual is not None and bucket.plan.nonfinite_ranks() > 0:
-            bucket.residual.zero_()  # no NaN carried into the next steps
+        self._collectives.all_reduce_low_bit(
+            bucket.plan.buffer, bucket.low_bit, bucket.residual, contributes
+        )
 
     def _plan(self, signature_: Signature, dtype: torch.dtype) -> Plan:
         """A bucket's plan, with the presence segment (see ``_algorithms.buckets``);

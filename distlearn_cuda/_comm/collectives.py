@@ -186,20 +186,26 @@ class Collectives:
             self._fail("all_reduce_sum", started, error)
 
     def all_reduce_low_bit(
-        self, buffer: torch.Tensor, low_bit: LowBitSum, residual: torch.Tensor | None
+        self,
+        buffer: torch.Tensor,
+        low_bit: LowBitSum,
+        residual: torch.Tensor | None,
+        contributes: bool = True,
     ) -> None:
         """buffer <- its sum over the ranks, its first ``low_bit.payload``
         elements in ``low_bit``'s format (see ``_comm.low_bit``), the rest
-        exactly; ``residual``: the error feedback of the call site, updated
-        only when the call succeeds. CPU float32 buffers, over the private
-        gloo group (each of its three collectives bounded by the deadline)."""
+        exactly; ``residual``: the error feedback of the call site (or
+        None), added and updated only when this rank ``contributes``, and
+        only when the call succeeds (see ``LowBitSum.settle_residual``). CPU
+        float32 buffers, over the private gloo group (each of its three
+        collectives bounded by the deadline)."""
         self.check_usable("all_reduce_low_bit")
         self._positions.enter("all_reduce_low_bit")
         started = time.monotonic()
         payload, tail = buffer[: low_bit.payload], buffer[low_bit.payload :]
         try:
             backend = self.gloo.backend
-            low_bit.quantize_into_messages(payload, residual)
+            low_bit.quantize_into_messages(payload, residual if contributes else None)
             low_bit.exchange_shards(backend)
             low_bit.sum_shard()
             low_bit.gather_shards(backend)
@@ -208,7 +214,7 @@ class Collectives:
             self._fail("all_reduce_low_bit", started, error)
         low_bit.dequantize_into(payload)
         if residual is not None:
-            low_bit.commit_residual(residual)
+            low_bit.settle_residual(residual, buffer, contributes)
         self.low_bit_wire_bytes += low_bit.wire_bytes
 
     def all_reduce_sum_async(self, buffer: torch.Tensor, *, verify: bool) -> PendingSum:

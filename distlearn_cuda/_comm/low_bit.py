@@ -80,10 +80,16 @@ def check_compression(
 class LowBitSum:
     """The scratch of one call site's low-bit sum over ``world`` ranks of a
     float32 buffer whose first ``payload`` elements are compressed, made
-    once (nothing allocates per call)."""
+    once (nothing allocates per call). ``flag``: where the buffer holds the
+    non-finite flag (how many ranks' values were not finite), if it has
+    one: a flagged sum clears the residual instead of carrying a NaN into
+    the call site's later sums."""
 
-    def __init__(self, fmt: LowBitFormat, payload: int, world: int, rank: int) -> None:
+    def __init__(
+        self, fmt: LowBitFormat, payload: int, world: int, rank: int, flag: int | None = None
+    ) -> None:
         self.format, (self._code, self._bits) = fmt, _CODECS[fmt]
+        self._flag = flag
         self.block = _BLOCK[fmt]
         self.payload, self.world, self.rank = payload, world, rank
         blocks_per_shard = max(1, math.ceil(payload / world / self.block))
@@ -124,7 +130,7 @@ class LowBitSum:
     def quantize_into_messages(self, values: torch.Tensor, residual: torch.Tensor | None) -> None:
         """Step 1: ``values`` (float32, ``payload`` long) plus ``residual``
         into the outgoing messages; what the quantization lost is the next
-        residual, taken by ``commit_residual`` once the call succeeded."""
+        residual, taken by ``settle_residual`` once the call succeeded."""
         n = self.payload
         self._values[:n].copy_(values)
         if residual is not None:
@@ -162,9 +168,17 @@ class LowBitSum:
         mine = self._send[: self.message]
         backend._allgather_base(self._gathered, mine).wait()  # type: ignore[attr-defined]
 
-    def commit_residual(self, residual: torch.Tensor) -> None:
-        """``residual`` <- what this call's quantization lost (error feedback)."""
-        residual.copy_(self._next_residual)
+    def settle_residual(
+        self, residual: torch.Tensor, buffer: torch.Tensor, contributed: bool
+    ) -> None:
+        """After a call that succeeded: zeros when ``buffer``'s summed flag
+        says some rank's values were not finite; else, when this rank
+        ``contributed`` (its residual went in), what this call's
+        quantization lost (error feedback)."""
+        if self._flag is not None and float(buffer[self._flag]) > 0:
+            residual.zero_()
+        elif contributed:
+            residual.copy_(self._next_residual)
 
     def dequantize_into(self, values: torch.Tensor) -> None:
         """Step 4: the summed shards, dequantized into ``values`` (``payload`` long)."""
