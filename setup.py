@@ -29,7 +29,7 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
-CUDA_SOURCES = ["csrc/ops_cuda.cu"]
+CUDA_SOURCES = ["csrc/ops_cuda.cu", "csrc/low_bit_cuda.cu"]
 NCCL_SOURCES = ["csrc/nccl_api.cpp", "csrc/nccl_comm.cpp"]
 DEFAULT_ARCHS = "80;90"  # A100 and H100/H200; PTX of 90 for anything newer
 
@@ -126,7 +126,7 @@ def make_extension() -> tuple[Pybind11Extension, type[build_ext]]:
     use_cuda = want_cuda(nvcc)
     ext = Pybind11Extension(
         "distlearn_cuda._C",
-        sources=["csrc/bindings.cpp", "csrc/ops_cpu.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/ops_cpu.cpp", "csrc/low_bit_cpu.cpp"],
         include_dirs=["kernels", "csrc"],
         cxx_std=17,
         extra_compile_args=["-O3", "-Wall", "-Wextra"],

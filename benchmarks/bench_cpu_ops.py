@@ -21,6 +21,11 @@ outer step 36 (the outer gradient reads the local and global params and
 writes the buffer; the outer step reads the sum, the global params and the
 momenta and writes the three tensors).
 
+The low-bit sum's passes (``low_bit_ops``: quantize with error feedback,
+sum a shard, dequantize; int8 and int4, world 4) against the same work in
+eager PyTorch: 16 + m * (3 + 1 / world) bytes per element, m a message's
+bytes per element (1.03 for int8, 0.53 for int4, block 128).
+
 DiLoCo's eager baseline is the outer step as torchft's DiLoCo takes it,
 without its host copies: the outer gradient with ``_foreach_sub``, flattened,
 divided by the count, then ``torch.optim.SGD(nesterov=True)`` (foreach)
@@ -44,6 +49,8 @@ import distlearn_cuda as dl
 from distlearn_cuda import _C
 
 from .harness import Comparison, machine_info, summarize, time_interleaved, write_report
+from .low_bit_ops import LowBitPasses
+from .low_bit_ops import bytes_per_element as low_bit_bytes_per_element
 from .shapes import resnet50_shapes
 
 SGD_BYTES_PER_ELEMENT = 16  # fp32: pack 4 + 4, unpack 4 + 4
@@ -52,6 +59,7 @@ EA_ROUND_BYTES_PER_ELEMENT = 24  # fp32: the folded blend, 6 * 4
 DILOCO_BYTES_PER_ELEMENT = 36  # fp32: outer gradient 3 * 4, outer step 6 * 4
 OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9  # the DiLoCo paper's
 ALPHA = 0.2
+LOW_BIT_WORLD = 4  # the slow-link benchmark's ranks
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
@@ -265,14 +273,16 @@ def run(quick: bool, repeats: int, warmup: int) -> tuple[list[Comparison], dict[
         case: str,
         fused: Callable[[], object],
         eager: Callable[[], object],
-        bytes_per_element: int,
+        bytes_per_element: float,
         reset: Callable[[], object] | None = None,
     ) -> None:
         fused_ms, eager_ms = time_interleaved(
             fused, eager, warmup=warmup, repeats=repeats, before_each=reset
         )
         rows.append(
-            summarize(case, fused_ms, eager_ms, bytes_per_element * numel, bandwidth["stream"])
+            summarize(
+                case, fused_ms, eager_ms, round(bytes_per_element * numel), bandwidth["stream"]
+            )
         )
         print(f"  {rows[-1].case}: {rows[-1].speedup:.2f}x", flush=True)
 
@@ -307,6 +317,19 @@ def run(quick: bool, repeats: int, warmup: int) -> tuple[list[Comparison], dict[
         DILOCO_BYTES_PER_ELEMENT,
         reset=diloco_ops.reset,
     )
+
+    for fmt in ("int8", "int4"):
+        passes = LowBitPasses(fmt, random_tensors([(numel,)], generator)[0], LOW_BIT_WORLD)
+        passes.fused()
+        passes.eager()
+        check_same(f"low-bit {fmt} (values)", [passes.fused_values], [passes.eager_values])
+        check_same(f"low-bit {fmt} (residual)", [passes.fused_residual], [passes.eager_residual])
+        compare(
+            f"low-bit sum's passes: {fmt}+EF, world {LOW_BIT_WORLD}",
+            passes.fused,
+            passes.eager,
+            low_bit_bytes_per_element(fmt, LOW_BIT_WORLD),
+        )
 
     group = dist.group.WORLD
     sgd = dl.AllReduceSGD(group)

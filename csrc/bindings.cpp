@@ -13,6 +13,7 @@
 
 #include "../kernels/layout.h"
 #include "../kernels/multi_tensor_engine.h"
+#include "low_bit_ops.h"
 #include "ops.h"
 
 #ifdef DISTLEARN_WITH_NCCL
@@ -139,6 +140,28 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scales"), py::arg("n"), py::arg("block"), py::arg("out"), release,
         "codes and block scales -> float32 values (quantize_blocks' inverse).");
 
+  using distlearn::LowBitShape;
+  py::class_<LowBitShape>(m, "LowBitShape",
+                          "The shape of a low-bit sum (kernels/low_bit_sum.h): world messages "
+                          "of blocks_per_shard blocks of block values each, in format (0 int8, "
+                          "1 int4, 2 fp8 e4m3, 3 mxfp4).")
+      .def(py::init(&distlearn::low_bit_shape), py::arg("format"), py::arg("block"),
+           py::arg("blocks_per_shard"), py::arg("world"))
+      .def_property_readonly("shard", &LowBitShape::shard, "Values per message.")
+      .def_property_readonly("message_bytes", &LowBitShape::message_bytes,
+                             "Bytes of one message: its codes, then its scales.");
+  m.def("low_bit_encode", &distlearn::low_bit_encode_cpu, py::arg("shape"), py::arg("values"),
+        py::arg("residual"), py::arg("next_residual"), py::arg("n"), py::arg("messages"),
+        py::arg("num_threads"), release,
+        "n float32 values (+ residual, unless it is 0) -> shape.world messages, one pass; "
+        "next_residual (0 with residual) <- what the quantization lost.");
+  m.def("low_bit_sum", &distlearn::low_bit_sum_cpu, py::arg("shape"), py::arg("received"),
+        py::arg("summed"), py::arg("num_threads"), release,
+        "shape.world messages of one shard -> its sum (float32, in rank order) as one message.");
+  m.def("low_bit_decode", &distlearn::low_bit_decode_cpu, py::arg("shape"), py::arg("gathered"),
+        py::arg("n"), py::arg("values"), py::arg("num_threads"), release,
+        "shape.world messages -> n float32 values.");
+
 #ifdef DISTLEARN_WITH_CUDA
   m.def("cuda_build_version", &distlearn::cuda_build_version,
         "CUDART_VERSION of the toolkit the extension was built with.");
@@ -180,6 +203,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("buffer"), py::arg("lr"), py::arg("momentum"), py::arg("nesterov"), py::arg("mix"),
       py::arg("stream"), py::arg("skip_nonfinite") = false, release,
       "outer_step on CUDA tensors; the count and the flag are read on the device.");
+  m.def("low_bit_encode_cuda", &distlearn::low_bit_encode_cuda, py::arg("shape"), py::arg("values"),
+        py::arg("residual"), py::arg("next_residual"), py::arg("n"), py::arg("messages"),
+        py::arg("stream"), release, "low_bit_encode on device addresses.");
+  m.def("low_bit_sum_cuda", &distlearn::low_bit_sum_cuda, py::arg("shape"), py::arg("received"),
+        py::arg("summed"), py::arg("stream"), release, "low_bit_sum on device addresses.");
+  m.def("low_bit_decode_cuda", &distlearn::low_bit_decode_cuda, py::arg("shape"),
+        py::arg("gathered"), py::arg("n"), py::arg("values"), py::arg("stream"), release,
+        "low_bit_decode on device addresses.");
 #endif
 
 #ifdef DISTLEARN_WITH_NCCL

@@ -54,15 +54,6 @@ void outer_step_cpu(const Layout& layout, const Addresses& locals, const Address
                     const Addresses& momenta, uintptr_t buffer, const OuterSettings& settings,
                     int num_threads, bool skip_nonfinite);
 
-// Issue 24's low-bit codecs over one float32 array (kernels/low_bit.h): the
-// blocks of `block` consecutive values (the last may be shorter), a code per
-// value and a float32 scale per block. For the tests until the fused pack
-// and unpack take them up.
-void quantize_blocks_cpu(int32_t format, uintptr_t values, int64_t n, int64_t block,
-                         uintptr_t codes, uintptr_t scales);
-void dequantize_blocks_cpu(int32_t format, uintptr_t codes, uintptr_t scales, int64_t n,
-                           int64_t block, uintptr_t out);
-
 }  // namespace distlearn
 
 #ifdef DISTLEARN_WITH_CUDA

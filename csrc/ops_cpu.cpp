@@ -2,12 +2,10 @@
 // element operations of kernels/element_ops.h over every tensor with the
 // CPU multi-tensor engine. No math lives here.
 #include <atomic>
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
 #include "../kernels/element_ops.h"
-#include "../kernels/low_bit.h"
 #include "../kernels/multi_tensor_cpu.h"
 #include "op_checks.h"
 #include "ops.h"
@@ -278,53 +276,6 @@ void outer_step_cpu(const Layout& layout, const Addresses& locals, const Address
           outer_step_element(local[i], global[i], momentum[i], sum[i], scale_acc, s);
         }
       });
-}
-
-namespace {
-
-LowBitFormat checked_format(int32_t format, int64_t n, int64_t block) {
-  if (format < 0 || format > static_cast<int32_t>(LowBitFormat::kMxFp4)) {
-    throw std::invalid_argument(
-        "format must be 0 (int8), 1 (int4), 2 (fp8 e4m3) or 3 (mxfp4), "
-        "got " +
-        std::to_string(format));
-  }
-  if (n < 0 || block < 1) {
-    throw std::invalid_argument("n must be >= 0 and block >= 1, got n " + std::to_string(n) +
-                                ", block " + std::to_string(block));
-  }
-  return static_cast<LowBitFormat>(format);
-}
-
-void check_addresses_given(int64_t n, std::initializer_list<uintptr_t> addresses) {
-  for (uintptr_t address : addresses) {
-    if (n > 0 && address == 0) throw std::invalid_argument("a null address");
-  }
-}
-
-}  // namespace
-
-void quantize_blocks_cpu(int32_t format, uintptr_t values, int64_t n, int64_t block,
-                         uintptr_t codes, uintptr_t scales) {
-  const LowBitFormat f = checked_format(format, n, block);
-  check_addresses_given(n, {values, codes, scales});
-  const float* in = reinterpret_cast<const float*>(values);
-  uint8_t* out = reinterpret_cast<uint8_t*>(codes);
-  float* scale = reinterpret_cast<float*>(scales);
-  for (int64_t first = 0, b = 0; first < n; first += block, ++b) {
-    const int64_t size = n - first < block ? n - first : block;
-    scale[b] = quantize_block(f, in + first, size, out + first);
-  }
-}
-
-void dequantize_blocks_cpu(int32_t format, uintptr_t codes, uintptr_t scales, int64_t n,
-                           int64_t block, uintptr_t out) {
-  const LowBitFormat f = checked_format(format, n, block);
-  check_addresses_given(n, {codes, scales, out});
-  const uint8_t* in = reinterpret_cast<const uint8_t*>(codes);
-  const float* scale = reinterpret_cast<const float*>(scales);
-  float* values = reinterpret_cast<float*>(out);
-  for (int64_t i = 0; i < n; ++i) values[i] = dequantize_code(f, in[i], scale[i / block]);
 }
 
 }  // namespace distlearn

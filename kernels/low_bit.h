@@ -12,61 +12,66 @@
 
 namespace distlearn {
 
-// Round to the nearest integer, ties to even.
+// x rounded to an integer, ties to even, for |x| < 2^22 (the codecs round
+// only such values), without a branch: adding 1.5 * 2^23
+// leaves a float in [2^23, 2^24), whose unit is 1, so the addition rounds
+// x to an integer in the default mode and the subtraction is exact.
 DL_INLINE float round_half_even(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
 #else
-  return std::nearbyint(x);  // the default rounding mode: to nearest, ties to even
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (x + kMagic) - kMagic;
 #endif
 }
 
 // 2^e as a float, for e in the normal range [-126, 127].
 DL_INLINE float power_of_two(int e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
 
-// floor(log2 a) of a normal positive float.
+// floor(log2 a) of a normal positive float; -127 for 0 and subnormals.
 DL_INLINE int exponent_of(float a) { return static_cast<int>((float_bits(a) >> 23) & 0xFF) - 127; }
 
 // A small float format of kBits bits (sign first), kMantissa mantissa bits
 // and exponent bias kBias, whose largest finite magnitude has code kMaxCode:
 // v rounded to the nearest representable value, ties to an even mantissa,
 // saturated to the largest (infinities too); NaN to kNanCode. Subnormals
-// below 2^(1 - kBias).
+// below 2^(1 - kBias). Without branches on the value (random codes would
+// mispredict every other one): the magnitude's steps of its binade's unit,
+// 2^(e - kMantissa) with e clamped up to the smallest normal exponent,
+// count from 2^kMantissa in a normal binade, from 0 in the subnormal one.
 template <int kBits, int kMantissa, int kBias, int kMaxCode, int kNanCode>
 DL_INLINE uint8_t encode_small_float(float v) {
-  const uint8_t sign = static_cast<uint8_t>((float_bits(v) >> 31) << (kBits - 1));
-  const float a = std::fabs(v);
-  if (!(a == a)) return static_cast<uint8_t>(kNanCode);
   constexpr int kTopExponent = (kMaxCode >> kMantissa) - kBias;
   constexpr float kLargest =
       (1.0f + static_cast<float>(kMaxCode & ((1 << kMantissa) - 1)) / (1 << kMantissa)) *
       static_cast<float>(int64_t{1} << kTopExponent);
-  if (a >= kLargest) return static_cast<uint8_t>(sign | kMaxCode);
   constexpr int kMinExponent = 1 - kBias;
-  int code;
-  if (a < power_of_two(kMinExponent)) {
-    // Subnormal: a multiple of 2^(kMinExponent - kMantissa); rounding up to
-    // 2^kMantissa steps gives the smallest normal's code, as wanted.
-    code = static_cast<int>(round_half_even(a * power_of_two(kMantissa - kMinExponent)));
-  } else {
-    const int e = exponent_of(a);  // in [kMinExponent, kTopExponent]
-    const float steps = round_half_even((a * power_of_two(-e) - 1.0f) * (1 << kMantissa));
-    code = ((e + kBias) << kMantissa) + static_cast<int>(steps);  // a carry moves e up
-  }
-  if (code > kMaxCode) code = kMaxCode;
-  return static_cast<uint8_t>(sign | code);
+  const uint32_t sign = (float_bits(v) >> 31) << (kBits - 1);
+  const float magnitude = std::fabs(v);
+  const bool nan = !(magnitude == magnitude);
+  const float a = magnitude < kLargest ? magnitude : kLargest;  // a NaN too: replaced below
+  int e = exponent_of(a);
+  e = e < kMinExponent ? kMinExponent : e;
+  // Exact (a power-of-two scaling); a carry into the next binade moves e up.
+  const int steps = static_cast<int>(round_half_even(a * power_of_two(kMantissa - e)));
+  int code = ((e + kBias - 1) << kMantissa) + steps;
+  code = code > kMaxCode ? kMaxCode : code;
+  return static_cast<uint8_t>(nan ? static_cast<uint32_t>(kNanCode) : (sign | code));
 }
 
+// The value of a small float's code (see encode_small_float): the
+// significand (with its implicit 1 in a normal binade) times the binade's
+// unit, without branches.
 template <int kMantissa, int kBias, int kBits>
 DL_INLINE float decode_small_float(uint8_t code) {
   const int magnitude = code & ((1 << (kBits - 1)) - 1);
   const int exponent = magnitude >> kMantissa;
-  const int mantissa = magnitude & ((1 << kMantissa) - 1);
-  const float value = exponent == 0
-                          ? static_cast<float>(mantissa) * power_of_two(1 - kBias - kMantissa)
-                          : (1.0f + static_cast<float>(mantissa) / (1 << kMantissa)) *
-                                power_of_two(exponent - kBias);
-  return (code >> (kBits - 1)) & 1 ? -value : value;
+  const int significand =
+      (exponent != 0 ? 1 << kMantissa : 0) | (magnitude & ((1 << kMantissa) - 1));
+  const float value = static_cast<float>(significand) *
+                      power_of_two((exponent > 1 ? exponent : 1) - kBias - kMantissa);
+  const uint32_t sign = static_cast<uint32_t>((code >> (kBits - 1)) & 1) << 31;
+  return bits_float(float_bits(value) | sign);
 }
 
 // OCP OFP8 E4M3 (v1.0): bias 7, no infinities, S.1111.111 is NaN, the
@@ -80,56 +85,95 @@ DL_INLINE float decode_e4m3(uint8_t code) {
 // OCP MX FP4 E2M1 (v1.0, 5.3.3): bias 1, no infinity or NaN, largest 6;
 // a 4-bit code (sign in bit 3). NaN has no code: it maps to 0 here (the
 // non-finite flag travels beside the codes, losslessly).
-DL_INLINE uint8_t encode_e2m1(float v) {
-  if (!(v == v)) return 0;
-  return encode_small_float<4, 1, 1, 0x7, 0x0>(v);
-}
+DL_INLINE uint8_t encode_e2m1(float v) { return encode_small_float<4, 1, 1, 0x7, 0x0>(v); }
 DL_INLINE float decode_e2m1(uint8_t code) { return decode_small_float<1, 1, 4>(code & 0xF); }
+
+// max(amax, |v|), a NaN v ignored (as std::fmax would, which is a library
+// call on the host).
+DL_INLINE float larger_magnitude(float amax, float v) {
+  const float a = std::fabs(v);
+  return a > amax ? a : amax;
+}
+
+// The largest |values[i]|, i < n, NaNs ignored. Eight partial maxima: the
+// maximum is exact in any order, and independent chains vectorize.
+DL_INLINE float block_amax(const float* values, int64_t n) {
+  float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    DL_PRAGMA_UNROLL
+    for (int j = 0; j < 8; ++j) partial[j] = larger_magnitude(partial[j], values[i + j]);
+  }
+  float amax = 0.0f;
+  for (; i < n; ++i) amax = larger_magnitude(amax, values[i]);
+  for (int j = 0; j < 8; ++j) amax = larger_magnitude(amax, partial[j]);
+  return amax;
+}
 
 enum class LowBitFormat : int32_t { kInt8 = 0, kInt4 = 1, kFp8E4M3 = 2, kMxFp4 = 3 };
 
-// One block of n values: a code per value (one byte each; 4-bit formats use
-// the low nibble) and the block's scale, so that value ~ scale * decode(code):
+// A block's scale, so that value ~ scale * decode(code):
 //   int8, int4: scale = amax / 127 (7), code = round(v / scale), clamped;
 //   fp8 e4m3:   scale = amax / 448, code = e4m3(v / scale);
 //   mxfp4:      scale = 2^(floor(log2 amax) - 2) (OCP MX v1.0, 6.3: minus
-//               E2M1's largest exponent), code = e2m1(v / scale), exact.
+//               E2M1's largest exponent), code = e2m1(v * 2^-that), exact.
 // A block of zeros gets scale 0 (mxfp4: 2^-127 is not a normal float: 0
-// too) and zero codes.
-DL_INLINE float quantize_block(LowBitFormat format, const float* values, int64_t n,
-                               uint8_t* codes) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(values[i]));
-  if (amax == 0.0f) {
-    for (int64_t i = 0; i < n; ++i) codes[i] = 0;
-    return 0.0f;
+// too) and zero codes. `inverse` is MXFP4's exact 1 / scale.
+struct BlockScale {
+  float scale;
+  float inverse;
+};
+
+DL_INLINE BlockScale block_scale(LowBitFormat format, float amax) {
+  if (amax == 0.0f) return {0.0f, 0.0f};
+  switch (format) {
+    case LowBitFormat::kInt8:
+      return {amax / 127.0f, 0.0f};
+    case LowBitFormat::kInt4:
+      return {amax / 7.0f, 0.0f};
+    case LowBitFormat::kFp8E4M3:
+      return {amax / 448.0f, 0.0f};
+    case LowBitFormat::kMxFp4: {
+      int e = exponent_of(amax) - 2;
+      e = e < -126 ? -126 : e;  // a subnormal amax: the smallest normal scale
+      return {power_of_two(e), power_of_two(-e < 127 ? -e : 127)};
+    }
   }
+  return {0.0f, 0.0f};
+}
+
+// v's code in a block of that scale. A NaN has no integer code: it gets
+// one that is not used (the non-finite flag travels beside the codes,
+// losslessly, and a flagged sum is not applied).
+DL_INLINE uint8_t encode_code(LowBitFormat format, float v, const BlockScale& s) {
+  if (s.scale == 0.0f) return 0;
   switch (format) {
     case LowBitFormat::kInt8:
     case LowBitFormat::kInt4: {
       const float top = format == LowBitFormat::kInt8 ? 127.0f : 7.0f;
-      const float scale = amax / top;
-      for (int64_t i = 0; i < n; ++i) {
-        float q = round_half_even(values[i] / scale);
-        q = q > top ? top : (q < -top ? -top : q);
-        codes[i] = static_cast<uint8_t>(static_cast<int8_t>(q));
-      }
-      return scale;
+      // Clamped (a NaN to top: its code is not used, the flag goes with
+      // it), then rounded: top is an integer, so the order does not matter.
+      // Selects, not branches.
+      float q = v / s.scale;
+      q = q < top ? q : top;
+      q = q > -top ? q : -top;
+      return static_cast<uint8_t>(static_cast<int8_t>(round_half_even(q)));
     }
-    case LowBitFormat::kFp8E4M3: {
-      const float scale = amax / 448.0f;
-      for (int64_t i = 0; i < n; ++i) codes[i] = encode_e4m3(values[i] / scale);
-      return scale;
-    }
-    case LowBitFormat::kMxFp4: {
-      int e = exponent_of(amax) - 2;
-      e = e < -126 ? -126 : e;  // a subnormal amax: the smallest normal scale
-      const float inverse = power_of_two(-e < 127 ? -e : 127);
-      for (int64_t i = 0; i < n; ++i) codes[i] = encode_e2m1(values[i] * inverse);
-      return power_of_two(e);
-    }
+    case LowBitFormat::kFp8E4M3:
+      return encode_e4m3(v / s.scale);
+    case LowBitFormat::kMxFp4:
+      return encode_e2m1(v * s.inverse);
   }
-  return 0.0f;
+  return 0;
+}
+
+// One block of n values: a code per value (one byte each; 4-bit formats use
+// the low nibble); returns the block's scale.
+DL_INLINE float quantize_block(LowBitFormat format, const float* values, int64_t n,
+                               uint8_t* codes) {
+  const BlockScale scale = block_scale(format, block_amax(values, n));
+  for (int64_t i = 0; i < n; ++i) codes[i] = encode_code(format, values[i], scale);
+  return scale.scale;
 }
 
 DL_INLINE float dequantize_code(LowBitFormat format, uint8_t code, float scale) {

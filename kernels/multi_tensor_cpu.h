@@ -37,22 +37,28 @@ void visit_ranges(const Layout& layout, int64_t lo, int64_t hi, Fn& fn) {
   }
 }
 
-// Runs fn over all of layout's tensors with up to max_threads threads. An
-// exception thrown by fn on any thread is rethrown here after all joined.
+// Threads worth starting for `elements` elements: at most max_threads, at
+// least 1, and none for fewer than min_per_thread elements each.
+inline int threads_for(int64_t elements, int max_threads,
+                       int64_t min_per_thread = kMinElementsPerThread) {
+  const int64_t by_size = std::max<int64_t>(1, elements / min_per_thread);
+  return static_cast<int>(std::min<int64_t>(std::max(max_threads, 1), by_size));
+}
+
+// Cuts [0, total) into num_threads equal contiguous pieces and calls
+// fn(lo, hi) for each, on its own thread (the first on the calling thread).
+// An exception thrown by fn on any thread is rethrown here after all joined.
 template <typename Fn>
-void parallel_for_ranges(const Layout& layout, int max_threads, Fn fn) {
-  const int64_t total = layout.data_numel();
-  const int64_t by_size = std::max<int64_t>(1, total / kMinElementsPerThread);
-  const int num_threads = static_cast<int>(std::min<int64_t>(std::max(max_threads, 1), by_size));
-  if (num_threads == 1) {
-    visit_ranges(layout, 0, total, fn);
+void parallel_for_pieces(int64_t total, int num_threads, Fn fn) {
+  if (num_threads <= 1) {
+    fn(int64_t{0}, total);
     return;
   }
   const int64_t piece = (total + num_threads - 1) / num_threads;
   std::vector<std::exception_ptr> errors(num_threads);
   auto work = [&](int i) {
     try {
-      visit_ranges(layout, i * piece, std::min(total, (i + 1) * piece), fn);
+      fn(std::min(total, i * piece), std::min(total, (i + 1) * piece));
     } catch (...) {
       errors[i] = std::current_exception();
     }
@@ -74,6 +80,14 @@ void parallel_for_ranges(const Layout& layout, int max_threads, Fn fn) {
   for (auto& error : errors) {
     if (error) std::rethrow_exception(error);
   }
+}
+
+// Runs fn over all of layout's tensors with up to max_threads threads.
+template <typename Fn>
+void parallel_for_ranges(const Layout& layout, int max_threads, Fn fn) {
+  const int64_t total = layout.data_numel();
+  parallel_for_pieces(total, threads_for(total, max_threads),
+                      [&](int64_t lo, int64_t hi) { visit_ranges(layout, lo, hi, fn); });
 }
 
 // Calls fn(TypeTag<T>{}) for the storage type T of dtype.

@@ -27,6 +27,7 @@ the library's non-finite flag travels beside the codes, losslessly.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 
 Vector = list[float]
@@ -130,3 +131,78 @@ def with_error_feedback(
     corrected = [v + r for v, r in zip(values, residual, strict=True)]
     sent = dequantize(quantize(corrected, fmt, block))
     return sent, [c - s for c, s in zip(corrected, sent, strict=True)]
+
+
+# The widest step of each format's grid, in units of the block's scale:
+# int 1; E2M1 2 (4 to 6); E4M3 32 (from 256 to 448).
+WIDEST_STEP = {"int8": 1.0, "int4": 1.0, "fp8_e4m3": 32.0, "mxfp4": 2.0}
+
+
+def steps_of(values: list[float], fmt: str, block: int) -> list[float]:
+    """Per element, one step of its block's grid (the widest), plus a float32
+    rounding of the block's largest value: where the library's float32
+    arithmetic (a sum, a block's amax, a tie) may land one step off the
+    float64 oracle's."""
+    steps = []
+    for first in range(0, len(values), block):
+        chunk = values[first : first + block]
+        scale, _ = quantize(chunk, fmt, block)[0]
+        amax = max(map(abs, chunk), default=0.0)
+        steps += [scale * WIDEST_STEP[fmt] + 1e-6 * amax] * len(chunk)
+    return steps
+
+
+# The messages of the low-bit sum (distlearn_cuda/_comm/low_bit.py): shard
+# after shard, each its codes (8-bit formats a byte each; 4-bit formats two
+# a byte, the first in the low nibble), then its scales (MXFP4: an E8M0
+# byte each, 2^(byte - 127), 255 NaN; the others: float32 in host order).
+
+
+def element_of_code(code: int, fmt: str) -> float:
+    """The grid element a code stands for, decoded from the formats' bit layouts."""
+    if fmt == "int8":
+        return float(code - 256 if code >= 128 else code)
+    if fmt == "int4":  # a two's complement nibble
+        return float(code - 16 if code >= 8 else code)
+    if fmt == "fp8_e4m3":  # S.EEEE.MMM, bias 7, S.1111.111 NaN
+        sign, exponent, mantissa = code >> 7, (code >> 3) & 0xF, code & 0x7
+        if exponent == 0xF and mantissa == 0x7:
+            return math.nan
+        value = (
+            (mantissa / 8) * 2.0**-6
+            if exponent == 0
+            else (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+        )
+        return -value if sign else value
+    if fmt == "mxfp4":  # S.EE.M, bias 1
+        sign, exponent, mantissa = code >> 3, (code >> 1) & 0x3, code & 0x1
+        value = mantissa / 2 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (exponent - 1)
+        return -value if sign else value
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def parse_messages(
+    raw: bytes, fmt: str, block: int, blocks_per_shard: int, shards: int
+) -> list[tuple[float, Vector]]:
+    """(scale, elements) of every block of ``shards`` messages."""
+    bits = 4 if fmt in ("int4", "mxfp4") else 8
+    code_bytes = block * blocks_per_shard * bits // 8
+    scale_bytes = 1 if fmt == "mxfp4" else 4
+    message = code_bytes + scale_bytes * blocks_per_shard
+    assert len(raw) == shards * message, (len(raw), shards, message)
+    blocks = []
+    for j in range(shards):
+        body = raw[j * message : (j + 1) * message]
+        codes: list[int] = []
+        for byte in body[:code_bytes]:
+            codes += [byte & 0xF, byte >> 4] if bits == 4 else [byte]
+        for k in range(blocks_per_shard):
+            at = code_bytes + k * scale_bytes
+            if fmt == "mxfp4":
+                byte = body[at]
+                scale = math.nan if byte == 255 else 2.0 ** (byte - 127)
+            else:
+                (scale,) = struct.unpack("=f", body[at : at + 4])
+            elements = [element_of_code(c, fmt) for c in codes[k * block : (k + 1) * block]]
+            blocks.append((scale, elements))
+    return blocks

@@ -1,10 +1,14 @@
 """The CUDA flavor's kernels, run on the CPU: the real launch planning and kernel
 body for every (block, thread) of each launch's grid, under AddressSanitizer and
-UndefinedBehaviorSanitizer, against a reference in double and the CPU flavor.
+UndefinedBehaviorSanitizer, against a reference in double and the CPU flavor
+(the fused ops), or bit for bit against the CPU flavor (the low-bit sum's
+passes, whose CPU flavor tests/test_low_bit_passes.py checks against the
+float64 oracle of the formats).
 
-tests/host_kernels/host_kernels.cpp says what it covers and what a sequential
-run cannot model. It needs only the host compiler, so it runs everywhere CI
-does, GPU or not: a missing compiler fails this test rather than skipping it.
+tests/host_kernels/host_kernels.cpp and low_bit_kernels.cpp say what they
+cover and what a sequential run cannot model. They need only the host
+compiler, so they run everywhere CI does, GPU or not: a missing compiler
+fails these tests rather than skipping them.
 """
 
 from __future__ import annotations
@@ -73,3 +77,21 @@ def test_kernels_run_on_the_host_match_the_reference_and_the_cpu_flavor(tmp_path
         assert last.startswith("host kernels: ") and last.endswith(": ok"), output
         cases += int(last.split()[2])
     assert cases == 39  # every case ran, in one shard or the other
+
+
+LOW_BIT_HARNESS = ROOT / "tests" / "host_kernels" / "low_bit_kernels.cpp"
+LOW_BIT_CPU_FLAVOR = ROOT / "csrc" / "low_bit_cpu.cpp"
+
+
+def test_low_bit_kernels_run_on_the_host_match_the_cpu_flavor(tmp_path: Path) -> None:
+    sources = [LOW_BIT_HARNESS, LOW_BIT_CPU_FLAVOR]
+    objects = [tmp_path / f"{source.stem}.o" for source in sources]
+    compile_all(
+        [
+            [compiler(), *FLAGS, "-O1", "-c", str(source), "-o", str(obj)]
+            for source, obj in zip(sources, objects, strict=True)
+        ]
+    )
+    binary = link(objects, tmp_path / "low_bit_kernels")
+    (output,) = run_sanitized([[str(binary), str(fresh_seed())]], timeout=300)
+    assert output.splitlines()[-1] == "low-bit kernels: 60 cases: ok", output

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from multiproc import run_world, run_world_outcomes
-from quant_reference import dequantize, quantize
+from quant_reference import dequantize, quantize, steps_of
 from tensor_cases import fresh_seed
 
 import distlearn_cuda as dl
@@ -55,25 +55,6 @@ def _low_bit_sum(rank: int, world_size: int, seed: int, fmt: str, n: int) -> dic
         "block": low_bit.block,
         "shard": low_bit.shard,
     }
-
-
-# The widest step of each format's grid, in units of the block's scale:
-# int 1; E2M1 2 (4 to 6); E4M3 32 (from 256 to 448).
-WIDEST_STEP = {"int8": 1.0, "int4": 1.0, "fp8_e4m3": 32.0, "mxfp4": 2.0}
-
-
-def steps_of(values: list[float], fmt: str, block: int) -> list[float]:
-    """Per element, one step of its block's grid (the widest), plus a float32
-    rounding of the block's largest value: where the library's float32
-    arithmetic (a sum, a block's amax, a tie) may land one step off the
-    float64 oracle's."""
-    steps = []
-    for first in range(0, len(values), block):
-        chunk = values[first : first + block]
-        scale, _ = quantize(chunk, fmt, block)[0]
-        amax = max(map(abs, chunk), default=0.0)
-        steps += [scale * WIDEST_STEP[fmt] + 1e-6 * amax] * len(chunk)
-    return steps
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -241,29 +222,6 @@ def test_bad_compression_settings_are_refused_naming_the_argument(
 ) -> None:
     with pytest.raises(error, match=message):
         dl.DiLoCo(**kwargs)
-
-
-def test_mx_scales_travel_as_e8m0_bytes_exactly() -> None:
-    from distlearn_cuda._comm.low_bit import decode_e8m0, encode_e8m0
-
-    def encode(scales: torch.Tensor) -> torch.Tensor:
-        codes = torch.full(scales.shape, 0xAB, dtype=torch.uint8)  # poisoned
-        encode_e8m0(scales, torch.full(scales.shape, float("nan")), codes)
-        return codes
-
-    def decode(codes: torch.Tensor) -> torch.Tensor:
-        scales = torch.full(codes.shape, 3.0)  # poisoned
-        decode_e8m0(codes, torch.ones(codes.shape, dtype=torch.bool), scales)
-        return scales
-
-    powers = torch.tensor([2.0**e for e in range(-126, 128)])
-    codes = encode(powers)
-    assert codes.tolist() == list(range(1, 255))  # OCP MX v1.0: byte - 127 is the exponent
-    assert torch.equal(decode(codes), powers)
-    special = encode(torch.tensor([0.0, float("nan")]))
-    assert special.tolist() == [0, 255]  # a zero block's scale; NaN
-    decoded = decode(special)
-    assert decoded[0] == 2.0**-127 and decoded[1].isnan()
 
 
 def _ea_runs(rank: int, world_size: int, seed: int, settings: dict) -> dict:

@@ -5,8 +5,8 @@ overflow, so the network's own reduction cannot sum codes. Instead (issue
 24; as torchft's fp8 allreduce, with block scales and error feedback):
 
 1. each rank quantizes its values (plus its error-feedback residual, which
-   then becomes what the quantization lost) into codes and a float32 scale
-   per block (``kernels/low_bit.h``);
+   then becomes what the quantization lost) into codes and a scale per
+   block (``kernels/low_bit.h``);
 2. an all-to-all gives rank j every rank's codes and scales of shard j
    (the payload cut into ``world`` shards of whole blocks);
 3. rank j dequantizes them and sums them in float32, in rank order, and
@@ -14,8 +14,10 @@ overflow, so the network's own reduction cannot sum codes. Instead (issue
 4. an all-gather returns every shard's codes and scales, which every rank
    dequantizes into the buffer: the result is bitwise the same everywhere.
 
-The buffer's tail (count slots, the non-finite flag) is summed exactly by
-a small float32 allreduce. 4-bit codes travel two to a byte; MXFP4's
+Steps 1, 3 and 4 are one pass each over their values
+(``kernels/low_bit_sum.h``, which also fixes the messages' layout). The
+buffer's tail (count slots, the non-finite flag) is summed exactly by a
+small float32 allreduce. 4-bit codes travel two to a byte; MXFP4's
 power-of-two scales as one E8M0 byte each (OCP MX v1.0), the others' as
 float32. Bytes on the wire per rank and call: 2 * (world - 1) messages of
 one shard's codes and scales (``wire_bytes``), against 2 * (world - 1) /
@@ -37,8 +39,8 @@ __all__ = ["FORMATS", "LowBitFormat", "LowBitSettings", "LowBitSum", "check_comp
 
 LowBitFormat = Literal["int8", "int4", "fp8_e4m3", "mxfp4"]
 FORMATS: tuple[LowBitFormat, ...] = get_args(LowBitFormat)
-# (the extension's format code, bits per code) of each format.
-_CODECS = {"int8": (0, 8), "int4": (1, 4), "fp8_e4m3": (2, 8), "mxfp4": (3, 4)}
+# The extension's code of each format (kernels/low_bit.h, LowBitFormat).
+_CODES = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "mxfp4": 3}
 # Elements per scale: OCP MX v1.0 fixes 32 for MXFP4; the others take 128,
 # where a float32 scale costs 0.25 bits per element.
 _BLOCK = {"int8": 128, "int4": 128, "fp8_e4m3": 128, "mxfp4": 32}
@@ -88,38 +90,18 @@ class LowBitSum:
     def __init__(
         self, fmt: LowBitFormat, payload: int, world: int, rank: int, flag: int | None = None
     ) -> None:
-        self.format, (self._code, self._bits) = fmt, _CODECS[fmt]
-        self._flag = flag
-        self.block = _BLOCK[fmt]
+        self.format, self.block, self._flag = fmt, _BLOCK[fmt], flag
         self.payload, self.world, self.rank = payload, world, rank
         blocks_per_shard = max(1, math.ceil(payload / world / self.block))
-        self.shard = blocks_per_shard * self.block
-        padded = self.shard * world
-        self._values = torch.zeros(padded)
-        self._codes = torch.zeros(padded, dtype=torch.uint8)
-        self._scales = torch.zeros(padded // self.block)
-        self._decoded = torch.zeros(padded)
+        self._shape = _C.LowBitShape(_CODES[fmt], self.block, blocks_per_shard, world)
+        self.shard, self.message = self._shape.shard, self._shape.message_bytes
+        self._send = torch.zeros(world * self.message, dtype=torch.uint8)
+        self._received = torch.zeros(world * self.message, dtype=torch.uint8)
+        self._summed = torch.zeros(self.message, dtype=torch.uint8)
+        self._gathered = torch.zeros(world * self.message, dtype=torch.uint8)
         # The residual a call leaves, kept until the call succeeded (no state
         # absorbs a failed collective).
         self._next_residual = torch.zeros(payload)
-        code_bytes = self.shard * self._bits // 8
-        # One shard's message: its codes (two 4-bit codes a byte), then its
-        # scales (E8M0 bytes for MXFP4, float32 otherwise).
-        self._scale_bytes = 1 if fmt == "mxfp4" else 4
-        self.message = code_bytes + self._scale_bytes * blocks_per_shard
-        self._code_bytes = code_bytes
-        self._send = torch.zeros(world * self.message, dtype=torch.uint8)
-        self._received = torch.zeros(world * self.message, dtype=torch.uint8)
-        self._gathered = torch.zeros(world * self.message, dtype=torch.uint8)
-        self._shard_sum = torch.zeros(self.shard)
-        self._shard_codes = torch.zeros(self.shard, dtype=torch.uint8)
-        self._shard_scales = torch.zeros(blocks_per_shard)
-        self._shard_decoded = torch.zeros(self.shard)
-        # Scratch of the message packing: a shard's high nibbles (as int8
-        # too), its E8M0 scales as floats, and which of them are NaN.
-        self._nibbles = torch.zeros(self.shard // 2, dtype=torch.uint8)
-        self._exponents = torch.zeros(blocks_per_shard)
-        self._nan_scales = torch.zeros(blocks_per_shard, dtype=torch.bool)
 
     @property
     def wire_bytes(self) -> int:
@@ -128,22 +110,24 @@ class LowBitSum:
         return 2 * (self.world - 1) * self.message
 
     def quantize_into_messages(self, values: torch.Tensor, residual: torch.Tensor | None) -> None:
-        """Step 1: ``values`` (float32, ``payload`` long) plus ``residual``
-        into the outgoing messages; what the quantization lost is the next
-        residual, taken by ``settle_residual`` once the call succeeded."""
-        n = self.payload
-        self._values[:n].copy_(values)
+        """Step 1: ``values`` (float32, ``payload`` long, contiguous) plus
+        ``residual`` into the outgoing messages; what the quantization lost
+        is the next residual, taken by ``settle_residual`` once the call
+        succeeded."""
+        self._check_values("values", values)
+        residual_at = next_at = 0
         if residual is not None:
-            self._values[:n].add_(residual)
-        self._quantize(self._values, self._codes, self._scales)
-        if residual is not None:
-            self._dequantize(self._codes, self._scales, self._decoded)
-            torch.sub(self._values[:n], self._decoded[:n], out=self._next_residual)
-        blocks = self.shard // self.block
-        for j in range(self.world):
-            codes = self._codes[j * self.shard : (j + 1) * self.shard]
-            scales = self._scales[j * blocks : (j + 1) * blocks]
-            self._write_message(self._send, j, codes, scales)
+            self._check_values("residual", residual)
+            residual_at, next_at = residual.data_ptr(), self._next_residual.data_ptr()
+        _C.low_bit_encode(
+            self._shape,
+            values.data_ptr(),
+            residual_at,
+            next_at,
+            self.payload,
+            self._send.data_ptr(),
+            torch.get_num_threads(),
+        )
 
     def exchange_shards(self, backend: dist.ProcessGroupGloo) -> None:
         """Step 2: the all-to-all (rank j gets every rank's shard j)."""
@@ -155,18 +139,23 @@ class LowBitSum:
 
     def sum_shard(self) -> None:
         """Step 3: this rank's shard, summed in float32 in rank order and quantized."""
-        self._shard_sum.zero_()
-        for i in range(self.world):
-            self._read_message(self._received, i, self._shard_codes, self._shard_scales)
-            self._dequantize(self._shard_codes, self._shard_scales, self._shard_decoded)
-            self._shard_sum.add_(self._shard_decoded)
-        self._quantize(self._shard_sum, self._shard_codes, self._shard_scales)
-        self._write_message(self._send, 0, self._shard_codes, self._shard_scales)
+        threads = torch.get_num_threads()
+        _C.low_bit_sum(self._shape, self._received.data_ptr(), self._summed.data_ptr(), threads)
 
     def gather_shards(self, backend: dist.ProcessGroupGloo) -> None:
         """Step 4's communication: every rank's summed shard."""
-        mine = self._send[: self.message]
-        backend._allgather_base(self._gathered, mine).wait()  # type: ignore[attr-defined]
+        backend._allgather_base(self._gathered, self._summed).wait()  # type: ignore[attr-defined]
+
+    def dequantize_into(self, values: torch.Tensor) -> None:
+        """Step 4: the summed shards, dequantized into ``values`` (``payload`` long)."""
+        self._check_values("values", values)
+        _C.low_bit_decode(
+            self._shape,
+            self._gathered.data_ptr(),
+            self.payload,
+            values.data_ptr(),
+            torch.get_num_threads(),
+        )
 
     def settle_residual(
         self, residual: torch.Tensor, buffer: torch.Tensor, contributed: bool
@@ -180,87 +169,12 @@ class LowBitSum:
         elif contributed:
             residual.copy_(self._next_residual)
 
-    def dequantize_into(self, values: torch.Tensor) -> None:
-        """Step 4: the summed shards, dequantized into ``values`` (``payload`` long)."""
-        for j in range(self.world):
-            self._read_message(self._gathered, j, self._shard_codes, self._shard_scales)
-            self._dequantize(self._shard_codes, self._shard_scales, self._shard_decoded)
-            first = j * self.shard
-            end = min(first + self.shard, self.payload)
-            if end > first:
-                values[first:end].copy_(self._shard_decoded[: end - first])
-
-    # -- codecs and messages ----------------------------------------------
-
-    def _quantize(self, values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        n = values.numel()
-        _C.quantize_blocks(
-            self._code, values.data_ptr(), n, self.block, codes.data_ptr(), scales.data_ptr()
-        )
-
-    def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
-        n = codes.numel()
-        _C.dequantize_blocks(
-            self._code, codes.data_ptr(), scales.data_ptr(), n, self.block, out.data_ptr()
-        )
-
-    def _write_message(
-        self, into: torch.Tensor, j: int, codes: torch.Tensor, scales: torch.Tensor
-    ) -> None:
-        message = into[j * self.message : (j + 1) * self.message]
-        code_part = message[: self._code_bytes]
-        if self._bits == 4:  # two codes a byte, the first in the low nibble
-            torch.bitwise_and(codes[0::2], 0x0F, out=code_part)
-            torch.bitwise_left_shift(codes[1::2], 4, out=self._nibbles)
-            code_part.bitwise_or_(self._nibbles)
-        else:
-            code_part.copy_(codes)
-        if self._scale_bytes == 1:
-            encode_e8m0(scales, self._exponents, message[self._code_bytes :])
-        else:
-            message[self._code_bytes :].copy_(scales.view(torch.uint8))
-
-    def _read_message(
-        self, source: torch.Tensor, i: int, codes: torch.Tensor, scales: torch.Tensor
-    ) -> None:
-        message = source[i * self.message : (i + 1) * self.message]
-        code_part = message[: self._code_bytes]
-        if self.format == "int4":  # a two's complement nibble: sign-extended to a byte
-            signed, low = code_part.view(torch.int8), self._nibbles.view(torch.int8)
-            torch.bitwise_left_shift(signed, 4, out=low)  # wraps: the low nibble on top
-            torch.bitwise_right_shift(low, 4, out=codes[0::2].view(torch.int8))  # arithmetic
-            torch.bitwise_right_shift(signed, 4, out=codes[1::2].view(torch.int8))
-        elif self._bits == 4:  # an E2M1 code: its sign is the nibble's bit 3
-            torch.bitwise_and(code_part, 0x0F, out=codes[0::2])
-            torch.bitwise_right_shift(code_part, 4, out=codes[1::2])
-        else:
-            codes.copy_(code_part)
-        if self._scale_bytes == 1:
-            decode_e8m0(message[self._code_bytes :], self._nan_scales, scales)
-        else:
-            scales.view(torch.uint8).copy_(message[self._code_bytes :])
-
-
-# OCP MX v1.0's E8M0 scale: 2 ** (byte - 127), 255 NaN. The codec's scales
-# are powers of two (0 for a block of zeros, whose codes are 0: byte 0).
-_E8M0_NAN = 255
-
-
-def encode_e8m0(scales: torch.Tensor, exponents: torch.Tensor, out: torch.Tensor) -> None:
-    """Power-of-two float32 ``scales`` as E8M0 bytes into ``out`` (uint8),
-    through ``exponents`` (float32 scratch of the same length)."""
-    torch.log2(scales, out=exponents)  # exact for powers of two
-    exponents.add_(127)
-    torch.nan_to_num(exponents, nan=_E8M0_NAN, posinf=_E8M0_NAN, neginf=0, out=exponents)
-    exponents.clamp_(0, _E8M0_NAN)
-    out.copy_(exponents)
-
-
-def decode_e8m0(codes: torch.Tensor, nan: torch.Tensor, out: torch.Tensor) -> None:
-    """E8M0 bytes ``codes`` as float32 scales into ``out``, through ``nan``
-    (bool scratch of the same length)."""
-    out.copy_(codes)
-    out.sub_(127)
-    torch.exp2(out, out=out)
-    torch.eq(codes, _E8M0_NAN, out=nan)
-    out.masked_fill_(nan, float("nan"))
+    def _check_values(self, name: str, values: torch.Tensor) -> None:
+        # The passes read raw addresses: a wrong dtype, size or stride would
+        # be read as something else.
+        if values.dtype != torch.float32 or values.device.type != "cpu":
+            raise TypeError(
+                f"{name} must be a float32 CPU tensor, got {values.dtype} on {values.device}"
+            )
+        if values.numel() != self.payload or not values.is_contiguous():
+            raise ValueError(f"{name} must be contiguous with {self.payload} elements")
