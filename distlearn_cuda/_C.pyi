@@ -98,6 +98,27 @@ def dequantize_blocks(
     format: int, codes: int, scales: int, n: int, block: int, out: int
 ) -> None: ...
 
+class LowBitShape:
+    def __init__(self, format: int, block: int, blocks_per_shard: int, world: int) -> None: ...
+    @property
+    def shard(self) -> int: ...
+    @property
+    def message_bytes(self) -> int: ...
+
+def low_bit_encode(
+    shape: LowBitShape,
+    values: int,
+    residual: int,
+    next_residual: int,
+    n: int,
+    messages: int,
+    num_threads: int,
+) -> None: ...
+def low_bit_sum(shape: LowBitShape, received: int, summed: int, num_threads: int) -> None: ...
+def low_bit_decode(
+    shape: LowBitShape, gathered: int, n: int, values: int, num_threads: int
+) -> None: ...
+
 # The CUDA flavor.
 def cuda_build_version() -> int: ...
 def pack_cuda(
@@ -151,6 +172,19 @@ def outer_step_cuda(
     mix: float,
     stream: int,
     skip_nonfinite: bool = False,
+) -> None: ...
+def low_bit_encode_cuda(
+    shape: LowBitShape,
+    values: int,
+    residual: int,
+    next_residual: int,
+    n: int,
+    messages: int,
+    stream: int,
+) -> None: ...
+def low_bit_sum_cuda(shape: LowBitShape, received: int, summed: int, stream: int) -> None: ...
+def low_bit_decode_cuda(
+    shape: LowBitShape, gathered: int, n: int, values: int, stream: int
 ) -> None: ...
 
 # The NCCL communicator (has_nccl).
