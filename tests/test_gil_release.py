@@ -38,7 +38,8 @@ from host_build import compile_all, compiler, cuda_include
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 HOST_NCCL = ROOT / "tests" / "host_nccl"
-EXTENSION_SOURCES = ["bindings.cpp", "ops_cpu.cpp", "nccl_comm.cpp", "nccl_api.cpp"]
+# The extension's host sources (setup.py's CPU sources and NCCL_SOURCES).
+EXTENSION_SOURCES = sorted(path.name for path in CSRC.glob("*.cpp"))
 # -O0: bindings.cpp (pybind11) dominates the build and compiles twice as fast as at -O1.
 FLAGS = ["-std=c++17", "-O0", "-fPIC", "-pthread", "-DDISTLEARN_WITH_NCCL"]
 
