@@ -9,11 +9,15 @@ The eager baseline is the same work in PyTorch best practice (whole-tensor
 ops over a ``(blocks, block)`` view, torchft's quantization structure
 without Triton): the integer formats only, whose rounding PyTorch has
 (``torch.round``: to nearest, ties to even, as the kernels).
+
+``python -m benchmarks.low_bit_ops`` times each pass alone per format.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -107,3 +111,48 @@ class LowBitPasses:
 
     def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return (codes.view(-1, BLOCK).float() * scales.view(-1, 1)).view(-1)
+
+
+def pass_times(n: int = 4_000_000, world: int = 4, repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Each pass alone, per format, on one thread: the best of ``repeats``
+    runs in ns per value (the sum: per payload value), and a copy's."""
+    torch.set_num_threads(1)
+    formats = {"int8": (0, 128), "int4": (1, 128), "fp8_e4m3": (2, 128), "mxfp4": (3, 32)}
+    values, residual, lost = torch.randn(n), torch.randn(n) * 1e-3, torch.zeros(n)
+    out = torch.zeros(n)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) / n * 1e9
+
+    table = {}
+    for fmt, (code, block) in formats.items():
+        shape = _C.LowBitShape(code, block, math.ceil(n / world / block), world)
+        messages = torch.zeros(world * shape.message_bytes, dtype=torch.uint8)
+        summed = torch.zeros(shape.message_bytes, dtype=torch.uint8)
+        encode = (shape, values.data_ptr(), residual.data_ptr(), lost.data_ptr(), n)
+        table[fmt] = {
+            "quantize+EF": best(
+                lambda e=encode, m=messages: _C.low_bit_encode(*e, m.data_ptr(), 1)
+            ),
+            "sum": best(
+                lambda s=shape, m=messages, o=summed: _C.low_bit_sum(
+                    s, m.data_ptr(), o.data_ptr(), 1
+                )
+            ),
+            "dequantize": best(
+                lambda s=shape, m=messages: _C.low_bit_decode(s, m.data_ptr(), n, out.data_ptr(), 1)
+            ),
+            "copy": best(lambda: out.copy_(values)),
+        }
+    return table
+
+
+if __name__ == "__main__":
+    for fmt, times in pass_times().items():
+        print(fmt + ": " + ", ".join(f"{k} {v:.2f} ns" for k, v in times.items()))
