@@ -61,8 +61,9 @@ def test_bench_cpu_ops_quick_writes_its_reports(tmp_path: Path) -> None:
     assert report["meta"]["torch_threads"] == 1
     assert {"date", "cpu", "torch", "commit", "stream_gbps"} <= report["meta"].keys()
     cases = [row["case"] for row in report["rows"]]
-    assert len(cases) == 5 and any("sum_and_normalize_gradients" in c for c in cases)
+    assert len(cases) == 7 and any("sum_and_normalize_gradients" in c for c in cases)
     assert any("outer gradient+outer step" in c for c in cases)
+    assert sum("low-bit sum's passes" in c for c in cases) == 2
     for row in report["rows"]:
         assert row["fused_ms"] > 0 and row["eager_ms"] > 0
         assert math.isclose(row["speedup"], row["eager_ms"] / row["fused_ms"])
