@@ -258,6 +258,13 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("buffer"), py::arg("count"), py::arg("dtype"), py::arg("stream"),
           py::arg("timeout"), release)
+      .def("all_to_all", &NcclCommunicator::all_to_all, py::arg("send"), py::arg("recv"),
+           py::arg("bytes"), py::arg("stream"), py::arg("timeout"), release,
+           "recv's block i <- rank i's send block rank (bytes per block; one group of "
+           "ncclSend and ncclRecv with every rank).")
+      .def("all_gather", &NcclCommunicator::all_gather, py::arg("send"), py::arg("recv"),
+           py::arg("bytes"), py::arg("stream"), py::arg("timeout"), release,
+           "recv's block i <- rank i's send (bytes per block; ncclAllGather).")
       .def(
           "broadcast",
           [](NcclCommunicator& comm, uintptr_t buffer, int64_t count, int32_t dtype, int root,

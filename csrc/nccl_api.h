@@ -57,8 +57,10 @@ enum ncclResult_t : int {
   ncclInProgress = 7,
 };
 
-// The element types this library reduces.
+// The element types this library reduces, and the bytes it moves as they
+// are (the low-bit sum's messages).
 enum ncclDataType_t : int {
+  ncclUint8 = 1,
   ncclFloat16 = 6,
   ncclFloat32 = 7,
   ncclFloat64 = 8,
@@ -105,6 +107,14 @@ struct NcclApi {
                              ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream);
   ncclResult_t (*broadcast)(const void* send, void* recv, std::size_t count, ncclDataType_t type,
                             int root, ncclComm_t comm, cudaStream_t stream);
+  ncclResult_t (*all_gather)(const void* send, void* recv, std::size_t send_count,
+                             ncclDataType_t type, ncclComm_t comm, cudaStream_t stream);
+  ncclResult_t (*send)(const void* send, std::size_t count, ncclDataType_t type, int peer,
+                       ncclComm_t comm, cudaStream_t stream);
+  ncclResult_t (*recv)(void* recv, std::size_t count, ncclDataType_t type, int peer,
+                       ncclComm_t comm, cudaStream_t stream);
+  ncclResult_t (*group_start)();
+  ncclResult_t (*group_end)();
   const char* (*get_last_error)(ncclComm_t comm);
   ncclResult_t (*comm_init_rank_config)(ncclComm_t* comm, int nranks, ncclUniqueId comm_id,
                                         int rank, ncclConfigPrefix* config);
@@ -131,6 +141,11 @@ struct NcclApi {
   X(comm_get_async_error, ncclCommGetAsyncError, true)                       \
   X(all_reduce, ncclAllReduce, true)                                         \
   X(broadcast, ncclBroadcast, true)                                          \
+  X(all_gather, ncclAllGather, true)                                         \
+  X(send, ncclSend, true)                                                    \
+  X(recv, ncclRecv, true)                                                    \
+  X(group_start, ncclGroupStart, true)                                       \
+  X(group_end, ncclGroupEnd, true)                                           \
   X(get_last_error, ncclGetLastError, false)              /* NCCL >= 2.13 */ \
   X(comm_init_rank_config, ncclCommInitRankConfig, false) /* NCCL >= 2.14 */ \
   X(comm_finalize, ncclCommFinalize, false)               /* NCCL >= 2.14 */ \

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <system_error>
 
@@ -49,6 +50,18 @@ ncclDataType_t nccl_dtype(DType dtype) {
 void check_buffer(uintptr_t buffer, int64_t count) {
   if (count < 0) throw std::invalid_argument("count must be >= 0, got " + std::to_string(count));
   if (buffer == 0 && count > 0) throw std::invalid_argument("buffer is a null address");
+}
+
+// Checks the blocks of an exchange: `bytes` per rank, nranks of them in a
+// buffer of every rank's blocks.
+void check_blocks(uintptr_t send, uintptr_t recv, int64_t bytes, int nranks) {
+  if (bytes < 0) throw std::invalid_argument("bytes must be >= 0, got " + std::to_string(bytes));
+  if (bytes > std::numeric_limits<int64_t>::max() / nranks) {
+    throw std::invalid_argument("bytes * nranks overflows int64");
+  }
+  if (bytes > 0 && (send == 0 || recv == 0)) {
+    throw std::invalid_argument("send or recv is a null address");
+  }
 }
 
 std::chrono::nanoseconds checked_timeout(double seconds, const char* what) {
@@ -255,6 +268,42 @@ void NcclCommunicator::broadcast(uintptr_t buffer, int64_t count, DType dtype, i
                  [&](ncclComm_t comm, cudaStream_t cuda_stream) {
                    return api_.broadcast(data, data, static_cast<std::size_t>(count), type, root,
                                          comm, cuda_stream);
+                 });
+}
+
+void NcclCommunicator::all_to_all(uintptr_t send, uintptr_t recv, int64_t bytes, uintptr_t stream,
+                                  double timeout_s) {
+  check_blocks(send, recv, bytes, nranks_);
+  const auto* from = reinterpret_cast<const char*>(send);
+  auto* to = reinterpret_cast<char*>(recv);
+  const auto count = static_cast<std::size_t>(bytes);
+  run_collective("all_to_all", "ncclGroupEnd", stream, timeout_s,
+                 [&](ncclComm_t comm, cudaStream_t cuda_stream) {
+                   // A group is ended whatever failed in it (NCCL's rule);
+                   // the first failure is the call's.
+                   ncclResult_t result = api_.group_start();
+                   if (result != ncclSuccess) return result;
+                   for (int peer = 0; peer < nranks_ && result == ncclSuccess; ++peer) {
+                     const std::size_t at = static_cast<std::size_t>(peer) * count;
+                     result = api_.send(from + at, count, ncclUint8, peer, comm, cuda_stream);
+                     if (result == ncclSuccess) {
+                       result = api_.recv(to + at, count, ncclUint8, peer, comm, cuda_stream);
+                     }
+                   }
+                   const ncclResult_t ended = api_.group_end();
+                   return result != ncclSuccess ? result : ended;
+                 });
+}
+
+void NcclCommunicator::all_gather(uintptr_t send, uintptr_t recv, int64_t bytes, uintptr_t stream,
+                                  double timeout_s) {
+  check_blocks(send, recv, bytes, nranks_);
+  const void* from = reinterpret_cast<const void*>(send);
+  void* to = reinterpret_cast<void*>(recv);
+  run_collective("all_gather", "ncclAllGather", stream, timeout_s,
+                 [&](ncclComm_t comm, cudaStream_t cuda_stream) {
+                   return api_.all_gather(from, to, static_cast<std::size_t>(bytes), ncclUint8,
+                                          comm, cuda_stream);
                  });
 }
 

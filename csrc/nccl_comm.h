@@ -81,6 +81,15 @@ class NcclCommunicator {
   // In place: buffer[0:count) <- root's.
   void broadcast(uintptr_t buffer, int64_t count, DType dtype, int root, uintptr_t stream,
                  double timeout_s);
+  // The low-bit sum's exchanges (distlearn_cuda/_comm/low_bit.py), each one
+  // collective with its deadline as above; `bytes` is one rank's block.
+  // all_to_all: recv's block i <- rank i's send block `rank()` (one group
+  // of ncclSend and ncclRecv with every rank, this one included).
+  void all_to_all(uintptr_t send, uintptr_t recv, int64_t bytes, uintptr_t stream,
+                  double timeout_s);
+  // all_gather: recv's block i <- rank i's send (ncclAllGather).
+  void all_gather(uintptr_t send, uintptr_t recv, int64_t bytes, uintptr_t stream,
+                  double timeout_s);
   // Throws the failure the watchdog recorded, if any.
   void check();
   // Aborts pending work and frees the communicator; later calls throw.

@@ -90,6 +90,7 @@ DL_SAME_VALUE(ncclInvalidArgument);
 DL_SAME_VALUE(ncclInvalidUsage);
 DL_SAME_VALUE(ncclRemoteError);
 DL_SAME_VALUE(ncclInProgress);
+DL_SAME_VALUE(ncclUint8);
 DL_SAME_VALUE(ncclFloat16);
 DL_SAME_VALUE(ncclFloat32);
 DL_SAME_VALUE(ncclFloat64);

@@ -28,7 +28,7 @@ FLAGS = ["-std=c++17", "-O0", "-g1", "-Wall", "-Wextra", "-Werror", "-pthread"]
 SANITIZED = {"address": SANITIZERS, "thread": THREAD_SANITIZER}
 # The fake NCCLs: one with ncclCommRevoke (2.32), one without (2.27), and
 # the number of cases the harness runs against each.
-FAKES = {"with-revoke": ([], 16), "without-revoke": (["-DFAKE_WITHOUT_REVOKE"], 15)}
+FAKES = {"with-revoke": ([], 18), "without-revoke": (["-DFAKE_WITHOUT_REVOKE"], 17)}
 # (sanitizer, fake NCCL) runs: the threads are the same with either fake.
 RUNS = [("address", "with-revoke"), ("address", "without-revoke"), ("thread", "with-revoke")]
 

@@ -3,6 +3,7 @@
 // (2.27: ncclCommShrink but no revoke).
 #include "fake_device.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -71,6 +72,34 @@ ncclResult_t enqueue(ncclComm* comm, cudaStream_t stream) {
     comm->polls_in_progress = comm->enqueue_polls;
     return distlearn::ncclInProgress;
   }
+  return distlearn::ncclSuccess;
+}
+
+// The calls of the group being built on this thread (ncclGroupStart nests).
+struct GroupCall {
+  ncclComm* comm;
+  CUstream_st* stream;
+  ncclComm::PointToPoint call;
+};
+thread_local int group_depth = 0;
+thread_local std::vector<GroupCall> group_calls;
+
+ncclResult_t point_to_point(char kind, const void* buffer, std::size_t count, ncclDataType_t type,
+                            int peer, ncclComm* comm, cudaStream_t stream) {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (comm->aborted || comm->destroyed) return distlearn::ncclInvalidArgument;
+    if (comm->revoked) return distlearn::ncclInvalidUsage;
+    if (peer < 0 || peer >= comm->nranks) return distlearn::ncclInvalidArgument;
+  }
+  const ncclComm::PointToPoint call{kind, peer, count, type, buffer};
+  if (group_depth == 0) {  // alone: a collective of its own
+    const ncclResult_t result = enqueue(comm, stream);
+    std::lock_guard<std::mutex> lock(mutex);
+    comm->groups.push_back({call});
+    return result;
+  }
+  group_calls.push_back(GroupCall{comm, stream, call});
   return distlearn::ncclSuccess;
 }
 
@@ -196,6 +225,53 @@ ncclResult_t ncclAllReduce(const void*, void*, std::size_t, ncclDataType_t, nccl
 ncclResult_t ncclBroadcast(const void*, void*, std::size_t, ncclDataType_t, int, ncclComm_t comm,
                            cudaStream_t stream) {
   return enqueue(comm, stream);
+}
+
+ncclResult_t ncclAllGather(const void*, void*, std::size_t count, ncclDataType_t, ncclComm_t comm,
+                           cudaStream_t stream) {
+  const ncclResult_t result = enqueue(comm, stream);
+  if (result == distlearn::ncclSuccess || result == distlearn::ncclInProgress) {
+    std::lock_guard<std::mutex> lock(mutex);
+    comm->gathers.push_back(count);
+  }
+  return result;
+}
+
+ncclResult_t ncclGroupStart() {
+  ++group_depth;
+  return distlearn::ncclSuccess;
+}
+
+ncclResult_t ncclSend(const void* buffer, std::size_t count, ncclDataType_t type, int peer,
+                      ncclComm_t comm, cudaStream_t stream) {
+  return point_to_point('s', buffer, count, type, peer, comm, stream);
+}
+
+ncclResult_t ncclRecv(void* buffer, std::size_t count, ncclDataType_t type, int peer,
+                      ncclComm_t comm, cudaStream_t stream) {
+  return point_to_point('r', buffer, count, type, peer, comm, stream);
+}
+
+ncclResult_t ncclGroupEnd() {
+  if (group_depth == 0) return distlearn::ncclInvalidUsage;
+  if (--group_depth > 0) return distlearn::ncclSuccess;
+  // The group's calls, one collective per communicator and stream.
+  ncclResult_t result = distlearn::ncclSuccess;
+  std::vector<std::pair<ncclComm*, CUstream_st*>> launched;
+  for (const GroupCall& call : group_calls) {
+    const std::pair<ncclComm*, CUstream_st*> key{call.comm, call.stream};
+    if (std::find(launched.begin(), launched.end(), key) != launched.end()) continue;
+    launched.push_back(key);
+    const ncclResult_t enqueued = enqueue(call.comm, call.stream);
+    if (enqueued != distlearn::ncclSuccess && result == distlearn::ncclSuccess) result = enqueued;
+    std::lock_guard<std::mutex> lock(mutex);
+    call.comm->groups.emplace_back();
+    for (const GroupCall& other : group_calls) {
+      if (other.comm == call.comm) call.comm->groups.back().push_back(other.call);
+    }
+  }
+  group_calls.clear();
+  return result;
 }
 
 ncclResult_t ncclCommFinalize(ncclComm_t comm) {

@@ -11,13 +11,16 @@
 // stuck stream completes once the stream is freed. A non-blocking call
 // (init, finalize, revoke, shrink) reports ncclInProgress for a scripted
 // number of ncclCommGetAsyncError polls; ncclCommShrink writes the new
-// handle when its job ends, as NCCL does. Nothing is transferred: the
-// harness checks which calls were made, with which arguments, in which
-// state, not any data.
+// handle when its job ends, as NCCL does. ncclSend and ncclRecv between
+// ncclGroupStart and ncclGroupEnd are one collective per communicator,
+// enqueued by the outermost ncclGroupEnd (NCCL's grouping). Nothing is
+// transferred: the harness checks which calls were made, with which
+// arguments, in which state, not any data.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <vector>
 
 #include "../../csrc/nccl_api.h"
@@ -49,6 +52,17 @@ struct ncclComm {
   bool destroyed = false;
   int collectives = 0;
   std::vector<CUstream_st*> streams;  // where its collectives were enqueued
+  // Each ended group's ncclSend ('s') and ncclRecv ('r') calls, in call
+  // order, and each ncclAllGather's count: what the harness checks.
+  struct PointToPoint {
+    char kind;
+    int peer;
+    std::size_t count;
+    ncclDataType_t type;
+    const void* buffer;
+  };
+  std::vector<std::vector<PointToPoint>> groups;
+  std::vector<std::size_t> gathers;
   // ncclCommShrink: the arguments, and the job until it writes *shrink_slot.
   std::vector<int> shrink_excluded;
   int shrink_flags = -1;

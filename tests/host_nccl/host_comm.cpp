@@ -215,6 +215,71 @@ void bad_collective_arguments_are_refused_before_nccl() {
   CHECK(raw->collectives == 0 && comm->usable(), "a refused call reached NCCL or failed it");
 }
 
+void the_low_bit_exchanges_group_every_rank_and_gather() {
+  // all_to_all: one group (one collective) of a send and a receive with
+  // each rank in turn, itself included, block `peer` of each buffer;
+  // all_gather: one ncclAllGather of one block. Both as uint8, both
+  // followed by the watchdog; an enqueue in progress is waited for.
+  fake_reset();
+  dl::ncclComm* raw = nullptr;
+  auto comm = make(3, 1, &raw);
+  const uintptr_t stream = handle(fake_new_stream());
+  constexpr uintptr_t kSend = 0x10000, kRecv = 0x20000;
+  constexpr int64_t kBytes = 37;
+  raw->enqueue_polls = 2;
+  comm->all_to_all(kSend, kRecv, kBytes, stream, kBound);
+  CHECK(raw->polls_in_progress == 0, "all_to_all returned while NCCL was still on it");
+  CHECK(raw->collectives == 1 && raw->groups.size() == 1, "not one collective of one group");
+  const auto& group = raw->groups.back();
+  CHECK(group.size() == 6, "not a send and a receive per rank");
+  for (int peer = 0; peer < 3; ++peer) {
+    const auto& sent = group[2 * peer];
+    const auto& received = group[2 * peer + 1];
+    const auto at = static_cast<uintptr_t>(peer * kBytes);
+    CHECK(sent.kind == 's' && sent.peer == peer && received.kind == 'r' && received.peer == peer,
+          "the group's calls are not send, then receive, rank by rank");
+    CHECK(reinterpret_cast<uintptr_t>(sent.buffer) == kSend + at &&
+              reinterpret_cast<uintptr_t>(received.buffer) == kRecv + at,
+          "a block is not the peer's");
+    CHECK(sent.count == kBytes && received.count == kBytes && sent.type == dl::ncclUint8 &&
+              received.type == dl::ncclUint8,
+          "a block's count or type");
+  }
+  raw->enqueue_polls = 0;
+  comm->all_gather(kSend, kRecv, kBytes, stream, kBound);
+  CHECK(raw->collectives == 2 && raw->gathers == std::vector<std::size_t>{kBytes}, "all_gather");
+  CHECK(eventually([&] { return comm->in_flight() == 0; }) && comm->usable(), "they stayed");
+  // A peer that died: the exchange fails the communicator at its deadline.
+  raw->peer_dead = true;
+  comm->all_to_all(kSend, kRecv, kBytes, stream, kDeadline);
+  CHECK(eventually([&] { return !comm->usable(); }), "the watchdog missed the deadline");
+  const std::string failure = thrown<std::runtime_error>([&] { comm->check(); }, "check()");
+  CHECK(contains(failure, "all_to_all did not complete within"), failure);
+  const std::string again = thrown<std::runtime_error>(
+      [&] { comm->all_gather(kSend, kRecv, kBytes, stream, kBound); }, "all_gather after it");
+  CHECK(contains(again, "all_to_all did not complete within") && raw->collectives == 3, again);
+}
+
+void bad_exchange_arguments_are_refused_before_nccl() {
+  fake_reset();
+  dl::ncclComm* raw = nullptr;
+  auto comm = make(2, 0, &raw);
+  const uintptr_t stream = handle(fake_new_stream());
+  const std::vector<std::pair<std::function<void()>, const char*>> cases = {
+      {[&] { comm->all_to_all(kBuffer, kBuffer, -1, stream, kBound); }, "bytes must be >= 0"},
+      {[&] { comm->all_to_all(0, kBuffer, 8, stream, kBound); }, "null address"},
+      {[&] { comm->all_gather(kBuffer, 0, 8, stream, kBound); }, "null address"},
+      {[&] { comm->all_gather(kBuffer, kBuffer, INT64_MAX / 2 + 1, stream, kBound); }, "overflows"},
+      {[&] { comm->all_to_all(kBuffer, kBuffer, 8, stream, -1.0); },
+       "timeout must be a finite number of seconds > 0"},
+  };
+  for (const auto& [call, expected] : cases) {
+    const std::string message = thrown<std::invalid_argument>(call, expected);
+    CHECK(contains(message, expected), message);
+  }
+  CHECK(raw->collectives == 0 && comm->usable(), "a refused call reached NCCL or failed it");
+}
+
 void a_healthy_close_finalizes_and_destroys() {
   fake_reset();
   dl::ncclComm* raw = nullptr;
@@ -382,6 +447,8 @@ int main(int argc, char** argv) {
       {"an enqueue in progress is waited for", an_enqueue_in_progress_is_waited_for_and_counted},
       {"a device error aborts", a_device_error_fails_the_communicator},
       {"bad collective arguments are refused", bad_collective_arguments_are_refused_before_nccl},
+      {"the low-bit exchanges", the_low_bit_exchanges_group_every_rank_and_gather},
+      {"bad exchange arguments are refused", bad_exchange_arguments_are_refused_before_nccl},
       {"a healthy close finalizes", a_healthy_close_finalizes_and_destroys},
       {"a healthy communicator shrinks",
        a_healthy_communicator_shrinks_stopping_its_operations_first},
