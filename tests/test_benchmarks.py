@@ -632,3 +632,20 @@ def test_gpu_diagnostics_without_a_gpu_say_so_and_exit_2(capsys: pytest.CaptureF
     assert "needs a GPU" in capsys.readouterr().err
     assert profile_cuda_host.main([]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_bench_low_bit_blocks_quick_reports_every_format_and_block(tmp_path: Path) -> None:
+    report = run_quick("bench_low_bit_blocks", tmp_path, "| gradients | format |")
+    rows = report["rows"]
+    assert {(r["format"], r["block"]) for r in rows} == {
+        (f, b) for f in ("int8", "int4", "fp8_e4m3", "mxfp4") for b in (32, 64, 128, 256)
+    }
+    assert {r["gradients"] for r in rows} == {"init", "trained"}
+    for r in rows:
+        # Bits per value from the messages the library sizes: codes plus a
+        # scale (4 bytes, MXFP4's 1) per block.
+        code_bits = 4 if r["format"] in ("int4", "mxfp4") else 8
+        scale_bits = 8 if r["format"] == "mxfp4" else 32
+        assert r["bits_per_value"] == pytest.approx(code_bits + scale_bits / r["block"], abs=1e-3)
+        assert 0 < r["relative_error"] < 0.5 and r["ns_per_value"] > 0
+    assert (tmp_path / "low_bit_blocks_quick.png").stat().st_size > 0

@@ -1,0 +1,184 @@
+"""The low-bit sum's block size, by measurement (issue 24): for each format
+and block size, the bits each value costs on the wire against the error of
+one sum over 4 ranks of real gradients.
+
+    python -m benchmarks.bench_low_bit_blocks [--quick] [--out DIR]
+
+The values are the gradients of the slow-link benchmark's byte-level
+transformer (``slow_link_lm``: the Python standard library's source as
+text), one batch per rank, at initialization and after 200 AdamW steps.
+The sum is the library's (``kernels/low_bit_sum.h`` through ``_C``: each
+rank's quantization into messages, each shard's sum in float32 and its
+quantization, the dequantization), run in one process: rank j's received
+messages are every rank's message j, as the all-to-all delivers them, so
+the result is bitwise the distributed one. Error: the relative L2 distance
+to the float64 sum of the ranks' float32 values (no error feedback: one
+call). Bits per value: 8 * a message's bytes / its values. Time: the three
+passes per value, one thread, best of 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from distlearn_cuda import _C
+
+from .harness import machine_info, markdown_table, write_files
+from .slow_link_lm import ByteLM, ModelShape, loss_of, sample_batch, split_stdlib
+
+FORMATS = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "mxfp4": 3}
+BLOCKS = (32, 64, 128, 256)
+WORLD = 4
+DEFAULT_OUT = Path(__file__).parent / "results"
+
+
+def rank_gradients(quick: bool) -> dict[str, list[torch.Tensor]]:
+    """{"init": [...], "trained": [...]}: each rank's flattened gradient."""
+    torch.manual_seed(0)
+    shape = ModelShape(width=64, layers=3, heads=4, context=128)
+    model = ByteLM(shape)
+    data = torch.frombuffer(bytearray(split_stdlib().train), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(1)
+
+    def gradients() -> list[torch.Tensor]:
+        flat = []
+        for _ in range(WORLD):
+            model.zero_grad()
+            loss_of(model, sample_batch(data, 16, shape.context, generator)).backward()
+            flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+        return flat
+
+    found = {"init": gradients()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(5 if quick else 200):
+        optimizer.zero_grad()
+        loss_of(model, sample_batch(data, 16, shape.context, generator)).backward()
+        optimizer.step()
+    found["trained"] = gradients()
+    return found
+
+
+def low_bit_sum(values: list[torch.Tensor], code: int, block: int) -> tuple[torch.Tensor, int]:
+    """(the low-bit sum of the ranks' values, bits per value on the wire)."""
+    n, world = values[0].numel(), len(values)
+    shape = _C.LowBitShape(code, block, math.ceil(n / world / block), world)
+    size = shape.message_bytes
+    sent = [torch.zeros(world * size, dtype=torch.uint8) for _ in range(world)]
+    for rank, v in enumerate(values):
+        _C.low_bit_encode(shape, v.data_ptr(), 0, 0, n, sent[rank].data_ptr(), 1)
+    gathered = torch.zeros(world * size, dtype=torch.uint8)
+    for j in range(world):
+        received = torch.cat([s[j * size : (j + 1) * size] for s in sent])
+        _C.low_bit_sum(shape, received.data_ptr(), gathered[j * size :].data_ptr(), 1)
+    out = torch.zeros(n)
+    _C.low_bit_decode(shape, gathered.data_ptr(), n, out.data_ptr(), 1)
+    return out, 8 * size / shape.shard
+
+
+def pass_seconds(values: torch.Tensor, code: int, block: int, repeats: int) -> float:
+    """The three passes of one rank, per value: best of ``repeats``."""
+    n = values.numel()
+    shape = _C.LowBitShape(code, block, math.ceil(n / WORLD / block), WORLD)
+    messages = torch.zeros(WORLD * shape.message_bytes, dtype=torch.uint8)
+    summed = torch.zeros(shape.message_bytes, dtype=torch.uint8)
+    out = torch.zeros(n)
+    best = math.inf
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        _C.low_bit_encode(shape, values.data_ptr(), 0, 0, n, messages.data_ptr(), 1)
+        _C.low_bit_sum(shape, messages.data_ptr(), summed.data_ptr(), 1)
+        _C.low_bit_decode(shape, messages.data_ptr(), n, out.data_ptr(), 1)
+        best = min(best, time.perf_counter() - start)
+    return best / n
+
+
+def run(quick: bool) -> list[dict[str, object]]:
+    torch.set_num_threads(1)
+    rows = []
+    for kind, values in rank_gradients(quick).items():
+        exact = torch.stack([v.double() for v in values]).sum(dim=0)
+        big = values[0] if quick else torch.cat(values * 16)  # timing: past the caches
+        for fmt, code in FORMATS.items():
+            for block in BLOCKS:
+                got, bits = low_bit_sum(values, code, block)
+                error = float((got.double() - exact).norm() / exact.norm())
+                rows.append(
+                    {
+                        "gradients": kind,
+                        "format": fmt,
+                        "block": block,
+                        "bits_per_value": round(bits, 4),
+                        "relative_error": error,
+                        "ns_per_value": pass_seconds(big, code, block, 1 if quick else 5) * 1e9,
+                    }
+                )
+                print(f"  {kind} {fmt} block {block}: {bits:.3f} bits, error {error:.4g}")
+    return rows
+
+
+def chart(rows: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({str(r["gradients"]) for r in rows})
+    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for axis, kind in zip(axes[0], kinds, strict=True):
+        for fmt in FORMATS:
+            mine = [r for r in rows if r["gradients"] == kind and r["format"] == fmt]
+            axis.plot(
+                [r["bits_per_value"] for r in mine],
+                [r["relative_error"] for r in mine],
+                marker="o",
+                label=fmt,
+            )
+            for r in mine:
+                axis.annotate(str(r["block"]), (r["bits_per_value"], r["relative_error"]))
+        axis.set_xlabel("bits per value on the wire")
+        axis.set_ylabel("relative L2 error of one 4-rank sum")
+        axis.set_yscale("log")
+        axis.set_title(f"{kind} gradients (points: block size)")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where reports go")
+    args = parser.parse_args(argv)
+    rows = run(args.quick)
+    header = ["gradients", "format", "block", "bits/value", "relative error", "ns/value"]
+    table = markdown_table(
+        header,
+        [
+            [
+                str(r["gradients"]),
+                str(r["format"]),
+                str(r["block"]),
+                f"{r['bits_per_value']:.3f}",
+                f"{r['relative_error']:.4g}",
+                f"{r['ns_per_value']:.2f}",
+            ]
+            for r in rows
+        ],
+        [False, False, True, True, True, True],
+    )
+    name = "low_bit_blocks_quick" if args.quick else "low_bit_blocks"
+    meta = machine_info() | {"world": WORLD, "quick": args.quick}
+    paths = write_files(name, meta, rows, table, args.out, chart=lambda p: chart(rows, p))
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
