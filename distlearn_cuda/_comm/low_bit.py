@@ -22,7 +22,8 @@ power-of-two scales as one E8M0 byte each (OCP MX v1.0), the others' as
 float32. Bytes on the wire per rank and call: 2 * (world - 1) messages of
 one shard's codes and scales (``wire_bytes``), against 2 * (world - 1) /
 world of the buffer for a ring allreduce: per element, 4.25 bits for
-MXFP4 (block 32) and int4 (block 128), 8.25 for int8 and fp8, against 32.
+MXFP4 (block 32) and int4 (block 128), 8.25 for int8 (128), 8.125 for
+fp8 (256), against 32.
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ LowBitFormat = Literal["int8", "int4", "fp8_e4m3", "mxfp4"]
 FORMATS: tuple[LowBitFormat, ...] = get_args(LowBitFormat)
 # The extension's code of each format (kernels/low_bit.h, LowBitFormat).
 _CODES = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "mxfp4": 3}
-# Elements per scale: OCP MX v1.0 fixes 32 for MXFP4; the others take 128,
-# where a float32 scale costs 0.25 bits per element.
-_BLOCK = {"int8": 128, "int4": 128, "fp8_e4m3": 128, "mxfp4": 32}
+# Elements per scale, by measurement (benchmarks/bench_low_bit_blocks.py,
+# RESULTS.md: one 4-rank sum of a transformer's gradients per format and
+# block, its error against its bits; a block worth halving when that cuts
+# the error more than the same bits would as code bits, 2^-bits): int4 128
+# (64 cut the error 10% for 0.25 bits, where code bits give 16%); int8 128
+# (64 cut it 16%: break-even, and int8 with error feedback already trains
+# to float32's loss at 128); fp8 256 (its error is its 3-bit mantissa's:
+# 128 cut it 1%); MXFP4 32, which OCP MX v1.0 fixes.
+_BLOCK = {"int8": 128, "int4": 128, "fp8_e4m3": 256, "mxfp4": 32}
 
 
 class LowBitSettings(NamedTuple):
