@@ -19,7 +19,7 @@ from ._algorithms.carry import CarriedState, check_carry_args, pick_source
 from ._algorithms.member import GroupMember
 from ._comm.collectives import PendingSum, is_capturing
 from ._comm.group import resolve
-from ._comm.low_bit import LowBitFormat, LowBitSum, check_compression
+from ._comm.low_bit import ErrorFeedback, LowBitFormat, LowBitSum, check_compression
 from ._native import addresses_of
 from ._tensors import tree as _tree
 from ._tensors.agreement import EA_CODES, EA_PROBLEM, EA_ROUND, Description, Problem, decide
@@ -170,8 +170,7 @@ class AllReduceEA(GroupMember):
         # error-feedback residual (made with the delta plan; a loaded one
         # waits for it).
         self._low_bit: LowBitSum | None = None
-        self._residual: torch.Tensor | None = None
-        self._loaded_residual: torch.Tensor | None = None
+        self._feedback = ErrorFeedback("params") if self._error_feedback else None
 
     @property
     def last_round_skipped(self) -> bool:
@@ -266,10 +265,9 @@ class AllReduceEA(GroupMember):
         last round that completed, never one that absorbed a failed round."""
         self._complete_for_reading()
         center = [c.detach().clone() for c in self._centers] if self._centers else None
-        residual = self._residual if self._residual is not None else self._loaded_residual
         state: dict[str, Any] = {"step": self._step, "center": center}
-        if self._error_feedback:  # this rank's own, like its params
-            state["residual"] = None if residual is None else residual.clone()
+        if self._feedback is not None:  # this rank's own, like its params
+            state["residual"] = self._feedback.saved()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -281,14 +279,12 @@ class AllReduceEA(GroupMember):
         center = state_tensors(state, "center")
         residual = state.get("residual")
         if residual is not None:
-            if not isinstance(residual, torch.Tensor) or not self._error_feedback:
+            if not isinstance(residual, torch.Tensor) or self._feedback is None:
                 raise ValueError(
                     "state['residual'] must be None or a tensor, and only an object with "
                     "error feedback (compression) takes one"
                 )
-            current = self._residual
-            if current is not None and residual.shape != current.shape:
-                raise ValueError("state['residual'] does not fit the bound params")
+            self._feedback.check(residual)
         if center is not None:
             if self._centers:
                 check_state_tensors(center, self._centers, "center")
@@ -297,10 +293,8 @@ class AllReduceEA(GroupMember):
             else:
                 self._loaded_center = [t.detach().clone() for t in center]
         if residual is not None:
-            if self._residual is not None:
-                self._residual.copy_(residual)
-            else:
-                self._loaded_residual = residual.detach().clone()
+            assert self._feedback is not None  # checked above
+            self._feedback.load(residual)
         self._step = step
 
     def average_parameters(self, params: Any) -> None:
@@ -524,13 +518,8 @@ class AllReduceEA(GroupMember):
                 self._low_bit = LowBitSum(
                     self._compression, payload, self.world_size, self.rank, plan.layout.flag_offset
                 )
-                if self._error_feedback:
-                    self._residual = torch.zeros(payload)
-                    if self._loaded_residual is not None:
-                        if self._loaded_residual.shape != self._residual.shape:
-                            raise ValueError("state['residual'] does not fit the bound params")
-                        self._residual.copy_(self._loaded_residual)
-                        self._loaded_residual = None
+                if self._feedback is not None:
+                    self._feedback.make(payload)
             self._delta_plan_cache = plan
         return self._delta_plan_cache
 
@@ -538,7 +527,8 @@ class AllReduceEA(GroupMember):
         """The round's allreduce, waited for: low-bit (a contributor's
         residual goes in) or exact."""
         if self._low_bit is not None:
-            self._collectives.all_reduce_low_bit(plan.buffer, self._low_bit, self._residual, active)
+            residual = self._feedback.residual if self._feedback is not None else None
+            self._collectives.all_reduce_low_bit(plan.buffer, self._low_bit, residual, active)
         else:
             self._collectives.all_reduce_sum(plan.buffer, verify=True)
 

@@ -361,3 +361,30 @@ def test_sgd_compression_refuses_attach_and_flat_storage() -> None:
         sgd.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_error_feedback_takes_a_saved_residual_before_or_after_it_is_made() -> None:
+    from distlearn_cuda._comm.low_bit import ErrorFeedback
+
+    saved = torch.randn(7)
+    early = ErrorFeedback("params")
+    assert early.saved() is None and early.residual is None
+    early.load(saved)  # before the payload is known: kept, and saved again as it is
+    saved.add_(1.0)  # the checkpoint's tensor is not aliased
+    assert torch.equal(early.saved(), saved - 1.0)
+    made = early.make(7)
+    assert torch.equal(made, saved - 1.0) and early.residual is made
+    late = ErrorFeedback("gradients")
+    late.make(7)
+    assert torch.equal(late.saved(), torch.zeros(7))
+    late.load(saved)
+    assert torch.equal(late.residual, saved)
+    with pytest.raises(ValueError, match="does not fit the bound gradients"):
+        late.check(torch.zeros(6))
+    with pytest.raises(ValueError, match="does not fit the bound gradients"):
+        late.load(torch.zeros(6))
+    assert torch.equal(late.residual, saved)  # a refused load changes nothing
+    wrong = ErrorFeedback("params")
+    wrong.load(torch.zeros(6))
+    with pytest.raises(ValueError, match="does not fit the bound params"):
+        wrong.make(7)

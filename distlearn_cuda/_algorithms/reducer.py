@@ -35,7 +35,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from .._comm.collectives import Collectives, is_capturing
-from .._comm.low_bit import LowBitSettings, LowBitSum
+from .._comm.low_bit import ErrorFeedback, LowBitSettings, LowBitSum
 from .._tensors import agreement as _agreement
 from .._tensors.agreement import CHANGED, PROBLEM, SGD_CODES, Description, Problem
 from .._tensors.grad_source import Gathered, GradientSource
@@ -113,8 +113,11 @@ class GradientReducer:
         low_bit: LowBitSettings | None = None,
     ) -> None:
         self._low_bit = low_bit if low_bit is not None and low_bit.format else None
-        # A residual loaded before the buckets exist (see load_residual).
-        self._loaded_residual: torch.Tensor | None = None
+        self._feedback = (
+            ErrorFeedback("gradients")
+            if self._low_bit is not None and self._low_bit.error_feedback
+            else None
+        )
         self._collectives = collectives
         self._rank = rank
         self._world_size = world_size
@@ -243,28 +246,16 @@ class GradientReducer:
         assert fmt is not None
         flag = bucket.plan.layout.flag_offset
         bucket.low_bit = LowBitSum(fmt, payload, self._world_size, self._rank, flag)
-        bucket.residual = torch.zeros(payload) if self._low_bit.error_feedback else None
-        loaded, self._loaded_residual = self._loaded_residual, None
-        if loaded is not None and bucket.residual is not None:
-            if loaded.shape != bucket.residual.shape:
-                raise ValueError("state['residual'] does not fit the bound gradients")
-            bucket.residual.copy_(loaded)
+        bucket.residual = self._feedback.make(payload) if self._feedback is not None else None
 
     def residual(self) -> torch.Tensor | None:
         """A copy of the error feedback's residual (None before binding, or without it)."""
-        residual = self.buckets[0].residual if self.buckets else self._loaded_residual
-        return None if residual is None else residual.clone()
+        return self._feedback.saved() if self._feedback is not None else None
 
     def load_residual(self, residual: torch.Tensor | None) -> None:
         """Takes a saved residual: now when bound (its shape checked), else at binding."""
-        if residual is None:
-            return
-        if self.buckets and self.buckets[0].residual is not None:
-            if residual.shape != self.buckets[0].residual.shape:
-                raise ValueError("state['residual'] does not fit the bound gradients")
-            self.buckets[0].residual.copy_(residual)
-        else:
-            self._loaded_residual = residual.detach().clone()
+        if residual is not None and self._feedback is not None:
+            self._feedback.load(residual)
 
     def _all_reduce(self, bucket: Bucket, contributes: bool) -> None:
         """A bucket's synchronous allreduce: low-bit (a contributor's residual

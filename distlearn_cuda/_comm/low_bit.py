@@ -36,7 +36,14 @@ import torch.distributed as dist
 
 from .. import _C
 
-__all__ = ["FORMATS", "LowBitFormat", "LowBitSettings", "LowBitSum", "check_compression"]
+__all__ = [
+    "FORMATS",
+    "ErrorFeedback",
+    "LowBitFormat",
+    "LowBitSettings",
+    "LowBitSum",
+    "check_compression",
+]
 
 LowBitFormat = Literal["int8", "int4", "fp8_e4m3", "mxfp4"]
 FORMATS: tuple[LowBitFormat, ...] = get_args(LowBitFormat)
@@ -185,3 +192,48 @@ class LowBitSum:
             )
         if values.numel() != self.payload or not values.is_contiguous():
             raise ValueError(f"{name} must be contiguous with {self.payload} elements")
+
+
+class ErrorFeedback:
+    """A call site's error-feedback residual, each rank's own: made once the
+    payload's size is known (``make``), and taken from a checkpoint before
+    or after that (``load``: at once when made, else kept for ``make``).
+    ``what`` names the payload in errors ("params", "gradients")."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self.residual: torch.Tensor | None = None
+        self._loaded: torch.Tensor | None = None
+
+    def make(self, payload: int) -> torch.Tensor:
+        """A residual of ``payload`` zeros, or the one loaded before (its size
+        checked), in place of any earlier one."""
+        residual = torch.zeros(payload)
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            self._check_fits(loaded, residual)
+            residual.copy_(loaded)
+        self.residual = residual
+        return residual
+
+    def saved(self) -> torch.Tensor | None:
+        """A copy for a checkpoint: the residual, or a loaded one not yet made."""
+        current = self.residual if self.residual is not None else self._loaded
+        return None if current is None else current.clone()
+
+    def check(self, residual: torch.Tensor) -> None:
+        """ValueError unless a saved ``residual`` fits the one made (if any)."""
+        if self.residual is not None:
+            self._check_fits(residual, self.residual)
+
+    def load(self, residual: torch.Tensor) -> None:
+        """Takes a saved residual: now when made (checked), else at ``make``."""
+        if self.residual is None:
+            self._loaded = residual.detach().clone()
+            return
+        self._check_fits(residual, self.residual)
+        self.residual.copy_(residual)
+
+    def _check_fits(self, residual: torch.Tensor, current: torch.Tensor) -> None:
+        if residual.shape != current.shape:
+            raise ValueError(f"state['residual'] does not fit the bound {self._what}")
