@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +39,28 @@ TORCHRUN = [
 ]  # fmt: skip
 
 
+def port_outside_the_ephemeral_range() -> int:
+    """A free port below the kernel's ephemeral range, for the control
+    process's store: a restarted control process listens on the port the
+    ranks know, and while it is down, a port of the ephemeral range may go
+    to any outgoing connection (the ranks make many), so the restart could
+    not listen (a suspected cause of one failure of fault seed 10)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 8192), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below {low}")
+
+
 def python_env() -> dict[str, str]:
     # The caller's PYTHONPATH stays: the GPU machine's torchft is carried there.
     # DISTLEARN_TEST_LIBRARY: another checkout's library under the same
@@ -54,7 +78,7 @@ class Job:
         self.stop_file = tmp_path / "stop"
         self.ranks: dict[str, subprocess.Popen] = {}
         self.control: subprocess.Popen | None = None
-        self.port = 0
+        self.port = port_outside_the_ephemeral_range()
         self.start_control()
 
     def start_control(self) -> None:
