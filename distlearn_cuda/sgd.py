@@ -448,14 +448,11 @@ class AllReduceSGD(GroupMember):
         copied back into its view (correct, not zero-copy for that step).
         Optimizers keep working, made before or after (the parameters stay
         the same objects). ``synchronize_parameters`` never touches the
-        gradients. Not with ``attach``. Collective.
+        gradients. Not with ``attach``. With ``compression``, the low-bit sum
+        quantizes the gradients where they are and writes the mean there.
+        Collective.
         """
         problem: Exception | None = None
-        if self._compression is not None:
-            raise ValueError(
-                f"use_flat_storage: not with compression={self._compression!r} yet (the "
-                f"buffer is the gradients, and the low-bit sum writes it whole)"
-            )
         if not isinstance(module, nn.Module):
             problem = TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         elif self._reducer.modes != Modes():

@@ -23,10 +23,16 @@ def make_model(seed: int) -> nn.Module:
 
 
 def _train(
-    rank: int, world_size: int, flat: bool, set_to_none: bool, seed: int, steps: list[int]
+    rank: int,
+    world_size: int,
+    flat: bool,
+    set_to_none: bool,
+    seed: int,
+    steps: list[int],
+    compression: str | None = None,
 ) -> dict:
     model = make_model(seed)
-    sgd = dl.AllReduceSGD()
+    sgd = dl.AllReduceSGD(compression=compression)  # type: ignore[arg-type]
     if flat:
         sgd.use_flat_storage(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # made after
@@ -49,6 +55,7 @@ def _train(
         "params": [p.detach().clone() for p in model.parameters()],
         "in_place": in_place,
         "copied_steps": sgd._reducer.buckets[0].copied_steps if flat else None,
+        "residual": sgd.state_dict().get("residual"),
     }
 
 
@@ -66,6 +73,30 @@ def test_flat_storage_matches_the_plain_mode(set_to_none: bool) -> None:
             assert flat[rank]["copied_steps"] > 0
         else:  # zero-copy: no step copied a gradient
             assert flat[rank]["copied_steps"] == 0
+
+
+@pytest.mark.parametrize("compression", ["int8", "mxfp4"])
+def test_flat_storage_with_compression_is_the_plain_mode_with_compression(
+    compression: str,
+) -> None:
+    # The low-bit sum quantizes the same float32 values in the same layout
+    # (the flat buffer is the plan's): the same messages, the same sums, the
+    # same residuals, bit for bit, with uneven steps (a rank that ran out
+    # sends zeros through the same sum).
+    seed = random.randrange(2**31)
+    steps = [5, 4]
+    plain = run_world(_train, 3, False, False, seed, steps, compression, timeout=60)
+    flat = run_world(_train, 3, True, False, seed, steps, compression, timeout=60)
+    where = f"seed {seed}, {compression}"
+    for rank in range(3):
+        for a, b in zip(flat[rank]["params"], plain[rank]["params"], strict=True):
+            assert torch.equal(a, b), where
+        assert all(flat[rank]["in_place"]) and flat[rank]["copied_steps"] == 0, where
+        residuals = flat[rank]["residual"], plain[rank]["residual"]
+        if compression == "mxfp4":  # error feedback: on by default for 4 bits
+            assert torch.equal(*residuals) and residuals[0].abs().sum() > 0, where
+        else:
+            assert residuals == (None, None), where
 
 
 def inside(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:

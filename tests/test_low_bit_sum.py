@@ -348,7 +348,7 @@ def test_sgd_with_compression_averages_over_the_ranks_that_produced_each_gradien
     assert all((r["residual"] is not None) == feedback and r["kept"] for r in results), where
 
 
-def test_sgd_compression_refuses_attach_and_flat_storage() -> None:
+def test_sgd_compression_refuses_attach() -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -356,8 +356,6 @@ def test_sgd_compression_refuses_attach_and_flat_storage() -> None:
         sgd = dl.AllReduceSGD(compression="int8")
         with pytest.raises(ValueError, match="attach: not with compression"):
             sgd.attach(torch.nn.Linear(3, 3))
-        with pytest.raises(ValueError, match="use_flat_storage: not with compression"):
-            sgd.use_flat_storage(torch.nn.Linear(3, 3))
         sgd.close()
     finally:
         dist.destroy_process_group()
