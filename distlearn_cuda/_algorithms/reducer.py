@@ -199,9 +199,10 @@ class GradientReducer:
                 for group in split_into_buckets([params[i] for i in order], first_mb, bucket_mb)
             ]
         if in_place and any(e[0] != dtype for e in entries):
+            why = ": compression's low-bit sum takes float32 values" if self._low_bit else ""
             raise ValueError(
                 f"{source.arg}: gradients in place (flat storage, bucket views) need the "
-                f"buffers' dtype ({dtype}) for every trainable parameter; got "
+                f"buffers' dtype ({dtype}{why}) for every trainable parameter; got "
                 f"{sorted({str(e[0]) for e in entries})}"
             )
         if self.modes.flat:
