@@ -393,6 +393,7 @@ def test_error_feedback_takes_a_saved_residual_before_or_after_it_is_made() -> N
 def test_flat_storage_with_compression_needs_float32_parameters() -> None:
     model = torch.nn.Linear(4, 4).to(torch.bfloat16)
     sgd = dl.AllReduceSGD(compression="int8")
-    with pytest.raises(ValueError, match=r"float32: compression's low-bit sum takes float32 values\)"):
+    message = r"float32: compression's low-bit sum takes float32 values\)"
+    with pytest.raises(ValueError, match=message):
         sgd.use_flat_storage(model)
     sgd.close()
