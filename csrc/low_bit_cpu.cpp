@@ -21,6 +21,24 @@ LowBitFormat checked_format(int32_t format) {
   return static_cast<LowBitFormat>(format);
 }
 
+// The block codecs' arguments.
+LowBitFormat checked_codec(int32_t format, int64_t n, int64_t block) {
+  const LowBitFormat f = checked_format(format);
+  if (n < 0 || block < 1) {
+    throw std::invalid_argument("n must be >= 0 and block >= 1, got n " + std::to_string(n) +
+                                ", block " + std::to_string(block));
+  }
+  return f;
+}
+
+// A payload of n values fits the shape's padded payload.
+void check_payload(const LowBitShape& shape, int64_t n) {
+  if (n < 0 || n > shape.shard() * shape.world) {
+    throw std::invalid_argument("n must be in [0, block * blocks_per_shard * world], got " +
+                                std::to_string(n));
+  }
+}
+
 void check_addresses_given(int64_t n, std::initializer_list<uintptr_t> addresses) {
   for (uintptr_t address : addresses) {
     if (n > 0 && address == 0) throw std::invalid_argument("a null address");
@@ -69,66 +87,54 @@ LowBitShape low_bit_shape(int32_t format, int64_t block, int64_t blocks_per_shar
   return LowBitShape{f, block, blocks_per_shard, world};
 }
 
-void check_low_bit_encode(const LowBitShape& shape, uintptr_t values, uintptr_t residual,
-                          uintptr_t next_residual, int64_t n, uintptr_t messages) {
-  if (n < 0 || n > shape.shard() * shape.world) {
-    throw std::invalid_argument("n must be in [0, block * blocks_per_shard * world], got " +
-                                std::to_string(n));
-  }
+EncodeArgs encode_args(const LowBitShape& shape, uintptr_t values, uintptr_t residual,
+                       uintptr_t next_residual, int64_t n, uintptr_t messages) {
+  check_payload(shape, n);
   if ((residual == 0) != (next_residual == 0)) {
     throw std::invalid_argument("residual and next_residual go together (both or neither)");
   }
   check_addresses_given(n, {values});
   check_addresses_given(1, {messages});
+  return EncodeArgs{shape,
+                    reinterpret_cast<const float*>(values),
+                    reinterpret_cast<const float*>(residual),
+                    reinterpret_cast<float*>(next_residual),
+                    n,
+                    reinterpret_cast<uint8_t*>(messages)};
 }
 
-void check_low_bit_sum(uintptr_t received, uintptr_t summed) {
+SumArgs sum_args(const LowBitShape& shape, uintptr_t received, uintptr_t summed) {
   check_addresses_given(1, {received, summed});
+  return SumArgs{shape, reinterpret_cast<const uint8_t*>(received),
+                 reinterpret_cast<uint8_t*>(summed)};
 }
 
-void check_low_bit_decode(const LowBitShape& shape, uintptr_t gathered, int64_t n,
-                          uintptr_t values) {
-  if (n < 0 || n > shape.shard() * shape.world) {
-    throw std::invalid_argument("n must be in [0, block * blocks_per_shard * world], got " +
-                                std::to_string(n));
-  }
+DecodeArgs decode_args(const LowBitShape& shape, uintptr_t gathered, int64_t n, uintptr_t values) {
+  check_payload(shape, n);
   check_addresses_given(n, {values});
   check_addresses_given(1, {gathered});
+  return DecodeArgs{shape, reinterpret_cast<const uint8_t*>(gathered), n,
+                    reinterpret_cast<float*>(values)};
 }
 
 void low_bit_encode_cpu(const LowBitShape& shape, uintptr_t values, uintptr_t residual,
                         uintptr_t next_residual, int64_t n, uintptr_t messages, int num_threads) {
-  check_low_bit_encode(shape, values, residual, next_residual, n, messages);
-  run_blocks(
-      EncodeArgs{shape, reinterpret_cast<const float*>(values),
-                 reinterpret_cast<const float*>(residual), reinterpret_cast<float*>(next_residual),
-                 n, reinterpret_cast<uint8_t*>(messages)},
-      num_threads);
+  run_blocks(encode_args(shape, values, residual, next_residual, n, messages), num_threads);
 }
 
 void low_bit_sum_cpu(const LowBitShape& shape, uintptr_t received, uintptr_t summed,
                      int num_threads) {
-  check_low_bit_sum(received, summed);
-  run_blocks(SumArgs{shape, reinterpret_cast<const uint8_t*>(received),
-                     reinterpret_cast<uint8_t*>(summed)},
-             num_threads);
+  run_blocks(sum_args(shape, received, summed), num_threads);
 }
 
 void low_bit_decode_cpu(const LowBitShape& shape, uintptr_t gathered, int64_t n, uintptr_t values,
                         int num_threads) {
-  check_low_bit_decode(shape, gathered, n, values);
-  run_blocks(DecodeArgs{shape, reinterpret_cast<const uint8_t*>(gathered), n,
-                        reinterpret_cast<float*>(values)},
-             num_threads);
+  run_blocks(decode_args(shape, gathered, n, values), num_threads);
 }
 
 void quantize_blocks_cpu(int32_t format, uintptr_t values, int64_t n, int64_t block,
                          uintptr_t codes, uintptr_t scales) {
-  const LowBitFormat f = checked_format(format);
-  if (n < 0 || block < 1) {
-    throw std::invalid_argument("n must be >= 0 and block >= 1, got n " + std::to_string(n) +
-                                ", block " + std::to_string(block));
-  }
+  const LowBitFormat f = checked_codec(format, n, block);
   check_addresses_given(n, {values, codes, scales});
   const float* in = reinterpret_cast<const float*>(values);
   uint8_t* out = reinterpret_cast<uint8_t*>(codes);
@@ -141,11 +147,7 @@ void quantize_blocks_cpu(int32_t format, uintptr_t values, int64_t n, int64_t bl
 
 void dequantize_blocks_cpu(int32_t format, uintptr_t codes, uintptr_t scales, int64_t n,
                            int64_t block, uintptr_t out) {
-  const LowBitFormat f = checked_format(format);
-  if (n < 0 || block < 1) {
-    throw std::invalid_argument("n must be >= 0 and block >= 1, got n " + std::to_string(n) +
-                                ", block " + std::to_string(block));
-  }
+  const LowBitFormat f = checked_codec(format, n, block);
   check_addresses_given(n, {codes, scales, out});
   const uint8_t* in = reinterpret_cast<const uint8_t*>(codes);
   const float* scale = reinterpret_cast<const float*>(scales);

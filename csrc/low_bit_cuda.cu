@@ -29,28 +29,17 @@ void launch(const Args& args, uintptr_t stream) {
 
 void low_bit_encode_cuda(const LowBitShape& shape, uintptr_t values, uintptr_t residual,
                          uintptr_t next_residual, int64_t n, uintptr_t messages, uintptr_t stream) {
-  check_low_bit_encode(shape, values, residual, next_residual, n, messages);
-  launch(
-      EncodeArgs{shape, reinterpret_cast<const float*>(values),
-                 reinterpret_cast<const float*>(residual), reinterpret_cast<float*>(next_residual),
-                 n, reinterpret_cast<uint8_t*>(messages)},
-      stream);
+  launch(encode_args(shape, values, residual, next_residual, n, messages), stream);
 }
 
 void low_bit_sum_cuda(const LowBitShape& shape, uintptr_t received, uintptr_t summed,
                       uintptr_t stream) {
-  check_low_bit_sum(received, summed);
-  launch(SumArgs{shape, reinterpret_cast<const uint8_t*>(received),
-                 reinterpret_cast<uint8_t*>(summed)},
-         stream);
+  launch(sum_args(shape, received, summed), stream);
 }
 
 void low_bit_decode_cuda(const LowBitShape& shape, uintptr_t gathered, int64_t n, uintptr_t values,
                          uintptr_t stream) {
-  check_low_bit_decode(shape, gathered, n, values);
-  launch(DecodeArgs{shape, reinterpret_cast<const uint8_t*>(gathered), n,
-                    reinterpret_cast<float*>(values)},
-         stream);
+  launch(decode_args(shape, gathered, n, values), stream);
 }
 
 }  // namespace distlearn

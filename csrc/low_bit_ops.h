@@ -34,12 +34,12 @@ void quantize_blocks_cpu(int32_t format, uintptr_t values, int64_t n, int64_t bl
 void dequantize_blocks_cpu(int32_t format, uintptr_t codes, uintptr_t scales, int64_t n,
                            int64_t block, uintptr_t out);
 
-// Checks of the passes' arguments, shared by both flavors.
-void check_low_bit_encode(const LowBitShape& shape, uintptr_t values, uintptr_t residual,
-                          uintptr_t next_residual, int64_t n, uintptr_t messages);
-void check_low_bit_sum(uintptr_t received, uintptr_t summed);
-void check_low_bit_decode(const LowBitShape& shape, uintptr_t gathered, int64_t n,
-                          uintptr_t values);
+// The passes' arguments from raw addresses, checked (std::invalid_argument),
+// for both flavors.
+EncodeArgs encode_args(const LowBitShape& shape, uintptr_t values, uintptr_t residual,
+                       uintptr_t next_residual, int64_t n, uintptr_t messages);
+SumArgs sum_args(const LowBitShape& shape, uintptr_t received, uintptr_t summed);
+DecodeArgs decode_args(const LowBitShape& shape, uintptr_t gathered, int64_t n, uintptr_t values);
 
 }  // namespace distlearn
 
