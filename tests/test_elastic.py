@@ -55,11 +55,13 @@ def make_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
 # On a GPU every rank shares the one device, over gloo (NCCL refuses two
 # ranks on one device): the CUDA kernels, and the state handed over from and
 # to CUDA tensors.
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
-# (DiLoCo's joiners and kills: the fault harness's CI seeds 2027 and 2012.)
-# EA's in the long mode only: CI's fault seeds 5 and 494502454 kill and
-# replace EA ranks.
-@pytest.mark.parametrize("algo", ["sgd", pytest.param("ea", marks=long_only)])
+# On the CPU, in the long mode only: CI's fault seeds kill and replace SGD,
+# EA and DiLoCo ranks, with stronger invariants.
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=long_only), pytest.param("cuda", marks=needs_gpu)]
+)
+# (DiLoCo's joiners and kills: the fault harness's seeds 2027 and 2012.)
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
 def test_survivors_carry_on_after_a_kill_and_a_new_rank_joins(
     make_job, algo: str, device: str
 ) -> None:

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import pytest
 from elastic_job import WAIT, Job, assert_close, mean64
-from long_mode import LONG
+from long_mode import LONG, long_only
 
 pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
 
@@ -83,13 +83,13 @@ POINTS = ("step", "sync", "view", "handover")
 # next job. Streaming DiLoCo (2012: 3 fragments, delay 1, mix 0.5): a rank
 # stalled in a step, a misbuilt joiner and a late replacement, then every
 # rank killed at once and a next job.
-# Seeds 10 and 2012 run in the long mode only (tests/long_mode.py): CI's
-# budget keeps one seed of each algorithm's hardest regression: 1 (SGD), 5
-# and 494502454 (EA), 2027 (DiLoCo).
+# Seeds 5, 10 and 2012 run in the long mode only (tests/long_mode.py):
+# CI's budget keeps one seed of each algorithm's hardest regression: 1
+# (SGD), 494502454 (EA), 2027 (DiLoCo).
 CI_SEEDS = [
     int(s)
     for s in os.environ.get(
-        "DISTLEARN_ELASTIC_SEEDS", "1 5 494502454 2027" + (" 10 2012" if LONG else "")
+        "DISTLEARN_ELASTIC_SEEDS", "1 494502454 2027" + (" 5 10 2012" if LONG else "")
     ).split()
 ]
 SOAK = int(os.environ.get("DISTLEARN_ELASTIC_SOAK", "0"))
@@ -472,7 +472,9 @@ def test_faults_at_every_point_of_the_protocol(tmp_path: Path, seed: int) -> Non
     run_schedule(tmp_path, draw(int(os.environ.get("DISTLEARN_ELASTIC_SEED", seed))))
 
 
-@pytest.mark.parametrize("asynchronous", [False, True])
+# The synchronous round in the long mode only: the asynchronous one is the
+# round that failed (before 38038ba).
+@pytest.mark.parametrize("asynchronous", [pytest.param(False, marks=long_only), True])
 def test_a_round_a_peer_died_in_is_rolled_back_and_redone_whole(
     tmp_path: Path, asynchronous: bool
 ) -> None:

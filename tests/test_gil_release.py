@@ -72,6 +72,12 @@ CALLS_TAKING_THE_MUTEX: dict[str, Callable[[Any, int], object]] = {
         BUFFER_ADDRESS, 4, FLOAT32, stream, 5.0
     ),
     "broadcast": lambda comm, stream: comm.broadcast(BUFFER_ADDRESS, 4, FLOAT32, 0, stream, 5.0),
+    "all_to_all": lambda comm, stream: comm.all_to_all(
+        BUFFER_ADDRESS, BUFFER_ADDRESS, 4, stream, 5.0
+    ),
+    "all_gather": lambda comm, stream: comm.all_gather(
+        BUFFER_ADDRESS, BUFFER_ADDRESS, 4, stream, 5.0
+    ),
 }
 # The class's other public names: constant attributes and the static unique_id.
 NOT_TAKING_THE_MUTEX = {"unique_id", "rank", "nranks", "device", "nonblocking"}
