@@ -28,9 +28,23 @@ from pathlib import Path
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
+try:
+    from setuptools.modified import newer_group
+except ImportError:  # setuptools < 69 (a GPU machine's, built with --no-build-isolation)
+    from distutils.dep_util import newer_group  # type: ignore[no-redef]
+
 ROOT = Path(__file__).parent.resolve()
 CUDA_SOURCES = ["csrc/ops_cuda.cu", "csrc/low_bit_cuda.cu"]
 NCCL_SOURCES = ["csrc/nccl_api.cpp", "csrc/nccl_comm.cpp"]
+# What the build reads besides its C++ sources: build_ext rebuilds the
+# extension only when one of its sources or of these is newer than it, so
+# without them a change to a header (or to a .cu file, which nvcc compiles
+# beside the sources) left a stale extension in place.
+DEPENDS = sorted(
+    str(path.relative_to(ROOT))
+    for pattern in ("kernels/*.h", "kernels/*.cuh", "csrc/*.h", "csrc/*.cu")
+    for path in ROOT.glob(pattern)
+)
 DEFAULT_ARCHS = "80;90"  # A100 and H100/H200; PTX of 90 for anything newer
 
 
@@ -84,7 +98,12 @@ class BuildWithNvcc(build_ext):
     archs = DEFAULT_ARCHS
 
     def build_extension(self, ext: Pybind11Extension) -> None:
-        if self.nvcc is not None:
+        # build_ext's own test (it skips an extension newer than its sources
+        # and depends, which include the .cu files): nvcc takes a minute.
+        stale = self.force or newer_group(
+            [*ext.sources, *ext.depends], self.get_ext_fullpath(ext.name), "newer"
+        )
+        if self.nvcc is not None and stale:
             ext.extra_objects = [*ext.extra_objects, *self._compile_cuda(ext)]
         super().build_extension(ext)
 
@@ -128,6 +147,7 @@ def make_extension() -> tuple[Pybind11Extension, type[build_ext]]:
         "distlearn_cuda._C",
         sources=["csrc/bindings.cpp", "csrc/ops_cpu.cpp", "csrc/low_bit_cpu.cpp"],
         include_dirs=["kernels", "csrc"],
+        depends=DEPENDS,
         cxx_std=17,
         extra_compile_args=["-O3", "-Wall", "-Wextra"],
     )
