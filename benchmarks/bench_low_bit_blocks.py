@@ -40,7 +40,11 @@ DEFAULT_OUT = Path(__file__).parent / "results"
 def rank_gradients(quick: bool) -> dict[str, list[torch.Tensor]]:
     """{"init": [...], "trained": [...]}: each rank's flattened gradient."""
     torch.manual_seed(0)
-    shape = ModelShape(width=64, layers=3, heads=4, context=128)
+    # The slow-link benchmark's model; a smaller one for --quick.
+    if quick:
+        shape = ModelShape(width=32, layers=1, heads=2, context=32)
+    else:
+        shape = ModelShape(width=64, layers=3, heads=4, context=128)
     model = ByteLM(shape)
     data = torch.frombuffer(bytearray(split_stdlib().train), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(1)

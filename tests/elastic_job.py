@@ -152,7 +152,13 @@ class Job:
     def finish(self, names: list[str], margin: int = 30) -> dict[str, dict]:
         """Stops the job ``margin`` steps past the furthest rank; waits for
         ``names`` to exit 0; returns their "done" events."""
-        self.stop_file.write_text(str(max(self.steps_of(n) for n in names) + margin))
+        # Atomically (a rename): a rank that read the file while it was being
+        # written saw it empty, took that for step 0 and stopped alone (fault
+        # seed 2027's next job failed so: one rank done at step 7, the other
+        # left alone in a view of its own).
+        staged = self.stop_file.with_suffix(".staged")
+        staged.write_text(str(max(self.steps_of(n) for n in names) + margin))
+        os.replace(staged, self.stop_file)
         for name in names:
             try:
                 code = self.ranks[name].wait(timeout=WAIT)

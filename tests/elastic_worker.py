@@ -250,7 +250,8 @@ def main() -> None:
 
     emit_state("started")
     stop = Path(args.stop)
-    while not (stop.exists() and obj.steps >= int(stop.read_text() or "0")):
+    # The file appears whole (elastic_job.Job.finish renames it into place).
+    while not (stop.exists() and obj.steps >= int(stop.read_text())):
         generator = torch.Generator().manual_seed(os.getpid() * 100_003 + obj.steps)
         x = torch.randn(16, args.shape, generator=generator).to(args.device)
         y = torch.randn(16, 3, generator=generator).to(args.device)

@@ -171,12 +171,12 @@ def test_example_defaults_reach_95_percent_with_2_processes(algo: str) -> None:
     assert torchrun_digits(2, "--algo", algo) >= 0.95
 
 
-# EA's in the long mode only (tests/long_mode.py): CI keeps SGD's, which
-# combines more options; EA's defaults run on 2 processes above.
+# In the long mode only (tests/long_mode.py): CI runs the README's job on
+# 2 processes above, and tests/test_matrix.py draws these options together.
 @pytest.mark.parametrize(
     "options",
     [
-        ("--algo", "sgd", "--comm-dtype", "bfloat16", "--overlap"),
+        pytest.param(("--algo", "sgd", "--comm-dtype", "bfloat16", "--overlap"), marks=long_only),
         pytest.param(("--algo", "ea", "--comm-dtype", "bfloat16"), marks=long_only),
     ],
 )
