@@ -429,6 +429,37 @@ def test_a_rank_without_the_controls_secret_is_refused(make_job) -> None:
     assert store.check([Keys(SECRET).lighthouse_port])
 
 
+def test_a_closed_membership_leaves_no_thread_behind_to_abort_the_exit(make_job) -> None:
+    """A thread still in a store or Lighthouse call when the interpreter
+    finalizes aborts the process as it takes the GIL back (a rank that had
+    finished its job died of SIGABRT in the fault harness): close() waits
+    for them. Heartbeats every millisecond, closed at varied points of the
+    loop; the process must then exit cleanly."""
+    job = make_job("sgd", world=1)
+    code = (
+        "import datetime, os, sys, threading, time\n"
+        "from distlearn_cuda.elastic._keys import SECRET_ENV\n"
+        "from distlearn_cuda.elastic._membership import Membership\n"
+        "for i in range(30):\n"
+        "    member = Membership(sys.argv[1], os.environ[SECRET_ENV], heartbeat_interval=0.001,\n"
+        "                        connect_timeout=datetime.timedelta(seconds=10))\n"
+        "    member.beating.set()\n"
+        "    member._reconnect_in_background()\n"
+        "    time.sleep(0.0007 * (i % 7))\n"
+        "    member.close()\n"
+        "    left = [t.name for t in threading.enumerate() if t.name.startswith('distlearn')]\n"
+        "    assert not left, (i, left)\n"
+        "print('closed', i + 1)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, f"127.0.0.1:{job.port}"],
+        capture_output=True, text=True, timeout=120, env=python_env(),
+    )  # fmt: skip
+    assert done.returncode == 0 and "closed 30" in done.stdout, (
+        f"exit {done.returncode}\n{done.stdout}{done.stderr[-3000:]}"
+    )
+
+
 def test_a_crafted_pickle_in_the_hand_over_is_not_executed(tmp_path: Path) -> None:
     import pickle
 

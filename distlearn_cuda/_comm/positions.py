@@ -40,6 +40,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .threads import StoppableThread
+
 __all__ = ["Positions", "refresh_interval", "summarize"]
 
 # Lag of a posted position behind the rank's real one: small next to any
@@ -88,8 +90,7 @@ class Positions:
         self._snapshot: Reading | None = None
         self._snapshot_at = 0.0
         self._refresh_s = refresh_interval(world_size)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: StoppableThread | None = None
 
     def enter(self, operation: str) -> None:
         """Counts a collective this rank enters (hot path: no store access)."""
@@ -98,13 +99,7 @@ class Positions:
         if self._thread is None:
             # The thread holds the object weakly: an object dropped without
             # close() takes its thread along.
-            self._thread = threading.Thread(
-                target=_post_loop,
-                args=(weakref.ref(self), self._stop),
-                name="distlearn-positions",
-                daemon=True,
-            )
-            self._thread.start()
+            self._thread = StoppableThread(_post_loop, (weakref.ref(self),), "distlearn-positions")
 
     def completed_by_all(self) -> None:
         """The collective entered last completed, and needed every rank to:
@@ -112,16 +107,15 @@ class Positions:
         self._floor = self._entered
 
     def close(self) -> None:
-        """Stops the posting thread (bounded)."""
-        self._stop.set()
+        """Stops the posting thread (bounded; NOTE [Threads at exit])."""
         if self._thread is not None:
-            self._thread.join(timeout=2 * POST_INTERVAL_S)
+            self._thread.close(2 * POST_INTERVAL_S)
 
     def describe(self) -> str:
         """Every rank's last position, as one sentence; bounded in time."""
         found: list[str] = []
 
-        def read() -> None:
+        def read(stop: threading.Event) -> None:
             early = self._try_read()  # before the grace: the store may go meanwhile
             try:
                 self._post()
@@ -131,9 +125,7 @@ class Positions:
             late = self._try_read()
             found.append(self._summary(late if not isinstance(late, str) else early))
 
-        reader = threading.Thread(target=read, name="distlearn-positions-read", daemon=True)
-        reader.start()
-        reader.join(timeout=READ_BOUND_S)
+        StoppableThread(read, (), "distlearn-positions-read").close(READ_BOUND_S)
         if found:
             return found[0]
         return self._summary("the store did not answer in time")

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .._comm.threads import StoppableThread
 from ..errors import CommunicationError
 from ._keys import CONTROL_KEY, SECRET_ENV, JobKeys, Keys
 
@@ -123,24 +124,19 @@ class Membership:
         self.replica_id = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}"
         self.generation = 0  # views this process was in
         self.in_job = False  # set once this rank trained in a view
-        self._reconnecting: threading.Thread | None = None
+        self._reconnecting: StoppableThread | None = None
         self._known: set[str] = set()
         self._previous: tuple[str, ...] = ()  # the members of this rank's last view
         self.store = self._first_store()
         self.job = self.keys.for_job(0)  # set by find_job
-        self._stop = threading.Event()
         # Set while this rank may be counted by the Lighthouse: a joiner
         # sends no heartbeat until it is admitted, since the Lighthouse waits
         # for every live rank that has not asked for a quorum (up to its join
         # timeout) and refuses one holding half or fewer of them.
         self.beating = threading.Event()
-        self._beating = threading.Thread(
-            target=self._heartbeats,
-            args=(heartbeat_interval,),
-            daemon=True,
-            name="distlearn-elastic-heartbeat",
+        self._beating = StoppableThread(
+            self._heartbeats, (heartbeat_interval,), "distlearn-elastic-heartbeat"
         )
-        self._beating.start()
 
     def _first_store(self) -> dist.TCPStore:
         """The store client, or an error that says what is wrong with the
@@ -264,9 +260,9 @@ class Membership:
         """A client of the Lighthouse, and its join and heartbeat timeouts (s)."""
         return self._client(self.store), *self._timeouts(self.store)
 
-    def _heartbeats(self, interval: float) -> None:
+    def _heartbeats(self, interval: float, stop: threading.Event) -> None:
         client = store = None
-        while not self._stop.wait(interval):
+        while not stop.wait(interval):
             try:
                 if not self.beating.is_set():
                     continue
@@ -337,14 +333,11 @@ class Membership:
         if self._reconnecting is not None and self._reconnecting.is_alive():
             return
 
-        def reconnect() -> None:
+        def reconnect(stop: threading.Event) -> None:
             with contextlib.suppress(Exception):
                 self.store = self._connect_store()
 
-        self._reconnecting = threading.Thread(
-            target=reconnect, daemon=True, name="distlearn-elastic-reconnect"
-        )
-        self._reconnecting.start()
+        self._reconnecting = StoppableThread(reconnect, (), "distlearn-elastic-reconnect")
 
     def wait_for_joiners(self, joiners: list[str], bound: float) -> None:
         """Waits (at most ``bound`` seconds) until each admitted joiner marked
@@ -515,6 +508,11 @@ class Membership:
         )
 
     def close(self) -> None:
-        """Stops the heartbeats: the Lighthouse counts this rank dead after
-        its heartbeat timeout."""
-        self._stop.set()
+        """Stops the heartbeats (the Lighthouse counts this rank dead after
+        its heartbeat timeout) and waits for this object's threads, each
+        call of theirs bounded by the connect timeout (NOTE [Threads at
+        exit]: a thread left in a call can abort the process's exit)."""
+        bound = 2 * self._connect_timeout.total_seconds()
+        for thread in (self._beating, self._reconnecting):
+            if thread is not None:
+                thread.close(bound)
