@@ -22,10 +22,15 @@ from collections.abc import Callable
 import torch
 
 from distlearn_cuda import _C
+from distlearn_cuda._comm import low_bit
+from distlearn_cuda._comm.low_bit import FORMATS
 
-CODES = {"int8": 0, "int4": 1}
+# The eager baseline's formats, with the library's codes and block (one
+# block for both).
+CODES = {fmt: low_bit._CODES[fmt] for fmt in ("int8", "int4")}
 TOPS = {"int8": 127.0, "int4": 7.0}
-BLOCK = 128  # the library's block for the integer formats (_comm/low_bit.py)
+BLOCK = low_bit._BLOCK["int8"]
+assert low_bit._BLOCK["int4"] == BLOCK
 
 
 def bytes_per_element(fmt: str, world: int) -> float:
@@ -114,12 +119,19 @@ class LowBitPasses:
 
 
 def pass_times(n: int = 4_000_000, world: int = 4, repeats: int = 5) -> dict[str, dict[str, float]]:
-    """Each pass alone, per format, on one thread: the best of ``repeats``
-    runs in ns per value (the sum: per payload value), and a copy's."""
+    """Each pass alone, per format (the library's codes and blocks), on one
+    thread: the best of ``repeats`` runs in ns per value (the sum: per
+    payload value); with the fused pack and unpack (normalizing) of the
+    same values as 16 tensors, and a copy, for scale: what folding the
+    quantization into the pack and the dequantization into the unpack
+    would save at most is the pack's and the unpack's time."""
     torch.set_num_threads(1)
-    formats = {"int8": (0, 128), "int4": (1, 128), "fp8_e4m3": (2, 128), "mxfp4": (3, 32)}
     values, residual, lost = torch.randn(n), torch.randn(n) * 1e-3, torch.zeros(n)
     out = torch.zeros(n)
+    grads = list(torch.randn(n).chunk(16))
+    layout = _C.Layout([g.numel() for g in grads], [0] * len(grads), 0, 1)
+    buffer = torch.zeros(layout.buffer_numel)
+    addresses = [g.data_ptr() for g in grads]
 
     def best(fn: Callable[[], object]) -> float:
         fn()
@@ -131,8 +143,9 @@ def pass_times(n: int = 4_000_000, world: int = 4, repeats: int = 5) -> dict[str
         return min(times) / n * 1e9
 
     table = {}
-    for fmt, (code, block) in formats.items():
-        shape = _C.LowBitShape(code, block, math.ceil(n / world / block), world)
+    for fmt in FORMATS:
+        block = low_bit._BLOCK[fmt]
+        shape = _C.LowBitShape(low_bit._CODES[fmt], block, math.ceil(n / world / block), world)
         messages = torch.zeros(world * shape.message_bytes, dtype=torch.uint8)
         summed = torch.zeros(shape.message_bytes, dtype=torch.uint8)
         encode = (shape, values.data_ptr(), residual.data_ptr(), lost.data_ptr(), n)
@@ -148,6 +161,8 @@ def pass_times(n: int = 4_000_000, world: int = 4, repeats: int = 5) -> dict[str
             "dequantize": best(
                 lambda s=shape, m=messages: _C.low_bit_decode(s, m.data_ptr(), n, out.data_ptr(), 1)
             ),
+            "pack": best(lambda: _C.pack(layout, addresses, buffer.data_ptr(), 0, 1)),
+            "unpack": best(lambda: _C.unpack(layout, addresses, buffer.data_ptr(), True, 1)),
             "copy": best(lambda: out.copy_(values)),
         }
     return table
