@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--fragments", type=int, default=1, help="DiLoCo")
     parser.add_argument("--delay", type=int, default=0, help="DiLoCo")
     parser.add_argument("--mix", type=float, default=0.0, help="DiLoCo")
-    parser.add_argument("--compression", help="DiLoCo: a low-bit format")
+    parser.add_argument("--compression", help="a low-bit format")
     parser.add_argument(
         "--sync-global", action="store_true", help="DiLoCo: synchronize_global, not _parameters"
     )
@@ -193,14 +193,13 @@ def main() -> None:
     kind = {"sgd": elastic.ElasticSGD, "ea": elastic.ElasticEA, "diloco": elastic.ElasticDiLoCo}[
         args.algo
     ]
-    options: dict[str, object] = {}
+    options: dict[str, object] = {"compression": args.compression}
     if args.algo == "ea":  # AllReduceEA's rounds are asynchronous unless told
-        options = {"tau": 2, "beta": 0.9, "asynchronous": args.asynchronous}
+        options |= {"tau": 2, "beta": 0.9, "asynchronous": args.asynchronous}
     if args.algo == "diloco":  # tests/test_elastic_faults.py's DILOCO settings
-        options = {
+        options |= {
             "tau": 3, "outer_lr": 0.5, "momentum": 0.5, "nesterov": True,
             "fragments": args.fragments, "delay": args.delay, "mix": args.mix,
-            "compression": args.compression,
         }  # fmt: skip
     obj = kind(
         args.control,

@@ -622,12 +622,61 @@ def test_diloco_local_fragments_follow_the_sources_outer_steps(mix: float) -> No
     algo.close()
 
 
-@pytest.mark.parametrize("algo", ["sgd", "ea"])
-def test_compression_is_refused_by_elastic_sgd_and_ea_for_now(algo: str) -> None:
+@pytest.mark.usefixtures("world_of_one")
+def test_each_rank_keeps_its_own_residual_across_views() -> None:
+    # NOTE [Residuals across views]: a member's error-feedback residual is
+    # never the source's. ElasticEA's hand-over loads the source's EA state
+    # but keeps the member's residual (zeros for a joiner); ElasticSGD's
+    # object of the next view starts from the residual of the last one.
+    # On real objects (a world of one) with residuals made by real sums.
+    import datetime
+
     import torch
 
-    from distlearn_cuda import elastic
+    from distlearn_cuda import AllReduceEA
+    from distlearn_cuda.elastic import ElasticEA, ElasticSGD
 
-    kind = elastic.ElasticSGD if algo == "sgd" else elastic.ElasticEA
-    with pytest.raises(ValueError, match="does not take compression yet"):
-        kind("127.0.0.1:1", torch.nn.Linear(2, 2), compression="int8")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(37, 5)
+    ea = AllReduceEA(tau=1, beta=0.9, compression="int4")
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ea.average_parameters(model)
+    own = ea.state_dict()["residual"]
+    assert own is not None and own.abs().max() > 0
+    source = ea.state_dict()
+    source["residual"] = torch.full_like(own, 9.0)
+    source["center"] = [torch.randn_like(c) for c in source["center"]]
+    member = object.__new__(ElasticEA)  # the hand-over alone: no job
+    member._algo, member._closed = ea, False
+    handed = {"steps": 12, "center_round": 11, "ea": source, "model": None, "optimizer": None}
+    member._load_state(handed, had_state=True)
+    assert torch.equal(ea.state_dict()["residual"], own)
+    assert all(torch.equal(a, b) for a, b in zip(ea.center.values(), source["center"], strict=True))
+    assert torch.equal(member._handed_state["residual"], own)
+    # A joiner: its object bound, no residual of its own yet.
+    joiner = AllReduceEA(tau=1, beta=0.9, compression="int4")
+    member._model, member._optimizer = torch.nn.Linear(37, 5), None
+    joiner.average_parameters(member._model)  # binds (a round of one from the center: no loss)
+    member._algo = joiner
+    member._load_state({**handed, "model": model.state_dict()}, had_state=False)
+    assert torch.equal(joiner.state_dict()["residual"], torch.zeros_like(own))
+    ea.close()
+    joiner.close()
+
+    sgd = object.__new__(ElasticSGD)
+    options = {"compression": "int8", "error_feedback": True}
+    sgd._options, sgd._timeout, sgd._closed = options, datetime.timedelta(seconds=5), False
+    sgd._algo = sgd._make_algorithm()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    sgd._algo.sum_and_normalize_gradients(model)
+    kept = sgd._algo.state_dict()["residual"]
+    assert kept is not None and kept.abs().max() > 0
+    sgd._keep_state()  # as the view is dropped
+    sgd._algo.close()
+    sgd._algo = sgd._make_algorithm()  # the next view's
+    assert torch.equal(sgd._algo.state_dict()["residual"], kept)
+    sgd._algo.close()

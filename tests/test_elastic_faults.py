@@ -98,6 +98,7 @@ NEXT_WORLD = 2
 EA_BETA = 0.9  # tests/elastic_worker.py's
 # tests/elastic_worker.py's (Nesterov; the paper's 0.7 and 0.9 diverge at tau 3 there).
 DILOCO_OUTER_LR, DILOCO_MOMENTUM = 0.5, 0.5
+COMPRESSION_SALT = 0  # see draw()
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Schedule:
     delay: int = 0
     mix: float = 0.0
     sync_global: bool = False
-    compression: str | None = None  # a low-bit format of the outer gradients
+    compression: str | None = None  # a low-bit format of the sums (not asynchronous EA's)
 
     def worker_args(self) -> list[str]:
         """What every rank of the schedule's jobs is started with."""
@@ -145,8 +146,7 @@ class Schedule:
         if self.algo == "diloco":
             args += ["--fragments", str(self.fragments), "--delay", str(self.delay)]
             args += ["--mix", str(self.mix)] + (["--sync-global"] if self.sync_global else [])
-            args += ["--compression", self.compression] if self.compression else []
-        return args
+        return args + (["--compression", self.compression] if self.compression else [])
 
 
 def draw(seed: int) -> Schedule:
@@ -201,6 +201,13 @@ def draw(seed: int) -> Schedule:
         schedule.mix = rng.choice([0.0, 0.0, 0.5])
         schedule.sync_global = rng.random() < 0.5
         schedule.compression = rng.choice([None, None, "int8", "mxfp4"])
+    # SGD's and synchronous EA's compression, from a generator of its own
+    # too, salted with the first number (COMPRESSION_SALT) that leaves
+    # CI_SEEDS' exact (their float64 checks of the sums are the point).
+    rng = random.Random(f"compression {COMPRESSION_SALT} {seed}")
+    if schedule.algo == "sgd" or (schedule.algo == "ea" and not schedule.asynchronous):
+        if rng.random() < 1 / 3:
+            schedule.compression = rng.choice(["int8", "fp8_e4m3", "int4", "mxfp4"])
     return schedule
 
 
@@ -360,17 +367,42 @@ def check_invariants(
             for e in job.events(name, "step"):
                 if not e["skipped"]:
                     averaged[e["prefix"], e["steps"]][name] = e
+        largest = max((abs(v) for values in own.values() for v in values), default=0.0)
+        tol = compressed_sum_tolerance(schedule.compression, largest)
         for (_, steps), events in averaged.items():
             world = next(iter(events.values()))["world"]
             if len(events) < world:
                 continue  # not every member logged it: a member was lost in it
             want = mean64([own[name, steps] for name in events])
-            for e in events.values():
-                assert_close(e["mean"], want)
+            means = [e["mean"] for e in events.values()]
+            if schedule.compression:
+                assert all(m == means[0] for m in means), f"step {steps}: means differ"
+            for mean in means:
+                assert_close(mean, want, tol)
     elif algo == "ea":
-        check_ea_rounds(job, everyone, schedule.asynchronous)
+        check_ea_rounds(job, everyone, schedule.asynchronous, schedule.compression)
     else:
         check_outer_steps(job, everyone, schedule)
+
+
+# A quantization step, as a fraction of its block's largest value, at most
+# (the formats' specifications): int8 and int4 scale the largest to 127 and
+# 7; fp8 e4m3's 3-bit mantissa; MXFP4's E2M1 has step 2 below its largest
+# value 6, and the power-of-two scale puts the block's largest above 3.
+STEP_FRACTION = {"int8": 1 / 127, "int4": 1 / 7, "fp8_e4m3": 1 / 8, "mxfp4": 2 / 3}
+
+
+def compressed_sum_tolerance(compression: str | None, largest: float) -> float:
+    """assert_close's bound on a mean (or a sum of EA deltas) in
+    ``compression``, ``largest`` the largest value the ranks sent: each
+    rank's error-feedback residual goes in and a new one comes out (at
+    most a step each over the ranks, in the mean) and the summed shard is
+    quantized again (half a step): 1.5 steps, with a margin of its own (a
+    rank behind the source sends a residual twice: NOTE [Residuals across
+    views])."""
+    if compression is None:
+        return 2e-6
+    return 2.0 * STEP_FRACTION[compression] * largest + 2e-6
 
 
 def check_outer_steps(job: Job, everyone: list[str], schedule: Schedule) -> None:
@@ -415,7 +447,9 @@ def check_outer_steps(job: Job, everyone: list[str], schedule: Schedule) -> None
     assert checked > 0, "no DiLoCo outer step was checked"
 
 
-def check_ea_rounds(job: Job, everyone: list[str], asynchronous: bool) -> None:
+def check_ea_rounds(
+    job: Job, everyone: list[str], asynchronous: bool, compression: str | None = None
+) -> None:
     """Every EA round that every member of the view it ended in logged,
     against the paper's update (arXiv 1412.6651, as one allreduce) in
     float64, from what each member held when its call began: with n members
@@ -429,7 +463,10 @@ def check_ea_rounds(job: Job, everyone: list[str], asynchronous: bool) -> None:
     leaves a failed round's center as it was (the failure surfaces in the
     next call): a round counts once every member's next call ran in the same
     view (test_a_round_a_peer_died_in_is_rolled_back_and_redone_whole
-    checks the undoing of one that did not)."""
+    checks the undoing of one that did not). With ``compression`` each x
+    still moves by its exact delta, and the center by the low-bit sum of
+    the deltas: the same on every member, within a few quantization steps
+    of the exact sum (``compressed_sum_tolerance``)."""
     rounds: dict[tuple[str, int], list[dict]] = defaultdict(list)
     same_view_next: set[tuple[str, int]] = set()  # (name, steps): its next call in that view
     for name in everyone:
@@ -443,6 +480,16 @@ def check_ea_rounds(job: Job, everyone: list[str], asynchronous: bool) -> None:
         for e in events:
             if e["round"]:
                 rounds[e["prefix"], e["steps"]].append({**e, "name": name})
+    # The largest delta of any round (residuals carry earlier rounds' errors).
+    largest = max(
+        (
+            EA_BETA / e["world"] * abs(x - c)
+            for events in rounds.values()
+            for e in events
+            for x, c in zip(e["before"], e["center_before"], strict=True)
+        ),
+        default=0.0,
+    )
     checked = redone = 0
     for (prefix, steps), events in rounds.items():
         if len(events) < events[0]["world"]:
@@ -459,8 +506,11 @@ def check_ea_rounds(job: Job, everyone: list[str], asynchronous: bool) -> None:
             assert_close(e["params"], [x - d for x, d in zip(e["before"], delta, strict=True)])
         columns = zip(*deltas, strict=True)
         want = [c + math.fsum(column) for c, column in zip(center, columns, strict=True)]
+        # With compression the center moves by the low-bit sum of the
+        # deltas (each x by its exact own), the same on every member.
         for e in events:
-            assert_close(e["center"], want)
+            assert e["center"] == events[0]["center"], f"{prefix} step {steps}: centers differ"
+            assert_close(e["center"], want, compressed_sum_tolerance(compression, largest))
         checked += 1
         redone += events[0]["prefix_before"] != prefix
     print(f"EA rounds checked against the reference: {checked}, {redone} redone on a new view")

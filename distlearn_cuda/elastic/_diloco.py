@@ -200,7 +200,8 @@ class ElasticDiLoCo(_ElasticMember[DiLoCo]):
                     residual.zero_()
             return
         self._reconcile(mine["fragments"], source["fragments"], params, globals_)
-        # The error feedback's residuals are each rank's own: kept.
+        # The error feedback's residuals are each rank's own: kept (NOTE
+        # [Residuals across views]).
         for own, fragment in zip(mine["fragments"], ElasticPort(algo).residuals(), strict=True):
             if fragment is not None and own.get("residual") is not None:
                 fragment.copy_(own["residual"])

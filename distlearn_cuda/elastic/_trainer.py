@@ -47,6 +47,17 @@ sum reached the center is told apart from the call: every member keeps the
 step count of the last round in its center, the source hands its own over,
 and each member undoes every blend of a later round (whichever call the
 failure surfaced in, a synchronization point's included).
+
+NOTE [Residuals across views]. With compression, a rank's error-feedback
+residual is its own (what its own quantizations lost), like its parameters
+under EA: never handed over, carried by the rank from view to view, zeros
+for a joiner. A failed sum leaves it as it was (no state absorbs a failed
+collective), so a step or round redone on the next view adds it once. One
+imprecision is left, bounded: a rank that failed in a sum which completed
+at the view's source (the rank is behind and takes the source's state)
+keeps the residual from before that sum, which the sum already carried: it
+is sent again and that sum's quantization error is dropped, a one-time
+error of at most a quantization step per value.
 """
 
 from __future__ import annotations
@@ -657,17 +668,14 @@ class ElasticSGD(_ElasticMember[AllReduceSGD]):
             counter, a scheduler's ``state_dict``; tensors and plain data),
             taken from the source by every other member at each change.
         **algorithm_options: passed to ``AllReduceSGD`` (``comm_dtype``,
-            ``allow_unused``).
+            ``allow_unused``, ``compression``, ``error_feedback``; each
+            rank keeps its own residual: NOTE [Residuals across views]).
     """
 
     _skipped = False  # whether the last step was left out (see last_step_skipped)
-
-    def _check_options(self, options: dict[str, Any]) -> None:
-        if options.get("compression") is not None:
-            raise ValueError(
-                "ElasticSGD does not take compression yet (its redone steps with a "
-                "residual have not been through the fault harness)"
-            )
+    # With error feedback: this rank's residual, carried from view to view
+    # (NOTE [Residuals across views]); None for a rank that never averaged.
+    _residual: torch.Tensor | None = None
 
     @property
     def last_step_skipped(self) -> bool:
@@ -717,7 +725,13 @@ class ElasticSGD(_ElasticMember[AllReduceSGD]):
         # gradients must stay intact until the sum is known to be whole, so
         # that the step can run again on the next view.
         ElasticPort(algo).verify_every_sum()
+        if self._residual is not None:
+            algo.load_state_dict({"steps": 0, "residual": self._residual})
         return algo
+
+    def _keep_state(self) -> None:
+        if self._algo is not None:
+            self._residual = self._algo.state_dict().get("residual")
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -754,11 +768,6 @@ class ElasticEA(_ElasticMember[AllReduceEA]):
     """
 
     def _check_options(self, options: dict[str, Any]) -> None:
-        if options.get("compression") is not None:
-            raise ValueError(
-                "ElasticEA does not take compression yet: its hand-over would give every "
-                "member the source's error-feedback residual (ElasticDiLoCo keeps each own)"
-            )
         if options.get("alpha") is not None:
             raise ValueError(
                 "ElasticEA takes beta, not alpha: the world size changes with the views, and "
@@ -937,8 +946,11 @@ class ElasticEA(_ElasticMember[AllReduceEA]):
     def _load_state(self, state: dict[str, Any], had_state: bool) -> None:
         self._steps = state["steps"]
         self._center_round = state["center_round"]
-        self._handed_state = state["ea"]
-        self._current().load_state_dict(state["ea"])
+        # The source's error-feedback residual stays the source's: this
+        # rank keeps its own (zeros for a joiner: NOTE [Residuals across views]).
+        ea_state = {key: value for key, value in state["ea"].items() if key != "residual"}
+        self._current().load_state_dict(ea_state)
+        self._handed_state = self._current().state_dict()
         if not had_state:
             self._model.load_state_dict(state["model"])
             if self._optimizer is not None and state["optimizer"] is not None:
