@@ -132,6 +132,15 @@ class _Fragment:
             self.in_flight = None
             self.last_send = self.previous_send
 
+    def abandon_exchange(self) -> None:
+        """Forgets the exchange every rank drops alike (nobody contributed,
+        or every rank raises): a low-bit sum still in flight completes
+        first, so that its scratch is free for the next one and its
+        all-gather pairs up (NOTE [Low-bit sums in flight])."""
+        exchange, self.in_flight = self.in_flight, None
+        if exchange is not None and exchange.pending is not None:
+            exchange.pending.wait()
+
     def bind_locals(self, addresses: Sequence[int], element_sizes: Sequence[int]) -> None:
         self.local_addresses = _C.Addresses(
             [addresses[p.tensor] + p.begin * element_sizes[p.tensor] for p in self.pieces]
@@ -197,7 +206,9 @@ class DiLoCo(GroupMember):
             (``"int8"``, ``"fp8_e4m3"``: 8 bits; ``"int4"``, ``"mxfp4"``: 4
             bits; a float32 scale per block): an all-to-all, a float32 sum
             of each shard, an all-gather (``_comm/low_bit.py``). CPU
-            params only, for now; the exchanges are then synchronous.
+            params only, for now. With ``delay`` the exchange overlaps the
+            inner steps as an exact one does, its all-gather starting at
+            the next exchange or the outer step.
         error_feedback: keep what each quantization lost and add it to the
             next exchange of the fragment (default: on for 4-bit formats).
         nonfinite: what an outer step does when some rank's outer gradient
@@ -782,7 +793,7 @@ class DiLoCo(GroupMember):
                 if self._send(fragment, tensors, waiting):
                     # No rank took a step since this fragment's last
                     # exchange: no outer step to take (nothing moved).
-                    fragment.in_flight = None
+                    fragment.abandon_exchange()
                     nobody = True
                 elif self._delay == 0:
                     self._outer_step(fragment, tensors)
@@ -816,9 +827,16 @@ class DiLoCo(GroupMember):
         try:
             if fragment.low_bit is not None:
                 # Only a contributor's residual goes in: zeros count for nothing.
-                self._collectives.all_reduce_low_bit(
+                # In flight until its outer step, even where the exact sum is
+                # waited for at once (NOTE [Low-bit sums in flight]): what is
+                # read now (whether anyone contributed, the flag) is in the
+                # exact tail.
+                low_bit = self._collectives.all_reduce_low_bit_async(
                     plan.buffer, fragment.low_bit, fragment.residual, contributes
                 )
+                fragment.in_flight.pending = low_bit
+                if waiting or self._nonfinite == "raise":
+                    low_bit.wait_for_tail()
             elif waiting or self._delay == 0 or self._nonfinite == "raise" or capturing:
                 self._collectives.all_reduce_sum(plan.buffer, verify=True)
             else:
@@ -829,7 +847,7 @@ class DiLoCo(GroupMember):
             raise
         if self._nonfinite == "raise" and plan.code_counts()[_OUTER_PROBLEM] == 0:
             if (ranks := plan.nonfinite_ranks()) > 0:
-                fragment.in_flight = None
+                fragment.abandon_exchange()
                 raise FloatingPointError(
                     f"params: NaN or infinite outer gradients on {ranks} of {self.world_size} "
                     f"ranks; every rank raises before the global parameters change"

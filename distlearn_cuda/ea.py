@@ -104,7 +104,9 @@ class AllReduceEA(GroupMember):
             (``"int8"``, ``"fp8_e4m3"``, ``"int4"``, ``"mxfp4"``; see
             ``DiLoCo``): the center then moves by the low-bit sum of the
             deltas while each x moves by its own exact delta. CPU params
-            only, for now; rounds are then synchronous.
+            only, for now. Asynchronous rounds overlap their all-to-all
+            with the steps in between; the all-gather of the shards each
+            rank summed runs when the round completes.
         error_feedback: add what each round's quantization lost to this
             rank's next delta (default: on for the 4-bit formats).
         timeout: deadline of every collective (seconds or a
@@ -138,10 +140,8 @@ class AllReduceEA(GroupMember):
         self._compression, self._error_feedback = check_compression(
             compression, error_feedback, self._comm_dtype
         )
-        # The low-bit sum is synchronous; "raise" reads the flag before the round completes.
-        self._asynchronous = (
-            asynchronous and self._nonfinite != "raise" and self._compression is None
-        )
+        # "raise" reads the flag before the round completes.
+        self._asynchronous = asynchronous and self._nonfinite != "raise"
         timeout = check_timeout(timeout)
         self._alpha = check_ea_rate(alpha, beta, resolve(group).world_size)
         super().__init__(group, timeout)
@@ -458,7 +458,7 @@ class AllReduceEA(GroupMember):
         plan = self._delta_plan()
         plan.buffer.zero_()
         plan.buffer[plan.layout.count_offset + plan.count_slot(self.rank, EA_PROBLEM)] = 1
-        self._sum(plan, active=False)
+        self._start_sum(plan, active=False).wait()
         mine = Description(call, waiting=waiting, problems=[_problem(problem)])
         self._finish_round(plan, mine)
         raise AssertionError("unreachable: the round's codes hold this rank's problem")
@@ -523,14 +523,15 @@ class AllReduceEA(GroupMember):
             self._delta_plan_cache = plan
         return self._delta_plan_cache
 
-    def _sum(self, plan: Plan, active: bool) -> None:
-        """The round's allreduce, waited for: low-bit (a contributor's
-        residual goes in) or exact."""
+    def _start_sum(self, plan: Plan, active: bool) -> PendingSum:
+        """Starts the round's allreduce: low-bit (a contributor's residual
+        goes in) or exact."""
         if self._low_bit is not None:
             residual = self._feedback.residual if self._feedback is not None else None
-            self._collectives.all_reduce_low_bit(plan.buffer, self._low_bit, residual, active)
-        else:
-            self._collectives.all_reduce_sum(plan.buffer, verify=True)
+            return self._collectives.all_reduce_low_bit_async(
+                plan.buffer, self._low_bit, residual, active
+            )
+        return self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
 
     def _lossless_dtype(self) -> torch.dtype:
         return lossless_dtype([entry[0] for entry in self._bound_signature()[1]])
@@ -581,10 +582,10 @@ class AllReduceEA(GroupMember):
                     torch._foreach_copy_(flat.tensors, self._centers)
         increment_version(flat.tensors)
         if asynchronous:
-            self._pending = self._collectives.all_reduce_sum_async(plan.buffer, verify=True)
+            self._pending = self._start_sum(plan, active)
         else:
             # The center update below cannot be undone: know the sum arrived.
-            self._sum(plan, active)
+            self._start_sum(plan, active).wait()
             self._finish_round(plan)
         return plan
 

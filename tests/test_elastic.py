@@ -440,7 +440,7 @@ def test_a_closed_membership_leaves_no_thread_behind_to_abort_the_exit(make_job)
         "import datetime, os, sys, threading, time\n"
         "from distlearn_cuda.elastic._keys import SECRET_ENV\n"
         "from distlearn_cuda.elastic._membership import Membership\n"
-        "for i in range(30):\n"
+        "for i in range(12):\n"
         "    member = Membership(sys.argv[1], os.environ[SECRET_ENV], heartbeat_interval=0.001,\n"
         "                        connect_timeout=datetime.timedelta(seconds=10))\n"
         "    member.beating.set()\n"
@@ -455,7 +455,7 @@ def test_a_closed_membership_leaves_no_thread_behind_to_abort_the_exit(make_job)
         [sys.executable, "-c", code, f"127.0.0.1:{job.port}"],
         capture_output=True, text=True, timeout=120, env=python_env(),
     )  # fmt: skip
-    assert done.returncode == 0 and "closed 30" in done.stdout, (
+    assert done.returncode == 0 and "closed 12" in done.stdout, (
         f"exit {done.returncode}\n{done.stdout}{done.stderr[-3000:]}"
     )
 

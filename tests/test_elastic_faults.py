@@ -138,7 +138,7 @@ class Schedule:
     delay: int = 0
     mix: float = 0.0
     sync_global: bool = False
-    compression: str | None = None  # a low-bit format of the sums (not asynchronous EA's)
+    compression: str | None = None  # a low-bit format of the sums
 
     def worker_args(self) -> list[str]:
         """What every rank of the schedule's jobs is started with."""
@@ -201,11 +201,11 @@ def draw(seed: int) -> Schedule:
         schedule.mix = rng.choice([0.0, 0.0, 0.5])
         schedule.sync_global = rng.random() < 0.5
         schedule.compression = rng.choice([None, None, "int8", "mxfp4"])
-    # SGD's and synchronous EA's compression, from a generator of its own
-    # too, salted with the first number (COMPRESSION_SALT) that leaves
-    # CI_SEEDS' exact (their float64 checks of the sums are the point).
+    # SGD's and EA's compression, from a generator of its own too, salted
+    # with the first number (COMPRESSION_SALT) that leaves CI_SEEDS' exact
+    # (their float64 checks of the sums are the point).
     rng = random.Random(f"compression {COMPRESSION_SALT} {seed}")
-    if schedule.algo == "sgd" or (schedule.algo == "ea" and not schedule.asynchronous):
+    if schedule.algo in ("sgd", "ea"):
         if rng.random() < 1 / 3:
             schedule.compression = rng.choice(["int8", "fp8_e4m3", "int4", "mxfp4"])
     return schedule

@@ -85,6 +85,67 @@ class PendingSum:
             finish()
 
 
+# NOTE [Low-bit sums in flight]: a low-bit sum is three collectives on the
+# private gloo group (an all-to-all and the exact tail's allreduce, then an
+# all-gather of the shards each rank summed), which pair up across the ranks
+# in the order each rank starts them. The all-gather can start only once the
+# all-to-all arrived and the shard was summed, so an asynchronous sum leaves
+# it for later, and "later" must fall at the same place in every rank's
+# sequence of collectives even where the ranks' calls differ (a rank waiting
+# in a synchronization while the others train, a rank with a problem): it
+# starts when the object starts its next collective of any kind, or when the
+# sum is waited for, whichever comes first. Between two collective starts
+# only the sum started last can be pending, so either way its all-gather
+# falls between the same two starts on every rank.
+class PendingLowBitSum(PendingSum):
+    """A low-bit sum in flight (``Collectives.all_reduce_low_bit_async``)."""
+
+    def __init__(
+        self,
+        owner: Collectives,
+        started: float,
+        gather: Callable[[], Any],
+        finish: Callable[[Any], None],
+        tail_sum: Any,
+    ) -> None:
+        super().__init__(self._finish_sum)
+        self._owner, self._started = owner, started
+        self._gather: Callable[[], Any] | None = gather
+        self._gathered: Any = None
+        self._finish_with = finish
+        self._tail_sum = tail_sum
+
+    def start_gather(self) -> None:
+        """Sums this rank's shard once the all-to-all arrived and starts the
+        all-gather (once)."""
+        gather, self._gather = self._gather, None
+        if gather is None:
+            return
+        if self._owner._gathering is self:
+            self._owner._gathering = None
+        try:
+            self._gathered = gather()
+        except RuntimeError as error:
+            self._owner._fail("all_reduce_low_bit", self._started, error)
+
+    def wait_for_tail(self) -> None:
+        """Waits for the exact tail only (the count slots and the non-finite
+        flag), readable then: the low-bit payload stays in flight."""
+        try:
+            self._tail_sum.wait()
+        except RuntimeError as error:
+            self._owner._fail("all_reduce_low_bit", self._started, error)
+
+    def _finish_sum(self) -> None:
+        self.start_gather()
+        if self._gathered is None:  # the all-to-all failed: _fail raised then
+            self._owner.check_usable("all_reduce_low_bit")
+        try:
+            self._finish_with(self._gathered)
+        except RuntimeError as error:
+            self._owner._fail("all_reduce_low_bit", self._started, error)
+
+
 # What objects closed in a forked child held: the parent's backends and
 # threads, never torn down in the child (NOTE [Fork] in _nccl).
 _kept_in_child: list[object] = []
@@ -133,6 +194,8 @@ class Collectives:
         self.verify_sums = False
         # Bytes the low-bit sums sent (LowBitSum.wire_bytes, summed over the calls).
         self.low_bit_wire_bytes = 0
+        # A low-bit sum whose all-gather has not started (NOTE [Low-bit sums in flight]).
+        self._gathering: PendingLowBitSum | None = None
 
     @property
     def timeout(self) -> datetime.timedelta:
@@ -177,8 +240,7 @@ class Collectives:
         capture) the host waits for it and raises here, so that a caller
         about to consume the sum irreversibly never consumes a broken one.
         """
-        self.check_usable("all_reduce_sum")
-        self._positions.enter("all_reduce_sum")
+        self._begin("all_reduce_sum")
         started = time.monotonic()
         try:
             self._route(buffer.device).all_reduce_sum(buffer, verify or self.verify_sums)
@@ -199,23 +261,59 @@ class Collectives:
         only when the call succeeds (see ``LowBitSum.settle_residual``). CPU
         float32 buffers, over the private gloo group (each of its three
         collectives bounded by the deadline)."""
-        self.check_usable("all_reduce_low_bit")
-        self._positions.enter("all_reduce_low_bit")
+        self.all_reduce_low_bit_async(buffer, low_bit, residual, contributes).wait()
+
+    def all_reduce_low_bit_async(
+        self,
+        buffer: torch.Tensor,
+        low_bit: LowBitSum,
+        residual: torch.Tensor | None,
+        contributes: bool = True,
+    ) -> PendingLowBitSum:
+        """Starts ``all_reduce_low_bit``: quantizes, and starts the
+        all-to-all and the exact tail's allreduce. The rest (NOTE [Low-bit
+        sums in flight]) runs when this object next starts a collective, or
+        at ``wait()``, whichever comes first; ``wait()`` then dequantizes.
+        Until then the caller must not touch ``buffer`` nor start another
+        sum of ``low_bit``."""
+        self._begin("all_reduce_low_bit")
         started = time.monotonic()
         payload, tail = buffer[: low_bit.payload], buffer[low_bit.payload :]
         try:
             backend = self.gloo.backend
             low_bit.quantize_into_messages(payload, residual if contributes else None)
-            low_bit.exchange_shards(backend)
-            low_bit.sum_shard()
-            low_bit.gather_shards(backend)
-            self.gloo.all_reduce(tail).wait()
+            shards = low_bit.exchange_shards(backend)
+            tail_sum = self.gloo.all_reduce(tail)
         except RuntimeError as error:
             self._fail("all_reduce_low_bit", started, error)
-        low_bit.dequantize_into(payload)
-        if residual is not None:
-            low_bit.settle_residual(residual, buffer, contributes)
-        self.low_bit_wire_bytes += low_bit.wire_bytes
+
+        def gather() -> Any:
+            shards.wait()
+            low_bit.sum_shard()
+            return low_bit.gather_shards(backend)
+
+        def finish(gathered: Any) -> None:
+            gathered.wait()
+            tail_sum.wait()
+            self._positions.completed_by_all()
+            low_bit.dequantize_into(payload)
+            if residual is not None:
+                low_bit.settle_residual(residual, buffer, contributes)
+            self.low_bit_wire_bytes += low_bit.wire_bytes
+
+        pending = PendingLowBitSum(self, started, gather, finish, tail_sum)
+        self._gathering = pending
+        return pending
+
+    def _begin(self, operation: str) -> None:
+        """What every collective does first: checks the object, starts the
+        second half of a low-bit sum in flight (NOTE [Low-bit sums in
+        flight]), and counts this collective's position."""
+        self.check_usable(operation)
+        gathering, self._gathering = self._gathering, None
+        if gathering is not None:
+            gathering.start_gather()
+        self._positions.enter(operation)
 
     def all_reduce_sum_async(self, buffer: torch.Tensor, *, verify: bool) -> PendingSum:
         """Starts buffer <- its sum over the ranks; the caller must not touch
@@ -233,8 +331,7 @@ class Collectives:
         the allreduce and the host runs on (SGD's buckets). Inside a CUDA
         graph capture nothing is verified: the capture runs nothing.
         """
-        self.check_usable("all_reduce_sum")
-        self._positions.enter("all_reduce_sum")
+        self._begin("all_reduce_sum")
         started = time.monotonic()
         try:
             wait = self._route(buffer.device).all_reduce_sum_async(buffer, verify)
@@ -251,8 +348,7 @@ class Collectives:
 
     def broadcast(self, buffer: torch.Tensor, src: int) -> None:
         """buffer <- group rank ``src``'s buffer, in place."""
-        self.check_usable("broadcast")
-        self._positions.enter("broadcast")
+        self._begin("broadcast")
         started = time.monotonic()
         try:
             self._route(buffer.device).broadcast(buffer, src)
@@ -261,8 +357,7 @@ class Collectives:
 
     def broadcast_object(self, value: Any, src: int) -> Any:
         """Group rank ``src``'s picklable ``value``, on every rank (small host-side data)."""
-        self.check_usable("broadcast_object")
-        self._positions.enter("broadcast_object")
+        self._begin("broadcast_object")
         started = time.monotonic()
         try:
             return self.gloo.broadcast_object(value, src)
@@ -271,8 +366,7 @@ class Collectives:
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over the ranks (a small host-side collective)."""
-        self.check_usable("max_int")
-        self._positions.enter("max_int")
+        self._begin("max_int")
         started = time.monotonic()
         key = torch.tensor([value], dtype=torch.int64)
         try:
@@ -285,8 +379,7 @@ class Collectives:
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (tensors, numbers, strings, containers; see
         ``_comm.gloo.encode``), by group rank (small host-side data)."""
-        self.check_usable("gather_objects")
-        self._positions.enter("gather_objects")
+        self._begin("gather_objects")
         started = time.monotonic()
         try:
             gathered = self.gloo.all_gather_objects(value)
@@ -304,8 +397,7 @@ class Collectives:
         mismatch do the ranks exchange their entries, to name the first rank
         that differs from rank 0 and the first entry (a ``noun``) where it does.
         """
-        self.check_usable("check_same_structure")
-        self._positions.enter("check_same_structure")
+        self._begin("check_same_structure")
         started = time.monotonic()
         digest = hashlib.blake2b("\n".join(entries).encode(), digest_size=8).digest()
         value = int.from_bytes(digest, "little") >> 2  # 62 bits: it and -it fit int64

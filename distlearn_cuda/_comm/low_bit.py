@@ -143,22 +143,21 @@ class LowBitSum:
             torch.get_num_threads(),
         )
 
-    def exchange_shards(self, backend: dist.ProcessGroupGloo) -> None:
-        """Step 2: the all-to-all (rank j gets every rank's shard j)."""
+    def exchange_shards(self, backend: dist.ProcessGroupGloo) -> dist.Work:
+        """Step 2, started: the all-to-all (rank j gets every rank's shard j)."""
         splits = [self.message] * self.world
         options = dist.AllToAllOptions()
         # ProcessGroupGloo's collectives exist at run time, not in torch's stubs.
-        work = backend.alltoall_base(self._received, self._send, splits, splits, options)  # type: ignore[attr-defined]
-        work.wait()
+        return backend.alltoall_base(self._received, self._send, splits, splits, options)  # type: ignore[attr-defined,no-any-return]
 
     def sum_shard(self) -> None:
         """Step 3: this rank's shard, summed in float32 in rank order and quantized."""
         threads = torch.get_num_threads()
         _C.low_bit_sum(self._shape, self._received.data_ptr(), self._summed.data_ptr(), threads)
 
-    def gather_shards(self, backend: dist.ProcessGroupGloo) -> None:
-        """Step 4's communication: every rank's summed shard."""
-        backend._allgather_base(self._gathered, self._summed).wait()  # type: ignore[attr-defined]
+    def gather_shards(self, backend: dist.ProcessGroupGloo) -> dist.Work:
+        """Step 4's communication, started: every rank's summed shard."""
+        return backend._allgather_base(self._gathered, self._summed)  # type: ignore[attr-defined,no-any-return]
 
     def dequantize_into(self, values: torch.Tensor) -> None:
         """Step 4: the summed shards, dequantized into ``values`` (``payload`` long)."""
