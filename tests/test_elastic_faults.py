@@ -378,7 +378,7 @@ def check_invariants(
             if schedule.compression:
                 assert all(m == means[0] for m in means), f"step {steps}: means differ"
             for mean in means:
-                assert_close(mean, want, tol)
+                assert_close(mean, want, tol, f"the mean of step {steps}")
     elif algo == "ea":
         check_ea_rounds(job, everyone, schedule.asynchronous, schedule.compression)
     else:
@@ -392,17 +392,17 @@ def check_invariants(
 STEP_FRACTION = {"int8": 1 / 127, "int4": 1 / 7, "fp8_e4m3": 1 / 8, "mxfp4": 2 / 3}
 
 
-def compressed_sum_tolerance(compression: str | None, largest: float) -> float:
-    """assert_close's bound on a mean (or a sum of EA deltas) in
-    ``compression``, ``largest`` the largest value the ranks sent: each
-    rank's error-feedback residual goes in and a new one comes out (at
-    most a step each over the ranks, in the mean) and the summed shard is
-    quantized again (half a step): 1.5 steps, with a margin of its own (a
-    rank behind the source sends a residual twice: NOTE [Residuals across
-    views])."""
+def compressed_sum_tolerance(compression: str | None, largest: float, ranks: int = 1) -> float:
+    """assert_close's bound on a mean (``ranks`` 1), or a sum over ``ranks``
+    (EA's deltas), in ``compression``, ``largest`` the largest value any
+    rank sent: each rank's error-feedback residual goes in and a new one
+    comes out (at most a step each, per rank) and the summed shard is
+    quantized again (half a step of the sum): 1.5 steps per rank, with a
+    margin of its own (a rank behind the source sends a residual twice:
+    NOTE [Residuals across views])."""
     if compression is None:
         return 2e-6
-    return 2.0 * STEP_FRACTION[compression] * largest + 2e-6
+    return 2.0 * STEP_FRACTION[compression] * largest * ranks + 2e-6
 
 
 def check_outer_steps(job: Job, everyone: list[str], schedule: Schedule) -> None:
@@ -503,14 +503,18 @@ def check_ea_rounds(
             [alpha * (x - c) for x, c in zip(e["before"], center, strict=True)] for e in events
         ]
         for e, delta in zip(events, deltas, strict=True):
-            assert_close(e["params"], [x - d for x, d in zip(e["before"], delta, strict=True)])
+            where = f"{e['name']}'s params after round {steps} of {prefix}"
+            assert_close(
+                e["params"], [x - d for x, d in zip(e["before"], delta, strict=True)], what=where
+            )
         columns = zip(*deltas, strict=True)
         want = [c + math.fsum(column) for c, column in zip(center, columns, strict=True)]
         # With compression the center moves by the low-bit sum of the
         # deltas (each x by its exact own), the same on every member.
         for e in events:
             assert e["center"] == events[0]["center"], f"{prefix} step {steps}: centers differ"
-            assert_close(e["center"], want, compressed_sum_tolerance(compression, largest))
+            tol = compressed_sum_tolerance(compression, largest, len(events))
+            assert_close(e["center"], want, tol, f"the center after round {steps} of {prefix}")
         checked += 1
         redone += events[0]["prefix_before"] != prefix
     print(f"EA rounds checked against the reference: {checked}, {redone} redone on a new view")
