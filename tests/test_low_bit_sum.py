@@ -135,20 +135,24 @@ def test_a_lost_peer_fails_the_sum_within_the_deadline_and_keeps_the_residual() 
 
 
 def _start_and_train(
-    make: Callable[[], Any], seed: int, rank: int, steps: int, size: float
+    make: Callable[[], Any], seed: int, rank: int, steps: int, size: float, read_at: int = -1
 ) -> tuple[Any, list[torch.Tensor]]:
     """An algorithm object from ``make``, on params drawn from ``seed`` (the
-    same on every rank), after ``steps`` noisy local steps of this rank's."""
+    same on every rank), after ``steps`` noisy local steps of this rank's;
+    rank 0 alone reads its state after step ``read_at`` (completing a sum
+    in flight on that rank only)."""
     generator = torch.Generator().manual_seed(seed)
     params = [torch.randn(37, 11, generator=generator), torch.randn(301, generator=generator)]
     sync = make()
     sync.synchronize_parameters(params)
     noise = torch.Generator().manual_seed(seed + rank + 1)
-    for _ in range(steps):
+    for step in range(steps):
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn(p.shape, generator=noise) * size)
         sync.average_parameters(params)
+        if rank == 0 and step == read_at:
+            sync.state_dict()
     return sync, params
 
 
@@ -265,43 +269,24 @@ def test_ea_with_compression_stays_near_the_uncompressed_run(
     assert all(r["kept"] for r in results), where
 
 
-def _uneven_run(make: Callable[[], Any], seed: int, rank: int, steps: int, read_at: int) -> Any:
-    """``make()``'s object over ``steps`` noisy local steps of this rank's
-    (uneven across the ranks: the ones that stop first wait in the
-    synchronization, joining the others' sums), reading its state mid-run
-    on rank 0 alone at step ``read_at``; returns the object and the params."""
-    generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(37, 11, generator=generator), torch.randn(301, generator=generator)]
-    algo = make()
-    algo.synchronize_parameters(params)
-    noise = torch.Generator().manual_seed(seed + rank + 1)
-    for step in range(steps):
-        with torch.no_grad():
-            for p in params:
-                p.add_(torch.randn(p.shape, generator=noise) * 0.05)
-        algo.average_parameters(params)
-        if rank == 0 and step == read_at:
-            algo.state_dict()  # completes a sum in flight on this rank only
-    return algo, params
-
-
 def _in_flight_runs(rank: int, world_size: int, seed: int, fmt: str) -> dict:
     """EA's rounds with ``fmt``, asynchronous and synchronous; DiLoCo's
     delayed exchanges of 3 fragments with ``fmt`` and exact: each over
-    uneven steps into a synchronization."""
+    uneven steps into a synchronization (the ranks that stop first wait
+    there, joining the others' sums), rank 0 reading its state mid-run."""
     results: dict[str, Any] = {}
     for asynchronous in (True, False):
-        ea, params = _uneven_run(
+        ea, params = _start_and_train(
             lambda a=asynchronous: dl.AllReduceEA(tau=2, compression=fmt, asynchronous=a),
-            seed, rank, 13 - 3 * rank, read_at=5,
+            seed, rank, 13 - 3 * rank, 0.05, read_at=5,
         )  # fmt: skip
         ea.synchronize_center(params)
         results[f"ea {asynchronous}"] = [*params, *ea.center]
         ea.close()
     for compression in (fmt, None):
-        diloco, params = _uneven_run(
+        diloco, params = _start_and_train(
             lambda c=compression: dl.DiLoCo(tau=3, fragments=3, delay=2, compression=c),
-            seed, rank, 17 - 4 * rank, read_at=6,
+            seed, rank, 17 - 4 * rank, 0.05, read_at=6,
         )  # fmt: skip
         diloco.synchronize_global(params)
         results[f"diloco {compression}"] = diloco.state_dict()["globals"]
