@@ -458,7 +458,7 @@ class AllReduceEA(GroupMember):
         plan = self._delta_plan()
         plan.buffer.zero_()
         plan.buffer[plan.layout.count_offset + plan.count_slot(self.rank, EA_PROBLEM)] = 1
-        self._start_sum(plan, active=False).wait()
+        self._sum(plan, active=False)
         mine = Description(call, waiting=waiting, problems=[_problem(problem)])
         self._finish_round(plan, mine)
         raise AssertionError("unreachable: the round's codes hold this rank's problem")
@@ -523,6 +523,15 @@ class AllReduceEA(GroupMember):
             self._delta_plan_cache = plan
         return self._delta_plan_cache
 
+    def _sum(self, plan: Plan, active: bool) -> None:
+        """The round's allreduce, waited for: low-bit (a contributor's
+        residual goes in) or exact (on the current stream, so a captured
+        round forks no stream)."""
+        if self._low_bit is None:
+            self._collectives.all_reduce_sum(plan.buffer, verify=True)
+        else:
+            self._start_sum(plan, active).wait()
+
     def _start_sum(self, plan: Plan, active: bool) -> PendingSum:
         """Starts the round's allreduce: low-bit (a contributor's residual
         goes in) or exact."""
@@ -585,7 +594,7 @@ class AllReduceEA(GroupMember):
             self._pending = self._start_sum(plan, active)
         else:
             # The center update below cannot be undone: know the sum arrived.
-            self._start_sum(plan, active).wait()
+            self._sum(plan, active)
             self._finish_round(plan)
         return plan
 
