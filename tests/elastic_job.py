@@ -217,7 +217,13 @@ def mean64(vectors: list[list[float]]) -> list[float]:
     return [math.fsum(column) / len(vectors) for column in zip(*vectors, strict=True)]
 
 
-def assert_close(got: list[float], want: list[float], tol: float = 2e-6, what: str = "") -> None:
+# assert_close's bound for exact sums: float32 values against a float64 reference.
+EXACT_TOL = 2e-6
+
+
+def assert_close(
+    got: list[float], want: list[float], tol: float = EXACT_TOL, what: str = ""
+) -> None:
     worst = max(abs(g - w) / max(1.0, abs(w)) for g, w in zip(got, want, strict=True))
     assert worst <= tol, (
         f"{what}{': ' if what else ''}off by {worst:.3g} (relative; bound {tol:.3g})"

@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
-from elastic_job import WAIT, Job, assert_close, mean64
+from elastic_job import EXACT_TOL, WAIT, Job, assert_close, mean64
 from long_mode import LONG, long_only
 
 pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
@@ -401,8 +401,8 @@ def compressed_sum_tolerance(compression: str | None, largest: float, ranks: int
     margin of its own (a rank behind the source sends a residual twice:
     NOTE [Residuals across views])."""
     if compression is None:
-        return 2e-6
-    return 2.0 * STEP_FRACTION[compression] * largest * ranks + 2e-6
+        return EXACT_TOL
+    return 2.0 * STEP_FRACTION[compression] * largest * ranks + EXACT_TOL
 
 
 def check_outer_steps(job: Job, everyone: list[str], schedule: Schedule) -> None:
@@ -440,11 +440,11 @@ def check_outer_steps(job: Job, everyone: list[str], schedule: Schedule) -> None
         ),
         default=0.0,
     )
-    g_tol = center_tol = params_tol = compressed_sum_tolerance(None, 0.0)  # exact
+    g_tol = center_tol = params_tol = EXACT_TOL
     if schedule.compression:
         g_tol = compressed_sum_tolerance(schedule.compression, largest)
-        center_tol = lr * (1 + mu) * g_tol + 2e-6
-        params_tol = (1 - mix) * center_tol + 2e-6
+        center_tol = lr * (1 + mu) * g_tol + EXACT_TOL
+        params_tol = (1 - mix) * center_tol + EXACT_TOL
     checked = 0
     for (prefix, steps), events in steps_by.items():
         if len(events) < events[0]["world"]:
