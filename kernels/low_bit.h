@@ -83,20 +83,21 @@ DL_INLINE float decode_e4m3(uint8_t code) {
 }
 
 // OCP MX FP4 E2M1 (v1.0, 5.3.3): bias 1, no infinity or NaN, largest 6;
-// a 4-bit code (sign in bit 3). NaN has no code: it maps to 0 here (the
-// non-finite flag travels beside the codes, losslessly).
+// a 4-bit code (sign in bit 3). NaN has no code: it maps to 0 here (its
+// block's scale is NaN: NOTE [Non-finite blocks]).
 DL_INLINE uint8_t encode_e2m1(float v) { return encode_small_float<4, 1, 1, 0x7, 0x0>(v); }
 DL_INLINE float decode_e2m1(uint8_t code) { return decode_small_float<1, 1, 4>(code & 0xF); }
 
-// max(amax, |v|), a NaN v ignored (as std::fmax would, which is a library
-// call on the host).
+// max(amax, |v|), NaN when either is (a NaN sticks: every later
+// comparison with it is false). A select, not a library call.
 DL_INLINE float larger_magnitude(float amax, float v) {
   const float a = std::fabs(v);
-  return a > amax ? a : amax;
+  return (a > amax || a != a) ? a : amax;
 }
 
-// The largest |values[i]|, i < n, NaNs ignored. Eight partial maxima: the
-// maximum is exact in any order, and independent chains vectorize.
+// The largest |values[i]|, i < n; NaN when one is NaN, infinity when one
+// is infinite. Eight partial maxima: the maximum is exact in any order, and
+// independent chains vectorize.
 DL_INLINE float block_amax(const float* values, int64_t n) {
   float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t i = 0;
@@ -119,6 +120,15 @@ enum class LowBitFormat : int32_t { kInt8 = 0, kInt4 = 1, kFp8E4M3 = 2, kMxFp4 =
 //               E2M1's largest exponent), code = e2m1(v * 2^-that), exact.
 // A block of zeros gets scale 0 (mxfp4: 2^-127 is not a normal float: 0
 // too) and zero codes. `inverse` is MXFP4's exact 1 / scale.
+//
+// NOTE [Non-finite blocks]: a block holding a NaN or an infinity gets a
+// NaN scale (MXFP4: E8M0's NaN byte), so that every value of it
+// dequantizes to NaN, and a sum of blocks one of which is NaN is NaN. A
+// non-finite value thus stays non-finite through the low-bit sum
+// (nonfinite="propagate" then leaves what GradScaler and the user see
+// non-finite, as an exact sum would), spread to its block; which ranks had
+// one travels exactly in the non-finite flag beside the codes, and the
+// error feedback drops a flagged sum's residual.
 struct BlockScale {
   float scale;
   float inverse;
@@ -126,6 +136,7 @@ struct BlockScale {
 
 DL_INLINE BlockScale block_scale(LowBitFormat format, float amax) {
   if (amax == 0.0f) return {0.0f, 0.0f};
+  if (!(amax < INFINITY)) return {NAN, NAN};  // NOTE [Non-finite blocks]
   switch (format) {
     case LowBitFormat::kInt8:
       return {amax / 127.0f, 0.0f};
@@ -142,18 +153,16 @@ DL_INLINE BlockScale block_scale(LowBitFormat format, float amax) {
   return {0.0f, 0.0f};
 }
 
-// v's code in a block of that scale. A NaN has no integer code: it gets
-// one that is not used (the non-finite flag travels beside the codes,
-// losslessly, and a flagged sum is not applied).
+// v's code in a block of that scale. In a block of NaN scale (NOTE
+// [Non-finite blocks]) any code reads back as NaN.
 DL_INLINE uint8_t encode_code(LowBitFormat format, float v, const BlockScale& s) {
   if (s.scale == 0.0f) return 0;
   switch (format) {
     case LowBitFormat::kInt8:
     case LowBitFormat::kInt4: {
       const float top = format == LowBitFormat::kInt8 ? 127.0f : 7.0f;
-      // Clamped (a NaN to top: its code is not used, the flag goes with
-      // it), then rounded: top is an integer, so the order does not matter.
-      // Selects, not branches.
+      // Clamped (a NaN to top), then rounded: top is an integer, so the
+      // order does not matter. Selects, not branches.
       float q = v / s.scale;
       q = q < top ? q : top;
       q = q > -top ? q : -top;

@@ -49,7 +49,9 @@ struct LowBitShape {
 // OCP MX v1.0's E8M0: 2^(byte - 127), byte 255 NaN. block_scale's MXFP4
 // scales are powers of two in [2^-126, 2^126], or 0 for a block of zeros,
 // which travels as byte 0 and reads back as 0 (power_of_two(-127) is 0:
-// 2^-127 is no normal float, and the block's codes are 0 either way).
+// 2^-127 is no normal float, and the block's codes are 0 either way), or
+// NaN (NOTE [Non-finite blocks] in low_bit.h), whose exponent field is all
+// ones: byte 255.
 DL_INLINE uint8_t encode_e8m0(float scale) {
   return scale == 0.0f ? 0 : static_cast<uint8_t>(exponent_of(scale) + 127);
 }

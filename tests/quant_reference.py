@@ -20,8 +20,10 @@ Every format quantizes a block of values with one shared scale:
   nearest E2M1 value, ties to even, saturated to +-6.
 
 A block whose values are all zero gets scale 0 (int, fp8) or the smallest
-E8M0 scale (MX) and all-zero codes. Non-finite inputs are not quantized:
-the library's non-finite flag travels beside the codes, losslessly.
+E8M0 scale (MX) and all-zero codes. A block holding a NaN or an infinity
+has no finite scale: it gets a NaN scale, and all its values dequantize to
+NaN (the library's choice, so that a non-finite value stays non-finite
+through a sum; the formats' specifications leave it open).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def round_to_grid(x: float, grid: Sequence[float]) -> float:
 
 def quantize_block(values: Sequence[float], fmt: str) -> tuple[float, Vector]:
     """(scale, elements) of one block; ``dequantize_block`` inverts it."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, [0.0] * len(values)
     amax = max((abs(v) for v in values), default=0.0)
     if fmt in ("int8", "int4"):
         top = 127.0 if fmt == "int8" else 7.0
@@ -136,6 +140,13 @@ def with_error_feedback(
 # The widest step of each format's grid, in units of the block's scale:
 # int 1; E2M1 2 (4 to 6); E4M3 32 (from 256 to 448).
 WIDEST_STEP = {"int8": 1.0, "int4": 1.0, "fp8_e4m3": 32.0, "mxfp4": 2.0}
+
+
+# A quantization step, as a fraction of its block's largest value, at most
+# (the formats' specifications): int8 and int4 scale the largest to 127 and
+# 7; fp8 e4m3's 3-bit mantissa; MXFP4's E2M1 has step 2 below its largest
+# value 6, and the power-of-two scale puts the block's largest above 3.
+STEP_FRACTION = {"int8": 1 / 127, "int4": 1 / 7, "fp8_e4m3": 1 / 8, "mxfp4": 2 / 3}
 
 
 def steps_of(values: list[float], fmt: str, block: int) -> list[float]:

@@ -58,6 +58,7 @@ from pathlib import Path
 import pytest
 from elastic_job import EXACT_TOL, WAIT, Job, assert_close, mean64
 from long_mode import LONG, long_only
+from quant_reference import STEP_FRACTION
 
 pytest.importorskip("torchft", reason="elastic mode needs torchft (the [elastic] extra)")
 
@@ -383,13 +384,6 @@ def check_invariants(
         check_ea_rounds(job, everyone, schedule.asynchronous, schedule.compression)
     else:
         check_outer_steps(job, everyone, schedule)
-
-
-# A quantization step, as a fraction of its block's largest value, at most
-# (the formats' specifications): int8 and int4 scale the largest to 127 and
-# 7; fp8 e4m3's 3-bit mantissa; MXFP4's E2M1 has step 2 below its largest
-# value 6, and the power-of-two scale puts the block's largest above 3.
-STEP_FRACTION = {"int8": 1 / 127, "int4": 1 / 7, "fp8_e4m3": 1 / 8, "mxfp4": 2 / 3}
 
 
 def compressed_sum_tolerance(compression: str | None, largest: float, ranks: int = 1) -> float:
