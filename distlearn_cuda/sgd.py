@@ -81,10 +81,13 @@ class AllReduceSGD(GroupMember):
         compression: None, or the low-bit format gradients travel in
             (``"int8"``, ``"fp8_e4m3"``, ``"int4"``, ``"mxfp4"``; see
             ``DiLoCo``); the counts (``allow_unused``'s included) stay
-            exact. CPU gradients, without ``attach`` or flat storage, for
-            now.
+            exact. A NaN or an infinity makes its whole quantization block
+            NaN (``nonfinite="propagate"`` stays non-finite). CPU gradients,
+            in every mode (``attach``'s buckets each go in low bits, in
+            flight as exact ones do).
         error_feedback: add what each step's quantization lost to this
-            rank's next gradients (default: on for the 4-bit formats).
+            rank's next gradients (default: on for the 4-bit formats); kept
+            across ``attach`` and ``detach``, and in ``state_dict``.
 
     Constructing one is collective too: it sets up a private gloo group
     (with ``timeout``) over the ranks of ``group``, and the ranks check that
@@ -357,13 +360,15 @@ class AllReduceSGD(GroupMember):
         backward carry no non-finite flag (the call's ``nonfinite`` mode is
         not known yet): with "skip" or "raise" their sums are checked
         instead, the same decision on every rank.
+
+        With ``compression`` each bucket is a low-bit sum of its own (its
+        own blocks: the sums are not bitwise those of the one bucket
+        without ``attach``): its all-to-all starts with the bucket, its
+        all-gather when the next bucket starts or at the call, and the
+        error feedback's residual is kept from before ``attach`` and after
+        ``detach``.
         """
         problem = None
-        if self._compression is not None:
-            raise ValueError(
-                f"attach: not with compression={self._compression!r} yet (the low-bit sum "
-                f"is synchronous, one bucket)"
-            )
         try:
             if not isinstance(gradient_as_bucket_view, bool):
                 kind = type(gradient_as_bucket_view).__name__

@@ -217,8 +217,9 @@ class Bucket:
     def nonfinite_ranks(self, started_by_hook: bool) -> int:
         """How many ranks packed a non-finite value (reads the device). A
         bucket filled in place by a backward hook carries no flag (the mode
-        was not known yet): 1 when its sum holds one."""
-        if self.views is not None and started_by_hook:
+        was not known yet), unless it is summed in low bits: 1 when its sum
+        holds one."""
+        if self.views is not None and started_by_hook and self.low_bit is None:
             data = self.plan.buffer[: self.plan.layout.count_offset]
             return int(not bool(torch.isfinite(data).all()))
         return self.plan.nonfinite_ranks()

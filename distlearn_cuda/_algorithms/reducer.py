@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from .._comm.collectives import Collectives, is_capturing
-from .._comm.low_bit import ErrorFeedback, LowBitSettings, LowBitSum
+from .._comm.collectives import Collectives, PendingSum, is_capturing
+from .._comm.low_bit import LowBitSettings, LowBitSum
 from .._tensors import agreement as _agreement
 from .._tensors.agreement import CHANGED, PROBLEM, SGD_CODES, Description, Problem
 from .._tensors.grad_source import Gathered, GradientSource
@@ -43,6 +43,7 @@ from .._tensors.plan import Plan, count_slots_for, lossless_dtype
 from .._tensors.validate import EXACT_INTEGER_LIMIT, Signature
 from ..errors import CommunicationError
 from .buckets import Bucket, FlatParameters
+from .residuals import GradientResidual
 
 __all__ = ["GradientReducer", "Modes", "split_into_buckets"]
 
@@ -114,7 +115,7 @@ class GradientReducer:
     ) -> None:
         self._low_bit = low_bit if low_bit is not None and low_bit.format else None
         self._feedback = (
-            ErrorFeedback("gradients")
+            GradientResidual()
             if self._low_bit is not None and self._low_bit.error_feedback
             else None
         )
@@ -225,7 +226,7 @@ class GradientReducer:
         for bucket in self.buckets:
             bucket.whole = bucket.indices == list(range(len(params)))
         if self._low_bit is not None:
-            self._install_low_bit()
+            self._install_low_bit(entries)
         if self.modes.attach is not None:
             # The last bucket's hooks only count: the call starts it.
             self._hooks = [
@@ -235,28 +236,43 @@ class GradientReducer:
             ]
         self._next = 0
 
-    def _install_low_bit(self) -> None:
-        """The bucket's low-bit sum (one bucket: attach and flat storage are
-        refused with compression): its gradients' segments are quantized,
-        the presence segment and the count slots after them stay exact. A
-        new trainable set starts a new residual."""
-        assert self._low_bit is not None and len(self.buckets) == 1
-        (bucket,) = self.buckets
-        payload = bucket.plan.layout.offsets[-1]  # where the presence segment begins
+    def _install_low_bit(self, entries: Sequence[Any]) -> None:
+        """Each bucket's low-bit sum: its gradients' segments are quantized,
+        the presence segment and the count slots after them stay exact; and
+        with error feedback its residual (NOTE [Residual layout] in
+        ``_algorithms.residuals``: kept across a change of buckets, a new
+        trainable set starts from zeros)."""
+        assert self._low_bit is not None
         fmt = self._low_bit.format
         assert fmt is not None
-        flag = bucket.plan.layout.flag_offset
-        bucket.low_bit = LowBitSum(fmt, payload, self._world_size, self._rank, flag)
-        bucket.residual = self._feedback.make(payload) if self._feedback is not None else None
+        for bucket in self.buckets:
+            layout = bucket.plan.layout
+            payload = layout.offsets[-1]  # where the presence segment begins
+            bucket.low_bit = LowBitSum(
+                fmt, payload, self._world_size, self._rank, layout.flag_offset
+            )
+        if self._feedback is not None:
+            self._feedback.install(self.buckets, entries)
 
     def residual(self) -> torch.Tensor | None:
-        """A copy of the error feedback's residual (None before binding, or without it)."""
+        """A copy of the error feedback's residual, in the layout of NOTE
+        [Residual layout] (None before binding, or without it)."""
         return self._feedback.saved() if self._feedback is not None else None
 
     def load_residual(self, residual: torch.Tensor | None) -> None:
         """Takes a saved residual: now when bound (its shape checked), else at binding."""
         if residual is not None and self._feedback is not None:
             self._feedback.load(residual)
+
+    def _start_sum(self, bucket: Bucket) -> PendingSum:
+        """Starts a contributing bucket's allreduce: low-bit (its residual
+        goes in; NOTE [Low-bit sums in flight] orders the buckets' halves)
+        or exact."""
+        if bucket.low_bit is None:
+            return self._collectives.all_reduce_sum_async(bucket.plan.buffer, verify=False)
+        return self._collectives.all_reduce_low_bit_async(
+            bucket.plan.buffer, bucket.low_bit, bucket.residual
+        )
 
     def _all_reduce(self, bucket: Bucket, contributes: bool) -> None:
         """A bucket's synchronous allreduce: low-bit (a contributor's residual
@@ -339,11 +355,14 @@ class GradientReducer:
             checked.grads,
             checked.reordered,
             slot,
-            check_nonfinite=bucket.views is None,
+            # A low-bit sum needs the flag whatever the mode: it drops a
+            # flagged sum's residual (a NaN kept there would poison every
+            # later sum).
+            check_nonfinite=bucket.views is None or bucket.low_bit is not None,
             complete=checked.complete,
         )
         bucket.started = bucket.started_by_hook = True
-        bucket.pending = self._collectives.all_reduce_sum_async(bucket.plan.buffer, verify=False)
+        bucket.pending = self._start_sum(bucket)
         self._next = index + 1
 
     def _remove_hooks(self) -> None:
@@ -533,9 +552,7 @@ class GradientReducer:
             if len(self.buckets) == 1:
                 self._all_reduce(bucket, contributes=True)
             else:
-                bucket.pending = self._collectives.all_reduce_sum_async(
-                    bucket.plan.buffer, verify=False
-                )
+                bucket.pending = self._start_sum(bucket)
             self._next += 1
 
     def _reset_buckets(self) -> None:

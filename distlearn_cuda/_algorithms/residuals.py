@@ -1,0 +1,106 @@
+"""The error-feedback residual of AllReduceSGD's low-bit buckets (local:
+never communicates).
+
+NOTE [Residual layout]. A bucket's low-bit sum reads and writes its
+residual laid out as the bucket's payload: its gradients' segments, in
+bucket order (``kernels/layout.h``). Saved, loaded, and carried across a
+change of buckets (``attach``, ``detach``, ``use_flat_storage``), the
+residual has one layout whatever the mode: the payload of one bucket that
+holds every trainable gradient in trainable order. That is the plain
+mode's bucket, whose residual it then is, without a copy. So a checkpoint
+fits an object of any mode, and attaching or detaching keeps what the
+quantizations lost so far. A new trainable set starts from zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .. import _C
+from .._comm.low_bit import ErrorFeedback
+from .._native import DTYPE_CODES
+from .buckets import Bucket
+
+__all__ = ["GradientResidual"]
+
+Entry = tuple[torch.dtype, tuple[int, ...], tuple[int, ...]]  # a signature entry
+
+
+class GradientResidual:
+    """What each bucket's quantizations lost, kept with the buckets and
+    saved in the layout of NOTE [Residual layout]."""
+
+    def __init__(self) -> None:
+        self._feedback = ErrorFeedback("gradients")
+        self._buckets: list[Bucket] = []
+        self._entries: tuple[Entry, ...] | None = None  # the gradients it is for
+        self._offsets: list[int] = []  # of each gradient's segment in the saved layout
+
+    def install(self, buckets: Sequence[Bucket], entries: Sequence[Entry]) -> None:
+        """Gives each bucket (its ``low_bit`` set) its residual for the
+        gradients of ``entries``: the one kept so far when the buckets
+        before held the same gradients, else a residual loaded before
+        binding, else zeros."""
+        kept = None
+        if self._buckets and tuple(entries) == self._entries:
+            kept = self._gathered().clone()
+        numels = [math.prod(shape) for _, shape, _ in entries]
+        # One bucket of all of them, its presence segment last (see
+        # _algorithms.buckets): the payload ends where that begins.
+        code = DTYPE_CODES[torch.float32]
+        layout = _C.Layout([*numels, len(numels)], [code] * (len(numels) + 1), code, 1)
+        saved = self._feedback.make(layout.offsets[-1])
+        if kept is not None:
+            saved.copy_(kept)
+        self._offsets, self._entries, self._buckets = layout.offsets, tuple(entries), list(buckets)
+        for bucket in self._buckets:
+            assert bucket.low_bit is not None
+            whole = bucket.whole and bucket.low_bit.payload == saved.numel()
+            bucket.residual = saved if whole else torch.zeros(bucket.low_bit.payload)
+        self._scatter()
+
+    def saved(self) -> torch.Tensor | None:
+        """A copy in the saved layout (None before binding and loading)."""
+        if self._buckets:
+            self._gathered()
+        return self._feedback.saved()
+
+    def load(self, residual: torch.Tensor) -> None:
+        """Takes a saved residual: now when bound (ValueError when it does
+        not fit, nothing changed), else at binding."""
+        self._feedback.load(residual)
+        if self._buckets:
+            self._scatter()
+
+    def _pairs(self, bucket: Bucket) -> list[tuple[int, int, int]]:
+        """(offset in the bucket, offset in the saved layout, numel) per gradient."""
+        offsets = bucket.plan.layout.offsets
+        numels = bucket.plan.layout.numels
+        return [(offsets[j], self._offsets[i], numels[j]) for j, i in enumerate(bucket.indices)]
+
+    def _scatter(self) -> None:
+        saved = self._feedback.residual
+        assert saved is not None
+        for bucket in self._buckets:
+            own = bucket.residual
+            assert own is not None
+            if own is saved:
+                continue
+            for at, source, count in self._pairs(bucket):
+                own[at : at + count].copy_(saved[source : source + count])
+
+    def _gathered(self) -> torch.Tensor:
+        """The saved layout's tensor, brought up to date from the buckets."""
+        saved = self._feedback.residual
+        assert saved is not None
+        for bucket in self._buckets:
+            own = bucket.residual
+            assert own is not None
+            if own is saved:
+                continue
+            for at, target, count in self._pairs(bucket):
+                saved[target : target + count].copy_(own[at : at + count])
+        return saved
