@@ -716,8 +716,8 @@ class DiLoCo(GroupMember):
             fragment = _Fragment(pieces, offset, plan, self._globals, self._momenta)
             if self._compression is not None:
                 payload = plan.layout.count_offset
-                fragment.low_bit = LowBitSum(
-                    self._compression, payload, self.world_size, self.rank, plan.layout.flag_offset
+                fragment.low_bit = LowBitSum.over(
+                    self._compression, plan.layout, payload, self.world_size, self.rank
                 )
                 if self._error_feedback:
                     fragment.residual = torch.zeros(payload)

@@ -515,8 +515,8 @@ class AllReduceEA(GroupMember):
             plan = self._plans.get("delta", self._bound_signature(), dtype, EA_CODES)
             if self._compression is not None:
                 payload = plan.layout.count_offset
-                self._low_bit = LowBitSum(
-                    self._compression, payload, self.world_size, self.rank, plan.layout.flag_offset
+                self._low_bit = LowBitSum.over(
+                    self._compression, plan.layout, payload, self.world_size, self.rank
                 )
                 if self._feedback is not None:
                     self._feedback.make(payload)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from matrix_scenario import TOGGLED, EaScenario, SgdScenario
+from quant_reference import STEP_FRACTION
 
 Log = dict[str, Any]
 
@@ -68,14 +69,17 @@ def _check_lone_objects(scenario: Any, logs: list[Log]) -> None:
             )
 
 
-def _close(got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, rtol: float) -> bool:
-    """Elementwise |got - expected| <= rtol * scale + 1e-6, NaN where expected is NaN."""
+def _close(
+    got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, rtol: float, atol: float = 0.0
+) -> bool:
+    """Elementwise |got - expected| <= rtol * scale + atol + 1e-6, NaN where
+    expected is NaN."""
     got64, exp64 = got.double(), expected.double()
     nan = exp64.isnan()
     if not torch.equal(got64.isnan(), nan):
         return False
     diff = (got64 - exp64).abs()[~nan]
-    bound = rtol * scale.double().nan_to_num(posinf=0.0)[~nan] + 1e-6
+    bound = rtol * scale.double().nan_to_num(posinf=0.0)[~nan] + atol + 1e-6
     return bool((diff <= bound).all())
 
 
@@ -122,6 +126,9 @@ class SgdModel:
             names.discard("head.weight")  # the same parameter as embed.weight
         self.bound = set(names)
         self.ranks = [_Rank(set(names)) for _ in range(scenario.world)]
+        # With compression: the largest finite gradient any rank sent so far
+        # (a residual carries at most a step of it into a later step).
+        self.largest = 0.0
 
     # The trainable parameters that each form of argument passes.
     def check(self) -> None:
@@ -181,6 +188,12 @@ class SgdModel:
         if not stepping:
             return True
         records = {r: self._record(r) for r in stepping}
+        if s.compression is not None:
+            for r in stepping:
+                for grad in records[r]["local"].values():
+                    finite = grad[grad.isfinite()] if grad is not None else None
+                    if finite is not None and finite.numel():
+                        self.largest = max(self.largest, float(finite.abs().max()))
         # An error of the previous step, raised by each rank's next call: this
         # step's, or for a rank that took its last step, its synchronization.
         late = [r for r in range(s.world) if self.ranks[r].pending is not None]
@@ -365,15 +378,36 @@ class SgdModel:
                     f"{where}: {name} not zeros in a skipped step",
                 )
                 continue
+            if s.compression is not None and flagged:
+                # "propagate" in low bits (NOTE [Non-finite blocks]): non-finite
+                # wherever a rank's value was (its block's neighbours too, unchecked).
+                bad = ~torch.stack([g.isfinite() for g in present]).all(0)
+                for r, got in zip(stepping, afters, strict=True):
+                    _expect(
+                        got is not None and bool((~got.isfinite())[bad].all()),
+                        f"{where}: rank {r}'s {name} lost a non-finite value in low bits",
+                    )
+                    _expect(_bitwise(got, afters[0]), f"{where}: ranks differ in {name}")
+                continue
             sent = [g.to(dtype).double() if dtype is not None else g.double() for g in present]
             total = sum(sent)
             expected = total / len(present) if normalize else total
             scale = sum(g.abs() for g in sent) / (len(present) if normalize else 1)
             rtol = (s.world + 2) * 2.0**-8 if dtype is not None else 1e-5
+            atol = 0.0
+            if s.compression is not None:
+                # Each rank's residual in and a new one out, and the summed
+                # shard quantized again: three steps of the largest value
+                # sent (a step being STEP_FRACTION of a block's largest),
+                # whose residual from an earlier step adds a step of that;
+                # a sum (not normalized) of n ranks' values has n times it.
+                fraction = STEP_FRACTION[s.compression]
+                atol = 3 * fraction * (1 + fraction) * self.largest
+                atol *= 1 if normalize else len(present)
             for r, got in zip(stepping, afters, strict=True):
                 _expect(got is not None, f"{where}: rank {r} has no .grad for {name}")
                 _expect(
-                    _close(got, expected, scale, rtol),
+                    _close(got, expected, scale, rtol, atol),
                     f"{where}: rank {r}'s {name} is not the mean over the {len(present)} ranks "
                     f"that produced it (max error "
                     f"{(got.double() - expected).abs().nan_to_num().max().item():.3g})",

@@ -83,6 +83,7 @@ class SgdScenario:
     numpy_off: bool = False  # torch without numpy (Tensor.numpy raises)
     twin: bool = False  # a twin object with the other allow_unused, compared bitwise
     frozen_gate: bool = True  # the gate starts frozen (else every parameter trains)
+    compression: str | None = None  # a low-bit format (comm_dtype None)
     algo: str = field(default="sgd")
 
     @property
@@ -205,13 +206,17 @@ def sgd_scenarios(draw: Any) -> SgdScenario:
             draw(st.booleans()),
             draw(st.sampled_from(["propagate", "skip", "raise"])),
         )
+    comm_dtype = None if in_place else draw(st.sampled_from([None, None, "bfloat16"]))
+    compression = None
+    if comm_dtype is None and draw(st.integers(0, 2)) == 0:
+        compression = draw(st.sampled_from(["int8", "int4", "fp8_e4m3", "mxfp4"]))
     return SgdScenario(
         seed=draw(st.integers(0, 2**31 - 1)),
         world=world,
         mode=mode,
         form=form,
         allow_unused=allow_unused,
-        comm_dtype=None if in_place else draw(st.sampled_from([None, None, "bfloat16"])),
+        comm_dtype=comm_dtype,
         nonfinite=nonfinite,
         defer=draw(st.booleans()),
         channels_last=channels_last,
@@ -227,6 +232,7 @@ def sgd_scenarios(draw: Any) -> SgdScenario:
         numpy_off=draw(st.booleans()),
         twin=twin,
         frozen_gate=draw(st.booleans()),
+        compression=compression,
     )
 
 

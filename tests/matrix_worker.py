@@ -133,7 +133,12 @@ def _run_sgd(rank: int, scenario: SgdScenario, log: dict[str, Any]) -> None:
     if scenario.settings_mismatch and rank == 1:
         allow_unused = not allow_unused
     try:
-        sgd = dl.AllReduceSGD(comm_dtype=comm_dtype, allow_unused=allow_unused, timeout=TIMEOUT)
+        sgd = dl.AllReduceSGD(
+            comm_dtype=comm_dtype,
+            allow_unused=allow_unused,
+            timeout=TIMEOUT,
+            compression=scenario.compression,  # type: ignore[arg-type]
+        )
     except Exception as error:
         log["construct"] = _outcome(error)
         return
@@ -144,7 +149,12 @@ def _run_sgd(rank: int, scenario: SgdScenario, log: dict[str, Any]) -> None:
         # Item 4: with every gradient present, allow_unused and the default
         # path give bitwise the same sums (a model copy holds the same grads).
         twin = (
-            dl.AllReduceSGD(comm_dtype=comm_dtype, allow_unused=not allow_unused, timeout=TIMEOUT),
+            dl.AllReduceSGD(
+                comm_dtype=comm_dtype,
+                allow_unused=not allow_unused,
+                timeout=TIMEOUT,
+                compression=scenario.compression,  # type: ignore[arg-type]
+            ),
             copy.deepcopy(model),
         )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -1,5 +1,6 @@
 """AllReduceSGD with ``compression=`` in its modes together: ``attach``'s
-buckets (packed or as views) each summed in low bits over uneven steps,
+buckets (packed or as views) each summed in low bits, or one bucket (plain,
+flat storage), over uneven steps,
 with a NaN on one rank in one step under each ``nonfinite`` mode, against
 the float64 mean of the ranks' own gradients; and error feedback's
 residual bookkeeping, exactly, through attach, detach and a checkpoint
@@ -134,26 +135,32 @@ def _attached_run(rank: int, world_size: int, seed: int, fmt: str, config: dict)
     model = _Net()
     sgd = dl.AllReduceSGD(compression=fmt)  # type: ignore[arg-type]
     sgd.synchronize_parameters(model)
-    views = config["views"]
-    sgd.attach(
-        model,
-        bucket_mb=config["bucket_mb"],
-        first_bucket_mb=config["first_bucket_mb"],
-        gradient_as_bucket_view=views,
-    )
+    mode = config["mode"]
+    views = mode in ("attach_views", "flat")  # the gradients are the buffers
+    if mode.startswith("attach"):
+        sgd.attach(
+            model,
+            bucket_mb=config["bucket_mb"],
+            first_bucket_mb=config["first_bucket_mb"],
+            gradient_as_bucket_view=views,
+        )
+    elif mode == "flat":
+        sgd.use_flat_storage(model)
     buckets = len(sgd._reducer.buckets)
     log = []
     for step in range(STEPS[rank]):
         model.zero_grad(set_to_none=not views)
         handle = None
         if (rank, step) == config["nan_at"]:
-            # As backward makes it: the bucket a hook starts holds the NaN.
+            # As backward makes it: the bucket a hook starts holds the NaN,
+            # its tensor's last element (the padding after its segment is
+            # in the same block).
             def poison(grad: torch.Tensor) -> torch.Tensor:
                 grad = grad.clone()
-                grad[5, 7] = float("nan")
+                grad.view(-1)[-1] = float("nan")
                 return grad
 
-            handle = model.lin2.weight.register_hook(poison)
+            handle = model.get_parameter(config["nan_in"]).register_hook(poison)
         model(_data(seed, rank, step)).square().mean().backward()
         if handle is not None:
             handle.remove()
@@ -195,7 +202,7 @@ def _check_step(results: list[dict], step: int, fmt: str, config: dict, where: s
         config["largest_before"] = 0.0
     if flagged and mode == "raise":
         assert all(log["outcome"] == "FloatingPointError" for log in logs), where
-        if not config["views"]:  # packed: unchanged; views hold the sums (documented)
+        if config["mode"] in ("plain", "attach"):  # else the buffers hold the sums (documented)
             for log in logs:
                 assert all(_same(log["after"][n], g) for n, g in log["own"].items()), where
         return 0.0
@@ -242,20 +249,23 @@ NORM_BOUND = {"int8": 0.03, "int4": 0.45, "fp8_e4m3": 0.1, "mxfp4": 0.45}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_attached_low_bit_buckets_average_over_uneven_steps_with_a_nan(fmt: str) -> None:
+def test_low_bit_buckets_average_over_uneven_steps_with_a_nan(fmt: str) -> None:
     seed = fresh_seed()
     rng = random.Random(seed)
     config = {
-        "views": rng.random() < 0.5,
+        # Mostly attached (several low-bit buckets in flight), else one bucket.
+        "mode": rng.choice(["attach", "attach_views", "attach", "attach_views", "plain", "flat"]),
         "first_bucket_mb": rng.choice([0.001, 0.004]),
         "bucket_mb": rng.choice([0.01, 0.03]),
         "nonfinite": rng.choice(["propagate", "skip", "raise"]),
         # A NaN on one rank in one step (rank 0's last step is one all take).
         "nan_at": (rng.randrange(WORLD), rng.randrange(STEPS[0])),
+        "nan_in": rng.choice(["lin2.weight", "lin1.bias", "conv.bias", "lin3.bias"]),
     }
     where = f"seed {seed}, {fmt}, {config}"
     results = run_world(_attached_run, WORLD, seed, fmt, config, timeout=90)
-    assert all(r["buckets"] >= 3 for r in results), where  # several low-bit buckets in flight
+    attached = config["mode"].startswith("attach")
+    assert all((r["buckets"] >= 3) == attached for r in results), where
     config["largest_before"] = 0.0
     worst = max(_check_step(results, step, fmt, config, where) for step in range(max(STEPS)))
     print(f"{where}: worst relative distance to the float64 mean {worst:.3g}")

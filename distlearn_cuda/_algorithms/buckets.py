@@ -137,7 +137,9 @@ class Bucket:
             self._mask_tensor.copy_(torch.tensor(mask, dtype=self._mask_tensor.dtype))
             self._mask = mask
         if self.views is not None:
-            self._fill_views(count_slot, check_nonfinite)
+            # A low-bit sum reads the flag whatever the mode: it drops a
+            # flagged sum's residual, where a NaN would poison every later sum.
+            self._fill_views(count_slot, check_nonfinite or self.low_bit is not None)
             return
         inputs: list[torch.Tensor]
         if not missing and not reordered:

@@ -248,9 +248,7 @@ class GradientReducer:
         for bucket in self.buckets:
             layout = bucket.plan.layout
             payload = layout.offsets[-1]  # where the presence segment begins
-            bucket.low_bit = LowBitSum(
-                fmt, payload, self._world_size, self._rank, layout.flag_offset
-            )
+            bucket.low_bit = LowBitSum.over(fmt, layout, payload, self._world_size, self._rank)
         if self._feedback is not None:
             self._feedback.install(self.buckets, entries)
 
@@ -355,10 +353,7 @@ class GradientReducer:
             checked.grads,
             checked.reordered,
             slot,
-            # A low-bit sum needs the flag whatever the mode: it drops a
-            # flagged sum's residual (a NaN kept there would poison every
-            # later sum).
-            check_nonfinite=bucket.views is None or bucket.low_bit is not None,
+            check_nonfinite=bucket.views is None,
             complete=checked.complete,
         )
         bucket.started = bucket.started_by_hook = True

@@ -102,9 +102,16 @@ class LowBitSum:
     the call site's later sums."""
 
     def __init__(
-        self, fmt: LowBitFormat, payload: int, world: int, rank: int, flag: int | None = None
+        self,
+        fmt: LowBitFormat,
+        payload: int,
+        world: int,
+        rank: int,
+        flag: int | None = None,
+        padding: torch.Tensor | None = None,
     ) -> None:
         self.format, self.block, self._flag = fmt, _BLOCK[fmt], flag
+        self._padding = padding
         self.payload, self.world, self.rank = payload, world, rank
         blocks_per_shard = max(1, math.ceil(payload / world / self.block))
         self._shape = _C.LowBitShape(_CODES[fmt], self.block, blocks_per_shard, world)
@@ -116,6 +123,24 @@ class LowBitSum:
         # The residual a call leaves, kept until the call succeeded (no state
         # absorbs a failed collective).
         self._next_residual = torch.zeros(payload)
+
+    @classmethod
+    def over(
+        cls, fmt: LowBitFormat, layout: _C.Layout, payload: int, world: int, rank: int
+    ) -> LowBitSum:
+        """The low-bit sum of a plan's buffer laid out as ``layout`` (its
+        non-finite flag where the layout puts it), whose first ``payload``
+        elements are compressed: the padding between its segments there
+        is kept 0 (see ``dequantize_into``)."""
+        offsets, numels = layout.offsets, layout.numels
+        ends = [*offsets[1:], payload]
+        padding = [
+            i
+            for start, count, end in zip(offsets, numels, ends, strict=True)
+            for i in range(min(start + count, payload), min(end, payload))
+        ]
+        index = torch.tensor(padding, dtype=torch.int64) if padding else None
+        return cls(fmt, payload, world, rank, layout.flag_offset, index)
 
     @property
     def wire_bytes(self) -> int:
@@ -160,7 +185,11 @@ class LowBitSum:
         return backend._allgather_base(self._gathered, self._summed)  # type: ignore[attr-defined,no-any-return]
 
     def dequantize_into(self, values: torch.Tensor) -> None:
-        """Step 4: the summed shards, dequantized into ``values`` (``payload`` long)."""
+        """Step 4: the summed shards, dequantized into ``values`` (``payload``
+        long). The decode writes every element, the padding between a
+        plan's segments too, which must stay 0 (``kernels/layout.h``: no
+        pack writes it), and a non-finite block would leave NaN there for
+        every later sum (NOTE [Non-finite blocks]): it is zeroed again."""
         self._check_values("values", values)
         _C.low_bit_decode(
             self._shape,
@@ -169,6 +198,8 @@ class LowBitSum:
             values.data_ptr(),
             torch.get_num_threads(),
         )
+        if self._padding is not None:
+            values.index_fill_(0, self._padding, 0.0)
 
     def settle_residual(
         self, residual: torch.Tensor, buffer: torch.Tensor, contributed: bool
