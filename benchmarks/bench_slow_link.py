@@ -1,7 +1,7 @@
 """Communication-efficient training over a slow link: a byte-level language
 model trained by AllReduceSGD, AllReduceEA, DiLoCo and Streaming DiLoCo.
 
-    python -m benchmarks.bench_slow_link [--configs sgd,ea,...] [--out DIR]   # as root
+    python -m benchmarks.bench_slow_link [--configs sgd,ea,...] [--seed N] [--out DIR]   # as root
     python -m benchmarks.bench_slow_link --quick --no-netns --out DIR   # CI smoke run
 
 The full run (4 ranks, 800 steps per configuration, all six) should take
@@ -31,6 +31,11 @@ The configurations (``--configs``):
 - ``streaming``: Streaming DiLoCo, H = 50, 4 fragments, each fragment's
   exchange overlapped with ``STREAMING_DELAY`` inner steps, merged with
   mix 0.5 (the paper's alpha).
+
+``COMPRESSED_NAMES`` adds low-bit variants of them (issue 24), and
+``sgd-int8-ef-attach``: SGD in int8 with its sums overlapped with backward
+(``attach``, 4 or 5 buckets). ``--seed`` draws another initial model and
+other batches (the validation set stays), for averages over seeds.
 
 All configurations run one after the other in the same ranks (one process
 group), each from a fresh model, optimizer and generators, after a barrier.
@@ -100,8 +105,8 @@ RATE = "50mbit"
 # of 200 ms at the rate before packets are dropped.
 TBF_BURST = "128kb"
 TBF_LATENCY = "200ms"
-MODEL_SEED = 0  # every rank and configuration starts from the same weights
-DATA_SEED = 1000  # rank r draws its batches from DATA_SEED + r
+MODEL_SEED = 0  # plus --seed: every rank and configuration starts from the same weights
+DATA_SEED = 1000  # rank r draws its batches from DATA_SEED + 1000 * --seed + r
 VALIDATION_SEED = 7
 COLLECTIVE_TIMEOUT_S = 600.0
 STREAMING_DELAY = 5  # inner steps a fragment's exchange overlaps (see all_configs)
@@ -112,8 +117,11 @@ CONFIG_NAMES = ("sgd", "ea", "diloco10", "diloco50", "diloco100", "streaming")
 # float32 (run it in the same run: "diloco50-int4" against "diloco50").
 COMPRESSED_NAMES = (
     "diloco50-int8", "diloco50-int4", "diloco50-mxfp4", "diloco50-mxfp4-noef", "streaming-mxfp4",
-    "sgd-int8-ef", "ea-int4",
+    "sgd-int8-ef", "ea-int4", "sgd-int8-ef-attach",
 )  # fmt: skip
+# attach's buckets for the configurations that overlap SGD's sums with
+# backward: the model (about 0.7 MB of float32) cut into 4 or 5 buckets.
+ATTACH_FIRST_BUCKET_MB, ATTACH_BUCKET_MB = 0.1, 0.2
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class Config:
     mix: float = 0.0
     compression: str | None = None  # the low-bit format (issue 24)
     error_feedback: bool | None = None  # None: DiLoCo's default (on for 4 bits)
+    attach: bool = False  # SGD: sums overlapped with backward (AllReduceSGD.attach)
 
     def describe(self) -> str:
         """The configuration in words, for tables."""
@@ -142,7 +151,7 @@ class Config:
                 feedback = self.compression in ("int4", "mxfp4")
             low_bit = f", {self.compression}{' + error feedback' if feedback else ''}"
         if self.algorithm == "sgd":
-            return f"AllReduceSGD, every step{low_bit}"
+            return f"AllReduceSGD, every step{low_bit}{', attach' if self.attach else ''}"
         if self.algorithm == "ea":
             return f"AllReduceEA, tau {self.period}{low_bit}"
         if self.fragments == 1:
@@ -167,6 +176,7 @@ class Settings:
     warmup: int
     weight_decay: float
     configs: tuple[Config, ...]
+    seed: int = 0  # offsets the model's and the batches' seeds (not the validation set's)
 
     @property
     def tokens_per_step(self) -> int:
@@ -217,6 +227,9 @@ def all_configs(quick: bool) -> dict[str, Config]:
         ),
         "streaming-mxfp4": replace(streaming, name="streaming-mxfp4", compression="mxfp4"),
         "sgd-int8-ef": Config("sgd-int8-ef", "sgd", compression="int8", error_feedback=True),
+        "sgd-int8-ef-attach": Config(
+            "sgd-int8-ef-attach", "sgd", compression="int8", error_feedback=True, attach=True
+        ),
         "ea-int4": Config("ea-int4", "ea", periods["ea"], compression="int4"),
     }
 
@@ -338,6 +351,8 @@ def make_hooks(config: Config, model: nn.Module) -> Hooks:
             error_feedback=config.error_feedback,
         )
         sgd.synchronize_parameters(model)
+        if config.attach:
+            sgd.attach(model, bucket_mb=ATTACH_BUCKET_MB, first_bucket_mb=ATTACH_FIRST_BUCKET_MB)
         average = lambda: sgd.sum_and_normalize_gradients(model)  # noqa: E731
         return Hooks(average, nothing, nothing, at_once, sgd.close, nothing)
     if config.algorithm == "ea":
@@ -425,7 +440,7 @@ def train_config(
 ) -> dict[str, Any]:
     """Trains one configuration from the common initial state; returns rank 0's
     evaluations (tokens, wall-clock, bytes, validation loss, training loss)."""
-    torch.manual_seed(MODEL_SEED)
+    torch.manual_seed(MODEL_SEED + settings.seed)
     model = ByteLM(settings.shape)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay
@@ -434,7 +449,7 @@ def train_config(
         optimizer, lambda step: lr_factor(step, settings.warmup, settings.steps)
     )
     hooks = make_hooks(config, model)
-    generator = torch.Generator().manual_seed(DATA_SEED + rank)
+    generator = torch.Generator().manual_seed(DATA_SEED + 1000 * settings.seed + rank)
     recorder = Recorder(settings, hooks, model)
     train_losses: list[float] = []
     recorder.start()
@@ -902,8 +917,8 @@ def run_meta(settings: Settings, args: argparse.Namespace, split: Any, limited: 
             "validation_tokens": settings.validation_sequences * shape.context,
         },
         "seeds": {
-            "model": MODEL_SEED,
-            "data": f"{DATA_SEED} + rank",
+            "model": MODEL_SEED + settings.seed,
+            "data": f"{DATA_SEED + 1000 * settings.seed} + rank",
             "validation": VALIDATION_SEED,
         },
         "inner_optimizer": "AdamW, betas (0.9, 0.95), warm-up then cosine to 0.1x, clip 1.0",
@@ -926,6 +941,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-netns", action="store_true", help="plain loopback, no limit")
     parser.add_argument("--rate", default=RATE, help=f"the link's rate, as tc says it ({RATE})")
     parser.add_argument("--steps", type=int, help="inner steps per configuration")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="offsets the model's and batches' seeds (0)"
+    )
     parser.add_argument("--eval-every", type=int, help="steps between evaluations")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-chart", action="store_true")
@@ -951,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         settings,
         steps=args.steps or settings.steps,
         eval_every=args.eval_every or settings.eval_every,
+        seed=args.seed,
     )
     limited = not (args.no_netns or args.quick)
     timeout = args.timeout or (110.0 if args.quick else 3600.0)
@@ -980,6 +999,8 @@ def run(
     name = "slow_link" + ("_quick" if args.quick else "" if limited else "_unlimited")
     if not args.quick and any(config.compression for config in settings.configs):
         name += "_low_bit"  # beside the float32 study, not over it
+    if settings.seed:
+        name += f"_seed{settings.seed}"
     if rows:
         paths = report(rows, settings, meta, name, args.out, not args.no_chart)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
