@@ -82,18 +82,17 @@ class GradientResidual:
         return [(offsets[j], self._offsets[i], numels[j]) for j, i in enumerate(bucket.indices)]
 
     def _scatter(self) -> None:
-        saved = self._feedback.residual
-        assert saved is not None
-        for bucket in self._buckets:
-            own = bucket.residual
-            assert own is not None
-            if own is saved:
-                continue
-            for at, source, count in self._pairs(bucket):
-                own[at : at + count].copy_(saved[source : source + count])
+        """The buckets' residuals <- the saved layout's tensor."""
+        self._copy(to_buckets=True)
 
     def _gathered(self) -> torch.Tensor:
         """The saved layout's tensor, brought up to date from the buckets."""
+        return self._copy(to_buckets=False)
+
+    def _copy(self, to_buckets: bool) -> torch.Tensor:
+        """Copies each gradient's segment between the saved layout's tensor
+        and its bucket's residual (a bucket whose residual is that tensor
+        itself is skipped); returns that tensor."""
         saved = self._feedback.residual
         assert saved is not None
         for bucket in self._buckets:
@@ -101,6 +100,9 @@ class GradientResidual:
             assert own is not None
             if own is saved:
                 continue
-            for at, target, count in self._pairs(bucket):
-                saved[target : target + count].copy_(own[at : at + count])
+            for at, where, count in self._pairs(bucket):
+                if to_buckets:
+                    own[at : at + count].copy_(saved[where : where + count])
+                else:
+                    saved[where : where + count].copy_(own[at : at + count])
         return saved
