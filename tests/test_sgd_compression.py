@@ -278,3 +278,48 @@ def test_low_bit_buckets_average_over_uneven_steps_with_a_nan(fmt: str) -> None:
         for a, b in zip(r["params"], results[0]["params"], strict=True)
     ), where
     assert not math.isnan(worst)
+
+
+# -- a step every rank refuses changes nothing -----------------------------------------
+
+
+def _refused_step(rank: int, world_size: int, seed: int, mode: str) -> dict:
+    torch.manual_seed(seed)
+    model = _Net()
+    sgd = dl.AllReduceSGD(compression="int4")  # error feedback: on for 4 bits
+    sgd.synchronize_parameters(model)
+    if mode == "attach":
+        sgd.attach(model, bucket_mb=0.02, first_bucket_mb=0.004)
+    outcomes, residuals = [], []
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        model(_data(seed, rank, step)).square().mean().backward()
+        if step == 2 and rank == 1:
+            model.lin3.bias.grad = None  # a bad input on one rank: every rank raises
+        before = sgd.state_dict()["residual"]
+        try:
+            sgd.sum_and_normalize_gradients(model)
+            outcomes.append("ok")
+        except ValueError as error:
+            outcomes.append(f"ValueError: {error}")
+        residuals.append((before, sgd.state_dict()["residual"]))
+    sgd.close()
+    return {"outcomes": outcomes, "residuals": residuals}
+
+
+@pytest.mark.parametrize("mode", ["plain", "attach"])
+def test_a_step_every_rank_refuses_leaves_the_residual_as_it_was(mode: str) -> None:
+    # "Bad input: the same error on every rank, and nothing is modified":
+    # the low-bit sums of the refused step completed, but their residuals
+    # are kept only once the ranks agreed to use them.
+    seed = fresh_seed()
+    results = run_world(_refused_step, WORLD, seed, mode, timeout=90)
+    where = f"seed {seed}, {mode}"
+    for r in results:
+        assert [o[:10] for o in r["outcomes"]] == ["ok", "ok", "ValueError", "ok"], (where, r)
+        assert "rank 1" in r["outcomes"][2], (where, r["outcomes"][2])
+        before, after = r["residuals"][2]
+        assert torch.equal(before, after), where  # refused: unchanged
+        for step in (0, 1, 3):  # taken: changed
+            before, after = r["residuals"][step]
+            assert not torch.equal(before, after), (where, step)

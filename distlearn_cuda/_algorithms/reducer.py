@@ -269,18 +269,27 @@ class GradientReducer:
         if bucket.low_bit is None:
             return self._collectives.all_reduce_sum_async(bucket.plan.buffer, verify=False)
         return self._collectives.all_reduce_low_bit_async(
-            bucket.plan.buffer, bucket.low_bit, bucket.residual
+            bucket.plan.buffer, bucket.low_bit, bucket.residual, settle=False
         )
 
     def _all_reduce(self, bucket: Bucket, contributes: bool) -> None:
         """A bucket's synchronous allreduce: low-bit (a contributor's residual
-        goes in) or exact."""
+        goes in, settled by ``_finish``) or exact."""
         if bucket.low_bit is None:
             self._collectives.all_reduce_sum(bucket.plan.buffer)
             return
         self._collectives.all_reduce_low_bit(
-            bucket.plan.buffer, bucket.low_bit, bucket.residual, contributes
+            bucket.plan.buffer, bucket.low_bit, bucket.residual, contributes, settle=not contributes
         )
+
+    def _settle_residuals(self) -> None:
+        """Error feedback: once the ranks agreed to use a step's sums, each
+        bucket keeps what its quantization lost (or drops its residual when
+        the sum was flagged). A step every rank refuses, or that fails,
+        leaves the residual as it was."""
+        for bucket in self.buckets:
+            if bucket.low_bit is not None and bucket.residual is not None:
+                bucket.low_bit.settle_residual(bucket.residual, bucket.plan.buffer, True)
 
     def _plan(self, signature_: Signature, dtype: torch.dtype) -> Plan:
         """A bucket's plan, with the presence segment (see ``_algorithms.buckets``);
@@ -579,6 +588,7 @@ class GradientReducer:
                         else "with its gradients unchanged"
                     )
                 )
+        self._settle_residuals()  # before the unpack, which may scale the buffer
         written: list[torch.Tensor] = []
         if ranks > 0:  # skip, read on the host
             for bucket in buckets:

@@ -253,15 +253,21 @@ class Collectives:
         low_bit: LowBitSum,
         residual: torch.Tensor | None,
         contributes: bool = True,
+        *,
+        settle: bool = True,
     ) -> None:
         """buffer <- its sum over the ranks, its first ``low_bit.payload``
         elements in ``low_bit``'s format (see ``_comm.low_bit``), the rest
         exactly; ``residual``: the error feedback of the call site (or
         None), added and updated only when this rank ``contributes``, and
-        only when the call succeeds (see ``LowBitSum.settle_residual``). CPU
-        float32 buffers, over the private gloo group (each of its three
-        collectives bounded by the deadline)."""
-        self.all_reduce_low_bit_async(buffer, low_bit, residual, contributes).wait()
+        only when the call succeeds (see ``LowBitSum.settle_residual``;
+        ``settle=False`` leaves that to the caller, once it knows the sum is
+        used). CPU float32 buffers, over the private gloo group (each of its
+        three collectives bounded by the deadline)."""
+        pending = self.all_reduce_low_bit_async(
+            buffer, low_bit, residual, contributes, settle=settle
+        )
+        pending.wait()
 
     def all_reduce_low_bit_async(
         self,
@@ -269,6 +275,8 @@ class Collectives:
         low_bit: LowBitSum,
         residual: torch.Tensor | None,
         contributes: bool = True,
+        *,
+        settle: bool = True,
     ) -> PendingLowBitSum:
         """Starts ``all_reduce_low_bit``: quantizes, and starts the
         all-to-all and the exact tail's allreduce. The rest (NOTE [Low-bit
@@ -297,7 +305,7 @@ class Collectives:
             tail_sum.wait()
             self._positions.completed_by_all()
             low_bit.dequantize_into(payload)
-            if residual is not None:
+            if residual is not None and settle:
                 low_bit.settle_residual(residual, buffer, contributes)
             self.low_bit_wire_bytes += low_bit.wire_bytes
 
