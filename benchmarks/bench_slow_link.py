@@ -32,7 +32,9 @@ The configurations (``--configs``):
   exchange overlapped with ``STREAMING_DELAY`` inner steps, merged with
   mix 0.5 (the paper's alpha).
 
-``COMPRESSED_NAMES`` adds low-bit variants of them (issue 24), and
+``COMPRESSED_NAMES`` adds low-bit variants of them (issue 24), any
+``{sgd,ea,diloco50}-{format}[-ef|-noef]`` too (the format's default error
+feedback, or on, or off), and
 ``sgd-int8-ef-attach``: SGD in int8 with its sums overlapped with backward
 (``attach``, 4 or 5 buckets). ``--seed`` draws another initial model and
 other batches (the validation set stays), for averages over seeds.
@@ -85,6 +87,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distlearn_cuda as dl
+from distlearn_cuda._comm.low_bit import FORMATS
 
 from .harness import machine_info, markdown_table, write_files
 from .slow_link_lm import (
@@ -212,7 +215,7 @@ def all_configs(quick: bool) -> dict[str, Config]:
         "streaming", "diloco", periods["streaming"], fragments=4, delay=delay, mix=0.5
     )
     diloco50 = Config("diloco50", "diloco", periods["diloco50"])
-    return {
+    configs = {
         "sgd": Config("sgd", "sgd"),
         "ea": Config("ea", "ea", periods["ea"]),
         "diloco10": Config("diloco10", "diloco", periods["diloco10"]),
@@ -232,6 +235,17 @@ def all_configs(quick: bool) -> dict[str, Config]:
         ),
         "ea-int4": Config("ea-int4", "ea", periods["ea"], compression="int4"),
     }
+    # Issue 24's grid: "{sgd,ea,diloco50}-{format}" with the format's default
+    # error feedback, "-ef" or "-noef" to choose it.
+    for base in ("sgd", "ea", "diloco50"):
+        for fmt in FORMATS:
+            for suffix, feedback in (("", None), ("-ef", True), ("-noef", False)):
+                name = f"{base}-{fmt}{suffix}"
+                configs.setdefault(
+                    name,
+                    replace(configs[base], name=name, compression=fmt, error_feedback=feedback),
+                )
+    return configs
 
 
 FULL = Settings(
