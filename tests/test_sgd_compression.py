@@ -313,13 +313,12 @@ def test_a_step_every_rank_refuses_leaves_the_residual_as_it_was(mode: str) -> N
     # the low-bit sums of the refused step completed, but their residuals
     # are kept only once the ranks agreed to use them.
     seed = fresh_seed()
-    results = run_world(_refused_step, WORLD, seed, mode, timeout=90)
-    where = f"seed {seed}, {mode}"
-    for r in results:
-        assert [o[:10] for o in r["outcomes"]] == ["ok", "ok", "ValueError", "ok"], (where, r)
-        assert "rank 1" in r["outcomes"][2], (where, r["outcomes"][2])
-        before, after = r["residuals"][2]
-        assert torch.equal(before, after), where  # refused: unchanged
-        for step in (0, 1, 3):  # taken: changed
-            before, after = r["residuals"][step]
-            assert not torch.equal(before, after), (where, step)
+    outcomes, changed = [], []
+    for r in run_world(_refused_step, WORLD, seed, mode, timeout=90):
+        outcomes.append(
+            [o[:10] if o == "ok" or "rank 1" not in o else "refused" for o in r["outcomes"]]
+        )
+        changed.append([not torch.equal(before, after) for before, after in r["residuals"]])
+    # Refused by every rank, naming rank 1: its residual unchanged; taken: changed.
+    assert outcomes == [["ok", "ok", "refused", "ok"]] * WORLD, (seed, mode, outcomes)
+    assert changed == [[True, True, False, True]] * WORLD, (seed, mode, changed)
