@@ -222,18 +222,10 @@ def all_configs(quick: bool) -> dict[str, Config]:
         "diloco50": diloco50,
         "diloco100": Config("diloco100", "diloco", periods["diloco100"]),
         "streaming": streaming,
-        "diloco50-int8": replace(diloco50, name="diloco50-int8", compression="int8"),
-        "diloco50-int4": replace(diloco50, name="diloco50-int4", compression="int4"),
-        "diloco50-mxfp4": replace(diloco50, name="diloco50-mxfp4", compression="mxfp4"),
-        "diloco50-mxfp4-noef": replace(
-            diloco50, name="diloco50-mxfp4-noef", compression="mxfp4", error_feedback=False
-        ),
         "streaming-mxfp4": replace(streaming, name="streaming-mxfp4", compression="mxfp4"),
-        "sgd-int8-ef": Config("sgd-int8-ef", "sgd", compression="int8", error_feedback=True),
         "sgd-int8-ef-attach": Config(
             "sgd-int8-ef-attach", "sgd", compression="int8", error_feedback=True, attach=True
         ),
-        "ea-int4": Config("ea-int4", "ea", periods["ea"], compression="int4"),
     }
     # Issue 24's grid: "{sgd,ea,diloco50}-{format}" with the format's default
     # error feedback, "-ef" or "-noef" to choose it.
@@ -241,9 +233,8 @@ def all_configs(quick: bool) -> dict[str, Config]:
         for fmt in FORMATS:
             for suffix, feedback in (("", None), ("-ef", True), ("-noef", False)):
                 name = f"{base}-{fmt}{suffix}"
-                configs.setdefault(
-                    name,
-                    replace(configs[base], name=name, compression=fmt, error_feedback=feedback),
+                configs[name] = replace(
+                    configs[base], name=name, compression=fmt, error_feedback=feedback
                 )
     return configs
 

@@ -46,7 +46,7 @@ class GradientResidual:
         binding, else zeros."""
         kept = None
         if self._buckets and tuple(entries) == self._entries:
-            kept = self._gathered().clone()
+            kept = self._gathered()  # make() below replaces it, never writes it
         numels = [math.prod(shape) for _, shape, _ in entries]
         # One bucket of all of them, its presence segment last (see
         # _algorithms.buckets): the payload ends where that begins.
