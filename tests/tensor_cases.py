@@ -69,7 +69,8 @@ def collection_choice(options: Sequence[T]) -> T:
 
 
 def fresh_seed() -> int:
-    """A new seed each run, printed so a failure can be replayed."""
-    seed = random.randrange(2**31)
+    """A new seed each run, printed so a failure can be replayed:
+    ``DISTLEARN_SEED=S`` gives every test that draws one the seed ``S``."""
+    seed = int(os.environ.get("DISTLEARN_SEED") or random.randrange(2**31))
     print(f"seed {seed}")
     return seed
