@@ -5,7 +5,10 @@ averaging paper, arXiv 1412.6651), never from the library's code: every
 expected value is computed here in float64 from what each rank logged as
 its own input (its gradients, its parameters before a round), and every
 expected error from the rules "every rank raises the same error in the call
-where any rank's call or input differs".
+where any rank's call or input differs". In low bits, where a float32 sum
+and a float64 one may round an element a step apart, the center and
+residuals are checked after each round (``matrix_low_bit``) and the next
+round starts from the library's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from matrix_low_bit import LowBitState, Payload
 from matrix_scenario import TOGGLED, EaScenario, SgdScenario
 from quant_reference import STEP_FRACTION
 
@@ -510,14 +514,23 @@ def _same_state(a: Any, b: Any) -> bool:
 # -- AllReduceEA ------------------------------------------------------------------------
 
 
+def _expect_anchored(low_bit: LowBitState, center: dict, records: dict, where: str) -> None:
+    problem = low_bit.anchor(center, records, where)
+    _expect(not problem, problem)
+
+
 class EaModel:
     def __init__(self, scenario: EaScenario, logs: list[Log]) -> None:
         self.s = scenario
         self.logs = logs
+        self.low_bit: LowBitState | None = None  # with compression
 
     def check(self) -> None:
         s = self.s
         alpha = s.alpha
+        if s.compression is not None and s.comm_dtype is not None:
+            _every_rank_raises(self.logs, "construct", "ValueError", "comm_dtype", "compression")
+            return
         # The rate is refused by each rank before the ranks compare settings.
         if s.rate[0] == "alpha" and alpha > 1.0:
             _every_rank_raises(self.logs, "construct", "ValueError", "alpha must be in")
@@ -539,6 +552,8 @@ class EaModel:
                 )
         center = {n: t.double() for n, t in start.items()}
         x = [{n: t.double() for n, t in start.items()} for _ in range(s.world)]
+        if s.compression is not None:
+            self.low_bit = LowBitState(Payload({n: t.shape for n, t in start.items()}), s.world)
         cursors = [0] * s.world
         for epoch, steps in enumerate(s.epochs):
             outcome = self._epoch(epoch, steps, center, x, cursors)
@@ -565,8 +580,17 @@ class EaModel:
         for r in range(s.world):
             if steps[r] > 0 and rounds[r] == 0:  # trained, then waits for the first round
                 x[r] = {n: t.double() for n, t in records[r][-1]["after"].items()}
+        low_bit = self.low_bit
+        asynchronous = s.asynchronous and s.nonfinite != "raise"  # "raise" rounds are synchronous
+        fmt = s.compression or ""
+        # Error feedback: on by default for the 4-bit formats.
+        feedback = s.error_feedback if s.error_feedback is not None else fmt in ("int4", "mxfp4")
         for g in range(1, total + 1):
             where = f"epoch {epoch} round {g}"
+            if low_bit is not None and asynchronous:
+                # A call of an asynchronous round holds what the round before left.
+                snapshots = {r: records[r][g * tau - 1] for r in range(s.world) if g <= rounds[r]}
+                _expect_anchored(low_bit, center, snapshots, f"{where}, before it")
             moved: list[dict[str, torch.Tensor]] = []
             deltas: list[dict[str, torch.Tensor]] = []
             flagged = []
@@ -600,7 +624,17 @@ class EaModel:
                 for r in range(s.world):
                     if flagged[r]:
                         moved[r] = {n: c.clone() for n, c in center.items()}  # rejoins
-            else:
+            if low_bit is not None:
+                contributes = [g <= rounds[r] for r in range(s.world)]
+                applied = not (any(flagged) and s.nonfinite == "skip")
+                low_bit.round(fmt, feedback, deltas, contributes, center, applied)
+                if not asynchronous:
+                    # A call of a synchronous round holds what it left.
+                    snapshots = {
+                        r: records[r][g * tau - 1] for r in range(s.world) if g <= rounds[r]
+                    }
+                    _expect_anchored(low_bit, center, snapshots, f"{where}, after it")
+            elif not (any(flagged) and s.nonfinite == "skip"):
                 for name in center:
                     center[name] = center[name] + sum(d[name] for d in deltas)
             for r in range(s.world):
@@ -628,6 +662,9 @@ class EaModel:
                 outcome = self.logs[r]["syncs"][epoch]["outcome"]
                 _expect_error(outcome, "FloatingPointError", "every rank", where=f"rank {r}")
             return False
+        if low_bit is not None:
+            syncs = {r: self.logs[r]["syncs"][epoch] for r in range(s.world)}
+            _expect_anchored(low_bit, center, syncs, f"epoch {epoch}'s synchronize_center")
         for r in range(s.world):
             sync = self.logs[r]["syncs"][epoch]
             where = f"epoch {epoch}: rank {r}'s synchronize_center"

@@ -109,6 +109,8 @@ class EaScenario:
     extra_object: int | None = None
     settings_mismatch: bool = False
     numpy_off: bool = False
+    compression: str | None = None  # a low-bit format (refused with bfloat16)
+    error_feedback: bool | None = None  # None: the format's default
     algo: str = field(default="ea")
 
     @property
@@ -250,6 +252,12 @@ def ea_scenarios(draw: Any) -> EaScenario:
     nans = ()
     if taken and draw(st.integers(0, 2)) == 0:
         nans = (draw(st.sampled_from(taken)),)
+    comm_dtype = draw(st.sampled_from([None, None, "bfloat16"]))
+    compression = None
+    # A third of the float32 runs in low bits; rarely with bfloat16, which
+    # every rank must refuse.
+    if draw(st.integers(0, 2 if comm_dtype is None else 11)) == 0:
+        compression = draw(st.sampled_from(["int8", "int4", "fp8_e4m3", "mxfp4"]))
     return EaScenario(
         seed=draw(st.integers(0, 2**31 - 1)),
         world=world,
@@ -257,11 +265,13 @@ def ea_scenarios(draw: Any) -> EaScenario:
         rate=rate,
         asynchronous=draw(st.booleans()),
         nonfinite=draw(st.sampled_from(["propagate", "skip", "raise"])),
-        comm_dtype=draw(st.sampled_from([None, None, "bfloat16"])),
+        comm_dtype=comm_dtype,
         form=draw(st.sampled_from(["module", "params"])),
         epochs=epochs,
         nans=nans,
         extra_object=draw(st.sampled_from([None] * 7 + list(range(world)))),
         settings_mismatch=draw(st.integers(0, 11)) == 0,
         numpy_off=draw(st.booleans()),
+        compression=compression,
+        error_feedback=draw(st.sampled_from([None, True, False])) if compression else None,
     )

@@ -325,6 +325,22 @@ def _clone_state(value: Any) -> Any:
 # -- AllReduceEA ---------------------------------------------------------------------
 
 
+def _low_bit_state(ea: dl.AllReduceEA, scenario: EaScenario) -> dict[str, Any]:
+    """With compression: the center and this rank's residual as the object
+    holds them now (read without completing a round in flight: after the
+    round a call started when synchronous, after the one before when
+    asynchronous), so the reference checks each round's low-bit sum from
+    where the last one left off instead of from its own float64 run."""
+    if scenario.compression is None:
+        return {}
+    feedback = ea._feedback
+    residual = feedback.residual if feedback is not None else None
+    return {
+        "center_now": [c.detach().clone() for c in ea._centers],
+        "residual_now": residual.clone() if residual is not None else None,
+    }
+
+
 def _run_ea(rank: int, scenario: EaScenario, log: dict[str, Any]) -> None:
     model = _model(scenario, rank)
     kind, value = scenario.rate
@@ -339,6 +355,8 @@ def _run_ea(rank: int, scenario: EaScenario, log: dict[str, Any]) -> None:
             asynchronous=scenario.asynchronous,
             comm_dtype=DTYPES[scenario.comm_dtype],
             timeout=TIMEOUT,
+            compression=scenario.compression,  # type: ignore[arg-type]
+            error_feedback=scenario.error_feedback,
         )
     except Exception as error:
         log["construct"] = _outcome(error)
@@ -380,6 +398,7 @@ def _run_ea(rank: int, scenario: EaScenario, log: dict[str, Any]) -> None:
                     "after": _params(model),
                     "outcome": _outcome(error),
                     "rejoined": ea.last_round_rejoined,
+                    **_low_bit_state(ea, scenario),
                 }
             )
             if error is not None:
@@ -392,6 +411,7 @@ def _run_ea(rank: int, scenario: EaScenario, log: dict[str, Any]) -> None:
             error = raised
         record["outcome"] = _outcome(error)
         record["params_after"] = _params(model)
+        record.update(_low_bit_state(ea, scenario))
         center = ea.center
         record["center"] = (
             {n: c.clone() for n, c in center.items()}

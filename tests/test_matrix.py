@@ -2,11 +2,12 @@
 
 Each example draws a scenario (``matrix_scenario``: world size, algorithm,
 mode, input form, layouts per rank, allow_unused with a random pattern of
-skipped layers, comm_dtype, the non-finite mode with a NaN on a random rank,
-uneven steps, layers frozen and unfrozen, a mismatched call, an object one
-rank makes alone, torch without numpy; for EA also tau, alpha or beta,
-asynchrony), runs it on real gloo processes (``world_pool``) and checks
-every rank's log against ``matrix_reference``. On failure Hypothesis prints
+skipped layers, comm_dtype or a low-bit compression, the non-finite mode
+with a NaN on a random rank, uneven steps, layers frozen and unfrozen, a
+mismatched call, an object one rank makes alone, torch without numpy; for
+EA also tau, alpha or beta, asynchrony, error feedback), runs it on real
+gloo processes (``world_pool``) and checks every rank's log against
+``matrix_reference``. On failure Hypothesis prints
 the scenario; ``DISTLEARN_MATRIX_SCENARIO='<its as_dict() as JSON>'`` runs
 that one again (``test_one_scenario``).
 
