@@ -63,6 +63,8 @@ def _saved_segments(residual: torch.Tensor, model: nn.Module) -> dict[str, torch
     order, each segment starting at a multiple of 16 elements."""
     out, offset = {}, 0
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         out[name] = residual[offset : offset + param.numel()]
         offset = (offset + param.numel() + 15) // 16 * 16
     assert residual.numel() == offset, (residual.numel(), offset)
@@ -81,7 +83,9 @@ def test_the_residual_is_what_each_step_lost_through_attach_detach_and_a_checkpo
     # float64 by the test alone. The object's saved residual must hold it,
     # per gradient where the documented layout puts it, whatever the buckets
     # were: one, several packed, several as views, before and after a
-    # checkpoint.
+    # checkpoint. A layer frozen and unfrozen on the way changes the
+    # trainable set: the gradients that stay keep their residual, the
+    # unfrozen layer's starts from zeros.
     seed = fresh_seed()
     torch.manual_seed(seed)
     model = _Net()
@@ -90,11 +94,19 @@ def test_the_residual_is_what_each_step_lost_through_attach_detach_and_a_checkpo
     phases = [
         ("plain", None),
         ("attach", (0.002, 0.02, False)),
+        ("freeze lin1", None),
         ("detach", None),
+        ("unfreeze lin1", None),
         ("checkpoint", (0.001, 0.01, True)),
     ]
     step = 0
     for phase, attach in phases:
+        if phase.startswith(("freeze", "unfreeze")):
+            verb, layer = phase.split()
+            model.get_submodule(layer).requires_grad_(verb == "unfreeze")
+            for name, param in model.get_submodule(layer).named_parameters(prefix=layer):
+                param.grad = None
+                kept[name].zero_()  # nothing kept while frozen
         if phase == "detach":
             sgd.detach()
         if phase == "checkpoint":
@@ -112,10 +124,11 @@ def test_the_residual_is_what_each_step_lost_through_attach_detach_and_a_checkpo
             sgd.sum_and_normalize_gradients(model)
             out = _grads(model)
             largest = max(float(g.abs().max()) for g in own.values())
-            for name in kept:
+            for name in own:
                 kept[name] = own[name].double() + kept[name] - out[name].double()
             saved = _saved_segments(sgd.state_dict()["residual"], model)
-            for name in kept:
+            assert saved.keys() == own.keys(), (phase, saved.keys())
+            for name in own:
                 want = _in_memory_order(kept[name])
                 off = float((saved[name].double() - want).abs().max())
                 assert off <= 1e-6 * largest, (seed, fmt, phase, step, name, off)

@@ -226,7 +226,7 @@ class GradientReducer:
         for bucket in self.buckets:
             bucket.whole = bucket.indices == list(range(len(params)))
         if self._low_bit is not None:
-            self._install_low_bit(entries)
+            self._install_low_bit(entries, names)
         if self.modes.attach is not None:
             # The last bucket's hooks only count: the call starts it.
             self._hooks = [
@@ -236,12 +236,12 @@ class GradientReducer:
             ]
         self._next = 0
 
-    def _install_low_bit(self, entries: Sequence[Any]) -> None:
+    def _install_low_bit(self, entries: Sequence[Any], names: Sequence[str]) -> None:
         """Each bucket's low-bit sum: its gradients' segments are quantized,
         the presence segment and the count slots after them stay exact; and
         with error feedback its residual (NOTE [Residual layout] in
-        ``_algorithms.residuals``: kept across a change of buckets, a new
-        trainable set starts from zeros)."""
+        ``_algorithms.residuals``: kept across a change of buckets, per
+        gradient across a change of the trainable set)."""
         assert self._low_bit is not None
         fmt = self._low_bit.format
         assert fmt is not None
@@ -250,7 +250,7 @@ class GradientReducer:
             payload = layout.offsets[-1]  # where the presence segment begins
             bucket.low_bit = LowBitSum.over(fmt, layout, payload, self._world_size, self._rank)
         if self._feedback is not None:
-            self._feedback.install(self.buckets, entries)
+            self._feedback.install(self.buckets, entries, names)
 
     def residual(self) -> torch.Tensor | None:
         """A copy of the error feedback's residual, in the layout of NOTE

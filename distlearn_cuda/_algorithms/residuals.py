@@ -9,7 +9,9 @@ residual has one layout whatever the mode: the payload of one bucket that
 holds every trainable gradient in trainable order. That is the plain
 mode's bucket, whose residual it then is, without a copy. So a checkpoint
 fits an object of any mode, and attaching or detaching keeps what the
-quantizations lost so far. A new trainable set starts from zeros.
+quantizations lost so far. When the trainable set changes (a layer frozen
+or unfrozen), each gradient that stays (the same name, dtype, shape and
+strides) keeps its segment; one that joins starts from zeros.
 """
 
 from __future__ import annotations
@@ -36,26 +38,36 @@ class GradientResidual:
     def __init__(self) -> None:
         self._feedback = ErrorFeedback("gradients")
         self._buckets: list[Bucket] = []
-        self._entries: tuple[Entry, ...] | None = None  # the gradients it is for
-        self._offsets: list[int] = []  # of each gradient's segment in the saved layout
+        # The gradients it is for, by name, and where each one's segment
+        # begins in the saved layout.
+        self._segments: dict[str, tuple[Entry, int]] = {}
+        self._offsets: list[int] = []  # of each gradient's segment, in order
 
-    def install(self, buckets: Sequence[Bucket], entries: Sequence[Entry]) -> None:
+    def install(
+        self, buckets: Sequence[Bucket], entries: Sequence[Entry], names: Sequence[str]
+    ) -> None:
         """Gives each bucket (its ``low_bit`` set) its residual for the
-        gradients of ``entries``: the one kept so far when the buckets
-        before held the same gradients, else a residual loaded before
-        binding, else zeros."""
-        kept = None
-        if self._buckets and tuple(entries) == self._entries:
-            kept = self._gathered()  # make() below replaces it, never writes it
+        gradients of ``entries`` (named ``names``): each one's segment kept
+        so far when it was among the buckets' before, else a residual
+        loaded before binding, else zeros."""
+        kept = self._gathered() if self._buckets else None  # make() replaces it, never writes it
         numels = [math.prod(shape) for _, shape, _ in entries]
         # One bucket of all of them, its presence segment last (see
         # _algorithms.buckets): the payload ends where that begins.
         code = DTYPE_CODES[torch.float32]
         layout = _C.Layout([*numels, len(numels)], [code] * (len(numels) + 1), code, 1)
         saved = self._feedback.make(layout.offsets[-1])
+        offsets = layout.offsets[:-1]  # the gradients' segments
         if kept is not None:
-            saved.copy_(kept)
-        self._offsets, self._entries, self._buckets = layout.offsets, tuple(entries), list(buckets)
+            for name, entry, offset, count in zip(names, entries, offsets, numels, strict=True):
+                was = self._segments.get(name)
+                if was is not None and was[0] == entry:
+                    saved[offset : offset + count].copy_(kept[was[1] : was[1] + count])
+        self._segments = {
+            name: (entry, offset)
+            for name, entry, offset in zip(names, entries, offsets, strict=True)
+        }
+        self._offsets, self._buckets = layout.offsets, list(buckets)
         for bucket in self._buckets:
             assert bucket.low_bit is not None
             whole = bucket.whole and bucket.low_bit.payload == saved.numel()
