@@ -59,7 +59,8 @@ def _low_bit_sum(rank: int, world_size: int, seed: int, fmt: str, n: int) -> dic
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_the_low_bit_sum_is_the_float64_sum_of_the_oracles_messages(fmt: str) -> None:
-    seed, n = fresh_seed(), 1000 + fresh_seed() % 300  # odd sizes, a partial last block
+    seed = fresh_seed()
+    n = 1000 + seed // 7 % 300  # odd sizes, a partial last block
     results = run_world(_low_bit_sum, WORLD, seed, fmt, n, timeout=60)
     block = results[0]["block"]
     where = f"seed {seed}, n {n}, {fmt}"
@@ -93,8 +94,14 @@ def test_the_low_bit_sum_is_the_float64_sum_of_the_oracles_messages(fmt: str) ->
     off = [abs(g - w) for g, w in zip(got, want, strict=True)]
     assert all(o <= b for o, b in zip(off, bound, strict=True)), f"{where}: worst {max(off)}"
     # Most elements take the oracle's code: equal up to the float32 scale's
-    # rounding (exactly, for MXFP4's power-of-two scales).
-    rounding = [0.0 if fmt == "mxfp4" else 1e-6 * b for b in bound]
+    # rounding, which the code multiplies, so two float32 roundings of the
+    # value (exactly, for MXFP4's power-of-two scales; seed 1038104368,
+    # n 1032, int8 had 11% of its elements a rounding of their value off,
+    # far past 1e-6 of a step).
+    rounding = [
+        0.0 if fmt == "mxfp4" else 1e-6 * b + 2.0**-22 * abs(w)
+        for b, w in zip(bound, want, strict=True)
+    ]
     same = sum(o <= r for o, r in zip(off, rounding, strict=True)) / n
     assert same > 0.9, f"{where}: only {same:.1%} of the elements as the oracle's"
     # What each rank sent: its codes and scales, 2 (world - 1) messages.
