@@ -4,9 +4,19 @@ one sum over 4 ranks of real gradients.
 
     python -m benchmarks.bench_low_bit_blocks [--quick] [--out DIR]
 
-The values are the gradients of the slow-link benchmark's byte-level
-transformer (``slow_link_lm``: the Python standard library's source as
-text), one batch per rank, at initialization and after 200 AdamW steps.
+The values are, per rank:
+
+- ``init``, ``trained``: the gradients of the slow-link benchmark's
+  byte-level transformer (``slow_link_lm``: the Python standard library's
+  source as text), one batch each, at initialization and after 200 AdamW
+  steps;
+- ``outer``: that transformer's DiLoCo outer gradients, what 50 AdamW
+  steps on the rank's own batches moved the trained parameters (the
+  values DiLoCo's ``compression=`` sends);
+- ``conv init``, ``conv trained``: the gradients of the digits example's
+  convolutional network (``examples.digits``) on scikit-learn's digits, a
+  batch of 64 each, at initialization and after 100 SGD steps.
+
 The sum is the library's (``kernels/low_bit_sum.h`` through ``_C``: each
 rank's quantization into messages, each shard's sum in float32 and its
 quantization, the dequantization), run in one process: rank j's received
@@ -27,6 +37,8 @@ from pathlib import Path
 import torch
 
 from distlearn_cuda import _C
+from distlearn_cuda.examples.data import load_digits
+from distlearn_cuda.examples.digits import build_model
 
 from .harness import machine_info, markdown_table, write_files
 from .slow_link_lm import ByteLM, ModelShape, loss_of, sample_batch, split_stdlib
@@ -64,6 +76,66 @@ def rank_gradients(quick: bool) -> dict[str, list[torch.Tensor]]:
         loss_of(model, sample_batch(data, 16, shape.context, generator)).backward()
         optimizer.step()
     found["trained"] = gradients()
+    found["outer"] = outer_gradients(model, data, shape, generator, 5 if quick else 50)
+    found |= conv_gradients(quick)
+    return found
+
+
+def outer_gradients(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    shape: ModelShape,
+    generator: torch.Generator,
+    inner_steps: int,
+) -> list[torch.Tensor]:
+    """Each rank's DiLoCo outer gradient from ``model``'s parameters: where
+    they started minus where ``inner_steps`` AdamW steps (DiLoCo's inner
+    optimizer) on the rank's own batches took them."""
+    start = [p.detach().clone() for p in model.parameters()]
+    flat = []
+    for _ in range(WORLD):
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), start, strict=True):
+                p.copy_(s)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(inner_steps):
+            optimizer.zero_grad()
+            loss_of(model, sample_batch(data, 16, shape.context, generator)).backward()
+            optimizer.step()
+        moved = [
+            (s - p.detach()).reshape(-1) for p, s in zip(model.parameters(), start, strict=True)
+        ]
+        flat.append(torch.cat(moved))
+    return flat
+
+
+def conv_gradients(quick: bool) -> dict[str, list[torch.Tensor]]:
+    """{"conv init": [...], "conv trained": [...]}: the digits example's
+    network, each rank's gradient of a batch of 64."""
+    torch.manual_seed(2)
+    model = build_model()
+    train, _ = load_digits(0)
+    generator = torch.Generator().manual_seed(3)
+
+    def loss() -> torch.Tensor:
+        index = torch.randint(0, len(train), (64,), generator=generator)
+        return torch.nn.functional.cross_entropy(model(train.images[index]), train.labels[index])
+
+    def gradients() -> list[torch.Tensor]:
+        flat = []
+        for _ in range(WORLD):
+            model.zero_grad()
+            loss().backward()
+            flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+        return flat
+
+    found = {"conv init": gradients()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(5 if quick else 100):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    found["conv trained"] = gradients()
     return found
 
 
@@ -131,9 +203,15 @@ def chart(rows: list[dict[str, object]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted({str(r["gradients"]) for r in rows})
-    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
-    for axis, kind in zip(axes[0], kinds, strict=True):
+    kinds = list(dict.fromkeys(str(r["gradients"]) for r in rows))
+    columns = 3
+    rows_of_axes = math.ceil(len(kinds) / columns)
+    figure, axes = plt.subplots(
+        rows_of_axes, columns, figsize=(6 * columns, 4.5 * rows_of_axes), squeeze=False
+    )
+    for axis in axes.flat[len(kinds) :]:
+        axis.set_visible(False)
+    for axis, kind in zip(axes.flat, kinds, strict=False):  # the spare axes hidden above
         for fmt in FORMATS:
             mine = [r for r in rows if r["gradients"] == kind and r["format"] == fmt]
             axis.plot(

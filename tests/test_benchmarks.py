@@ -640,7 +640,13 @@ def test_bench_low_bit_blocks_quick_reports_every_format_and_block(tmp_path: Pat
     assert {(r["format"], r["block"]) for r in rows} == {
         (f, b) for f in ("int8", "int4", "fp8_e4m3", "mxfp4") for b in (32, 64, 128, 256)
     }
-    assert {r["gradients"] for r in rows} == {"init", "trained"}
+    assert {r["gradients"] for r in rows} == {
+        "init",
+        "trained",
+        "outer",
+        "conv init",
+        "conv trained",
+    }
     for r in rows:
         # Bits per value from the messages the library sizes: codes plus a
         # scale (4 bytes, MXFP4's 1) per block.
