@@ -34,7 +34,8 @@ The configurations (``--configs``):
 
 ``COMPRESSED_NAMES`` adds low-bit variants of them (issue 24), any
 ``{sgd,ea,diloco50}-{format}[-ef|-noef]`` too (the format's default error
-feedback, or on, or off), and
+feedback, or on, or off), ``{sgd,ea,diloco50}-bf16`` (``comm_dtype=
+torch.bfloat16``: the bytes the formats are compared with), and
 ``sgd-int8-ef-attach``: SGD in int8 with its sums overlapped with backward
 (``attach``, 4 or 5 buckets). ``--seed`` draws another initial model and
 other batches (the validation set stays), for averages over seeds.
@@ -144,6 +145,7 @@ class Config:
     compression: str | None = None  # the low-bit format (issue 24)
     error_feedback: bool | None = None  # None: DiLoCo's default (on for 4 bits)
     attach: bool = False  # SGD: sums overlapped with backward (AllReduceSGD.attach)
+    comm_dtype: str | None = None  # "bfloat16": the sums travel in bf16 (comm_dtype=)
 
     def describe(self) -> str:
         """The configuration in words, for tables."""
@@ -153,6 +155,8 @@ class Config:
             if feedback is None:
                 feedback = self.compression in ("int4", "mxfp4")
             low_bit = f", {self.compression}{' + error feedback' if feedback else ''}"
+        if self.comm_dtype is not None:
+            low_bit = f", {self.comm_dtype}"
         if self.algorithm == "sgd":
             return f"AllReduceSGD, every step{low_bit}{', attach' if self.attach else ''}"
         if self.algorithm == "ea":
@@ -228,8 +232,10 @@ def all_configs(quick: bool) -> dict[str, Config]:
         ),
     }
     # Issue 24's grid: "{sgd,ea,diloco50}-{format}" with the format's default
-    # error feedback, "-ef" or "-noef" to choose it.
+    # error feedback, "-ef" or "-noef" to choose it, and "-bf16" (the
+    # bytes the issue compares the formats with).
     for base in ("sgd", "ea", "diloco50"):
+        configs[f"{base}-bf16"] = replace(configs[base], name=f"{base}-bf16", comm_dtype="bfloat16")
         for fmt in FORMATS:
             for suffix, feedback in (("", None), ("-ef", True), ("-noef", False)):
                 name = f"{base}-{fmt}{suffix}"
@@ -342,6 +348,9 @@ class Hooks:
     fragments: Callable[[], list[list[tuple[str, int, int]]] | None]  # pieces per fragment
 
 
+COMM_DTYPES = {None: None, "bfloat16": torch.bfloat16}
+
+
 def make_hooks(config: Config, model: nn.Module) -> Hooks:
     """Builds the configuration's algorithm on the default group, gives every
     rank rank 0's parameters, and returns its hooks."""
@@ -354,6 +363,7 @@ def make_hooks(config: Config, model: nn.Module) -> Hooks:
             timeout=COLLECTIVE_TIMEOUT_S,
             compression=config.compression,  # type: ignore[arg-type]  # one of the formats
             error_feedback=config.error_feedback,
+            comm_dtype=COMM_DTYPES[config.comm_dtype],
         )
         sgd.synchronize_parameters(model)
         if config.attach:
@@ -368,6 +378,7 @@ def make_hooks(config: Config, model: nn.Module) -> Hooks:
             timeout=COLLECTIVE_TIMEOUT_S,
             compression=config.compression,  # type: ignore[arg-type]  # one of the formats
             error_feedback=config.error_feedback,
+            comm_dtype=COMM_DTYPES[config.comm_dtype],
         )
         ea.synchronize_parameters(model)
 
@@ -391,6 +402,7 @@ def make_hooks(config: Config, model: nn.Module) -> Hooks:
         mix=config.mix,
         compression=config.compression,  # type: ignore[arg-type]  # one of the formats
         error_feedback=config.error_feedback,
+        comm_dtype=COMM_DTYPES[config.comm_dtype],
         timeout=COLLECTIVE_TIMEOUT_S,
     )
     diloco.synchronize_parameters(model)
@@ -784,22 +796,33 @@ def format_targets(rows: list[dict[str, Any]], limited: bool, quick: bool) -> li
 def compression_targets(rows: list[dict[str, Any]], met: Callable[[bool], str]) -> list[str]:
     """Issue 24's: a 4-bit configuration within 1% of its float32 one's loss
     at 8x fewer bytes, SGD with 8-bit gradients and error feedback within 1%
-    at 4x fewer (measured); the others' ratios, for the record."""
+    at 4x fewer (measured); the others' ratios (bf16 ones against float32,
+    low-bit ones against bf16 too), for the record."""
     by = {row["config"]: row for row in rows}
     lines = []
     for row in rows:
-        base = by.get(row["config"].split("-")[0]) if row.get("compression") else None
+        reduced = row.get("compression") or row.get("comm_dtype")
+        name = row["config"].split("-")[0]
+        base = by.get(name) if reduced else None
         if base is None:
             continue
         loss = row["final_val_loss"] / base["final_val_loss"]
         fewer = base["bytes_per_rank"] / max(row["bytes_per_rank"], 1.0)
-        goal = 8 if row["compression"] in ("int4", "mxfp4") else 4 if base["config"] == "sgd" else 0
+        fmt = row.get("compression")
+        goal = 8 if fmt in ("int4", "mxfp4") else 4 if fmt and name == "sgd" else 0
         verdict = f", {met(loss <= 1.01 and fewer >= goal)}" if goal else ""
         target = f" (target: within 1% at {goal}x fewer bytes)" if goal else ""
-        lines.append(
+        line = (
             f"- {row['description']} against {base['description']}{target}: loss "
             f"{loss:.4f} x, {fewer:.2f}x fewer bytes (measured){verdict}"
         )
+        bf16 = by.get(f"{name}-bf16")
+        if fmt and bf16 is not None:
+            line += (
+                f"; against bf16: loss {row['final_val_loss'] / bf16['final_val_loss']:.4f} x, "
+                f"{bf16['bytes_per_rank'] / max(row['bytes_per_rank'], 1.0):.2f}x fewer bytes"
+            )
+        lines.append(line)
     return lines
 
 
@@ -1002,7 +1025,7 @@ def run(
     rows = build_rows(results, settings, by_name)
     meta = run_meta(settings, args, split, limited)
     name = "slow_link" + ("_quick" if args.quick else "" if limited else "_unlimited")
-    if not args.quick and any(config.compression for config in settings.configs):
+    if not args.quick and any(c.compression or c.comm_dtype for c in settings.configs):
         name += "_low_bit"  # beside the float32 study, not over it
     if settings.seed:
         name += f"_seed{settings.seed}"

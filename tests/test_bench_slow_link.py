@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_quick_run_trains_every_configuration_and_reports(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "benchmarks.bench_slow_link", "--quick", "--no-netns"]
-    configs = [*bench.CONFIG_NAMES, "diloco50-mxfp4"]
+    configs = [*bench.CONFIG_NAMES, "diloco50-mxfp4", "diloco50-bf16"]
     done = subprocess.run(
         [*command, "--configs", ",".join(configs), "--out", str(tmp_path)],
         cwd=REPO,
@@ -53,6 +53,8 @@ def test_quick_run_trains_every_configuration_and_reports(tmp_path: Path) -> Non
     table = (tmp_path / "slow_link_quick.md").read_text()
     assert "| config |" in table and "Targets:" in table
     assert "mxfp4 + error feedback against DiLoCo, H 5 (target: within 1%" in table
+    assert "; against bf16: loss" in table
+    assert "DiLoCo, H 5, bfloat16 against DiLoCo, H 5: loss" in table
 
 
 def test_peak_bytes_per_synchronization_is_the_largest_fragment() -> None:
@@ -160,10 +162,16 @@ def test_compressed_configurations_are_compared_with_their_float32_one() -> None
         {"config": "sgd", "description": "SGD", "final_val_loss": 1.0, "bytes_per_rank": 800e6},
         {"config": "sgd-int8-ef", "description": "SGD int8", "compression": "int8",
          "final_val_loss": 1.005, "bytes_per_rank": 210e6},
+        {"config": "sgd-bf16", "description": "SGD bf16", "comm_dtype": "bfloat16",
+         "final_val_loss": 1.001, "bytes_per_rank": 400e6},
     ]  # fmt: skip
     lines = bench.compression_targets(rows, lambda ok: "met" if ok else "missed")
     assert lines[0].endswith("loss 1.0050 x, 8.89x fewer bytes (measured), met")
     assert lines[1].endswith("loss 1.0150 x, 8.00x fewer bytes (measured), missed")
     assert lines[2].endswith("loss 1.0000 x, 4.00x fewer bytes (measured)")  # no 8-bit target
     assert "(target: within 1% at 4x fewer bytes)" in lines[3]  # SGD's 8-bit target
-    assert lines[3].endswith("loss 1.0050 x, 3.81x fewer bytes (measured), missed")
+    assert lines[3].endswith(
+        "loss 1.0050 x, 3.81x fewer bytes (measured), missed; "
+        "against bf16: loss 1.0040 x, 1.90x fewer bytes"
+    )
+    assert lines[4] == "- SGD bf16 against SGD: loss 1.0010 x, 2.00x fewer bytes (measured)"
