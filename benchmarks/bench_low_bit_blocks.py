@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,7 +51,8 @@ DEFAULT_OUT = Path(__file__).parent / "results"
 
 
 def rank_gradients(quick: bool) -> dict[str, list[torch.Tensor]]:
-    """{"init": [...], "trained": [...]}: each rank's flattened gradient."""
+    """{"init": [...], "trained": [...], "outer": [...], "conv init": [...],
+    "conv trained": [...]}: each rank's flattened values."""
     torch.manual_seed(0)
     # The slow-link benchmark's model; a smaller one for --quick.
     if quick:
@@ -61,32 +63,44 @@ def rank_gradients(quick: bool) -> dict[str, list[torch.Tensor]]:
     data = torch.frombuffer(bytearray(split_stdlib().train), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(1)
 
-    def gradients() -> list[torch.Tensor]:
-        flat = []
-        for _ in range(WORLD):
-            model.zero_grad()
-            loss_of(model, sample_batch(data, 16, shape.context, generator)).backward()
-            flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
-        return flat
+    def loss() -> torch.Tensor:
+        return loss_of(model, sample_batch(data, 16, shape.context, generator))
 
-    found = {"init": gradients()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(5 if quick else 200):
-        optimizer.zero_grad()
-        loss_of(model, sample_batch(data, 16, shape.context, generator)).backward()
-        optimizer.step()
-    found["trained"] = gradients()
-    found["outer"] = outer_gradients(model, data, shape, generator, 5 if quick else 50)
+    found = {"init": each_rank_gradient(model, loss)}
+    train(model, torch.optim.AdamW(model.parameters(), lr=3e-3), loss, 5 if quick else 200)
+    found["trained"] = each_rank_gradient(model, loss)
+    found["outer"] = outer_gradients(model, loss, 5 if quick else 50)
     found |= conv_gradients(quick)
     return found
 
 
-def outer_gradients(
+def each_rank_gradient(
+    model: torch.nn.Module, loss: Callable[[], torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each rank's flattened gradient of ``model``, a batch of ``loss`` each."""
+    flat = []
+    for _ in range(WORLD):
+        model.zero_grad()
+        loss().backward()
+        flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+    return flat
+
+
+def train(
     model: torch.nn.Module,
-    data: torch.Tensor,
-    shape: ModelShape,
-    generator: torch.Generator,
-    inner_steps: int,
+    optimizer: torch.optim.Optimizer,
+    loss: Callable[[], torch.Tensor],
+    steps: int,
+) -> None:
+    """``steps`` steps of ``optimizer``, a batch of ``loss`` each."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+
+
+def outer_gradients(
+    model: torch.nn.Module, loss: Callable[[], torch.Tensor], inner_steps: int
 ) -> list[torch.Tensor]:
     """Each rank's DiLoCo outer gradient from ``model``'s parameters: where
     they started minus where ``inner_steps`` AdamW steps (DiLoCo's inner
@@ -97,11 +111,7 @@ def outer_gradients(
         with torch.no_grad():
             for p, s in zip(model.parameters(), start, strict=True):
                 p.copy_(s)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(inner_steps):
-            optimizer.zero_grad()
-            loss_of(model, sample_batch(data, 16, shape.context, generator)).backward()
-            optimizer.step()
+        train(model, torch.optim.AdamW(model.parameters(), lr=3e-3), loss, inner_steps)
         moved = [
             (s - p.detach()).reshape(-1) for p, s in zip(model.parameters(), start, strict=True)
         ]
@@ -114,28 +124,19 @@ def conv_gradients(quick: bool) -> dict[str, list[torch.Tensor]]:
     network, each rank's gradient of a batch of 64."""
     torch.manual_seed(2)
     model = build_model()
-    train, _ = load_digits(0)
+    train_set, _ = load_digits(0)
     generator = torch.Generator().manual_seed(3)
 
     def loss() -> torch.Tensor:
-        index = torch.randint(0, len(train), (64,), generator=generator)
-        return torch.nn.functional.cross_entropy(model(train.images[index]), train.labels[index])
+        index = torch.randint(0, len(train_set), (64,), generator=generator)
+        return torch.nn.functional.cross_entropy(
+            model(train_set.images[index]), train_set.labels[index]
+        )
 
-    def gradients() -> list[torch.Tensor]:
-        flat = []
-        for _ in range(WORLD):
-            model.zero_grad()
-            loss().backward()
-            flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
-        return flat
-
-    found = {"conv init": gradients()}
+    found = {"conv init": each_rank_gradient(model, loss)}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(5 if quick else 100):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    found["conv trained"] = gradients()
+    train(model, optimizer, loss, 5 if quick else 100)
+    found["conv trained"] = each_rank_gradient(model, loss)
     return found
 
 
