@@ -806,8 +806,7 @@ def compression_targets(rows: list[dict[str, Any]], met: Callable[[bool], str]) 
         base = by.get(name) if reduced else None
         if base is None:
             continue
-        loss = row["final_val_loss"] / base["final_val_loss"]
-        fewer = base["bytes_per_rank"] / max(row["bytes_per_rank"], 1.0)
+        loss, fewer = _against(row, base)
         fmt = row.get("compression")
         goal = 8 if fmt in ("int4", "mxfp4") else 4 if fmt and name == "sgd" else 0
         verdict = f", {met(loss <= 1.01 and fewer >= goal)}" if goal else ""
@@ -818,12 +817,16 @@ def compression_targets(rows: list[dict[str, Any]], met: Callable[[bool], str]) 
         )
         bf16 = by.get(f"{name}-bf16")
         if fmt and bf16 is not None:
-            line += (
-                f"; against bf16: loss {row['final_val_loss'] / bf16['final_val_loss']:.4f} x, "
-                f"{bf16['bytes_per_rank'] / max(row['bytes_per_rank'], 1.0):.2f}x fewer bytes"
-            )
+            loss, fewer = _against(row, bf16)
+            line += f"; against bf16: loss {loss:.4f} x, {fewer:.2f}x fewer bytes"
         lines.append(line)
     return lines
+
+
+def _against(row: dict[str, Any], other: dict[str, Any]) -> tuple[float, float]:
+    """(``row``'s final loss over ``other``'s, how many times fewer bytes it sent)."""
+    loss = row["final_val_loss"] / other["final_val_loss"]
+    return loss, other["bytes_per_rank"] / max(row["bytes_per_rank"], 1.0)
 
 
 def chart(rows: list[dict[str, Any]], title: str, path: Path) -> None:
