@@ -587,10 +587,12 @@ class EaModel:
         feedback = s.error_feedback if s.error_feedback is not None else fmt in ("int4", "mxfp4")
         for g in range(1, total + 1):
             where = f"epoch {epoch} round {g}"
+            # The logs of the ranks that trained this round: with compression,
+            # each holds the object's low-bit state as the call left it.
+            trained = {r: records[r][g * tau - 1] for r in range(s.world) if g <= rounds[r]}
             if low_bit is not None and asynchronous:
                 # A call of an asynchronous round holds what the round before left.
-                snapshots = {r: records[r][g * tau - 1] for r in range(s.world) if g <= rounds[r]}
-                _expect_anchored(low_bit, center, snapshots, f"{where}, before it")
+                _expect_anchored(low_bit, center, trained, f"{where}, before it")
             moved: list[dict[str, torch.Tensor]] = []
             deltas: list[dict[str, torch.Tensor]] = []
             flagged = []
@@ -620,21 +622,18 @@ class EaModel:
                     )
                     _expect_error(outcome, "FloatingPointError", "NaN", where=f"{where} rank {r}")
                 return False
-            if any(flagged) and s.nonfinite == "skip":
+            skipped = any(flagged) and s.nonfinite == "skip"
+            if skipped:
                 for r in range(s.world):
                     if flagged[r]:
                         moved[r] = {n: c.clone() for n, c in center.items()}  # rejoins
             if low_bit is not None:
-                contributes = [g <= rounds[r] for r in range(s.world)]
-                applied = not (any(flagged) and s.nonfinite == "skip")
-                low_bit.round(fmt, feedback, deltas, contributes, center, applied)
+                contributes = [r in trained for r in range(s.world)]
+                low_bit.round(fmt, feedback, deltas, contributes, center, applied=not skipped)
                 if not asynchronous:
                     # A call of a synchronous round holds what it left.
-                    snapshots = {
-                        r: records[r][g * tau - 1] for r in range(s.world) if g <= rounds[r]
-                    }
-                    _expect_anchored(low_bit, center, snapshots, f"{where}, after it")
-            elif not (any(flagged) and s.nonfinite == "skip"):
+                    _expect_anchored(low_bit, center, trained, f"{where}, after it")
+            elif not skipped:
                 for name in center:
                     center[name] = center[name] + sum(d[name] for d in deltas)
             for r in range(s.world):
